@@ -1,0 +1,17 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="twisted-mail-screen",
+    version="0.1.0",
+    description="A small mail server on Twisted: SMTP, submission, POP3 and IMAP on "
+                "Maildir, with dynamic screening of abusive clients",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["twisted_mail_screen", "twisted_mail_screen.*"])
+    + ["twisted.plugins"],
+    package_data={"twisted.plugins": ["mailscreen_plugin.py"]},
+    install_requires=["twisted", "zope.interface", "service-identity", "pyOpenSSL"],
+    extras_require={"test": ["pytest", "hypothesis"]},
+    entry_points={"console_scripts": ["mailscreen = twisted_mail_screen.cli:main"]},
+)

@@ -1,0 +1,104 @@
+# -*- test-case-name: tests.test_smtp -*-
+"""
+The seams between protocol code and the shared services.
+
+Protocol code (SMTP, POP3, IMAP) never decides policy itself. For each new
+connection it asks the screening service for a L{ClientScreen} and reports
+every protocol event to it; the answer says whether to go on or close. It
+asks the freeze store whether an account may send. These are plain typing
+protocols; the null implementations here are what a server runs with when
+screening is switched off.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class ClientScreen(Protocol):
+    """
+    Screening's view of one client connection.
+
+    @ivar refusal: C{None} when the connection may be served; otherwise the
+        reason text to put in the protocol's refusal reply before closing.
+    """
+
+    refusal: str | None
+
+    def auth_failed(self, username: str, secret: bytes) -> bool:
+        """
+        Report a failed authentication. C{secret} is only ever hashed.
+
+        @return: C{True} when the session must now be closed.
+        """
+
+    def auth_succeeded(self, username: str) -> None:
+        """Report a successful authentication."""
+
+    def rcpt_unknown(self) -> bool:
+        """
+        Report a "550 5.1.1 unknown user" reply (SMTP only).
+
+        @return: C{True} when the session must now be closed.
+        """
+
+    def rset(self) -> bool:
+        """
+        Report an RSET command (SMTP only).
+
+        @return: C{True} when the session must now be closed.
+        """
+
+    def closed(self) -> None:
+        """Report that the connection has ended."""
+
+
+class Screening(Protocol):
+    """The screening service shared by every listener."""
+
+    def open(self, host: str, protocol: str) -> ClientScreen:
+        """
+        Screen a new connection from C{host} (a textual IP address, or
+        C{""} for a UNIX socket) to C{protocol} (C{"smtp"},
+        C{"submission"}, C{"pop3"} or C{"imap"}).
+        """
+
+
+class FreezeStore(Protocol):
+    """Accounts that may still receive and read mail but not send."""
+
+    def is_frozen(self, username: str) -> bool:
+        """Whether C{username} (a canonical address) is frozen now."""
+
+
+class _OpenScreen:
+    refusal = None
+
+    def auth_failed(self, username: str, secret: bytes) -> bool:
+        return False
+
+    def auth_succeeded(self, username: str) -> None:
+        pass
+
+    def rcpt_unknown(self) -> bool:
+        return False
+
+    def rset(self) -> bool:
+        return False
+
+    def closed(self) -> None:
+        pass
+
+
+class NullScreening:
+    """Screening switched off: every client is served, nothing counted."""
+
+    def open(self, host: str, protocol: str) -> ClientScreen:
+        return _OpenScreen()
+
+
+class NullFreezeStore:
+    """No account is ever frozen."""
+
+    def is_frozen(self, username: str) -> bool:
+        return False

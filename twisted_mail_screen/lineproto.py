@@ -1,0 +1,194 @@
+# -*- test-case-name: tests.test_smtp -*-
+"""
+The command loop shared by the SMTP and POP3 servers.
+
+It answers pipelined commands strictly in order: while one command's
+answer is pending (a Deferred, e.g. a delivery or a password check), later
+input waits in a bounded buffer, and the socket is paused if the client
+keeps sending. Lines longer than the limit are discarded as they arrive,
+so no input can make a session hold unbounded memory. Idle sessions are
+closed by a timer on the injected clock.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+#: Bytes of unprocessed input kept while a command is pending, before the
+#: socket is paused.
+PENDING_INPUT_LIMIT = 256 * 1024
+
+
+class CommandProtocol(Protocol):
+    """
+    Splits input into CRLF (or LF) lines and feeds them one at a time to
+    L{line_received}. A subclass may switch to raw mode with
+    L{set_raw_handler} to consume bulk data (SMTP DATA) without per-line
+    work.
+    """
+
+    log = Logger()
+    max_line_length = 512
+    idle_timeout: float = 300.0
+    clock: IReactorTime
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._busy = False
+        self._paused = False
+        self._discarding = False
+        self._closing = False
+        self._in_process = False
+        self._timer: IDelayedCall | None = None
+        self._raw_handler: Callable[[bytearray], bool] | None = None
+
+    # hooks for subclasses
+
+    def line_received(self, line: bytes) -> Deferred | None:
+        raise NotImplementedError
+
+    def line_too_long(self) -> None:
+        raise NotImplementedError
+
+    def timed_out(self) -> None:
+        self.close()
+
+    def session_ended(self) -> None:
+        """The connection is gone, by either side."""
+
+    # plumbing
+
+    def connectionMade(self) -> None:
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            try:
+                set_no_delay(True)  # replies are small; Nagle would stall pipelines
+            except OSError:
+                pass
+        self._reset_timer()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[override]
+        self._closing = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self.session_ended()
+
+    def _reset_timer(self) -> None:
+        if self._closing:
+            return
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self.idle_timeout)
+        else:
+            self._timer = self.clock.callLater(self.idle_timeout, self._on_timeout)
+
+    def _on_timeout(self) -> None:
+        self._timer = None
+        if not self._closing:
+            self.timed_out()
+
+    def send(self, data: bytes) -> None:
+        if not self._closing:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        """Close after everything written so far has been sent."""
+        if not self._closing:
+            self._closing = True
+            self._buffer.clear()
+            self.transport.loseConnection()
+
+    def discard_input(self) -> None:
+        """Forget buffered input (after STARTTLS, against injection)."""
+        self._buffer.clear()
+
+    def set_raw_handler(self, handler: Callable[[bytearray], bool] | None) -> None:
+        """
+        Hand the input buffer to C{handler} instead of splitting lines. The
+        handler consumes what it can (deleting it from the buffer) and
+        returns C{True} while it wants more raw data.
+        """
+        self._raw_handler = handler
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self._reset_timer()
+        self._buffer += data
+        self._process()
+        if self._busy and len(self._buffer) > PENDING_INPUT_LIMIT and not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()
+
+    def _process(self) -> None:
+        buf = self._buffer
+        start = 0
+        self._in_process = True
+        try:
+            while not self._busy and not self._closing:
+                if self._raw_handler is not None:
+                    del buf[:start]
+                    start = 0
+                    if self._raw_handler(buf):
+                        return
+                    self._raw_handler = None
+                    continue
+                end = buf.find(b"\n", start)
+                if end < 0:
+                    if len(buf) - start > self.max_line_length:
+                        self._discarding = True
+                        start = len(buf)
+                    return
+                line = bytes(buf[start:end])
+                start = end + 1
+                if self._discarding:
+                    self._discarding = False
+                    self.line_too_long()
+                    continue
+                if len(line) > self.max_line_length:
+                    self.line_too_long()
+                    continue
+                if line.endswith(b"\r"):
+                    line = line[:-1]
+                self._dispatch(line)
+        finally:
+            self._in_process = False
+            if start:
+                del buf[:start]
+
+    def _dispatch(self, line: bytes) -> None:
+        try:
+            result = self.line_received(line)
+        except Exception:
+            self.log.failure("unhandled error in command {line!r}", line=line[:80])
+            self.internal_error()
+            return
+        if isinstance(result, Deferred):
+            self.wait_for(result, line)
+
+    def wait_for(self, result: Deferred, what: bytes = b"") -> None:
+        """Process no further input until C{result} has fired."""
+        self._busy = True
+        result.addErrback(self._command_failed, what)
+        result.addBoth(self._command_done)
+
+    def internal_error(self) -> None:
+        self.close()
+
+    def _command_failed(self, failure: Failure, line: bytes) -> None:
+        self.log.failure("error answering {line!r}", failure, line=line[:80])
+        self.internal_error()
+
+    def _command_done(self, _: object) -> None:
+        self._busy = False
+        if self._paused and not self._closing:
+            self._paused = False
+            self.transport.resumeProducing()
+        if not self._closing and not self._in_process:
+            self._process()

@@ -1,0 +1,247 @@
+# -*- test-case-name: tests.test_maildir -*-
+"""
+Plain Maildirs (cur/new/tmp), as any Maildir tool reads them.
+
+Messages are stored with LF line endings. Each file name carries the
+message's size on disk (C{S=}) and its size with CRLF line endings
+(C{W=}, what POP3 and IMAP report), so listing a folder never reads a body.
+Flags live after C{:2,} in the standard letters.
+
+Delivery is all-or-nothing across recipients and durable before it
+returns: write into tmp/, fsync, hard-link (or copy) into each
+recipient's new/, fsync each directory. It blocks, so callers run it in a
+thread pool.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+from twisted_mail_screen.atomic import fsync_directory
+
+SUBDIRS = ("cur", "new", "tmp")
+STALE_TMP_SECONDS = 36 * 3600
+
+
+class DeliveryError(Exception):
+    """A message could not be stored; nothing of it is visible anywhere."""
+
+
+@dataclass(frozen=True)
+class MessageFile:
+    """One message of a Maildir as found by a scan."""
+
+    subdir: str  # "new" or "cur"
+    name: str
+
+    @property
+    def base(self) -> str:
+        """The unique part of the name, unchanged by flag changes."""
+        return self.name.split(":", 1)[0]
+
+    @property
+    def flags(self) -> str:
+        _, sep, info = self.name.partition(":2,")
+        return info if sep else ""
+
+    def size_field(self, key: str) -> int | None:
+        for part in self.base.split(",")[1:]:
+            k, _, v = part.partition("=")
+            if k == key and v.isdigit():
+                return int(v)
+        return None
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """A file name's (base, flags)."""
+    base, sep, info = name.partition(":2,")
+    return base, (info if sep else "")
+
+
+def crlf_size(data: bytes) -> int:
+    """The size of LF-stored C{data} once sent with CRLF line endings."""
+    return len(data) + data.count(b"\n") - data.count(b"\r\n")
+
+
+class Maildir:
+    """One Maildir folder on disk."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def exists(self) -> bool:
+        return os.path.isdir(os.path.join(self.path, "cur"))
+
+    def create(self) -> None:
+        for sub in SUBDIRS:
+            os.makedirs(os.path.join(self.path, sub), mode=0o700, exist_ok=True)
+
+    def scan(self) -> list[MessageFile]:
+        """Every message in new/ and cur/, oldest delivery first."""
+        found: list[MessageFile] = []
+        for sub in ("new", "cur"):
+            try:
+                with os.scandir(os.path.join(self.path, sub)) as it:
+                    found.extend(MessageFile(sub, e.name) for e in it if not e.name.startswith("."))
+            except FileNotFoundError:
+                continue
+        found.sort(key=lambda m: _delivery_order(m.base))
+        return found
+
+    def file_path(self, message: MessageFile) -> str:
+        return os.path.join(self.path, message.subdir, message.name)
+
+    def size(self, message: MessageFile) -> int:
+        """Size with CRLF line endings, from the name when it says."""
+        size = message.size_field("W")
+        if size is None:
+            with open(self.file_path(message), "rb") as f:
+                size = crlf_size(f.read())
+        return size
+
+    def remove(self, message: MessageFile) -> bool:
+        """Unlink a message; C{False} if another process already did."""
+        try:
+            os.unlink(self.file_path(message))
+        except FileNotFoundError:
+            return False
+        return True
+
+    def clean_tmp(self, now: float | None = None) -> int:
+        """Remove tmp/ files untouched for 36 hours, as Maildir prescribes."""
+        now = time.time() if now is None else now
+        removed = 0
+        try:
+            with os.scandir(os.path.join(self.path, "tmp")) as it:
+                for e in it:
+                    try:
+                        if now - e.stat().st_mtime > STALE_TMP_SECONDS:
+                            os.unlink(e.path)
+                            removed += 1
+                    except FileNotFoundError:
+                        pass
+        except FileNotFoundError:
+            pass
+        return removed
+
+
+def _delivery_order(base: str) -> tuple[int, str]:
+    head = base.split(".", 1)[0]
+    return (int(head) if head.isdigit() else 0, base)
+
+
+class UniqueNames:
+    """Maildir unique names: C{time.M<usec>P<pid>Q<n>.<host>}."""
+
+    def __init__(self, hostname: str | None = None) -> None:
+        host = hostname or socket.gethostname()
+        self._host = host.replace("/", "\\057").replace(":", "\\072")
+        self._counter = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def new(self) -> str:
+        now = time.time()
+        with self._lock:
+            n = next(self._counter)
+        return f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{n}.{self._host}"
+
+
+class MailStore:
+    """
+    Where each local mailbox lives: C{<root>/<domain>/<local part>}, with
+    both parts checked by L{addresses} so they are plain names.
+    """
+
+    def __init__(self, root: str, names: UniqueNames | None = None) -> None:
+        self.root = root
+        self._names = names or UniqueNames()
+
+    def maildir(self, address: str) -> Maildir:
+        local, _, domain = address.lower().rpartition("@")
+        if not local or "/" in address or local.startswith(".") or domain.startswith("."):
+            raise ValueError(f"not a mailbox address: {address!r}")
+        return Maildir(os.path.join(self.root, domain, local))
+
+    def deliver(self, addresses: list[str], message: bytes, flags: str = "") -> str:
+        """
+        Store C{message} (LF line endings) in every mailbox of C{addresses}.
+        Returns the new file name (the same in each). Blocks: call from a worker thread.
+
+        @raise DeliveryError: nothing was delivered to anyone.
+        """
+        maildirs = [self.maildir(a) for a in addresses]
+        return self.deliver_to(maildirs, message, flags)
+
+    def deliver_to(self, maildirs: list[Maildir], message: bytes, flags: str = "") -> str:
+        maildirs = _distinct(maildirs)
+        base = f"{self._names.new()},S={len(message)},W={crlf_size(message)}"
+        name = f"{base}:2,{flags}" if flags else base
+        target = "cur" if flags else "new"
+        first = maildirs[0]
+        placed: list[str] = []
+        try:
+            for md in maildirs:
+                if not md.exists():
+                    md.create()
+            temp = os.path.join(first.path, "tmp", base)
+            self._write(temp, message)
+            try:
+                for md in maildirs:
+                    final = os.path.join(md.path, target, name)
+                    _link_or_copy(temp, final)
+                    placed.append(final)
+                for md in _distinct(maildirs):
+                    fsync_directory(os.path.join(md.path, target))
+            finally:
+                _unlink_quietly(temp)
+        except OSError as e:
+            for path in placed:
+                _unlink_quietly(path)
+            raise DeliveryError(f"{e.strerror or e} ({getattr(e, 'filename', '')})") from e
+        return name
+
+    def _write(self, path: str, data: bytes) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _distinct(maildirs: list[Maildir]) -> list[Maildir]:
+    seen: dict[str, Maildir] = {}
+    for md in maildirs:
+        seen.setdefault(md.path, md)
+    return list(seen.values())
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+            raise
+        with open(source, "rb") as f:
+            data = f.read()
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,148 @@
+# -*- test-case-name: tests.test_service -*-
+"""
+The composition root: builds every shared service once from a L{Config}
+and hands each protocol factory exactly what it needs.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.internet import endpoints
+from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.logger import Logger
+
+from twisted_mail_screen.accounts import AccountStore
+from twisted_mail_screen.auth import Authenticator
+from twisted_mail_screen.config import Config
+from twisted_mail_screen.configbase import ConfigError
+from twisted_mail_screen.delivery import Delivery
+from twisted_mail_screen.interfaces import NullFreezeStore, NullScreening
+from twisted_mail_screen.maildir import MailStore, UniqueNames
+from twisted_mail_screen.pop3 import POP3Factory
+from twisted_mail_screen.routing import Router
+from twisted_mail_screen.smtp import SMTPFactory
+from twisted_mail_screen.tls import load_server_context
+from twisted_mail_screen.workers import Blocking
+
+PROTOCOL_TITLES = {"smtp": "SMTP", "submission": "Submission", "pop3": "POP3", "imap": "IMAP"}
+
+
+class ListenError(Exception):
+    """A configured endpoint could not be bound."""
+
+
+class Listener(Service):
+    """
+    One listening endpoint. It binds in C{privilegedStartService} so that a
+    port that cannot be bound stops the server before it runs, and logs
+    what a client should connect to.
+    """
+
+    log = Logger()
+
+    def __init__(self, kind: str, description: str, endpoint: Any, factory: Any) -> None:
+        self.kind = kind
+        self.description = description
+        self.endpoint = endpoint
+        self.factory = factory
+        self.port: IListeningPort | None = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        failures: list[Any] = []
+        d = self.endpoint.listen(self.factory)
+        d.addCallbacks(self._listening, failures.append)
+        if failures:
+            raise ListenError(f"listen.{self.kind}: cannot listen on {self.description!r}: "
+                              f"{failures[0].getErrorMessage()}")
+
+    def _listening(self, port: IListeningPort) -> None:
+        self.port = port
+        self.log.info("{title} listening: {where} ({description})",
+                      title=PROTOCOL_TITLES[self.kind], where=_where(port), description=self.description)
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+        return None
+
+
+def _where(port: IListeningPort) -> str:
+    host = port.getHost()
+    if hasattr(host, "port"):
+        return f"connect to {host.host}:{host.port}"
+    return f"connect to UNIX socket {getattr(host, 'name', host)!r}"
+
+
+class MailService(MultiService):
+    """Everything one mailscreen server runs, with handles for tests and tools."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.listeners: list[Listener] = []
+
+    def ports(self, kind: str) -> list[int]:
+        """Bound TCP port numbers of one kind of listener (after start)."""
+        return [l.port.getHost().port for l in self.listeners  # type: ignore[union-attr]
+                if l.kind == kind and l.port is not None and hasattr(l.port.getHost(), "port")]
+
+
+def build_service(config: Config, reactor: Any, clock: IReactorTime | None = None,
+                  service_class: type[MailService] = MailService) -> MailService:
+    """
+    Build the server. C{clock} is the time source for timeouts and
+    screening (the reactor unless a test drives a C{Clock}).
+
+    @raise ConfigError: for an endpoint string the reactor cannot use.
+    """
+    clock = clock or reactor
+    service = service_class(config)
+    os.makedirs(config.data_dir, mode=0o750, exist_ok=True)
+
+    blocking = Blocking(reactor, config.storage.threads)
+    blocking.setServiceParent(service)
+    accounts = AccountStore(config.data_dir)
+    store = MailStore(os.path.join(config.data_dir, "mail"), UniqueNames(config.hostname))
+    delivery = Delivery(store, blocking)
+    authenticator = Authenticator(config, accounts, blocking)
+    router = Router(config, accounts)
+    screening = NullScreening()
+    freeze = NullFreezeStore()
+    tls = load_server_context(config.tls.certificate, config.tls.key) if config.tls.enabled else None  # type: ignore[arg-type]
+    pop3_locks: set[str] = set()
+
+    service.accounts = accounts  # type: ignore[attr-defined]
+    service.store = store  # type: ignore[attr-defined]
+    service.delivery = delivery  # type: ignore[attr-defined]
+
+    def smtp_factory(kind: str) -> SMTPFactory:
+        return SMTPFactory(config=config, router=router, delivery=delivery,
+                           authenticator=authenticator, screening=screening, freeze=freeze,
+                           clock=clock, tls=tls, protocol_name=kind,
+                           require_auth=kind == "submission")
+
+    factories = {
+        "smtp": lambda: smtp_factory("smtp"),
+        "submission": lambda: smtp_factory("submission"),
+        "pop3": lambda: POP3Factory(config=config, store=store, blocking=blocking,
+                                    authenticator=authenticator, screening=screening,
+                                    clock=clock, locks=pop3_locks, tls=tls),
+    }
+    for kind, descriptions in config.listen.items():
+        if kind not in factories:
+            continue
+        for description in descriptions:
+            try:
+                endpoint = endpoints.serverFromString(reactor, description)
+            except Exception as e:
+                raise ConfigError(f"listen.{kind}", description, f"unusable endpoint: {e}") from e
+            listener = Listener(kind, description, endpoint, factories[kind]())
+            listener.setServiceParent(service)
+            service.listeners.append(listener)
+    return service
