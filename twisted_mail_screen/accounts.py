@@ -155,10 +155,12 @@ class AccountStore:
 
     def _write_users(self, users: dict[str, str]) -> None:
         body = "".join(f"{a}:{h}\n" for a, h in sorted(users.items()))
+        os.makedirs(os.path.dirname(self._users.path), mode=0o750, exist_ok=True)
         write_atomically(self._users.path, body.encode(), 0o600)
 
     def _write_aliases(self, aliases: dict[str, tuple[str, ...]]) -> None:
         body = "".join(f"{a}: {', '.join(t)}\n" for a, t in sorted(aliases.items()))
+        os.makedirs(os.path.dirname(self._aliases.path), mode=0o750, exist_ok=True)
         write_atomically(self._aliases.path, body.encode(), 0o644)
 
 

@@ -208,9 +208,6 @@ def parse_config(table: dict[str, Any], overrides: dict[str, Any] | None = None)
     plaintext = top.choice("plaintext_auth", "loopback", PLAINTEXT_AUTH)
     listen = _parse_listen(top.section("listen"), mode)
     tls = _parse_tls(top.section("tls"))
-    if listen.submission and not tls.enabled and not test_host:
-        raise ConfigError("listen.submission", list(listen.submission),
-                          "submission needs [tls] certificate so that AUTH is protected")
 
     s = top.section("smtp")
     smtp = SMTPConfig(

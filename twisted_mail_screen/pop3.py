@@ -382,6 +382,7 @@ class POP3Factory(Factory):
     """Builds POP3 sessions; C{locks} is shared by every POP3 listener."""
 
     protocol = POP3Server
+    noisy = False
 
     def __init__(self, *, config: Config, store: MailStore, blocking: Blocking,
                  authenticator: Authenticator, screening: Screening, clock: IReactorTime,

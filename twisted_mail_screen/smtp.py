@@ -450,6 +450,7 @@ class SMTPFactory(Factory):
     """
 
     protocol = SMTPServer
+    noisy = False
 
     def __init__(self, *, config: Config, router: Router, delivery: Delivery,
                  authenticator: Authenticator, screening: Screening, freeze: FreezeStore,

@@ -6,6 +6,7 @@ shared by STARTTLS (SMTP), STLS (POP3) and STARTTLS (IMAP).
 
 from __future__ import annotations
 
+from OpenSSL import crypto
 from twisted.internet import ssl
 
 
@@ -35,7 +36,7 @@ def load_server_context(certificate: str, key: str) -> ssl.CertificateOptions:
     except Exception as e:
         raise TLSFileError("certificate", certificate, f"not a PEM certificate ({e})") from e
     try:
-        private = ssl.KeyPair.load(key_pem, ssl.crypto.FILETYPE_PEM)
+        private = ssl.KeyPair.load(key_pem, crypto.FILETYPE_PEM)
     except Exception as e:
         raise TLSFileError("key", key, f"not a PEM private key ({e})") from e
     try:

@@ -1,0 +1,87 @@
+"""
+Shared fixtures: a real server on loopback ports chosen by the OS, with a
+temp-dir data directory, stopped after each test.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from twisted_mail_screen.accounts import AccountStore
+from twisted_mail_screen.config import load_config
+from twisted_mail_screen.testing import RunningServer, ephemeral_overrides
+
+SITE = {"mode": "site", "hostname": "mail.example.test", "domains": ["example.test"],
+        "postmaster": "postmaster@example.test"}
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Callable[..., RunningServer]:
+    """
+    C{start_server(site=False, clock=None, kinds=..., **overrides)} starts a
+    server whose data lives in C{tmp_path / "data"}; every server started
+    is stopped when the test ends.
+    """
+    started: list[RunningServer] = []
+
+    def start(site: bool = False, clock: Any = None,
+              kinds: tuple[str, ...] = ("smtp", "submission", "pop3"), **overrides: Any) -> RunningServer:
+        data = str(tmp_path / "data")
+        table = dict(SITE) if site else {}
+        table.update(ephemeral_overrides(data, kinds))
+        table.update({k.replace("__", "."): v for k, v in overrides.items()})
+        server = RunningServer(load_config(None, table), clock=clock).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def accounts(tmp_path: Path) -> AccountStore:
+    """The account store of the server's data directory, with two users."""
+    store = AccountStore(str(tmp_path / "data"))
+    os.makedirs(tmp_path / "data", exist_ok=True)
+    store.add_user("alice@example.test", "alice-secret")
+    store.add_user("bob@example.test", "bob-secret")
+    return store
+
+
+@pytest.fixture(scope="session")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """A self-signed certificate and key for 'mail.example.test' (PEM paths)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mail.example.test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("mail.example.test")]), False)
+            .sign(key, hashes.SHA256()))
+    d = tmp_path_factory.mktemp("tls")
+    cert_path, key_path = d / "cert.pem", d / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+def maildir_files(data: Path, address: str) -> list[Path]:
+    """Message files of a mailbox's INBOX (new/ and cur/)."""
+    local, _, domain = address.partition("@")
+    base = data / "mail" / domain / local
+    return sorted(p for sub in ("new", "cur") for p in (base / sub).glob("*") if p.is_file())

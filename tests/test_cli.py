@@ -1,0 +1,71 @@
+"""The mailscreen administration command."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import pytest
+
+from twisted_mail_screen.accounts import AccountStore
+from twisted_mail_screen.cli import main
+
+
+def run(args: list[str], stdin: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "twisted_mail_screen.cli", *args],
+                          input=stdin, capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def site_config(tmp_path):
+    f = tmp_path / "site.toml"
+    f.write_text(f'mode = "site"\ndomains = ["example.test"]\ndata_dir = "{tmp_path / "data"}"\n')
+    return str(f)
+
+
+def test_user_add_reads_password_from_stdin_and_stores_a_hash(site_config, tmp_path):
+    """`user add` takes the password from stdin (not argv) and stores only an scrypt hash."""
+    result = run(["--config", site_config, "user", "add", "Alice@Example.test"], "s3cret\n")
+    assert result.returncode == 0, result.stderr
+    users = (tmp_path / "data" / "users").read_text()
+    assert users.startswith("alice@example.test:scrypt$") and "s3cret" not in users
+    assert AccountStore(str(tmp_path / "data")).check_password("alice@example.test", "s3cret")
+
+
+def test_user_list_passwd_del(site_config, tmp_path):
+    """list shows users; passwd changes the hash; del removes the user."""
+    assert run(["--config", site_config, "user", "add", "a@example.test"], "one\n").returncode == 0
+    assert run(["--config", site_config, "user", "list"]).stdout == "a@example.test\n"
+    assert run(["--config", site_config, "user", "passwd", "a@example.test"], "two\n").returncode == 0
+    assert AccountStore(str(tmp_path / "data")).check_password("a@example.test", "two")
+    assert run(["--config", site_config, "user", "del", "a@example.test"]).returncode == 0
+    assert run(["--config", site_config, "user", "list"]).stdout == ""
+
+
+def test_user_add_refuses_foreign_domain_and_bad_names(site_config):
+    """Only local domains, and only plain addresses (never a path) become accounts."""
+    assert "not one of the local domains" in run(
+        ["--config", site_config, "user", "add", "a@other.test"], "x\n").stderr
+    result = run(["--config", site_config, "user", "add", "../../etc@example.test"], "x\n")
+    assert result.returncode == 1 and "dot-atom" in result.stderr
+
+
+def test_alias_set_list_del(site_config):
+    """Aliases and catch-alls are set, listed and deleted."""
+    assert run(["--config", site_config, "alias", "set", "sales@example.test",
+                "a@example.test", "b@example.test"]).returncode == 0
+    assert run(["--config", site_config, "alias", "set", "@example.test", "a@example.test"]).returncode == 0
+    listing = run(["--config", site_config, "alias", "list"]).stdout
+    assert "sales@example.test: a@example.test, b@example.test" in listing
+    assert "@example.test: a@example.test" in listing
+    assert run(["--config", site_config, "alias", "del", "sales@example.test"]).returncode == 0
+
+
+def test_check_config(site_config, tmp_path):
+    """check-config says ok for a good file and names the key for a bad one."""
+    assert run(["check-config", site_config]).returncode == 0
+    bad = tmp_path / "bad.toml"
+    bad.write_text('mode = "site"\ndomains = ["example.test"]\n[smtp]\nmax_recipients = "ten"\n')
+    result = run(["check-config", str(bad)])
+    assert result.returncode == 1 and "smtp.max_recipients" in result.stderr

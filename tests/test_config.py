@@ -1,0 +1,91 @@
+"""Configuration parsing: defaults, overrides and precise errors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from twisted_mail_screen.config import load_config, parse_config
+from twisted_mail_screen.configbase import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_embedded_default_is_a_loopback_test_host(tmp_path):
+    """With no file: test-host on 127.0.0.1, SMTP 2525, POP3 2110, IMAP 2143."""
+    config = parse_config({"data_dir": str(tmp_path)})
+    assert config.mode == "test-host"
+    assert config.listen.smtp == ("tcp:2525:interface=127.0.0.1",)
+    assert config.listen.pop3 == ("tcp:2110:interface=127.0.0.1",)
+    assert config.listen.imap == ("tcp:2143:interface=127.0.0.1",)
+    assert config.listen.submission == ()
+
+
+def test_sample_configuration_is_valid(tmp_path):
+    """etc/mailscreen.toml parses (with its data_dir pointed somewhere writable)."""
+    config = load_config(str(ROOT / "etc" / "mailscreen.toml"), {"data_dir": str(tmp_path)})
+    assert config.mode == "site"
+
+
+def test_overrides_win_over_the_file(tmp_path):
+    """Command-line overrides replace file values, dotted keys reach sections."""
+    f = tmp_path / "c.toml"
+    f.write_text('hostname = "a.test"\n[listen]\nsmtp = ["tcp:25"]\n')
+    config = load_config(str(f), {"hostname": "b.test", "listen.smtp": ["tcp:2600"],
+                                  "data_dir": str(tmp_path)})
+    assert config.hostname == "b.test" and config.listen.smtp == ("tcp:2600",)
+
+
+@pytest.mark.parametrize("text, key, words", [
+    ('colour = "blue"', "colour", "unknown key"),
+    ('mode = "production"', "mode", "must be one of"),
+    ('hostname = 42', "hostname", "must be a string"),
+    ('[listen]\nsmtp = "tcp:25"', "listen.smtp", "must be a list"),
+    ('[listen]\nsmtp = [25]', "listen.smtp", "list of strings"),
+    ('[smtp]\nmax_recipients = 0', "smtp.max_recipients", "at least 1"),
+    ('[smtp]\nmax_message_size = true', "smtp.max_message_size", "must be an integer"),
+    ('[smtp]\nmaxrecipients = 5', "smtp.maxrecipients", "unknown key"),
+    ('[tls]\ncertificate = "/nonexistent/cert.pem"', "tls.certificate", "no such file"),
+    ('mode = "site"', "domains", "at least one local domain"),
+    ('domains = ["bad domain"]', "domains", "not a valid domain"),
+    ('this is not toml', "--config", "not valid TOML"),
+])
+def test_bad_values_name_the_key(tmp_path, text, key, words):
+    """Each kind of mistake raises ConfigError naming the key and the problem."""
+    f = tmp_path / "bad.toml"
+    f.write_text(text + f'\ndata_dir = "{tmp_path}"\n' if "not toml" not in text else text)
+    with pytest.raises(ConfigError) as e:
+        load_config(str(f))
+    assert e.value.key == key
+    assert words in str(e.value)
+
+
+def test_tls_key_that_is_not_a_key(tmp_path, certificate):
+    """A certificate paired with a file that is not a key names tls.key."""
+    cert, _ = certificate
+    junk = tmp_path / "junk.pem"
+    junk.write_text("nope")
+    with pytest.raises(ConfigError) as e:
+        parse_config({"data_dir": str(tmp_path), "tls": {"certificate": cert, "key": str(junk)}})
+    assert e.value.key == "tls.key"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_data_dir(tmp_path):
+    """A data directory that cannot be written is refused."""
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(ConfigError) as e:
+        parse_config({"data_dir": str(locked / "data")})
+    assert e.value.key == "data_dir"
+
+
+def test_data_dir_that_is_a_file(tmp_path):
+    """A data_dir path that is a regular file is refused, naming data_dir."""
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(ConfigError) as e:
+        parse_config({"data_dir": str(f)})
+    assert e.value.key == "data_dir"
