@@ -4,7 +4,15 @@ The C{mailscreen} administration command.
 
     mailscreen [--config FILE] user add|passwd|del|list [ADDRESS]
     mailscreen [--config FILE] alias set ALIAS TARGET... | del ALIAS | list
+    mailscreen [--config FILE] block list | add ADDR [--minutes N] | remove ADDR
+    mailscreen [--config FILE] whitelist list | add ENTRY | remove ENTRY
+    mailscreen [--config FILE] frozen list | freeze USER [--minutes N] | thaw USER
+    mailscreen [--config FILE] queue list | flush | delete ID | hold ID | release ID
     mailscreen check-config FILE
+
+The block, whitelist and frozen commands talk to the running server through
+its control socket (C{control.sock} in the data directory) and take effect
+at once.
 
 Passwords are read from a prompt (twice) on a terminal, or from the first
 line of standard input otherwise, never from the command line.
@@ -17,6 +25,7 @@ import getpass
 import sys
 from typing import Callable, Sequence
 
+from twisted_mail_screen import control
 from twisted_mail_screen.accounts import AccountError, AccountStore
 from twisted_mail_screen.config import Config, load_config
 from twisted_mail_screen.configbase import ConfigError
@@ -85,6 +94,96 @@ def cmd_alias(args: argparse.Namespace, config: Config) -> None:
         print(f"deleted alias {args.name.lower()}")
 
 
+def _control(config: Config, command: str, **args: object) -> object:
+    try:
+        return control.call(config.data_dir, command, **args)
+    except control.NotRunning as e:
+        raise CommandError(f"no server is running on {config.data_dir} (no answer on {e}); "
+                           "start it, or edit the list files by hand (docs/screening.md)") from e
+    except control.CommandError as e:
+        raise CommandError(str(e)) from e
+
+
+def _print_entries(entries: list[dict], empty: str) -> None:
+    if not entries:
+        print(empty)
+    for e in entries:
+        left = "never expires" if e["minutes_left"] is None else f"{e['minutes_left']} min left"
+        reason = f"  # {e['reason']}" if e["reason"] else ""
+        print(f"{e['name']}  {e['expires']}  ({left}){reason}")
+
+
+def cmd_block(args: argparse.Namespace, config: Config) -> None:
+    if args.action == "list":
+        _print_entries(_control(config, "block.list"), "no blocks")  # type: ignore[arg-type]
+        return
+    if not args.address:
+        raise CommandError(f"block {args.action} needs an ADDRESS")
+    if args.action == "add":
+        _print_entries([_control(config, "block.add", address=args.address,  # type: ignore[list-item]
+                                 minutes=args.minutes, reason=args.reason)], "")
+    else:
+        _control(config, "block.remove", address=args.address)
+        print(f"unblocked {args.address}")
+
+
+def cmd_whitelist(args: argparse.Namespace, config: Config) -> None:
+    if args.action == "list":
+        for e in _control(config, "whitelist.list"):  # type: ignore[attr-defined]
+            print(f"{e['entry']}  ({e['origin']})")
+        return
+    if not args.entry:
+        raise CommandError(f"whitelist {args.action} needs an ENTRY")
+    if args.action == "add":
+        _control(config, "whitelist.add", entry=args.entry, comment=args.reason)
+        print(f"whitelisted {args.entry}")
+    else:
+        _control(config, "whitelist.remove", entry=args.entry)
+        print(f"removed {args.entry} from the white list")
+
+
+def cmd_frozen(args: argparse.Namespace, config: Config) -> None:
+    if args.action == "list":
+        _print_entries(_control(config, "frozen.list"), "no frozen accounts")  # type: ignore[arg-type]
+        return
+    if not args.user:
+        raise CommandError(f"frozen {args.action} needs a USER")
+    if args.action == "freeze":
+        _print_entries([_control(config, "frozen.freeze", user=args.user,  # type: ignore[list-item]
+                                 minutes=args.minutes, reason=args.reason)], "")
+    else:
+        _control(config, "frozen.thaw", user=args.user)
+        print(f"thawed {args.user}")
+
+
+def cmd_queue(args: argparse.Namespace, config: Config) -> None:
+    """
+    The outbound queue (docs/relay.md), through its files: a running
+    server notices holds, releases, deletions and flushes within a second.
+    """
+    import os
+    import time
+
+    from twisted_mail_screen.outqueue import QueueDirectory, format_queue
+
+    queue = QueueDirectory(os.path.join(config.data_dir, "queue"))
+    if args.action == "list":
+        print(format_queue(queue.load_all(), queue.held(), time.time()), end="")
+        return
+    if args.action == "flush":
+        queue.request_flush()
+        print("flush requested: the running server retries every message not on hold")
+        return
+    if not args.id:
+        raise CommandError(f"queue {args.action} needs a queue ID")
+    queue_id = args.id.upper()
+    if not getattr(queue, args.action)(queue_id):
+        raise CommandError(f"{queue_id}: no such queued message"
+                           + (" on hold" if args.action == "release" else ""))
+    print({"delete": "deleted", "hold": "on hold", "release": "released"}[args.action]
+          + f": {queue_id}")
+
+
 def cmd_check_config(args: argparse.Namespace, config: Config | None) -> None:
     checked = load_config(args.file)
     print(f"{args.file}: ok (mode {checked.mode}, data_dir {checked.data_dir})")
@@ -106,6 +205,31 @@ def build_parser() -> argparse.ArgumentParser:
     alias.add_argument("name", nargs="?")
     alias.add_argument("targets", nargs="*")
     alias.set_defaults(run=cmd_alias)
+
+    block = sub.add_parser("block", help="the block list of a running server")
+    block.add_argument("action", choices=("list", "add", "remove"))
+    block.add_argument("address", nargs="?", help="an IP address or network (CIDR)")
+    block.add_argument("--minutes", type=int, default=None, help="default: until removed")
+    block.add_argument("--reason", default="")
+    block.set_defaults(run=cmd_block)
+
+    white = sub.add_parser("whitelist", help="the run-time white list of a running server")
+    white.add_argument("action", choices=("list", "add", "remove"))
+    white.add_argument("entry", nargs="?", help="an IP, CIDR range or wildcard (192.168.*.*)")
+    white.add_argument("--reason", default="")
+    white.set_defaults(run=cmd_whitelist)
+
+    frozen = sub.add_parser("frozen", help="frozen accounts of a running server")
+    frozen.add_argument("action", choices=("list", "freeze", "thaw"))
+    frozen.add_argument("user", nargs="?")
+    frozen.add_argument("--minutes", type=int, default=None, help="default: [freeze] minutes")
+    frozen.add_argument("--reason", default="")
+    frozen.set_defaults(run=cmd_frozen)
+
+    queue = sub.add_parser("queue", help="the outbound queue: list, flush, delete/hold/release ID")
+    queue.add_argument("action", choices=("list", "flush", "delete", "hold", "release"))
+    queue.add_argument("id", nargs="?", help="a queue ID, as 'queue list' shows it")
+    queue.set_defaults(run=cmd_queue)
 
     check = sub.add_parser("check-config", help="validate a configuration file")
     check.add_argument("file")

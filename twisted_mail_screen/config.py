@@ -245,14 +245,13 @@ def _extra_sections() -> dict[str, Any]:
     Sections owned by optional services (screening, freeze, relay), each
     parsed by its own module so this one stays small.
     """
+    from twisted_mail_screen.relay_config import parse_relay
+    from twisted_mail_screen.screening_config import parse_freeze, parse_screening
+
     sections: dict[str, Any] = {}
-    try:
-        from twisted_mail_screen.screening_config import parse_freeze, parse_screening
-    except ImportError:
-        pass
-    else:
-        sections["screening"] = lambda top, mode: parse_screening(top.section("screening"), mode)
-        sections["freeze"] = lambda top, mode: parse_freeze(top.section("freeze"))
+    sections["screening"] = lambda top, mode: parse_screening(top.section("screening"), mode)
+    sections["freeze"] = lambda top, mode: parse_freeze(top.section("freeze"))
+    sections["relay"] = lambda top, mode: parse_relay(top.section("relay"), mode)
     return sections
 
 

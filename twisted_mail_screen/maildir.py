@@ -9,8 +9,17 @@ Flags live after C{:2,} in the standard letters.
 
 Delivery is all-or-nothing across recipients and durable before it
 returns: write into tmp/, fsync, hard-link (or copy) into each
-recipient's new/, fsync each directory. It blocks, so callers run it in a
-thread pool.
+recipient's new/ (the last one by rename), fsync each directory. It
+blocks, so callers run it in a thread pool.
+
+Directory fsyncs are group commits: a delivery that has linked its file
+into new/ while another thread's fsync of that directory is in flight
+waits for the next one, which one of the waiters starts and which covers
+every link made before it began. Sixteen concurrent deliveries into one
+mailbox thus cost a few directory fsyncs, not sixteen in a row.
+
+Stale tmp/ files (left by a crash between write and link) are removed
+after the grace period by L{TmpCleaner}, at startup and then hourly.
 """
 
 from __future__ import annotations
@@ -22,11 +31,17 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any, Callable
+
+from twisted.application.service import Service
+from twisted.logger import Logger
 
 from twisted_mail_screen.atomic import fsync_directory
 
 SUBDIRS = ("cur", "new", "tmp")
 STALE_TMP_SECONDS = 36 * 3600
+#: How often L{TmpCleaner} sweeps every mailbox's tmp/.
+CLEAN_INTERVAL_SECONDS = 3600
 
 
 class DeliveryError(Exception):
@@ -152,6 +167,44 @@ class UniqueNames:
         return f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{n}.{self._host}"
 
 
+class _DirectorySync:
+    """
+    Group commit of one directory's fsync. L{sync} returns once an fsync
+    that began after the call has completed, sharing it with every other
+    caller that arrived meanwhile.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._cond = threading.Condition(threading.Lock())
+        self._requested = 0  # links announced so far
+        self._synced = 0  # links known durable
+        self._in_flight = False
+
+    def sync(self) -> None:
+        with self._cond:
+            self._requested += 1
+            mine = self._requested
+            while self._synced < mine:
+                if self._in_flight:
+                    self._cond.wait()
+                    continue
+                self._in_flight = True
+                covers = self._requested
+                self._cond.release()
+                try:
+                    fsync_directory(self.path)
+                except BaseException:
+                    self._cond.acquire()
+                    self._in_flight = False
+                    self._cond.notify_all()  # a waiter retries with its own fsync
+                    raise
+                self._cond.acquire()
+                self._in_flight = False
+                self._synced = max(self._synced, covers)
+                self._cond.notify_all()
+
+
 class MailStore:
     """
     Where each local mailbox lives: C{<root>/<domain>/<local part>}, with
@@ -161,12 +214,30 @@ class MailStore:
     def __init__(self, root: str, names: UniqueNames | None = None) -> None:
         self.root = root
         self._names = names or UniqueNames()
+        self._syncs: dict[str, _DirectorySync] = {}
+        self._syncs_lock = threading.Lock()
 
     def maildir(self, address: str) -> Maildir:
         local, _, domain = address.lower().rpartition("@")
         if not local or "/" in address or local.startswith(".") or domain.startswith("."):
             raise ValueError(f"not a mailbox address: {address!r}")
         return Maildir(os.path.join(self.root, domain, local))
+
+    def maildirs(self) -> list[Maildir]:
+        """Every mailbox (and Maildir++ subfolder) under the root."""
+        found: list[Maildir] = []
+        for domain in _subdirs(self.root):
+            for box in _subdirs(domain):
+                md = Maildir(box)
+                if md.exists():
+                    found.append(md)
+                    found.extend(Maildir(sub) for sub in _subdirs(box)
+                                 if os.path.basename(sub).startswith(".") and Maildir(sub).exists())
+        return found
+
+    def clean_all_tmp(self, now: float | None = None) -> int:
+        """L{Maildir.clean_tmp} for every mailbox; the number of files removed."""
+        return sum(md.clean_tmp(now) for md in self.maildirs())
 
     def deliver(self, addresses: list[str], message: bytes, flags: str = "") -> str:
         """
@@ -188,16 +259,20 @@ class MailStore:
         try:
             for md in maildirs:
                 if not md.exists():
-                    md.create()
+                    self._create(md)
             temp = os.path.join(first.path, "tmp", base)
             self._write(temp, message)
             try:
-                for md in maildirs:
+                last = len(maildirs) - 1
+                for i, md in enumerate(maildirs):
                     final = os.path.join(md.path, target, name)
-                    _link_or_copy(temp, final)
+                    if i == last:
+                        _rename_or_copy(temp, final)
+                    else:
+                        _link_or_copy(temp, final)
                     placed.append(final)
-                for md in _distinct(maildirs):
-                    fsync_directory(os.path.join(md.path, target))
+                for md in maildirs:
+                    self._sync_dir(os.path.join(md.path, target))
             finally:
                 _unlink_quietly(temp)
         except OSError as e:
@@ -205,6 +280,27 @@ class MailStore:
                 _unlink_quietly(path)
             raise DeliveryError(f"{e.strerror or e} ({getattr(e, 'filename', '')})") from e
         return name
+
+    def _create(self, md: Maildir) -> None:
+        """Create a Maildir durably: its entries up to the root are fsync'd."""
+        md.create()
+        path = md.path
+        while True:
+            fsync_directory(path)
+            if os.path.samefile(path, self.root) or os.path.dirname(path) == path:
+                break
+            path = os.path.dirname(path)
+            if not path.startswith(self.root):
+                break
+
+    def _sync_dir(self, path: str) -> None:
+        with self._syncs_lock:
+            sync = self._syncs.get(path)
+            if sync is None:
+                if len(self._syncs) > 4096:
+                    self._syncs.clear()  # a waiter keeps its own reference
+                sync = self._syncs[path] = _DirectorySync(path)
+        sync.sync()
 
     def _write(self, path: str, data: bytes) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -215,6 +311,61 @@ class MailStore:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+class TmpCleaner(Service):
+    """
+    Removes stale tmp/ files of every mailbox once at startup and then
+    every C{interval} seconds, in the blocking pool (C{run}, e.g.
+    L{Blocking.run}) so the reactor never walks the disk.
+    """
+
+    log = Logger()
+
+    def __init__(self, store: MailStore, run: Callable[..., Any], clock: Any,
+                 interval: float = CLEAN_INTERVAL_SECONDS) -> None:
+        self._store = store
+        self._run = run
+        self._clock = clock
+        self._interval = interval
+        self._call: Any = None
+        self.sweeps = 0
+
+    def startService(self) -> None:
+        super().startService()
+        self._call = self._clock.callLater(0, self._sweep)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def _sweep(self) -> None:
+        self._call = None
+        d = self._run(self._store.clean_all_tmp, self._clock.seconds())
+
+        def done(removed: int) -> None:
+            self.sweeps += 1
+            if removed:
+                self.log.info("maildir: removed {n} stale tmp/ files", n=removed)
+
+        def failed(reason: Any) -> None:
+            self.log.failure("maildir: tmp/ sweep failed", reason)
+
+        def again(_: object) -> None:
+            if self.running:
+                self._call = self._clock.callLater(self._interval, self._sweep)
+
+        d.addCallbacks(done, failed).addBoth(again)
+
+
+def _subdirs(path: str) -> list[str]:
+    try:
+        with os.scandir(path) as it:
+            return [e.path for e in it if e.is_dir(follow_symlinks=False)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 def _distinct(maildirs: list[Maildir]) -> list[Maildir]:
@@ -238,6 +389,18 @@ def _link_or_copy(source: str, target: str) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _rename_or_copy(source: str, target: str) -> None:
+    """Move C{source} to C{target}, refusing to replace an existing file."""
+    if os.path.lexists(target):
+        raise FileExistsError(errno.EEXIST, "message file exists", target)
+    try:
+        os.rename(source, target)
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+        _link_or_copy(source, target)
 
 
 def _unlink_quietly(path: str) -> None:

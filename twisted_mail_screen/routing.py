@@ -97,3 +97,17 @@ class Router:
         if catch_all is not None:
             return all(self._expand(t, mailboxes, remote, depth + 1) for t in catch_all)
         return False
+
+    def owns(self, user: str, address: str) -> bool:
+        """
+        Whether the authenticated C{user} may send as C{address}: its own
+        address, or an alias that has C{user} among its targets.
+        """
+        try:
+            address = normalise_address(address)
+        except AddressError:
+            return False
+        if address == user.lower():
+            return True
+        targets = self._accounts.alias_targets(address)
+        return targets is not None and user.lower() in targets

@@ -19,15 +19,22 @@ from twisted_mail_screen.auth import Authenticator
 from twisted_mail_screen.config import Config
 from twisted_mail_screen.configbase import ConfigError
 from twisted_mail_screen.delivery import Delivery
-from twisted_mail_screen.interfaces import NullFreezeStore, NullScreening
+from twisted_mail_screen.imap import IMAPFactory
+from twisted_mail_screen.control import ControlFactory, endpoint_description, socket_path
+from twisted_mail_screen.notify import PostmasterNotifier
+from twisted_mail_screen.proxyproto import server_endpoint
+from twisted_mail_screen.screening import ScreeningService
+from twisted_mail_screen.screening_admin import register_screening_commands
 from twisted_mail_screen.maildir import MailStore, UniqueNames
+from twisted_mail_screen.outqueue import OutboundQueue
 from twisted_mail_screen.pop3 import POP3Factory
 from twisted_mail_screen.routing import Router
 from twisted_mail_screen.smtp import SMTPFactory
 from twisted_mail_screen.tls import load_server_context
 from twisted_mail_screen.workers import Blocking
 
-PROTOCOL_TITLES = {"smtp": "SMTP", "submission": "Submission", "pop3": "POP3", "imap": "IMAP"}
+PROTOCOL_TITLES = {"smtp": "SMTP", "submission": "Submission", "pop3": "POP3", "imap": "IMAP",
+                   "control": "Control"}
 
 
 class ListenError(Exception):
@@ -82,6 +89,12 @@ def _where(port: IListeningPort) -> str:
 class MailService(MultiService):
     """Everything one mailscreen server runs, with handles for tests and tools."""
 
+    accounts: AccountStore
+    store: MailStore
+    delivery: Delivery
+    screening: ScreeningService
+    control: ControlFactory
+
     def __init__(self, config: Config) -> None:
         super().__init__()
         self.config = config
@@ -109,17 +122,31 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
     blocking.setServiceParent(service)
     accounts = AccountStore(config.data_dir)
     store = MailStore(os.path.join(config.data_dir, "mail"), UniqueNames(config.hostname))
-    delivery = Delivery(store, blocking)
+    # The outbound queue (docs/relay.md): only when relaying is enabled.
+    relay_config = config.extra.get("relay")
+    queue = None
+    if relay_config is not None and relay_config.enabled:
+        queue = OutboundQueue(config, relay_config, Router(config, accounts), reactor, clock)
+        queue.setServiceParent(service)
+    delivery = Delivery(store, blocking, relay=queue)
+    if queue is not None:
+        queue.delivery = delivery
+    service.queue = queue  # type: ignore[attr-defined]
     authenticator = Authenticator(config, accounts, blocking)
     router = Router(config, accounts)
-    screening = NullScreening()
-    freeze = NullFreezeStore()
+    screening = _build_screening(config, clock, accounts, router, delivery)
+    screening.setServiceParent(service)
+    freeze = screening.freeze_store
+    control = ControlFactory()
+    register_screening_commands(control, screening, clock, config.extra["freeze"].minutes)
     tls = load_server_context(config.tls.certificate, config.tls.key) if config.tls.enabled else None  # type: ignore[arg-type]
     pop3_locks: set[str] = set()
 
-    service.accounts = accounts  # type: ignore[attr-defined]
-    service.store = store  # type: ignore[attr-defined]
-    service.delivery = delivery  # type: ignore[attr-defined]
+    service.accounts = accounts
+    service.store = store
+    service.delivery = delivery
+    service.screening = screening
+    service.control = control
 
     def smtp_factory(kind: str) -> SMTPFactory:
         return SMTPFactory(config=config, router=router, delivery=delivery,
@@ -133,16 +160,35 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
         "pop3": lambda: POP3Factory(config=config, store=store, blocking=blocking,
                                     authenticator=authenticator, screening=screening,
                                     clock=clock, locks=pop3_locks, tls=tls),
+        "imap": lambda: IMAPFactory(config=config, store=store, blocking=blocking,
+                                    authenticator=authenticator, screening=screening,
+                                    clock=clock, tls=tls),
     }
     for kind, descriptions in config.listen.items():
         if kind not in factories:
             continue
         for description in descriptions:
             try:
-                endpoint = endpoints.serverFromString(reactor, description)
+                endpoint = server_endpoint(reactor, description, clock)
             except Exception as e:
                 raise ConfigError(f"listen.{kind}", description, f"unusable endpoint: {e}") from e
             listener = Listener(kind, description, endpoint, factories[kind]())
             listener.setServiceParent(service)
             service.listeners.append(listener)
+    control_endpoint = endpoints.serverFromString(reactor, endpoint_description(config.data_dir))
+    Listener("control", socket_path(config.data_dir), control_endpoint, control).setServiceParent(service)
     return service
+
+
+def _build_screening(config: Config, clock: IReactorTime, accounts: AccountStore,
+                     router: Router, delivery: Delivery) -> ScreeningService:
+    """The screening service, its state files, and its postmaster notifier."""
+
+    def to_postmaster(message: bytes) -> Any:
+        mailboxes = router.resolve(config.postmaster, may_relay=False).mailboxes
+        return delivery.deliver_local(mailboxes or (config.postmaster,), message)
+
+    notifier = PostmasterNotifier(clock, to_postmaster, config.hostname, config.postmaster)
+    return ScreeningService.in_directory(
+        config.extra["screening"], config.extra["freeze"], clock, config.data_dir, notifier,
+        known_account=accounts.exists if not config.test_host else None)

@@ -12,12 +12,13 @@ service, the freeze store and the authenticator.
 
 from __future__ import annotations
 
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorTime, ISSLTransport
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.mail.smtp import rfc822date
@@ -83,11 +84,13 @@ class SMTPServer(CommandProtocol):
         self.idle_timeout = f.config.smtp.idle_timeout
         self.max_line_length = COMMAND_LINE_LIMIT
         super().connectionMade()
+        # An implicit-TLS listener (RFC 8314, an ssl: endpoint) is secure from the start.
+        self.secure = ISSLTransport.providedBy(self.transport)
         peer = self.transport.getPeer()
         self.peer_host = getattr(peer, "host", "") or ""
         self.screen = f.screening.open(self.peer_host, f.protocol_name)
         if self.screen.refusal is not None:
-            self.reply(421, "4.7.0", f"{f.config.hostname} {self.screen.refusal}", greet=True)
+            self.reply(421, "4.7.0", f"{f.config.hostname} {self.screen.refusal}")
             self.close()
             return
         self.send(f"220 {f.config.hostname} ESMTP twisted-mail-screen ready\r\n".encode())
@@ -310,6 +313,8 @@ class SMTPServer(CommandProtocol):
                 return self.reply(555, "5.5.4", f"Unsupported MAIL parameter {key}")
         if sender and "@" not in sender:
             return self.reply(501, "5.1.7", "Bad sender address syntax")
+        if self._submitting() and not f.router.owns(self.user, sender):  # type: ignore[arg-type]
+            return self.reply(553, "5.7.1", f"<{sender}>: Sender address not owned by user {self.user}")
         self.envelope = Envelope(sender)
         self.reply(250, "2.1.0", "Ok")
 
@@ -387,10 +392,41 @@ class SMTPServer(CommandProtocol):
             self.reply(500, "5.5.2", "Line too long (RFC 5321 4.5.3.1.6)")
             return
         body = raw.replace(b"\r\n..", b"\r\n.")[2:].replace(b"\r\n", b"\n")
+        if self._submitting():
+            refusal, body = self._submission_headers(body)
+            if refusal is not None:
+                self.reply(553, "5.7.1", refusal)
+                return
         mailboxes = tuple(dict.fromkeys(m for r in env.recipients for m in r.mailboxes))
         remote = tuple(dict.fromkeys(a for r in env.recipients for a in r.remote))
         # Later pipelined commands wait until this delivery has answered.
         self.wait_for(self._deliver(env, body, mailboxes, remote))
+
+    def _submitting(self) -> bool:
+        """An authenticated client in site mode: message submission (RFC 6409)."""
+        return self.user is not None and not self.factory.config.test_host
+
+    def _submission_headers(self, body: bytes) -> tuple[str | None, bytes]:
+        """
+        Check that every From: address is the user's own, and add the
+        Date: and Message-ID: a submitted message lacks (RFC 6409 8.2, 8.3).
+        """
+        from email.parser import BytesHeaderParser
+        from email.utils import getaddresses
+
+        f = self.factory
+        end = body.find(b"\n\n")
+        headers = BytesHeaderParser().parsebytes(body if end < 0 else body[:end + 1])
+        for _, address in getaddresses([str(v) for v in headers.get_all("From", [])]):
+            if not f.router.owns(self.user, address):  # type: ignore[arg-type]
+                return f"From: <{address}> not owned by user {self.user}", body
+        added = b""
+        now = f.clock.seconds()
+        if headers.get("Date") is None:
+            added += b"Date: " + rfc822date(time.localtime(now)) + b"\n"
+        if headers.get("Message-ID") is None:
+            added += f"Message-ID: <{int(now)}.{secrets.token_hex(8)}@{f.config.hostname}>\n".encode()
+        return None, added + body
 
     def _deliver(self, env: Envelope, body: bytes, mailboxes: tuple[str, ...],
                  remote: tuple[str, ...]) -> Deferred:

@@ -1,0 +1,236 @@
+"""
+A scriptable SMTP sink on loopback for the relay and queue tests: it plays
+the remote MX or the smarthost, records every transaction, and answers
+what the test's policy says (4xx, 5xx, no STARTTLS, a held greeting).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from twisted.internet import defer
+from twisted.internet.protocol import Factory, Protocol
+
+from twisted_mail_screen.testing import in_reactor
+
+
+@dataclass
+class Received:
+    sender: str
+    recipients: list[str]
+    data: bytes
+    secure: bool
+    auth: str | None
+
+
+@dataclass
+class Sink:
+    """
+    C{policy(stage, arg, sink)} returns a reply line ("451 4.3.0 busy") to
+    override the default answer, or C{None}. Stages: "connect", "mail",
+    "rcpt", "data".
+    """
+
+    policy: Callable[[str, str, "Sink"], str | None] = lambda stage, arg, sink: None
+    tls: Any = None  # server context for STARTTLS
+    implicit_tls: Any = None  # server context for an implicit-TLS listener
+    offer_starttls: bool = True
+    messages: list[Received] = field(default_factory=list)
+    connections: int = 0
+    active: int = 0
+    max_active: int = 0
+    transactions_per_connection: list[int] = field(default_factory=list)
+    gate: Any = None  # a Deferred: greet only once it has fired
+    port: int = 0
+    _listening: Any = None
+
+    def start(self) -> "Sink":
+        def listen() -> Any:
+            from twisted.internet import reactor
+            factory = Factory.forProtocol(lambda: _SinkProtocol(self))
+            if self.implicit_tls is not None:
+                return reactor.listenSSL(0, factory, self.implicit_tls, interface="127.0.0.1")
+            return reactor.listenTCP(0, factory, interface="127.0.0.1")
+
+        self._listening = in_reactor(listen)
+        self.port = self._listening.getHost().port
+        return self
+
+    def stop(self) -> None:
+        if self._listening is not None:
+            in_reactor(self._listening.stopListening)
+            self._listening = None
+
+    def hold_greeting(self) -> None:
+        self.gate = defer.Deferred()
+
+    def open_gate(self) -> None:
+        gate, self.gate = self.gate, None
+        in_reactor(lambda: gate.callback(None))
+
+    def recipients(self) -> list[str]:
+        return [r for m in self.messages for r in m.recipients]
+
+
+class _SinkProtocol(Protocol):
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+        self.buffer = b""
+        self.data: bytes | None = None
+        self.sender: str | None = None
+        self.rcpts: list[str] = []
+        self.secure = sink.implicit_tls is not None
+        self.auth: str | None = None
+        self.count = 0
+
+    def connectionMade(self) -> None:
+        self.sink.connections += 1
+        self.sink.active += 1
+        self.sink.max_active = max(self.sink.max_active, self.sink.active)
+        if self.sink.gate is not None:
+            self.sink.gate.addCallback(lambda _: self.greet())
+        else:
+            self.greet()
+
+    def greet(self) -> None:
+        override = self.sink.policy("connect", "", self.sink)
+        self.say(override or "220 sink.test ESMTP")
+        if override and override.startswith(("4", "5")):
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.sink.active -= 1
+        self.sink.transactions_per_connection.append(self.count)
+
+    def say(self, line: str) -> None:
+        self.transport.write(line.encode() + b"\r\n")
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        while True:
+            if self.data is not None:
+                end = self.buffer.find(b"\r\n.\r\n")
+                if end < 0:
+                    return
+                self.data += self.buffer[:end + 2]
+                self.buffer = self.buffer[end + 5:]
+                self.finish_data()
+                continue
+            end = self.buffer.find(b"\r\n")
+            if end < 0:
+                return
+            line, self.buffer = self.buffer[:end].decode(), self.buffer[end + 2:]
+            self.command(line)
+
+    def command(self, line: str) -> None:
+        verb, _, arg = line.partition(" ")
+        verb = verb.upper()
+        policy = self.sink.policy
+        if verb == "EHLO":
+            lines = ["sink.test", "PIPELINING", "SIZE 10000000", "8BITMIME", "AUTH PLAIN LOGIN"]
+            if self.sink.tls is not None and self.sink.offer_starttls and not self.secure:
+                lines.append("STARTTLS")
+            self.say("\r\n".join(f"250-{l}" for l in lines[:-1]) + f"\r\n250 {lines[-1]}")
+        elif verb == "HELO":
+            self.say("250 sink.test")
+        elif verb == "STARTTLS":
+            self.say("220 2.0.0 go ahead")
+            self.transport.startTLS(self.sink.tls)
+            self.secure = True
+            self.buffer = b""
+        elif verb == "AUTH":
+            mech, _, token = arg.partition(" ")
+            self.auth = base64.b64decode(token).decode() if token else mech
+            self.say("235 2.7.0 ok")
+        elif verb == "MAIL":
+            self.sender = arg[arg.index("<") + 1:arg.index(">")]
+            self.rcpts = []
+            self.say(policy("mail", self.sender, self.sink) or "250 2.1.0 ok")
+        elif verb == "RCPT":
+            rcpt = arg[arg.index("<") + 1:arg.index(">")]
+            reply = policy("rcpt", rcpt, self.sink) or "250 2.1.5 ok"
+            if reply.startswith("2"):
+                self.rcpts.append(rcpt)
+            self.say(reply)
+        elif verb == "DATA":
+            self.data = b""
+            self.say("354 go")
+        elif verb == "RSET":
+            self.sender, self.rcpts = None, []
+            self.say("250 2.0.0 ok")
+        elif verb == "QUIT":
+            self.say("221 2.0.0 bye")
+            self.transport.loseConnection()
+        else:
+            self.say("250 2.0.0 ok")
+
+    def finish_data(self) -> None:
+        data, self.data = self.data, None
+        assert data is not None
+        reply = self.sink.policy("data", ",".join(self.rcpts), self.sink) or "250 2.0.0 queued"
+        if reply.startswith("2"):
+            body = data.replace(b"\r\n..", b"\r\n.")
+            self.sink.messages.append(Received(self.sender or "", list(self.rcpts), body,
+                                               self.secure, self.auth))
+            self.count += 1
+        self.say(reply)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
+    """Poll C{predicate} from the test thread until it is true."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or predicate}")
+        time.sleep(0.02)
+
+
+def make_ca_and_leaf(directory, names=("mail.example.test",)) -> dict[str, str]:
+    """A test CA and a leaf certificate it signed for C{names} (PEM paths)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(days=1))
+          .not_valid_after(now + datetime.timedelta(days=30))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
+                                       key_encipherment=False, data_encipherment=False,
+                                       key_agreement=False, key_cert_sign=True, crl_sign=True,
+                                       encipher_only=False, decipher_only=False), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+            .issuer_name(ca_name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), False)
+            .sign(ca_key, hashes.SHA256()))
+    paths = {"ca": str(directory / "ca.pem"), "cert": str(directory / "leaf.pem"),
+             "key": str(directory / "leaf-key.pem")}
+    (directory / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (directory / "leaf.pem").write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    (directory / "leaf-key.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    return paths
+
+
+def server_tls(cert: str, key: str) -> Any:
+    from twisted_mail_screen.tls import load_server_context
+    return load_server_context(cert, key)

@@ -1,0 +1,344 @@
+# -*- test-case-name: tests.test_imap_message -*-
+"""
+One stored message as IMAP sees it: CRLF octets, MIME parts located by
+byte offsets (so C{BODY[1.2]} is an exact slice and sizes and line counts
+in BODYSTRUCTURE are exact), ENVELOPE, BODYSTRUCTURE and the text that
+SEARCH matches against.
+
+The C{email} package only parses header blocks here; part boundaries are
+found on the bytes, so a malformed message still yields a structure.
+Everything is pure and runs in worker threads.
+"""
+
+from __future__ import annotations
+
+import email
+import email.header
+import email.utils
+from email.message import Message
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+
+from twisted_mail_screen.imap_parse import Section, literal, quote
+
+_header_parser = BytesHeaderParser(policy=compat32)
+
+
+def to_crlf(data: bytes) -> bytes:
+    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+def _q(value: str | None) -> bytes:
+    if value is None:
+        return b"NIL"
+    return quote(value.encode("utf-8", "surrogateescape"))
+
+
+def _qu(value: str | None) -> bytes:
+    return _q(None if value is None else value.upper())
+
+
+class Part:
+    """
+    A MIME entity of C{data} spanning C{[start, end)}: header block, then
+    body from C{body_start}.
+    """
+
+    def __init__(self, data: bytes, start: int, end: int, default_type: str = "text/plain",
+                 depth: int = 0) -> None:
+        self.data = data
+        self.start = start
+        self.end = end
+        self.depth = depth
+        if data.startswith(b"\r\n", start) or start >= end:
+            self.body_start = min(start + 2, end)
+        else:
+            sep = data.find(b"\r\n\r\n", start, end)
+            self.body_start = end if sep < 0 else sep + 4
+        self.headers: Message = _header_parser.parsebytes(data[start:self.body_start])
+        self.headers.set_default_type(default_type)
+        self._children: list[Part] | None = None
+        self._message: Part | None = None
+
+    @property
+    def ctype(self) -> str:
+        return self.headers.get_content_type()
+
+    @property
+    def maintype(self) -> str:
+        return self.ctype.split("/", 1)[0]
+
+    @property
+    def subtype(self) -> str:
+        return self.ctype.split("/", 1)[1] if "/" in self.ctype else ""
+
+    @property
+    def is_multipart(self) -> bool:
+        return self.maintype == "multipart" and self.depth < 50
+
+    @property
+    def is_message(self) -> bool:
+        return self.ctype == "message/rfc822" and self.depth < 50
+
+    def header_bytes(self) -> bytes:
+        return self.data[self.start:self.body_start]
+
+    def body_bytes(self) -> bytes:
+        return self.data[self.body_start:self.end]
+
+    @property
+    def message(self) -> "Part":
+        """The message encapsulated in a message/rfc822 part."""
+        if self._message is None:
+            self._message = Part(self.data, self.body_start, self.end, depth=self.depth + 1)
+        return self._message
+
+    @property
+    def children(self) -> list["Part"]:
+        if self._children is None:
+            self._children = self._split() if self.is_multipart else []
+        return self._children
+
+    def _split(self) -> list["Part"]:
+        boundary = self.headers.get_boundary()
+        if not boundary:
+            return []
+        delim = b"--" + boundary.encode("utf-8", "surrogateescape")
+        data, end = self.data, self.end
+        child_type = "message/rfc822" if self.subtype == "digest" else "text/plain"
+        parts: list[Part] = []
+        part_start: int | None = None
+        pos = self.body_start
+        while True:
+            if data.startswith(delim, pos) and pos == self.body_start:
+                at = pos
+            else:
+                found = data.find(b"\r\n" + delim, max(pos - 2, self.body_start), end)
+                if found < 0:
+                    break
+                at = found + 2
+            after = at + len(delim)
+            tail = data[after:after + 2]
+            if tail and tail != b"--" and tail[:1] not in (b"\r", b" ", b"\t"):
+                pos = after  # a longer line that merely starts like the delimiter
+                continue
+            if part_start is not None:
+                parts.append(Part(data, part_start, max(part_start, at - 2), child_type, self.depth + 1))
+            if tail == b"--":
+                part_start = None
+                break
+            line_end = data.find(b"\r\n", after, end)
+            if line_end < 0:
+                part_start = None
+                break
+            part_start = pos = line_end + 2
+        if part_start is not None and part_start < end:
+            parts.append(Part(data, part_start, end, child_type, self.depth + 1))
+        return parts
+
+    # BODYSTRUCTURE ----------------------------------------------------------
+
+    def structure(self, extended: bool) -> bytes:
+        if self.is_multipart:
+            children = self.children
+            inner = b"".join(c.structure(extended) for c in children) if children else \
+                b'("TEXT" "PLAIN" ("CHARSET" "US-ASCII") NIL NIL "7BIT" 0 0)'
+            out = inner + b" " + _qu(self.subtype)
+            if extended:
+                out += b" " + self._params() + b" " + self._extension()
+            return b"(" + out + b")"
+        h = self.headers
+        body = self.body_bytes()
+        fields = [_qu(self.maintype), _qu(self.subtype), self._params(), _q(h.get("Content-ID")),
+                  _q(h.get("Content-Description")),
+                  _qu(h.get("Content-Transfer-Encoding", "7BIT").strip() or "7BIT"),
+                  str(len(body)).encode()]
+        if self.maintype == "text":
+            fields.append(str(line_count(body)).encode())
+        elif self.is_message:
+            m = self.message
+            fields += [envelope(m.headers), m.structure(extended), str(line_count(body)).encode()]
+        if extended:
+            fields += [_q(h.get("Content-MD5")), self._extension()]
+        return b"(" + b" ".join(fields) + b")"
+
+    def _params(self) -> bytes:
+        params = self.headers.get_params()
+        if not params or len(params) < 2:
+            if self.maintype == "text":
+                return b'("CHARSET" "US-ASCII")'
+            return b"NIL"
+        return _param_list(params[1:])
+
+    def _extension(self) -> bytes:
+        h = self.headers
+        disp = h.get("Content-Disposition")
+        if disp:
+            params = h.get_params(header="content-disposition") or [(disp.split(";")[0].strip(), "")]
+            disposition = b"(" + _qu(params[0][0]) + b" " + (
+                _param_list(params[1:]) if len(params) > 1 else b"NIL") + b")"
+        else:
+            disposition = b"NIL"
+        lang = h.get("Content-Language")
+        if lang:
+            tags = [t.strip() for t in lang.split(",") if t.strip()]
+            language = b"(" + b" ".join(_q(t) for t in tags) + b")" if tags else b"NIL"
+        else:
+            language = b"NIL"
+        return disposition + b" " + language + b" " + _q(h.get("Content-Location"))
+
+
+def _param_list(params: list) -> bytes:
+    out = []
+    for key, value in params:
+        if isinstance(value, tuple):
+            value = email.utils.collapse_rfc2231_value(value)
+        out.append(_qu(key) + b" " + _q(str(value)))
+    return b"(" + b" ".join(out) + b")" if out else b"NIL"
+
+
+def line_count(body: bytes) -> int:
+    n = body.count(b"\r\n")
+    if body and not body.endswith(b"\r\n"):
+        n += 1
+    return n
+
+
+def _addresses(msg: Message, name: str) -> bytes:
+    values = msg.get_all(name)
+    if not values:
+        return b"NIL"
+    out = []
+    for display, addr in email.utils.getaddresses([str(v) for v in values]):
+        if not display and not addr:
+            continue
+        local, at, domain = addr.rpartition("@")
+        if not at:
+            local, domain = addr, None
+        out.append(b"(" + _q(display or None) + b" NIL " + _q(local or None) + b" " +
+                   _q(domain or None) + b")")
+    return b"(" + b"".join(out) + b")" if out else b"NIL"
+
+
+def envelope(msg: Message) -> bytes:
+    """RFC 3501 ENVELOPE of a header block; strings are as sent (not decoded)."""
+    def one(name: str) -> bytes:
+        v = msg.get(name)
+        return b"NIL" if v is None else _q(" ".join(str(v).split()) if "\n" in str(v) else str(v))
+
+    frm = _addresses(msg, "From")
+    sender = _addresses(msg, "Sender")
+    reply_to = _addresses(msg, "Reply-To")
+    return b"(" + b" ".join([
+        one("Date"), one("Subject"), frm, sender if sender != b"NIL" else frm,
+        reply_to if reply_to != b"NIL" else frm, _addresses(msg, "To"), _addresses(msg, "Cc"),
+        _addresses(msg, "Bcc"), one("In-Reply-To"), one("Message-ID")]) + b")"
+
+
+# Sections -------------------------------------------------------------------------
+
+class NoSuchPart(Exception):
+    """A section names a part the message does not have (answered as empty)."""
+
+
+def resolve(root: Part, path: tuple[int, ...]) -> Part:
+    node = root
+    for depth, n in enumerate(path):
+        if depth and node.is_message:
+            node = node.message
+        if node.is_multipart:
+            if n > len(node.children):
+                raise NoSuchPart()
+            node = node.children[n - 1]
+        elif n != 1:
+            raise NoSuchPart()
+    return node
+
+
+def filter_headers(block: bytes, names: tuple[str, ...], keep: bool) -> bytes:
+    """The header lines of C{block} whose names are (not) in C{names}, plus CRLF."""
+    wanted = {n.lower() for n in names}
+    out = bytearray()
+    current_keep = False
+    for line in block.split(b"\r\n"):
+        if not line:
+            continue
+        if line[:1] in (b" ", b"\t"):
+            if current_keep:
+                out += line + b"\r\n"
+            continue
+        name = line.split(b":", 1)[0].strip().decode("ascii", "replace").lower()
+        current_keep = (name in wanted) == keep
+        if current_keep:
+            out += line + b"\r\n"
+    return bytes(out) + b"\r\n"
+
+
+def section_bytes(root: Part, section: Section) -> bytes:
+    try:
+        node = resolve(root, section.path)
+    except NoSuchPart:
+        return b""
+    text = section.text
+    if text == "MIME":
+        return node.header_bytes() if section.path else b""
+    if text:
+        if section.path:
+            if not node.is_message:
+                return b""
+            node = node.message
+        header = node.header_bytes()
+        if text == "HEADER":
+            return header if header.endswith(b"\r\n\r\n") else header + b"\r\n"
+        if text == "TEXT":
+            return node.body_bytes()
+        return filter_headers(header, section.fields, text == "HEADER.FIELDS")
+    if not section.path:
+        return root.data[root.start:root.end]
+    if node.is_multipart and node is not root:
+        return node.body_bytes()
+    return node.body_bytes()
+
+
+def section_response(root: Part, section: Section) -> bytes:
+    data = section_bytes(root, section)
+    label = section.label.encode()
+    if section.partial is not None:
+        offset, length = section.partial
+        data = data[offset:offset + length]
+        label += b"<%d>" % offset
+    return label + b" " + literal(data)
+
+
+# SEARCH text ------------------------------------------------------------------
+
+def decoded_header_values(msg: Message, name: str) -> list[str]:
+    out = []
+    for v in msg.get_all(name) or []:
+        try:
+            out.append(str(email.header.make_header(email.header.decode_header(str(v)))))
+        except Exception:
+            out.append(str(v))
+    return out
+
+
+def all_headers_text(msg: Message) -> str:
+    return "\n".join(f"{k}: {' '.join(decoded_header_values(msg, k))}" for k in set(msg.keys()))
+
+
+def body_text(data: bytes) -> str:
+    """The body as text: raw, plus each text part decoded from its transfer encoding."""
+    msg = email.message_from_bytes(data, policy=compat32)
+    sep = data.find(b"\n\n")
+    chunks = [data[sep + 2:].decode("utf-8", "replace") if sep >= 0 else ""]
+    for part in msg.walk():
+        if part.is_multipart() or part.get_content_maintype() != "text":
+            continue
+        if (part.get("Content-Transfer-Encoding") or "").strip().lower() in ("", "7bit", "8bit", "binary"):
+            continue
+        try:
+            payload = part.get_payload(decode=True) or b""
+            chunks.append(payload.decode(part.get_content_charset() or "utf-8", "replace"))
+        except (LookupError, ValueError):
+            continue
+    return "\n".join(chunks)

@@ -1,0 +1,234 @@
+# -*- test-case-name: tests.test_imap_search -*-
+"""
+SEARCH (RFC 3501 section 6.4.4): every search key, parsed into a small
+tree and evaluated per message. Keys on flags, sizes, UIDs and sequence
+numbers use only the folder index; date keys C{stat} the file; header and
+text keys read it (in a worker thread). String matching is
+case-insensitive substring matching on decoded header values and on the
+body both raw and decoded from its transfer encoding.
+"""
+
+from __future__ import annotations
+
+import datetime
+import email.utils
+import os
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+from typing import Any, Sequence
+
+from twisted_mail_screen.imap_fetch import find_file
+from twisted_mail_screen.imap_mailbox import flag_names
+from twisted_mail_screen.imap_message import all_headers_text, body_text, decoded_header_values
+from twisted_mail_screen.imap_parse import (Atom, BadCommand, SeqSet, Token, astring, parse_date,
+                                            parse_seqset)
+
+FLAG_KEYS = {"ANSWERED": ("\\Answered", True), "DELETED": ("\\Deleted", True),
+             "DRAFT": ("\\Draft", True), "FLAGGED": ("\\Flagged", True), "SEEN": ("\\Seen", True),
+             "UNANSWERED": ("\\Answered", False), "UNDELETED": ("\\Deleted", False),
+             "UNDRAFT": ("\\Draft", False), "UNFLAGGED": ("\\Flagged", False),
+             "UNSEEN": ("\\Seen", False)}
+ADDRESS_KEYS = {"BCC", "CC", "FROM", "SUBJECT", "TO"}
+DATE_KEYS = {"BEFORE", "ON", "SINCE", "SENTBEFORE", "SENTON", "SENTSINCE"}
+
+Node = tuple
+
+
+def _text(tok: Token, charset: str) -> str:
+    raw = astring(tok)
+    return raw.decode(charset, "replace").casefold()
+
+
+def parse_search(tokens: list[Token], charset: str = "utf-8") -> Node:
+    pos = 0
+
+    def take() -> Token:
+        nonlocal pos
+        if pos >= len(tokens):
+            raise BadCommand("missing search argument")
+        tok = tokens[pos]
+        pos += 1
+        return tok
+
+    def key() -> Node:
+        tok = take()
+        if isinstance(tok, list):
+            if not tok:
+                raise BadCommand("empty search list")
+            return ("and", [parse_search(tok, charset)])
+        if not isinstance(tok, Atom):
+            raise BadCommand("search key expected")
+        k = tok.upper()
+        if k == "ALL":
+            return ("all",)
+        if k in FLAG_KEYS:
+            flag, want = FLAG_KEYS[k]
+            return ("flag", flag, want)
+        if k in ("KEYWORD", "UNKEYWORD"):
+            return ("flag", astring(take()).decode("ascii", "replace"), k == "KEYWORD")
+        if k == "NEW":
+            return ("and", [("recent", True), ("flag", "\\Seen", False)])
+        if k == "OLD":
+            return ("recent", False)
+        if k == "RECENT":
+            return ("recent", True)
+        if k in ADDRESS_KEYS:
+            return ("header", k, _text(take(), charset))
+        if k == "HEADER":
+            name = astring(take()).decode("ascii", "replace")
+            return ("header", name, _text(take(), charset))
+        if k in ("BODY", "TEXT"):
+            return (k.lower(), _text(take(), charset))
+        if k in DATE_KEYS:
+            y, m, d = parse_date(take())
+            return ("date", k, datetime.date(y, m, d))
+        if k in ("LARGER", "SMALLER"):
+            n = take()
+            if not isinstance(n, Atom) or not n.isdigit():
+                raise BadCommand("number expected")
+            return ("size", k == "LARGER", int(n))
+        if k == "UID":
+            return ("uid", parse_seqset(take()))
+        if k == "NOT":
+            return ("not", key())
+        if k == "OR":
+            return ("or", key(), key())
+        if k[:1].isdigit() or k[:1] == "*":
+            return ("seq", parse_seqset(tok))
+        raise BadCommand(f"unknown search key {k[:30]!r}")
+
+    keys = []
+    while pos < len(tokens):
+        keys.append(key())
+    if not keys:
+        raise BadCommand("empty search")
+    return ("and", keys)
+
+
+def needs(node: Node) -> set[str]:
+    kind = node[0]
+    if kind == "and":
+        return set().union(*(needs(n) for n in node[1]))
+    if kind == "or":
+        return needs(node[1]) | needs(node[2])
+    if kind == "not":
+        return needs(node[1])
+    if kind == "header":
+        return {"header"}
+    if kind == "text" or kind == "body":
+        return {"header", "body"}
+    if kind == "date":
+        return {"header"} if node[1].startswith("SENT") else {"stat"}
+    return set()
+
+
+class Candidate:
+    """What one message offers the evaluator; file data is read on demand."""
+
+    def __init__(self, path: str, seq: int, uid: int, rel: str, size: int, recent: bool,
+                 keywords: list[str]) -> None:
+        self.path, self.seq, self.uid, self.rel = path, seq, uid, rel
+        self.size, self.recent = size, recent
+        self.flags = {f.lower() for f in flag_names(rel, keywords)}
+        self._data: bytes | None = None
+        self._headers: Any = None
+        self._mtime: float | None = None
+        self._body: str | None = None
+
+    def _file(self) -> str:
+        full = os.path.join(self.path, self.rel)
+        if not os.path.exists(full):
+            found = find_file(self.path, self.rel)
+            if found is not None:
+                full = os.path.join(self.path, found)
+        return full
+
+    def data(self) -> bytes:
+        if self._data is None:
+            try:
+                with open(self._file(), "rb") as f:
+                    self._data = f.read()
+            except FileNotFoundError:
+                self._data = b""
+        return self._data
+
+    def headers(self) -> Any:
+        if self._headers is None:
+            self._headers = BytesHeaderParser(policy=compat32).parsebytes(self.data())
+        return self._headers
+
+    def mtime(self) -> float:
+        if self._mtime is None:
+            try:
+                self._mtime = os.stat(self._file()).st_mtime
+            except FileNotFoundError:
+                self._mtime = 0.0
+        return self._mtime
+
+    def body(self) -> str:
+        if self._body is None:
+            self._body = body_text(self.data()).casefold()
+        return self._body
+
+
+def evaluate(node: Node, c: Candidate, max_seq: int, max_uid: int) -> bool:
+    kind = node[0]
+    if kind == "and":
+        return all(evaluate(n, c, max_seq, max_uid) for n in node[1])
+    if kind == "all":
+        return True
+    if kind == "flag":
+        return (node[1].lower() in c.flags) == node[2]
+    if kind == "recent":
+        return c.recent == node[1]
+    if kind == "not":
+        return not evaluate(node[1], c, max_seq, max_uid)
+    if kind == "or":
+        return evaluate(node[1], c, max_seq, max_uid) or evaluate(node[2], c, max_seq, max_uid)
+    if kind == "size":
+        return c.size > node[2] if node[1] else c.size < node[2]
+    if kind == "uid":
+        return _in(node[1], c.uid, max_uid)
+    if kind == "seq":
+        return _in(node[1], c.seq, max_seq)
+    if kind == "header":
+        values = decoded_header_values(c.headers(), node[1])
+        return any(node[2] in v.casefold() for v in values)
+    if kind == "body":
+        return node[1] in c.body()
+    if kind == "text":
+        return node[1] in c.body() or node[1] in all_headers_text(c.headers()).casefold()
+    if kind == "date":
+        which, want = node[1], node[2]
+        if which.startswith("SENT"):
+            parsed = email.utils.parsedate_tz(c.headers().get("Date") or "")
+            if not parsed:
+                return False
+            try:
+                have = datetime.date(parsed[0], parsed[1], parsed[2])
+            except ValueError:
+                return False
+            which = which[4:]
+        else:
+            have = datetime.date.fromtimestamp(c.mtime())
+        if which == "BEFORE":
+            return have < want
+        if which == "ON":
+            return have == want
+        return have >= want
+    raise AssertionError(kind)
+
+
+def _in(seqset: SeqSet, value: int, star: int) -> bool:
+    return seqset.contains(value, star)
+
+
+def run_search(path: str, node: Node, rows: Sequence[tuple[int, int, str, int, bool]],
+               keywords: list[str], max_seq: int, max_uid: int) -> list[tuple[int, int]]:
+    """The (seq, uid) of each row that matches (blocking when keys need files)."""
+    out = []
+    for seq, uid, rel, size, recent in rows:
+        c = Candidate(path, seq, uid, rel, size, recent, keywords)
+        if evaluate(node, c, max_seq, max_uid):
+            out.append((seq, uid))
+    return out
