@@ -113,18 +113,25 @@ def _print_entries(entries: list[dict], empty: str) -> None:
         print(f"{e['name']}  {e['expires']}  ({left}){reason}")
 
 
-def cmd_block(args: argparse.Namespace, config: Config) -> None:
+def _expiring(args: argparse.Namespace, config: Config, kind: str, target: str,
+              add: str, remove: str, removed: str, empty: str) -> None:
+    """list / add / remove on one of the server's expiring lists (blocks, freezes)."""
     if args.action == "list":
-        _print_entries(_control(config, "block.list"), "no blocks")  # type: ignore[arg-type]
+        _print_entries(_control(config, f"{kind}.list"), empty)  # type: ignore[arg-type]
         return
-    if not args.address:
-        raise CommandError(f"block {args.action} needs an ADDRESS")
-    if args.action == "add":
-        _print_entries([_control(config, "block.add", address=args.address,  # type: ignore[list-item]
+    value = getattr(args, target)
+    if not value:
+        raise CommandError(f"{kind} {args.action} needs {target.upper()}")
+    if args.action == add:
+        _print_entries([_control(config, f"{kind}.{add}", **{target: value},  # type: ignore[list-item]
                                  minutes=args.minutes, reason=args.reason)], "")
     else:
-        _control(config, "block.remove", address=args.address)
-        print(f"unblocked {args.address}")
+        _control(config, f"{kind}.{remove}", **{target: value})
+        print(f"{removed} {value}")
+
+
+def cmd_block(args: argparse.Namespace, config: Config) -> None:
+    _expiring(args, config, "block", "address", "add", "remove", "unblocked", "no blocks")
 
 
 def cmd_whitelist(args: argparse.Namespace, config: Config) -> None:
@@ -143,17 +150,7 @@ def cmd_whitelist(args: argparse.Namespace, config: Config) -> None:
 
 
 def cmd_frozen(args: argparse.Namespace, config: Config) -> None:
-    if args.action == "list":
-        _print_entries(_control(config, "frozen.list"), "no frozen accounts")  # type: ignore[arg-type]
-        return
-    if not args.user:
-        raise CommandError(f"frozen {args.action} needs a USER")
-    if args.action == "freeze":
-        _print_entries([_control(config, "frozen.freeze", user=args.user,  # type: ignore[list-item]
-                                 minutes=args.minutes, reason=args.reason)], "")
-    else:
-        _control(config, "frozen.thaw", user=args.user)
-        print(f"thawed {args.user}")
+    _expiring(args, config, "frozen", "user", "freeze", "thaw", "thawed", "no frozen accounts")
 
 
 def cmd_queue(args: argparse.Namespace, config: Config) -> None:

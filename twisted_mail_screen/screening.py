@@ -47,7 +47,7 @@ from twisted.logger import Logger
 
 from twisted_mail_screen.blocklist import BlockList, Entry, WhitelistFile, format_expiry
 from twisted_mail_screen.freeze import FileFreezeStore
-from twisted_mail_screen.interfaces import ClientScreen
+from twisted_mail_screen.interfaces import ClientScreen, OpenScreen
 from twisted_mail_screen.netmatch import NetMatcher, key_for_parsed, parse_host
 from twisted_mail_screen.notify import Event
 from twisted_mail_screen.screening_config import FreezeConfig, ScreeningConfig
@@ -90,29 +90,7 @@ def refusal_text(address: str, entry: Entry) -> str:
     return f"{address} blocked {until} ({rule_of(entry.reason)})"
 
 
-class _OpenScreen:
-    """A client screening does not apply to: counted nowhere, never closed."""
-
-    __slots__ = ()
-    refusal = None
-
-    def auth_failed(self, username: str, secret: bytes) -> bool:
-        return False
-
-    def auth_succeeded(self, username: str) -> None:
-        pass
-
-    def rcpt_unknown(self) -> bool:
-        return False
-
-    def rset(self) -> bool:
-        return False
-
-    def closed(self) -> None:
-        pass
-
-
-class _RefusedScreen(_OpenScreen):
+class _RefusedScreen(OpenScreen):
     """A connection refused at connect: every event says close."""
 
     __slots__ = ("refusal",)
@@ -233,7 +211,7 @@ class ScreeningService(Service):
         self._known_account = known_account
         self._whitelist = NetMatcher(config.whitelist, "screening.whitelist")
         self._runtime_whitelist = whitelist_file or WhitelistFile(None, clock, self._log)
-        self._open_screen = _OpenScreen()
+        self._open_screen = OpenScreen()
         self._secret = os.urandom(32)
         self._clients: dict[str, float | _Client] = {}
         self._active: dict[str, int] = {}

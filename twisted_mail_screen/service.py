@@ -83,7 +83,8 @@ def _where(port: IListeningPort) -> str:
     host = port.getHost()
     if hasattr(host, "port"):
         return f"connect to {host.host}:{host.port}"
-    return f"connect to UNIX socket {getattr(host, 'name', host)!r}"
+    name = getattr(host, "name", host)
+    return f"connect to UNIX socket {name.decode() if isinstance(name, bytes) else name}"
 
 
 class MailService(MultiService):
