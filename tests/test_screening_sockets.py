@@ -41,7 +41,8 @@ def site(start_server, **overrides):
     """Site mode with loopback not whitelisted, time on a Clock."""
     clock = Clock()
     clock.advance(1_800_000_000)
-    return start_server(site=True, clock=clock, **overrides), clock
+    kinds = ("smtp", "submission", "pop3", "imap")
+    return start_server(site=True, clock=clock, kinds=kinds, **overrides), clock
 
 
 def test_blocked_client_is_refused_by_every_protocol(start_server, accounts):
@@ -52,6 +53,7 @@ def test_blocked_client_is_refused_by_every_protocol(start_server, accounts):
         reply = refused_reply(server.port(kind))
         assert reply.startswith(b"421 4.7.0 mail.example.test") and b"blocked" in reply
     assert refused_reply(server.port("pop3")).startswith(b"-ERR [SYS/TEMP]")
+    assert refused_reply(server.port("imap")).startswith(b"* BYE [UNAVAILABLE]")
     server.service.screening.unblock("127.0.0.1")
     assert refused_reply(server.port("smtp")).startswith(b"220 ")
 
@@ -259,3 +261,17 @@ def test_haproxy_endpoint_screens_the_original_address(start_server, accounts):
 
     assert greeting("203.0.113.7").startswith(b"421 4.7.0")
     assert greeting("203.0.113.8").startswith(b"220")
+
+
+def test_imap_login_failures_count_with_the_others(start_server, accounts):
+    """Failed IMAP LOGINs count toward the same per-address limit; the block then refuses IMAP with BYE."""
+    import imaplib
+    server, _ = site(start_server, screening__max_auth_failures=2, plaintext_auth="always")
+    client = smtplib.SMTP("127.0.0.1", server.port("smtp"), timeout=10)
+    with pytest.raises(smtplib.SMTPAuthenticationError):
+        client.login("alice@example.test", "nope-1")
+    client.quit()
+    imap = imaplib.IMAP4("127.0.0.1", server.port("imap"), timeout=10)
+    with pytest.raises(imaplib.IMAP4.error):
+        imap.login("alice@example.test", "nope-2")
+    assert refused_reply(server.port("imap")).startswith(b"* BYE [UNAVAILABLE]")
