@@ -38,8 +38,8 @@ from zope.interface import implementer
 from twisted_mail_screen import imap_mailbox as mb
 from twisted_mail_screen.auth import Authenticator, SASLError, decode_base64, parse_sasl_plain
 from twisted_mail_screen.config import Config
-from twisted_mail_screen.imap_account import (DELIMITER, AccountFolders, FolderError, check_name,
-                                              list_entries, pattern_regex)
+from twisted_mail_screen.imap_account import (DELIMITER, AccountFolders, FolderError, list_entries,
+                                              pattern_regex)
 from twisted_mail_screen.imap_fetch import chunk_rows, flags_item, needs_body, needs_disk, render_rows
 from twisted_mail_screen.imap_parse import (Atom, BadCommand, SeqSet, Section, Token, astring,
                                             encode_mailbox, format_set, mailbox_name, parse_datetime,
@@ -99,6 +99,13 @@ class _Drain:
         waiter, self.waiter = self.waiter, None
         if waiter is not None:
             waiter()
+
+
+def _pending(d: Deferred) -> Deferred | None:
+    """C{d} if it has not fired all the way through yet (so input must wait), else C{None}."""
+    done: list[bool] = []
+    d.addBoth(lambda r: done.append(True) or r)
+    return None if done else d
 
 
 class IMAPServer(CommandProtocol):
@@ -302,9 +309,7 @@ class IMAPServer(CommandProtocol):
             else maybeDeferred(handler, tag, args)
         d.addCallbacks(self._completed, self._failed, callbackArgs=(tag, expunge_ok),
                        errbackArgs=(tag,))
-        if d.called:
-            return None
-        return d
+        return _pending(d)
 
     def _completed(self, text: str | None, tag: bytes, expunge_ok: bool) -> None:
         if text is None:
@@ -465,7 +470,7 @@ class IMAPServer(CommandProtocol):
             d = maybeDeferred(self._auth_plain, tag, line.strip())
             d.addCallbacks(self._completed, self._failed, callbackArgs=(tag, True),
                            errbackArgs=(tag,))
-            return None if d.called else d
+            return _pending(d)
 
         self._sasl = response
         self.send(b"+ \r\n")
@@ -541,7 +546,9 @@ class IMAPServer(CommandProtocol):
         folder = registry.folder(self.folders.inbox, path)
         self.writable = not readonly
         self.recent = set()
-        d = registry.sync(folder, claim_for=self if self.writable else None, force=True)
+        # A full rescan only when the directories changed, or to claim what waits in new/.
+        force = not folder.loaded or (self.writable and any(n.startswith("new/") for n in folder.names))
+        d = registry.sync(folder, claim_for=self if self.writable else None, force=force)
 
         def selected(_: object) -> str:
             if not folder.loaded or not Maildir(path).exists():
@@ -554,6 +561,7 @@ class IMAPServer(CommandProtocol):
             self.view = array("L", folder.uids)
             if not self.writable:
                 self.recent = {u for u, n in zip(folder.uids, folder.names) if n.startswith("new/")}
+            self.recent |= folder.claim(self)
             unseen = next((i + 1 for i, n in enumerate(folder.names) if "S" not in mb.info_of(n)), None)
             flags = " ".join(mb.SYSTEM_FLAGS + tuple(folder.keywords))
             perm = flags + (" \\*" if len(folder.keywords) < mb.MAX_KEYWORDS else "")
@@ -701,7 +709,8 @@ class IMAPServer(CommandProtocol):
                 raise No("No such mailbox", "NONEXISTENT")
             values = {"MESSAGES": len(folder.uids), "UIDNEXT": folder.next_uid,
                       "UIDVALIDITY": folder.uidvalidity,
-                      "RECENT": sum(1 for n in folder.names if n.startswith("new/")),
+                      "RECENT": sum(1 for n in folder.names if n.startswith("new/"))
+                      + len(folder.unclaimed),
                       "UNSEEN": sum(1 for n in folder.names if "S" not in mb.info_of(n))}
             body = " ".join(f"{i} {values[i]}" for i in items)
             self.untagged(b"STATUS " + encode_mailbox(name) + f" ({body})".encode())

@@ -149,10 +149,11 @@ def _listing(path: str) -> dict[str, str] | None:
     return found
 
 
-def _stamp(path: str) -> tuple[int, int] | None:
+def _stamp(path: str) -> tuple[int, int, int] | None:
+    """The mtimes of new/ and cur/, and the inode of cur/ (a folder made anew differs)."""
     try:
-        return (os.stat(os.path.join(path, "new")).st_mtime_ns,
-                os.stat(os.path.join(path, "cur")).st_mtime_ns)
+        cur = os.stat(os.path.join(path, "cur"))
+        return (os.stat(os.path.join(path, "new")).st_mtime_ns, cur.st_mtime_ns, cur.st_ino)
     except FileNotFoundError:
         return None
 
@@ -173,7 +174,8 @@ class ScanResult:
     added: list[tuple[int, str]] = field(default_factory=list)
     claimed: list[int] = field(default_factory=list)
     sizes: dict[int, int] = field(default_factory=dict)
-    stamp: tuple[int, int] | None = None
+    stamp: tuple[int, int, int] | None = None
+    identity: int | None = None
 
 
 def _claim(path: str, rel: str) -> str | None:
@@ -187,18 +189,20 @@ def _claim(path: str, rel: str) -> str | None:
 
 
 def scan_folder(path: str, loaded: bool, uids: "array[int]", names: list[str],
-                uidvalidity: int, next_uid: int, known_stamp: tuple[int, int] | None,
-                claim: bool) -> ScanResult:
+                uidvalidity: int, next_uid: int, known_stamp: tuple[int, int, int] | None,
+                claim: bool, identity: int | None = None) -> ScanResult:
     """
     Bring a folder's index up to date with its directories (worker thread).
     New files get UIDs and the uidlist is written before this returns.
     With C{claim}, files in new/ are moved to cur/ and reported as claimed.
     """
     stamp = _stamp(path)
-    if stamp is None:
+    if stamp is None or (loaded and identity is not None and stamp[2] != identity):
         return ScanResult(gone=True)
     if loaded and stamp == known_stamp:
         return ScanResult(unchanged=True)
+    if loaded and not os.path.exists(os.path.join(path, uidlist.FILENAME)):
+        return ScanResult(gone=True)  # deleted and made again, or the map was removed
     r = ScanResult(loaded=not loaded)
     if not loaded:
         ul, r.reason = uidlist.load(path)
@@ -270,7 +274,8 @@ def scan_folder(path: str, loaded: bool, uids: "array[int]", names: list[str],
             uidlist.UidList(uidvalidity, next_uid, all_uids, [base_of(n) for n in all_names]).save(path)
         r.uids, r.names = all_uids, all_names
     r.uidvalidity, r.next_uid = uidvalidity, next_uid
-    r.stamp = stamp if time.time_ns() - max(stamp) > 2_000_000_000 else None
+    r.stamp = stamp if time.time_ns() - max(stamp[:2]) > 2_000_000_000 else None
+    r.identity = stamp[2]
     return r
 
 
@@ -289,10 +294,12 @@ class Folder:
         self.uids: array[int] = array("L")
         self.names: list[str] = []
         self.sizes: dict[int, int] = {}
+        self.unclaimed: set[int] = set()
         self.keywords: list[str] = []
         self.log: list[tuple[int, int, Any]] = []  # (kind, uid, origin)
         self.log_start = 0  # modseq just before log[0]
-        self.stamp: tuple[int, int] | None = None
+        self.stamp: tuple[int, int, int] | None = None
+        self.identity: int | None = None
         self.sessions: list[Any] = []
         self._poll_call: Any = None
         self._polling = False
@@ -383,6 +390,9 @@ class Folder:
         if r.unchanged:
             return
         if r.gone:
+            # Reload from disk if the folder comes back: a mailbox created
+            # again under this name gets its own UIDVALIDITY.
+            self.loaded = False
             if self.uids:
                 for uid in self.uids:
                     self.record(EXPUNGE, uid, None)
@@ -393,11 +403,13 @@ class Folder:
         if r.loaded:
             self.uidvalidity, self.next_uid = r.uidvalidity, r.next_uid
             self.uids, self.names, self.keywords = r.uids, r.names, r.keywords
+            for uid in r.uids if self.sessions else ():
+                self.record(NEW, uid, None)
             self.sizes.update(r.sizes)
             if claimer is not None:
                 claimer.recent.update(r.claimed)
             self.loaded = True
-            self.stamp = r.stamp
+            self.stamp, self.identity = r.stamp, r.identity
             return
         for uid, rel in r.renamed:
             i = self.position(uid)
@@ -435,12 +447,28 @@ class Folder:
             self.sizes.pop(uid, None)
             self.record(EXPUNGE, uid, origin)
 
-    def add(self, entries: list[tuple[int, str]], next_uid: int, origin: Any = None) -> None:
+    def add(self, entries: list[tuple[int, str]], next_uid: int) -> None:
+        """
+        Messages this server put into the folder (APPEND, COPY, MOVE). They
+        are \\Recent for the read-write session that has the folder
+        selected, or else for the next one to select it.
+        """
+        claimer = self.claimer()
         for uid, rel in entries:
             self.uids.append(uid)
             self.names.append(rel)
-            self.record(NEW, uid, origin)
+            self.record(NEW, uid, claimer)
+            if claimer is None:
+                self.unclaimed.add(uid)
         self.next_uid = max(self.next_uid, next_uid)
+
+    def claim(self, session: Any) -> set[int]:
+        """Recent messages not yet given to any session (they go to C{session})."""
+        present = set(self.uids)
+        out = {u for u in self.unclaimed if u in present}
+        if session.writable:
+            self.unclaimed.clear()
+        return out
 
     def uidlist_snapshot(self) -> tuple[int, int, "array[int]", list[str]]:
         return self.uidvalidity, self.next_uid, array("L", self.uids), list(self.names)
@@ -510,7 +538,7 @@ class Registry:
         if folder.loaded:
             args = (folder.path, True, array("L", folder.uids), list(folder.names),
                     folder.uidvalidity, folder.next_uid, None if force else folder.stamp,
-                    claimer is not None)
+                    claimer is not None, folder.identity)
         else:
             args = (folder.path, False, array("L"), [], 0, 1, None, claimer is not None)
         d = self.blocking.run(scan_folder, *args)

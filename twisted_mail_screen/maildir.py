@@ -261,8 +261,8 @@ class MailStore:
                 if not md.exists():
                     self._create(md)
             temp = os.path.join(first.path, "tmp", base)
-            self._write(temp, message)
             try:
+                self._write(temp, message)
                 last = len(maildirs) - 1
                 for i, md in enumerate(maildirs):
                     final = os.path.join(md.path, target, name)

@@ -31,11 +31,11 @@ import secrets
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet import endpoints, ssl
-from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, gatherResults
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -313,12 +313,14 @@ class OutboundQueue(MultiService):
         self._blocking.setServiceParent(self)
         self._messages: dict[str, QueuedMessage] = {}
         self._held: set[str] = set()
+        self._hold_changes = 0  # bumped by hold()/release(): a scan older than that is stale
         self._in_flight: dict[str, Deferred] = {}
         self._destinations: dict[str, Destination] = {}
         self._clients: set[SMTPClient] = set()
         self._plaintext_hosts: set[str] = set()
         self._poll_call: Any = None
         self._polling = False
+        self._poll_again = False
         self._loaded = False
         self._stopping = False
         self._credentials: tuple[str, str] | None = None
@@ -347,6 +349,7 @@ class OutboundQueue(MultiService):
     def startService(self) -> None:
         super().startService()
         self._stopping = False
+        self._polling = self._poll_again = False
         d = self._blocking.run(self._load)
         d.addCallback(self._loaded_messages)
         d.addErrback(lambda f: self.log.failure("queue: cannot load {path}", f,
@@ -446,10 +449,12 @@ class OutboundQueue(MultiService):
     def hold(self, queue_id: str) -> "Deferred[bool]":
         if queue_id in self._messages:
             self._held.add(queue_id)
+        self._hold_changes += 1
         return self._blocking.run(self.directory.hold, queue_id)
 
     def release(self, queue_id: str) -> "Deferred[bool]":
         self._held.discard(queue_id)
+        self._hold_changes += 1
         d = self._blocking.run(self.directory.release, queue_id)
         d.addCallback(lambda found: (self._run_due(), found)[1])
         return d
@@ -465,15 +470,17 @@ class OutboundQueue(MultiService):
         if self._stopping or not self.running:
             return
         if self._polling:
-            self._schedule_poll()
+            self._poll_again = True  # the clock ticked during a scan: scan again at once
             return
         self._polling = True
         known = set(self._messages)
+        changes = self._hold_changes
         d = self._blocking.run(self.directory.scan)
 
         def scanned(result: tuple[bool, set[str], set[str]]) -> None:
             flush, held, on_disk = result
-            self._held = held
+            if changes == self._hold_changes:
+                self._held = held
             for queue_id in known - on_disk:
                 if queue_id in self._messages and queue_id not in self._in_flight:
                     del self._messages[queue_id]
@@ -486,7 +493,11 @@ class OutboundQueue(MultiService):
 
         def done(result: Any) -> Any:
             self._polling = False
-            self._schedule_poll()
+            if self._poll_again:
+                self._poll_again = False
+                self._poll()
+            else:
+                self._schedule_poll()
             return result
 
         d.addCallback(scanned)
@@ -512,6 +523,8 @@ class OutboundQueue(MultiService):
             if isinstance(result, Failure):
                 self.log.failure("queue: {id} attempt failed", result, id=queued.id)
                 queued.next_attempt = self.clock.seconds() + self.relay.retry_minutes * 60
+            elif queued.id in self._messages and queued.next_attempt <= self.clock.seconds():
+                self._run_due()  # it fell due again while this attempt was running
 
         d.addBoth(done)
 
@@ -654,6 +667,15 @@ class OutboundQueue(MultiService):
                 job.result.callback({r: (reply, host) for r in job.recipients})
 
     async def _session(self, dest: Destination, job: Job) -> None:
+        """One connection's life; every job it took gets its result, whatever happens."""
+        taken = [job]
+        try:
+            await self._session_body(dest, job, taken)
+        except Exception as e:
+            self.log.failure("relay: session for {dest} failed", dest=dest.key)
+            self._fail_jobs(taken, Reply(451, f"4.3.0 internal error: {e}"), "")
+
+    async def _session_body(self, dest: Destination, job: Job, taken: list[Job]) -> None:
         try:
             targets = await self._targets(job.domain)
         except PermanentDestinationError as e:
@@ -695,6 +717,7 @@ class OutboundQueue(MultiService):
                 if count < self.relay.max_messages_per_connection and dest.jobs \
                         and not self._stopping:
                     job = dest.jobs.popleft()
+                    taken.append(job)
         finally:
             self._clients.discard(session.client)
             await quit(session.client)

@@ -25,7 +25,7 @@ from twisted_mail_screen.notify import PostmasterNotifier
 from twisted_mail_screen.proxyproto import server_endpoint
 from twisted_mail_screen.screening import ScreeningService
 from twisted_mail_screen.screening_admin import register_screening_commands
-from twisted_mail_screen.maildir import MailStore, UniqueNames
+from twisted_mail_screen.maildir import MailStore, TmpCleaner, UniqueNames
 from twisted_mail_screen.outqueue import OutboundQueue
 from twisted_mail_screen.pop3 import POP3Factory
 from twisted_mail_screen.routing import Router
@@ -108,10 +108,12 @@ class MailService(MultiService):
 
 
 def build_service(config: Config, reactor: Any, clock: IReactorTime | None = None,
-                  service_class: type[MailService] = MailService) -> MailService:
+                  service_class: type[MailService] = MailService,
+                  store: MailStore | None = None) -> MailService:
     """
     Build the server. C{clock} is the time source for timeouts and
-    screening (the reactor unless a test drives a C{Clock}).
+    screening (the reactor unless a test drives a C{Clock}). C{store}
+    replaces the Maildir store (tests inject disk faults through it).
 
     @raise ConfigError: for an endpoint string the reactor cannot use.
     """
@@ -122,7 +124,9 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
     blocking = Blocking(reactor, config.storage.threads)
     blocking.setServiceParent(service)
     accounts = AccountStore(config.data_dir)
-    store = MailStore(os.path.join(config.data_dir, "mail"), UniqueNames(config.hostname))
+    if store is None:
+        store = MailStore(os.path.join(config.data_dir, "mail"), UniqueNames(config.hostname))
+    TmpCleaner(store, blocking.run, clock).setServiceParent(service)
     # The outbound queue (docs/relay.md): only when relaying is enabled.
     relay_config = config.extra.get("relay")
     queue = None

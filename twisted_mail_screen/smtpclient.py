@@ -269,6 +269,7 @@ async def open_session(client: SMTPClient, host: str, helo: str, *, starttls: st
 def _tls_failure(host: str, e: SMTPFailure) -> SMTPFailure:
     """A failed handshake (or certificate check) is temporary, never a downgrade."""
     text = e.reply.text.split(" ", 1)[-1] if e.reply.code == 451 else str(e.reply)
+    text = text.removeprefix("lost connection: ")
     return SMTPFailure(Reply(451, f"4.7.5 TLS negotiation with {host} failed: {text}"))
 
 

@@ -1,0 +1,264 @@
+"""
+Load generators and the machine's ceilings. Every client speaks the same
+way to every server: SMTP in lock step (no pipelining, which aiosmtpd does
+not offer), POP3 and IMAP with the commands each workload names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import imaplib
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+RCPT = "r@bench.test"
+
+
+def message(size: int, n: int = 0) -> bytes:
+    """A message of about C{size} bytes, CRLF lines of 76 characters."""
+    head = (f"From: <s@client.test>\r\nTo: <{RCPT}>\r\nSubject: bench {n}\r\n"
+            f"Message-ID: <{n}.{time.time_ns()}@client.test>\r\n\r\n").encode()
+    line = b"x" * 74 + b"\r\n"
+    body = line * max(1, (size - len(head)) // len(line))
+    return head + body
+
+
+async def _reply(reader: asyncio.StreamReader) -> bytes:
+    while True:
+        line = await reader.readline()
+        if not line:
+            raise ConnectionError("closed")
+        if line[3:4] != b"-":
+            return line
+
+
+async def _smtp_worker(port: int, payload: bytes, per_conn: int, deadline: float,
+                       stats: dict[str, Any]) -> None:
+    data = payload + b".\r\n"
+    while time.monotonic() < deadline:
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            stats["errors"] += 1
+            await asyncio.sleep(0.01)
+            continue
+        try:
+            await _reply(reader)
+            writer.write(b"EHLO client.bench\r\n")
+            await _reply(reader)
+            for _ in range(per_conn):
+                writer.write(b"MAIL FROM:<s@client.test>\r\n")
+                if (await _reply(reader))[:1] != b"2":
+                    stats["errors"] += 1
+                    break
+                writer.write(f"RCPT TO:<{RCPT}>\r\n".encode())
+                if (await _reply(reader))[:1] != b"2":
+                    stats["errors"] += 1
+                    break
+                writer.write(b"DATA\r\n")
+                if (await _reply(reader))[:3] != b"354":
+                    stats["errors"] += 1
+                    break
+                t0 = time.monotonic()
+                writer.write(data)
+                reply = await _reply(reader)
+                if reply[:3] == b"250":
+                    stats["ok"] += 1
+                    stats["last"] = time.monotonic()
+                    stats["lat"].append(stats["last"] - t0)
+                else:
+                    stats["errors"] += 1
+                    stats["replies"].add(reply[:40])
+            writer.write(b"QUIT\r\n")
+            await _reply(reader)
+        except (OSError, ConnectionError, asyncio.IncompleteReadError):
+            stats["errors"] += 1
+        finally:
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except OSError:
+                pass
+
+
+def smtp_ingest(port: int, concurrency: int, size: int, per_conn: int,
+                duration: float) -> dict[str, Any]:
+    """Messages a second that got 250 after DATA, over C{duration} seconds."""
+    payload = message(size)
+    stats: dict[str, Any] = {"ok": 0, "errors": 0, "lat": [], "replies": set(), "last": 0.0}
+
+    async def run() -> float:
+        start = time.monotonic()
+        await asyncio.gather(*(_smtp_worker(port, payload, per_conn, start + duration, stats)
+                               for _ in range(concurrency)))
+        return start
+
+    start = asyncio.run(run())
+    elapsed = max(stats["last"] - start, 1e-9)
+    lat = sorted(stats["lat"])
+    return {"value": stats["ok"] / elapsed, "ok": stats["ok"], "errors": stats["errors"],
+            "p50_ms": lat[len(lat) // 2] * 1000 if lat else None,
+            "p99_ms": lat[int(len(lat) * 0.99)] * 1000 if lat else None,
+            "bad_replies": sorted(r.decode("latin-1") for r in stats["replies"])[:3]}
+
+
+def accept_rate(port: int, concurrency: int, duration: float) -> dict[str, Any]:
+    """connect, greeting, QUIT, 221, close: sessions a second."""
+    stats = {"ok": 0, "errors": 0}
+
+    async def worker(deadline: float) -> None:
+        while time.monotonic() < deadline:
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                stats["errors"] += 1
+                await asyncio.sleep(0.01)
+                continue
+            try:
+                greeting = await _reply(reader)
+                writer.write(b"QUIT\r\n")
+                await _reply(reader)
+                stats["ok" if greeting[:3] == b"220" else "errors"] += 1
+            except (OSError, ConnectionError):
+                stats["errors"] += 1
+            finally:
+                writer.close()
+
+    async def run() -> float:
+        start = time.monotonic()
+        await asyncio.gather(*(worker(start + duration) for _ in range(concurrency)))
+        return time.monotonic() - start
+
+    elapsed = asyncio.run(run())
+    return {"value": stats["ok"] / elapsed, "ok": stats["ok"], "errors": stats["errors"]}
+
+
+# POP3
+
+
+def _recv_until(sock: socket.socket, buf: bytearray, marker: bytes, start: int = 0) -> int:
+    while True:
+        i = buf.find(marker, start)
+        if i >= 0:
+            return i
+        start = max(0, len(buf) - len(marker))
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            raise ConnectionError("closed")
+        buf += chunk
+
+
+def pop3_list_retr(port: int, user: str, count: int, window: int = 64) -> dict[str, Any]:
+    """Login, LIST, RETR 1..count (pipelined in windows); seconds from LIST to the last byte."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    buf = bytearray()
+
+    def line() -> bytes:
+        i = _recv_until(sock, buf, b"\r\n")
+        out = bytes(buf[:i])
+        del buf[:i + 2]
+        return out
+
+    def multiline() -> bytes:
+        first = line()
+        if not first.startswith(b"+OK"):
+            raise RuntimeError(f"POP3: {first!r}")
+        i = _recv_until(sock, buf, b"\r\n.\r\n", 0) if not buf.startswith(b".\r\n") else -2
+        out = bytes(buf[:i + 2]) if i >= 0 else b""
+        del buf[:i + 5]
+        return out
+
+    line()
+    sock.sendall(f"USER {user}\r\nPASS x\r\n".encode())
+    line()
+    if not line().startswith(b"+OK"):
+        raise RuntimeError("POP3 login failed")
+    t0 = time.monotonic()
+    sock.sendall(b"LIST\r\n")
+    listing = multiline()
+    n = listing.count(b"\r\n")
+    if n < count:
+        raise RuntimeError(f"POP3: {n} messages listed, {count} expected")
+    t_list = time.monotonic() - t0
+    size = 0
+    for first in range(1, count + 1, window):
+        last = min(count, first + window - 1)
+        sock.sendall(b"".join(b"RETR %d\r\n" % i for i in range(first, last + 1)))
+        for _ in range(first, last + 1):
+            size += len(multiline())
+    elapsed = time.monotonic() - t0
+    sock.sendall(b"QUIT\r\n")
+    line()
+    sock.close()
+    return {"value": elapsed, "list_s": t_list, "bytes": size}
+
+
+def imap_workload(port: int, user: str, count: int) -> dict[str, Any]:
+    """SELECT; FETCH 1:* (FLAGS RFC822.SIZE ENVELOPE); FETCH all bodies; UID SEARCH header."""
+    c = imaplib.IMAP4("127.0.0.1", port, timeout=120)
+    c.login(user, "x")
+    out: dict[str, Any] = {}
+    t0 = time.monotonic()
+    typ, data = c.select("INBOX")
+    out["select_s"] = time.monotonic() - t0
+    if typ != "OK" or int(data[0]) < count:
+        raise RuntimeError(f"IMAP SELECT: {typ} {data}")
+    t = time.monotonic()
+    typ, data = c.fetch("1:*", "(FLAGS RFC822.SIZE ENVELOPE)")
+    out["fetch_meta_s"] = time.monotonic() - t
+    if typ != "OK" or len(data) < count:
+        raise RuntimeError(f"IMAP FETCH: {typ} {len(data)}")
+    t = time.monotonic()
+    typ, data = c.fetch("1:*", "(BODY.PEEK[])")
+    out["fetch_bodies_s"] = time.monotonic() - t
+    if typ != "OK":
+        raise RuntimeError(f"IMAP FETCH bodies: {typ}")
+    t = time.monotonic()
+    typ, data = c.uid("SEARCH", None, "HEADER", "Subject", f'"bench {count // 2}"')
+    out["uid_search_s"] = time.monotonic() - t
+    if typ != "OK" or not data[0]:
+        raise RuntimeError(f"IMAP UID SEARCH: {typ} {data}")
+    c.logout()
+    out["value"] = out["select_s"] + out["fetch_meta_s"]
+    return out
+
+
+# ceilings
+
+
+def fsync_ceiling(directory: str, threads: int = 16, duration: float = 2.0,
+                  size: int = 2048) -> dict[str, Any]:
+    """fsync'd create+write+rename of 2 KB files from C{threads} threads, per second."""
+    tmp, new = os.path.join(directory, "tmp"), os.path.join(directory, "new")
+    os.makedirs(tmp, exist_ok=True)
+    os.makedirs(new, exist_ok=True)
+    data = os.urandom(size)
+    counts = [0] * threads
+    deadline = time.monotonic() + duration
+
+    def work(t: int) -> None:
+        i = 0
+        while time.monotonic() < deadline:
+            name = f"{t}.{i}"
+            p = os.path.join(tmp, name)
+            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.write(fd, data)
+            os.fsync(fd)
+            os.close(fd)
+            os.rename(p, os.path.join(new, name))
+            i += 1
+        counts[t] = i
+
+    start = time.monotonic()
+    ts = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+    for th in ts:
+        th.start()
+    for th in ts:
+        th.join()
+    elapsed = time.monotonic() - start
+    for name in os.listdir(new):
+        os.unlink(os.path.join(new, name))
+    return {"value": sum(counts) / elapsed, "ok": sum(counts)}

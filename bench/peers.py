@@ -1,0 +1,442 @@
+"""
+The servers the benchmark starts: ours (a subprocess running the reactor),
+aiosmtpd with a Maildir handler (with and without fsync), Postfix and
+Dovecot from Debian's packages, each with its own directories and its own
+loopback ports, and a trivial banner server for the client's ceiling.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+def _stop(proc: subprocess.Popen | None, sig: int = signal.SIGTERM) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+OURS = r"""
+import json, sys
+from twisted.internet import reactor
+from twisted_mail_screen.config import load_config
+from twisted_mail_screen.service import build_service
+config = load_config(None, json.loads(sys.argv[1]))
+svc = build_service(config, reactor)
+svc.privilegedStartService()
+svc.startService()
+factories = [l.factory for l in svc.listeners]
+screening = type(getattr(factories[0], "screening", None)).__name__ if factories else "?"
+print(json.dumps({"screening": screening,
+                  "ports": {k: svc.ports(k) for k in ("smtp", "pop3", "imap")}}), flush=True)
+reactor.addSystemEventTrigger("before", "shutdown", svc.stopService)
+reactor.run()
+"""
+
+
+class Ours:
+    """Our server as a subprocess built by C{build_service}."""
+
+    kind = "ours"
+
+    def __init__(self, workdir: str, name: str = "ours", screening: bool | None = None,
+                 threads: int = 16) -> None:
+        self.name = name
+        self.data = os.path.join(workdir, name)
+        self.ports = {k: free_port() for k in ("smtp", "pop3", "imap")}
+        self.screening = screening
+        self.threads = threads
+        self.proc: subprocess.Popen | None = None
+        self.info: dict[str, Any] = {}
+        self.error: str | None = None
+
+    def overrides(self) -> dict[str, Any]:
+        o: dict[str, Any] = {"data_dir": self.data, "storage.threads": self.threads,
+                             "listen.submission": []}
+        for k, p in self.ports.items():
+            o[f"listen.{k}"] = [f"tcp:{p}:interface=127.0.0.1"]
+        if self.screening is not None:
+            o["screening.enabled"] = self.screening
+            if self.screening:
+                # Screen loopback too (test-host mode whitelists it), with
+                # limits that the benchmark never reaches: pure bookkeeping cost.
+                o["screening.whitelist"] = []
+                o["screening.max_connections"] = 0
+                o["screening.max_simultaneous"] = 0
+        return o
+
+    def start(self) -> bool:
+        os.makedirs(self.data, exist_ok=True)
+        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        self.proc = subprocess.Popen([sys.executable, "-c", OURS, json.dumps(self.overrides())],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                                     text=True)
+        line = self.proc.stdout.readline()  # type: ignore[union-attr]
+        if not line:
+            self.error = (self.proc.stderr.read() or "exited")[-400:]  # type: ignore[union-attr]
+            return False
+        self.info = json.loads(line)
+        return True
+
+    def has(self, kind: str) -> bool:
+        return bool(self.info.get("ports", {}).get(kind))
+
+    def maildir(self, address: str) -> str:
+        local, _, domain = address.partition("@")
+        return os.path.join(self.data, "mail", domain, local)
+
+    def peak_rss_kb(self) -> int | None:
+        return _status_field(self.proc.pid, "VmHWM") if self.proc else None
+
+    def rss_kb(self) -> int | None:
+        return _status_field(self.proc.pid, "VmRSS") if self.proc else None
+
+    def stop(self) -> None:
+        _stop(self.proc)
+
+
+def _status_field(pid: int, field: str) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class AioSMTPD:
+    """aiosmtpd with a Maildir handler; C{fsync} makes it durable before 250."""
+
+    kind = "aiosmtpd"
+
+    def __init__(self, workdir: str, fsync: bool) -> None:
+        self.name = "aiosmtpd-fsync" if fsync else "aiosmtpd"
+        self.fsync = fsync
+        self.data = os.path.join(workdir, self.name)
+        self.ports = {"smtp": free_port()}
+        self.proc: subprocess.Popen | None = None
+        self.error: str | None = None
+
+    def start(self) -> bool:
+        try:
+            import aiosmtpd  # noqa: F401
+        except ImportError:
+            self.error = "aiosmtpd not installed (pip install -r bench/requirements.txt)"
+            return False
+        os.makedirs(self.data, exist_ok=True)
+        args = [sys.executable, os.path.join(HERE, "aiosmtpd_maildir.py"),
+                str(self.ports["smtp"]), self.data] + (["--fsync"] if self.fsync else [])
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if not wait_port(self.ports["smtp"]):
+            self.error = "did not start"
+            return False
+        return True
+
+    def maildir(self, address: str) -> str:
+        return os.path.join(self.data, address.partition("@")[0])
+
+    def stop(self) -> None:
+        _stop(self.proc)
+
+
+def _debian_user(name: str) -> tuple[int, int] | None:
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        return None
+    return pw.pw_uid, pw.pw_gid
+
+
+class Postfix:
+    """
+    Postfix with its own C{config_directory}, queue and data directories,
+    virtual Maildir delivery of every recipient into one Maildir, smtpd on
+    its own loopback port. Its 250 means "queued and fsync'd"; delivery
+    into the Maildir follows asynchronously, so the file count is checked
+    once the queue has drained.
+    """
+
+    kind = "postfix"
+    MASTER = "/usr/lib/postfix/sbin/master"
+
+    def __init__(self, workdir: str) -> None:
+        self.name = "postfix"
+        self.base = os.path.join(workdir, "postfix")
+        self.ports = {"smtp": free_port()}
+        self.proc: subprocess.Popen | None = None
+        self.error: str | None = None
+
+    def start(self) -> bool:
+        ids = _debian_user("postfix")
+        if not os.path.exists(self.MASTER) or ids is None:
+            self.error = "not installed (apt-get install -y postfix)"
+            return False
+        if os.geteuid() != 0:
+            self.error = "needs root to start"
+            return False
+        uid, gid = ids
+        conf, queue, data = (os.path.join(self.base, d) for d in ("conf", "queue", "data"))
+        self.vmail = os.path.join(self.base, "vmail")
+        for d in (conf, queue, data, self.vmail):
+            os.makedirs(d, exist_ok=True)
+        for d in (data, self.vmail):
+            os.chown(d, uid, gid)
+        with open(os.path.join(conf, "main.cf"), "w") as f:
+            f.write(f"""compatibility_level = 3.6
+queue_directory = {queue}
+data_directory = {data}
+command_directory = /usr/sbin
+daemon_directory = /usr/lib/postfix/sbin
+meta_directory = /etc/postfix
+shlib_directory = /usr/lib/postfix
+mail_owner = postfix
+myhostname = bench.localhost
+mydestination =
+inet_interfaces = loopback-only
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+smtpd_relay_restrictions = permit_mynetworks, reject
+virtual_mailbox_domains = bench.test
+virtual_mailbox_base = {self.vmail}
+virtual_mailbox_maps = static:box/
+virtual_uid_maps = static:{uid}
+virtual_gid_maps = static:{gid}
+virtual_destination_concurrency_limit = 64
+virtual_destination_recipient_limit = 1
+default_process_limit = 200
+smtpd_client_connection_rate_limit = 0
+smtpd_client_connection_count_limit = 0
+smtpd_client_message_rate_limit = 0
+smtpd_peername_lookup = no
+message_size_limit = 52428800
+virtual_mailbox_limit = 0
+maillog_file_prefixes = {self.base}
+maillog_file = {data}/maillog
+alias_maps =
+local_recipient_maps =
+biff = no
+""")
+        with open("/etc/postfix/master.cf") as f:
+            lines = f.read().splitlines()
+        out = []
+        for line in lines:
+            if line.startswith("smtp ") and " inet " in line:
+                line = f"127.0.0.1:{self.ports['smtp']} inet n - n - - smtpd"
+            out.append(line)
+        with open(os.path.join(conf, "master.cf"), "w") as f:
+            f.write("\n".join(out) + "\n")
+        subprocess.run(["postfix", "-c", conf, "check"], capture_output=True, timeout=60)
+        env = dict(os.environ, MAIL_CONFIG=conf)
+        self.proc = subprocess.Popen([self.MASTER, "-c", conf, "-d"], env=env,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     start_new_session=True)
+        if not wait_port(self.ports["smtp"]):
+            self.error = "did not start: " + (open(f"{data}/maillog").read()[-300:]
+                                              if os.path.exists(f"{data}/maillog") else "")
+            self.stop()
+            return False
+        return True
+
+    def maildir(self, address: str) -> str:
+        return os.path.join(self.vmail, "box")
+
+    def queue_empty(self) -> bool:
+        queue = os.path.join(self.base, "queue")
+        for sub in ("incoming", "active", "deferred", "maildrop"):
+            for _, _, files in os.walk(os.path.join(queue, sub)):
+                if files:
+                    return False
+        return True
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+class Dovecot:
+    """Dovecot with its own C{base_dir}, ports, a static user and one Maildir."""
+
+    kind = "dovecot"
+
+    def __init__(self, workdir: str) -> None:
+        self.name = "dovecot"
+        self.base = os.path.join(workdir, "dovecot")
+        self.ports = {"pop3": free_port(), "imap": free_port()}
+        self.proc: subprocess.Popen | None = None
+        self.error: str | None = None
+        self.mail = os.path.join(self.base, "mail")
+
+    def start(self) -> bool:
+        ids = _debian_user("dovecot")
+        if shutil.which("dovecot") is None or ids is None:
+            self.error = "not installed (apt-get install -y dovecot-pop3d dovecot-imapd)"
+            return False
+        if os.geteuid() != 0:
+            self.error = "needs root to start"
+            return False
+        uid, gid = ids
+        run = os.path.join(self.base, "run")
+        os.makedirs(os.path.join(run, "state"), exist_ok=True)
+        for sub in ("new", "cur", "tmp"):
+            os.makedirs(os.path.join(self.mail, sub), exist_ok=True)
+        home = os.path.join(self.base, "home")
+        os.makedirs(home, exist_ok=True)
+        self.chown()
+        os.chown(home, uid, gid)
+        self.conf = os.path.join(self.base, "dovecot.conf")
+        with open(self.conf, "w") as f:
+            f.write(f"""base_dir = {run}
+state_dir = {run}/state
+protocols = pop3 imap
+listen = 127.0.0.1
+ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = plain
+log_path = {self.base}/dovecot.log
+mail_location = maildir:{self.mail}
+mail_uid = {uid}
+mail_gid = {gid}
+first_valid_uid = 1
+pop3_uidl_format = %f
+passdb {{
+  driver = static
+  args = nopassword=y
+}}
+userdb {{
+  driver = static
+  args = uid={uid} gid={gid} home={home}
+}}
+service imap-login {{
+  inet_listener imap {{
+    address = 127.0.0.1
+    port = {self.ports['imap']}
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+}}
+service pop3-login {{
+  inet_listener pop3 {{
+    address = 127.0.0.1
+    port = {self.ports['pop3']}
+  }}
+  inet_listener pop3s {{
+    port = 0
+  }}
+}}
+""")
+        self.proc = subprocess.Popen(["dovecot", "-c", self.conf, "-F"], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE)
+        if not (wait_port(self.ports["pop3"]) and wait_port(self.ports["imap"])):
+            self.error = "did not start"
+            self.stop()
+            return False
+        return True
+
+    def chown(self) -> None:
+        ids = _debian_user("dovecot")
+        if ids is None:
+            return
+        for dirpath, dirnames, filenames in os.walk(self.mail):
+            os.chown(dirpath, *ids)
+            for n in filenames:
+                os.chown(os.path.join(dirpath, n), *ids)
+
+    def has(self, kind: str) -> bool:
+        return True
+
+    def stop(self) -> None:
+        _stop(self.proc)
+
+
+BANNER = r"""
+import asyncio, sys
+async def handle(reader, writer):
+    writer.write(b"220 banner ESMTP\r\n")
+    try:
+        while True:
+            line = await reader.readline()
+            if not line:
+                break
+            verb = line[:4].upper()
+            if verb == b"QUIT":
+                writer.write(b"221 2.0.0 Bye\r\n")
+                break
+            if verb == b"DATA":
+                writer.write(b"354 go\r\n")
+                await reader.readuntil(b"\r\n.\r\n")
+            writer.write(b"250 2.0.0 Ok\r\n")
+        await writer.drain()
+    except (ConnectionError, asyncio.IncompleteReadError):
+        pass
+    writer.close()
+async def main():
+    server = await asyncio.start_server(handle, "127.0.0.1", int(sys.argv[1]), backlog=1024,
+                                        limit=1 << 20)
+    async with server:
+        await server.serve_forever()
+asyncio.run(main())
+"""
+
+
+class Banner:
+    """A trivial SMTP sink: greeting, 250 to everything, 221 to QUIT; stores nothing."""
+
+    kind = "banner"
+
+    def __init__(self, workdir: str) -> None:
+        self.name = "banner"
+        self.ports = {"smtp": free_port()}
+        self.proc: subprocess.Popen | None = None
+        self.error: str | None = None
+
+    def start(self) -> bool:
+        self.proc = subprocess.Popen([sys.executable, "-c", BANNER, str(self.ports["smtp"])])
+        return wait_port(self.ports["smtp"])
+
+    def stop(self) -> None:
+        _stop(self.proc)

@@ -1,0 +1,264 @@
+"""
+The outbound queue's files, its configuration, the `mailscreen queue`
+command against a running server, and the pieces (DSN, DATA encoding).
+"""
+
+from __future__ import annotations
+
+import email
+import json
+import os
+import smtplib
+
+import pytest
+from twisted.internet.task import Clock
+
+from relay_sink import Sink, wait_for
+from twisted_mail_screen import cli
+from twisted_mail_screen.config import parse_config
+from twisted_mail_screen.configbase import ConfigError
+from twisted_mail_screen.dsn import Failed, build_dsn
+from twisted_mail_screen.outqueue import QueueDirectory, QueuedMessage, Recipient
+from twisted_mail_screen.relay_config import RelayConfig, split_endpoint
+from twisted_mail_screen.smtpclient import Reply, to_wire
+
+SITE = {"mode": "site", "hostname": "mail.example.test", "domains": ["example.test"]}
+
+
+# configuration
+
+def relay(tmp_path, **keys) -> RelayConfig:
+    table = dict(SITE, data_dir=str(tmp_path), relay=keys)
+    return parse_config(table).extra["relay"]
+
+
+def test_relay_defaults_in_site_mode(tmp_path):
+    """Site mode relays by MX with opportunistic STARTTLS, 5-day lifetime, 4-hour warning."""
+    r = relay(tmp_path)
+    assert (r.enabled, r.smarthost, r.starttls, r.queue_lifetime_hours, r.delay_warning_hours,
+            r.retry_minutes, r.mx_port) == (True, None, "opportunistic", 120, 4, 5, 25)
+
+
+def test_smarthost_defaults_to_required_starttls_and_its_host_name(tmp_path):
+    r = relay(tmp_path, smarthost="tcp:host=smtp.provider.example:port=587")
+    assert (r.starttls, r.tls_hostname, r.implicit_tls) == ("required", "smtp.provider.example", False)
+    r = relay(tmp_path, smarthost="tls:smtp.provider.example:465")
+    assert (r.tls_hostname, r.implicit_tls) == ("smtp.provider.example", True)
+
+
+@pytest.mark.parametrize("keys, key", [
+    ({"smarthost": "udp:host=x:port=25"}, "relay.smarthost"),
+    ({"smarthost": "tcp:port=25"}, "relay.smarthost"),
+    ({"starttls": "sometimes"}, "relay.starttls"),
+    ({"username": "u"}, "relay.username"),
+    ({"smarthost": "tcp:h:25", "username": "u"}, "relay.password_file"),
+    ({"password_file": "/nonexistent"}, "relay.password_file"),
+    ({"ca_file": "/nonexistent"}, "relay.ca_file"),
+    ({"queue_lifetime_hours": 0}, "relay.queue_lifetime_hours"),
+    ({"retry_minutes": 30, "max_retry_minutes": 10}, "relay.max_retry_minutes"),
+    ({"bogus": 1}, "relay.bogus"),
+])
+def test_relay_config_errors(tmp_path, keys, key):
+    with pytest.raises(ConfigError) as e:
+        relay(tmp_path, **keys)
+    assert e.value.key == key
+
+
+def test_password_needs_tls(tmp_path):
+    secret = tmp_path / "pw"
+    secret.write_text("x\n")
+    with pytest.raises(ConfigError) as e:
+        relay(tmp_path, smarthost="tcp:h:587", starttls="none", username="u", password_file=str(secret))
+    assert e.value.key == "relay.starttls"
+
+
+def test_ca_file_must_hold_certificates(tmp_path):
+    bad = tmp_path / "ca.pem"
+    bad.write_text("not a certificate\n")
+    with pytest.raises(ConfigError) as e:
+        relay(tmp_path, ca_file=str(bad))
+    assert e.value.key == "relay.ca_file"
+
+
+def test_split_endpoint_honours_escapes():
+    assert split_endpoint(r"tcp:host=a\:b:port=25") == (["tcp"], {"host": "a:b", "port": "25"})
+
+
+# pieces
+
+def test_to_wire_crlf_and_dot_stuffing():
+    assert to_wire(b"A: b\n\n.line\n..two\nend") == b"A: b\r\n\r\n..line\r\n...two\r\nend\r\n.\r\n"
+
+
+def test_reply_status():
+    assert Reply(550, "5.1.1 no").status == "5.1.1"
+    assert Reply(550, "no such user").status == "5.0.0"
+    assert Reply(451, "2.0.0 confused").status == "4.0.0"
+
+
+def test_dsn_is_rfc3464():
+    raw = build_dsn(hostname="mail.example.test", queue_id="ABC", sender="a@example.test",
+                    recipients=[Failed("x@r.example", "5.1.1", "550 5.1.1 gone", "mx.r.example")],
+                    message=b"Subject: hi\nFrom: a@example.test\n\nbody\n", arrival=0, now=60)
+    msg = email.message_from_bytes(raw)
+    assert msg.get_content_type() == "multipart/report"
+    assert msg["From"] == "Mail Delivery System <MAILER-DAEMON@mail.example.test>"
+    assert msg["Auto-Submitted"] == "auto-replied"
+    human, status, headers = msg.get_payload()
+    assert b"host mx.r.example said: 550 5.1.1 gone" in human.get_payload(decode=True)
+    per = status.get_payload()[1]
+    assert per["Remote-MTA"] == "dns; mx.r.example" and per["Status"] == "5.1.1"
+    assert headers.get_payload().strip() == "Subject: hi\nFrom: a@example.test"
+    assert b"body" not in raw
+
+
+def test_directory_round_trip_and_markers(tmp_path):
+    q = QueueDirectory(str(tmp_path / "queue"))
+    m = QueuedMessage("0000000AB12", "a@example.test", 1.0, 1.0, 5, recipients=[Recipient("x@r.example")])
+    q.store(m, b"hello")
+    assert q.ids() == {"0000000AB12"}
+    assert q.read_message(m.id) == b"hello"
+    assert q.read_envelope(m.id) == m
+    assert q.hold(m.id) and q.held() == {m.id}
+    assert not q.hold("0000000FFFF")
+    assert q.release(m.id) and q.held() == set()
+    q.request_flush()
+    assert q.scan() == (True, set(), {m.id})
+    assert q.scan()[0] is False
+    assert not q.delete("../../etc")
+    assert q.delete(m.id) and q.ids() == set() and not os.listdir(q.msg_dir)
+
+
+def test_uncommitted_message_files_are_removed_when_old(tmp_path):
+    q = QueueDirectory(str(tmp_path / "queue"))
+    q.create()
+    (tmp_path / "queue" / "msg" / "DEAD").write_bytes(b"x")
+    assert q.remove_orphans(0) == []
+    assert q.remove_orphans(10 ** 10) == ["DEAD"]
+
+
+# against a running server
+
+@pytest.fixture
+def busy_sink():
+    """A smarthost that answers 451 to every recipient until told otherwise."""
+    s = Sink(policy=lambda stage, arg, s: "451 4.3.0 busy" if stage == "rcpt" else None).start()
+    yield s
+    s.stop()
+
+
+def queued(tmp_path) -> list[dict]:
+    env = tmp_path / "data" / "queue" / "env"
+    out = []
+    for path in sorted(env.glob("*.json")) if env.exists() else []:
+        try:
+            out.append(json.loads(path.read_text()))
+        except FileNotFoundError:  # delivered meanwhile
+            pass
+    return out
+
+
+def start_relaying(start_server, s, clock):
+    return start_server(site=True, clock=clock, relay__smarthost=f"tcp:host=127.0.0.1:port={s.port}",
+                        relay__starttls="none")
+
+
+def send(server, rcpt="carol@remote.example"):
+    client = smtplib.SMTP("127.0.0.1", server.port("submission"), timeout=10)
+    client.ehlo("c")
+    client.login("alice@example.test", "alice-secret")
+    assert client.sendmail("alice@example.test", [rcpt], b"Subject: q\r\n\r\nx\r\n") == {}
+    client.quit()
+
+
+def mailscreen(tmp_path, *args, capsys=None) -> tuple[int, str]:
+    code = cli.main(["--data-dir", str(tmp_path / "data"), "queue", *args])
+    out = capsys.readouterr().out if capsys is not None else ""
+    return code, out
+
+
+def test_committed_before_250(start_server, accounts, busy_sink, tmp_path):
+    """When the client has its 250, the message and envelope are on disk."""
+    server = start_relaying(start_server, busy_sink, Clock())
+    send(server)
+    [env] = queued(tmp_path)
+    assert env["sender"] == "alice@example.test"
+    assert (tmp_path / "data" / "queue" / "msg" / env["id"]).read_bytes().endswith(b"Subject: q\n\nx\n")
+
+
+def test_cli_list_hold_release(start_server, accounts, busy_sink, tmp_path, capsys):
+    """A held message is not retried until released; list shows it (held)."""
+    clock = Clock()
+    server = start_relaying(start_server, busy_sink, clock)
+    send(server)
+    wait_for(lambda: queued(tmp_path) and queued(tmp_path)[0]["attempts"] == 1)
+    queue_id = queued(tmp_path)[0]["id"]
+    assert mailscreen(tmp_path, "hold", queue_id.lower(), capsys=capsys) == (0, f"on hold: {queue_id}\n")
+    code, out = mailscreen(tmp_path, "list", capsys=capsys)
+    assert code == 0 and f"{queue_id} (held)" in out and "to <carol@remote.example>  pending  [451 4.3.0 busy]" in out
+    server.advance(1)
+    wait_for(lambda: queue_id in server.service.queue._held)
+    assert server.service.queue.list()[0]["held"] is True
+    busy_sink.policy = lambda stage, arg, s: None
+    server.advance(600)
+    server.advance(1)
+    assert busy_sink.messages == [] and queued(tmp_path)[0]["attempts"] == 1
+    assert mailscreen(tmp_path, "release", queue_id, capsys=capsys)[0] == 0
+    server.advance(1)
+    wait_for(lambda: busy_sink.messages)
+    wait_for(lambda: queued(tmp_path) == [])
+    assert mailscreen(tmp_path, "list", capsys=capsys) == (0, "queue is empty\n")
+
+
+def test_cli_flush_retries_at_once(start_server, accounts, busy_sink, tmp_path, capsys):
+    """`queue flush` makes the running server retry within a second of its clock."""
+    clock = Clock()
+    server = start_relaying(start_server, busy_sink, clock)
+    send(server)
+    wait_for(lambda: queued(tmp_path) and queued(tmp_path)[0]["attempts"] == 1)
+    busy_sink.policy = lambda stage, arg, s: None
+    server.advance(1)
+    assert busy_sink.messages == []
+    assert mailscreen(tmp_path, "flush", capsys=capsys)[0] == 0
+    server.advance(1)
+    wait_for(lambda: busy_sink.messages)
+    wait_for(lambda: queued(tmp_path) == [])
+
+
+def test_cli_delete(start_server, accounts, busy_sink, tmp_path, capsys):
+    """`queue delete ID` removes the message; the server forgets it at its next scan."""
+    clock = Clock()
+    server = start_relaying(start_server, busy_sink, clock)
+    send(server)
+    wait_for(lambda: queued(tmp_path) and queued(tmp_path)[0]["attempts"] == 1)
+    queue_id = queued(tmp_path)[0]["id"]
+    assert mailscreen(tmp_path, "delete", queue_id, capsys=capsys) == (0, f"deleted: {queue_id}\n")
+    assert mailscreen(tmp_path, "delete", queue_id, capsys=capsys)[0] == 1
+    server.advance(1)
+    wait_for(lambda: server.service.queue.list() == [])
+    busy_sink.policy = lambda stage, arg, s: None
+    server.advance(3600)
+    assert busy_sink.messages == []
+
+
+def test_service_methods(start_server, accounts, busy_sink, tmp_path):
+    """list/hold/release/flush/delete as methods of the running queue."""
+    from twisted_mail_screen.testing import in_reactor
+    clock = Clock()
+    server = start_relaying(start_server, busy_sink, clock)
+    queue = server.service.queue
+    send(server)
+    send(server, "dave@remote.example")
+    wait_for(lambda: len(queued(tmp_path)) == 2 and all(e["attempts"] == 1 for e in queued(tmp_path)))
+    first, second = [e["id"] for e in in_reactor(queue.list)]
+    assert in_reactor(queue.hold, first) is True
+    assert os.path.exists(tmp_path / "data" / "queue" / "hold" / first)
+    assert in_reactor(queue.delete, second) is True
+    busy_sink.policy = lambda stage, arg, s: None
+    in_reactor(queue.flush)
+    server.advance(1)
+    assert busy_sink.messages == []
+    assert [e["id"] for e in in_reactor(queue.list)] == [first]
+    assert in_reactor(queue.release, first) is True
+    wait_for(lambda: busy_sink.messages)
+    assert busy_sink.recipients() == ["carol@remote.example"]

@@ -1,0 +1,462 @@
+"""
+Relaying to a second, in-process SMTP server on loopback (tests/relay_sink.py)
+playing the smarthost or the MX host: success, retries on the injected
+clock, bounces, restarts, TLS to a smarthost, MX order.
+"""
+
+from __future__ import annotations
+
+import email
+import json
+import smtplib
+from pathlib import Path
+
+import pytest
+from twisted.internet.defer import fail, succeed
+from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher, formatEvent
+from twisted.names import dns, error
+
+from conftest import maildir_files
+from relay_sink import Sink, make_ca_and_leaf, server_tls, wait_for
+from twisted_mail_screen.testing import in_reactor
+
+
+@pytest.fixture
+def sink():
+    started: list[Sink] = []
+
+    def make(**kwargs) -> Sink:
+        s = Sink(**kwargs).start()
+        started.append(s)
+        return s
+
+    yield make
+    for s in started:
+        s.stop()
+
+
+@pytest.fixture
+def relay_log():
+    lines: list[str] = []
+
+    def observe(event):
+        text = formatEvent(event)
+        if text and ("relay:" in text or "queue:" in text):
+            lines.append(text)
+
+    globalLogPublisher.addObserver(observe)
+    yield lines
+    globalLogPublisher.removeObserver(observe)
+
+
+def smarthost(s: Sink, **more) -> dict:
+    out = {"relay__smarthost": f"tcp:host=127.0.0.1:port={s.port}", "relay__starttls": "none"}
+    out.update(more)
+    return out
+
+
+def submit(server, rcpts, body=b"Subject: hi\r\n\r\nhello\r\n", user="alice@example.test",
+           password="alice-secret", sender=None):
+    client = smtplib.SMTP("127.0.0.1", server.port("submission"), timeout=10)
+    client.ehlo("client.example")
+    client.login(user, password)
+    refused = client.sendmail(sender or user, rcpts, body)
+    client.quit()
+    assert refused == {}
+
+
+def queued(tmp_path: Path) -> list[dict]:
+    env = tmp_path / "data" / "queue" / "env"
+    out = []
+    for path in sorted(env.glob("*.json")) if env.exists() else []:
+        try:
+            out.append(json.loads(path.read_text()))
+        except FileNotFoundError:  # delivered meanwhile
+            pass
+    return out
+
+
+def queue_empty(tmp_path: Path) -> bool:
+    return queued(tmp_path) == []
+
+
+class FakeResolver:
+    """MX and A answers from dicts; C{nx} names do not exist."""
+
+    def __init__(self, mx=None, a=None, nx=()):
+        self.mx, self.a, self.nx = mx or {}, a or {}, set(nx)
+        self.asked: list[str] = []
+
+    def lookupMailExchange(self, name):
+        self.asked.append(name)
+        if name in self.nx:
+            return fail(error.DNSNameError(name))
+        return succeed(([dns.RRHeader(name, dns.MX, payload=dns.Record_MX(p, h))
+                         for p, h in self.mx.get(name, [])], [], []))
+
+    def lookupAddress(self, name):
+        return succeed(([dns.RRHeader(name, dns.A, payload=dns.Record_A(ip))
+                         for ip in self.a.get(name, [])], [], []))
+
+    def lookupIPV6Address(self, name):
+        return succeed(([], [], []))
+
+
+def use_resolver(server, resolver) -> None:
+    in_reactor(setattr, server.service.queue, "resolver", resolver)
+
+
+def test_smarthost_delivery(start_server, accounts, sink, tmp_path, relay_log):
+    """A submitted message for a remote domain reaches the smarthost once; the queue empties."""
+    s = sink()
+    server = start_server(site=True, **smarthost(s))
+    submit(server, ["carol@remote.example", "dave@remote.example"],
+           b"From: alice@example.test\r\nSubject: out\r\n\r\nhello\r\n")
+    wait_for(lambda: s.messages, what="delivery")
+    [m] = s.messages
+    assert m.sender == "alice@example.test"
+    assert m.recipients == ["carol@remote.example", "dave@remote.example"]
+    assert b"Subject: out" in m.data and m.data.startswith(b"Received: from client.example")
+    assert b"\r\nMessage-ID: <" in m.data and b"\r\nDate: " in m.data
+    wait_for(lambda: queue_empty(tmp_path), what="empty queue")
+    wait_for(lambda: any("status=sent" in l and "carol@remote.example" in l for l in relay_log))
+
+
+def test_local_and_remote_recipients_in_one_message(start_server, accounts, sink, tmp_path):
+    """Local recipients go into Maildirs, remote ones to the queue; one 250 for both."""
+    s = sink()
+    server = start_server(site=True, **smarthost(s))
+    submit(server, ["bob@example.test", "carol@remote.example"])
+    assert len(maildir_files(tmp_path / "data", "bob@example.test")) == 1
+    wait_for(lambda: s.messages)
+    assert s.recipients() == ["carol@remote.example"]
+
+
+def test_mx_lowest_preference_first_then_next(start_server, accounts, sink, tmp_path, relay_log):
+    """The lowest-preference MX is tried first; when it refuses connections, the next one."""
+    s = sink()
+    server = start_server(site=True, relay__mx_port=s.port)
+    resolver = FakeResolver(mx={"remote.example": [(20, "mx2.remote.example"),
+                                                    (10, "mx1.remote.example")]},
+                            a={"mx1.remote.example": ["127.0.0.2"],  # nothing listens there
+                               "mx2.remote.example": ["127.0.0.1"]})
+    use_resolver(server, resolver)
+    submit(server, ["carol@remote.example"])
+    wait_for(lambda: s.messages)
+    assert s.recipients() == ["carol@remote.example"]
+    wait_for(lambda: queue_empty(tmp_path))
+    tried = [l for l in relay_log if "mx1.remote.example" in l]
+    assert tried and "unusable" in tried[0]
+    assert any("host=mx2.remote.example[127.0.0.1]" in l and "status=sent" in l for l in relay_log)
+
+
+def test_mx_falls_back_to_the_address_record(start_server, accounts, sink, tmp_path):
+    """A domain without MX records is its own mail host (RFC 5321 5.1)."""
+    s = sink()
+    server = start_server(site=True, relay__mx_port=s.port)
+    use_resolver(server, FakeResolver(a={"remote.example": ["127.0.0.1"]}))
+    submit(server, ["carol@remote.example"])
+    wait_for(lambda: s.messages)
+    wait_for(lambda: queue_empty(tmp_path))
+
+
+def test_opportunistic_starttls_to_mx_without_verification(start_server, accounts, sink, tmp_path, certificate):
+    """MX hosts get STARTTLS when they offer it, whatever their certificate."""
+    cert, key = certificate
+    s = sink(tls=server_tls(cert, key))
+    server = start_server(site=True, relay__mx_port=s.port)
+    use_resolver(server, FakeResolver(mx={"remote.example": [(10, "mx.remote.example")]},
+                                      a={"mx.remote.example": ["127.0.0.1"]}))
+    submit(server, ["carol@remote.example"])
+    wait_for(lambda: s.messages)
+    assert s.messages[0].secure
+
+
+def test_nonexistent_domain_bounces_at_once(start_server, accounts, tmp_path):
+    """NXDOMAIN for the recipient domain is permanent: a DSN with 5.1.2, no retry."""
+    server = start_server(site=True)
+    use_resolver(server, FakeResolver(nx={"nowhere.example"}))
+    submit(server, ["x@nowhere.example"])
+    [dsn] = wait_for(lambda: maildir_files(tmp_path / "data", "alice@example.test"))
+    assert b"Status: 5.1.2" in dsn.read_bytes()
+    wait_for(lambda: queue_empty(tmp_path))
+
+
+def test_temporary_failure_is_retried_on_the_clock(start_server, accounts, sink, tmp_path, relay_log):
+    """451 at RCPT defers the recipient; after retry_minutes on the clock it is delivered."""
+    attempts = []
+
+    def policy(stage, arg, s):
+        if stage == "rcpt":
+            attempts.append(arg)
+            if len(attempts) == 1:
+                return "451 4.3.0 try again later"
+        return None
+
+    s = sink(policy=policy)
+    clock = Clock()
+    server = start_server(site=True, clock=clock, **smarthost(s, relay__retry_minutes=10))
+    submit(server, ["carol@remote.example"])
+    wait_for(lambda: queued(tmp_path) and queued(tmp_path)[0]["attempts"] == 1)
+    [env] = queued(tmp_path)
+    assert env["recipients"][0]["state"] == "pending"
+    assert env["recipients"][0]["reply"] == "451 4.3.0 try again later"
+    assert env["next_attempt"] == 600
+    line = wait_for(lambda: [l for l in relay_log if "status=deferred" in l])[0]
+    assert "carol@remote.example" in line and "451 4.3.0 try again later" in line
+    assert "next=1970-01-01T00:10:00Z" in line
+    server.advance(300)
+    assert not s.messages and len(attempts) == 1
+    server.advance(301)
+    wait_for(lambda: s.messages)
+    wait_for(lambda: queue_empty(tmp_path))
+    assert len(attempts) == 2
+
+
+def test_backoff_doubles(start_server, accounts, sink, tmp_path):
+    """Each further temporary failure doubles the wait, up to max_retry_minutes."""
+    s = sink(policy=lambda stage, arg, s: "451 4.3.0 busy" if stage == "rcpt" else None)
+    clock = Clock()
+    server = start_server(site=True, clock=clock,
+                          **smarthost(s, relay__retry_minutes=5, relay__max_retry_minutes=15))
+    submit(server, ["carol@remote.example"])
+    wait_for(lambda: queued(tmp_path) and queued(tmp_path)[0]["attempts"] == 1)
+    for attempts, at in ((2, 300 + 600), (3, 900 + 900), (4, 1800 + 900)):
+        now = queued(tmp_path)[0]["next_attempt"]
+        server.advance(now - clock.seconds())
+        wait_for(lambda: queued(tmp_path)[0]["attempts"] == attempts)
+        assert queued(tmp_path)[0]["next_attempt"] == at
+
+
+def test_permanent_failure_bounces_to_the_local_sender(start_server, accounts, sink, tmp_path):
+    """550 from the remote: one RFC 3464 DSN in the sender's Maildir with the remote reply."""
+    s = sink(policy=lambda stage, arg, s: "550 5.1.1 <%s>: no such user here" % arg
+             if stage == "rcpt" and arg.startswith("nobody") else None)
+    server = start_server(site=True, **smarthost(s))
+    submit(server, ["nobody@remote.example", "carol@remote.example", "nobody@other.example"],
+           b"From: alice@example.test\r\nSubject: original subject\r\n\r\nbody\r\n")
+    wait_for(lambda: queue_empty(tmp_path))
+    assert sorted(s.recipients()) == ["carol@remote.example"]
+    [dsn_path] = maildir_files(tmp_path / "data", "alice@example.test")
+    raw = dsn_path.read_bytes()
+    assert raw.startswith(b"Return-Path: <>\n")
+    msg = email.message_from_bytes(raw)
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "delivery-status"
+    assert msg["Auto-Submitted"] == "auto-replied"
+    assert msg["To"] == "<alice@example.test>"
+    text, status, headers = msg.get_payload()
+    assert status.get_content_type() == "message/delivery-status"
+    blocks = [b for b in status.get_payload()]
+    assert blocks[0]["Reporting-MTA"] == "dns; mail.example.test"
+    failed = {b["Final-Recipient"]: b for b in blocks[1:]}
+    assert set(failed) == {"rfc822; nobody@remote.example", "rfc822; nobody@other.example"}
+    one = failed["rfc822; nobody@remote.example"]
+    assert one["Action"] == "failed" and one["Status"] == "5.1.1"
+    assert one["Diagnostic-Code"] == "smtp; 550 5.1.1 <nobody@remote.example>: no such user here"
+    assert headers.get_content_type() == "text/rfc822-headers"
+    assert b"Subject: original subject" in raw
+    assert b"carol@remote.example" not in text.get_payload(decode=True)
+
+
+def test_lifetime_expiry_bounces_and_delay_warning(start_server, accounts, sink, tmp_path):
+    """A delay warning after delay_warning_hours; a DSN with 4.4.7 once the lifetime is over."""
+    s = sink(policy=lambda stage, arg, s: "451 4.2.0 mailbox busy" if stage == "rcpt" else None)
+    clock = Clock()
+    server = start_server(site=True, clock=clock,
+                          **smarthost(s, relay__queue_lifetime_hours=3, relay__delay_warning_hours=1,
+                                      relay__retry_minutes=30, relay__max_retry_minutes=60))
+    submit(server, ["carol@remote.example"])
+    wait_for(lambda: queued(tmp_path) and queued(tmp_path)[0]["attempts"] == 1)
+    assert maildir_files(tmp_path / "data", "alice@example.test") == []
+    server.advance(3700)
+    [warning] = wait_for(lambda: maildir_files(tmp_path / "data", "alice@example.test"))
+    msg = email.message_from_bytes(warning.read_bytes())
+    assert msg["Subject"].startswith("Delayed Mail")
+    [_, status, _] = msg.get_payload()
+    block = status.get_payload()[1]
+    assert block["Action"] == "delayed" and "451 4.2.0 mailbox busy" in block["Diagnostic-Code"]
+    wait_for(lambda: queued(tmp_path)[0]["warned"] is True)
+    server.advance(3 * 3600)
+    wait_for(lambda: queue_empty(tmp_path))
+    paths = maildir_files(tmp_path / "data", "alice@example.test")
+    assert len(paths) == 2
+    bounce = email.message_from_bytes([p for p in paths if p != warning][0].read_bytes())
+    assert bounce["Subject"] == "Undelivered Mail Returned to Sender"
+    block = bounce.get_payload()[1].get_payload()[1]
+    assert block["Action"] == "failed" and block["Status"] == "4.4.7"
+    assert "last reply: 451 4.2.0 mailbox busy" in block["Diagnostic-Code"]
+    assert s.messages == []
+
+
+def test_no_bounce_for_a_bounce(start_server, accounts, sink, tmp_path, relay_log):
+    """A message with the null sender that fails is dropped, not bounced."""
+    s = sink(policy=lambda stage, arg, s: "550 5.1.1 unknown" if stage == "rcpt" else None)
+    server = start_server(site=True, **smarthost(s))
+    in_reactor(server.service.queue.enqueue, "", ("x@remote.example",), b"Subject: dsn\n\nx\n")
+    wait_for(lambda: queue_empty(tmp_path))
+    wait_for(lambda: any("no bounce for a bounce" in l for l in relay_log))
+    assert not (tmp_path / "data" / "mail").exists() or \
+        not any((tmp_path / "data" / "mail").rglob("new/*"))
+
+
+def test_remote_sender_gets_a_queued_dsn(start_server, accounts, sink, tmp_path):
+    """A DSN for a remote sender is queued with the null sender and relayed."""
+    s = sink(policy=lambda stage, arg, s: "554 5.7.1 rejected" if stage == "rcpt"
+             and arg == "victim@remote.example" else None)
+    server = start_server(site=True, **smarthost(s))
+    in_reactor(server.service.queue.enqueue, "someone@elsewhere.example",
+               ("victim@remote.example",), b"Subject: fwd\n\nx\n")
+    wait_for(lambda: s.messages)
+    [dsn] = s.messages
+    assert dsn.sender == "" and dsn.recipients == ["someone@elsewhere.example"]
+    assert b"Status: 5.7.1" in dsn.data and b"Auto-Submitted: auto-replied" in dsn.data
+    wait_for(lambda: queue_empty(tmp_path))
+
+
+def test_restart_mid_queue_delivers_each_recipient_once(start_server, accounts, sink, tmp_path):
+    """
+    Stop the server with messages queued (one domain of a message already
+    delivered, the other deferred), start a new one on the same data
+    directory: every recipient gets exactly one copy.
+    """
+    down = {"on": True}
+
+    def policy(stage, arg, s):
+        if down["on"] and stage == "rcpt" and arg.endswith("@two.example"):
+            return "421 4.3.2 shutting down"
+        return None
+
+    s = sink(policy=policy)
+    clock = Clock()
+    server = start_server(site=True, clock=clock, **smarthost(s))
+    for i in range(3):
+        submit(server, [f"a{i}@one.example", f"b{i}@two.example"],
+               b"Subject: m%d\r\n\r\nx\r\n" % i)
+    wait_for(lambda: len(queued(tmp_path)) == 3 and all(e["attempts"] == 1 for e in queued(tmp_path)))
+    assert sorted(s.recipients()) == ["a0@one.example", "a1@one.example", "a2@one.example"]
+    server.stop()
+    down["on"] = False
+    clock2 = Clock()
+    clock2.advance(50)
+    server2 = start_server(site=True, clock=clock2, **smarthost(s))
+    server2.advance(600)
+    wait_for(lambda: queue_empty(tmp_path), what="queue drained after restart")
+    assert sorted(s.recipients()) == sorted([f"a{i}@one.example" for i in range(3)]
+                                            + [f"b{i}@two.example" for i in range(3)])
+
+
+def test_queue_survives_a_server_that_never_reached_the_remote(start_server, accounts, sink, tmp_path):
+    """Messages accepted while the smarthost is down are delivered after a restart."""
+    s = sink(policy=lambda stage, arg, s: "421 4.3.2 not now" if stage == "connect" else None)
+    clock = Clock()
+    server = start_server(site=True, clock=clock, **smarthost(s))
+    submit(server, ["carol@remote.example"])
+    submit(server, ["dave@remote.example"])
+    wait_for(lambda: len(queued(tmp_path)) == 2 and all(e["attempts"] == 1 for e in queued(tmp_path)))
+    server.stop()
+    s.policy = lambda stage, arg, s: None
+    server2 = start_server(site=True, clock=Clock(), **smarthost(s))
+    server2.advance(301)
+    wait_for(lambda: queue_empty(tmp_path))
+    assert sorted(s.recipients()) == ["carol@remote.example", "dave@remote.example"]
+
+
+def test_several_messages_per_connection_and_connection_limit(start_server, accounts, sink, tmp_path):
+    """With one connection allowed, queued messages share it (up to the per-connection cap)."""
+    s = sink(policy=lambda stage, arg, s: "421 4.3.2 not now" if stage == "connect" else None)
+    clock = Clock()
+    server = start_server(site=True, clock=clock,
+                          **smarthost(s, relay__max_connections_per_destination=1,
+                                      relay__max_messages_per_connection=3))
+    for i in range(4):
+        submit(server, [f"r{i}@remote.example"])
+    wait_for(lambda: len(queued(tmp_path)) == 4 and all(e["attempts"] == 1 for e in queued(tmp_path)))
+    s.policy = lambda stage, arg, s: None
+    s.hold_greeting()
+    before = s.connections
+    queue = server.service.queue
+    server.advance(301)
+    wait_for(lambda: in_reactor(lambda: sum(len(d.jobs) + d.active
+                                            for d in queue._destinations.values())) == 4)
+    s.open_gate()
+    wait_for(lambda: queue_empty(tmp_path))
+    assert len(s.messages) == 4
+    assert s.connections - before == 2
+    assert s.max_active == 1
+    assert sorted(s.transactions_per_connection[-2:]) == [1, 3]
+
+
+# TLS to a smarthost
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return make_ca_and_leaf(tmp_path_factory.mktemp("pki"), ("mail.example.test",))
+
+
+def tls_relay(s: Sink, pki, tmp_path, **more) -> dict:
+    password = tmp_path / "relay-password"
+    password.write_text("relay-secret\n")
+    out = {"relay__smarthost": f"tcp:host=127.0.0.1:port={s.port}",
+           "relay__starttls": "required", "relay__tls_hostname": "mail.example.test",
+           "relay__ca_file": pki["ca"], "relay__username": "site@provider.example",
+           "relay__password_file": str(password)}
+    out.update(more)
+    return out
+
+
+def test_starttls_to_smarthost_verified_with_a_test_ca(start_server, accounts, sink, tmp_path, pki):
+    """STARTTLS with a certificate from the configured CA succeeds; AUTH goes over TLS."""
+    s = sink(tls=server_tls(pki["cert"], pki["key"]))
+    server = start_server(site=True, **tls_relay(s, pki, tmp_path))
+    submit(server, ["carol@remote.example"])
+    wait_for(lambda: s.messages)
+    [m] = s.messages
+    assert m.secure and m.auth == "\0site@provider.example\0relay-secret"
+    wait_for(lambda: queue_empty(tmp_path))
+
+
+def test_wrong_hostname_is_deferred_never_downgraded(start_server, accounts, sink, tmp_path, pki, relay_log):
+    """A certificate for another name: the message stays queued, logged, nothing sent in clear."""
+    s = sink(tls=server_tls(pki["cert"], pki["key"]))
+    server = start_server(site=True, **tls_relay(s, pki, tmp_path,
+                                                 relay__tls_hostname="smtp.provider.example"))
+    submit(server, ["carol@remote.example"])
+    wait_for(lambda: queued(tmp_path) and queued(tmp_path)[0]["attempts"] == 1)
+    [env] = queued(tmp_path)
+    assert env["recipients"][0]["state"] == "pending"
+    assert env["recipients"][0]["reply"].startswith("451 4.7.5 TLS negotiation with 127.0.0.1")
+    assert s.messages == []
+    wait_for(lambda: any("status=deferred" in l and "4.7.5" in l for l in relay_log))
+
+
+def test_untrusted_certificate_is_deferred(start_server, accounts, sink, tmp_path, pki, certificate):
+    """A certificate not from the configured CA (self-signed) fails verification: deferred."""
+    cert, key = certificate
+    s = sink(tls=server_tls(cert, key))
+    server = start_server(site=True, **tls_relay(s, pki, tmp_path))
+    submit(server, ["carol@remote.example"])
+    wait_for(lambda: queued(tmp_path) and queued(tmp_path)[0]["attempts"] == 1)
+    assert "4.7.5" in queued(tmp_path)[0]["recipients"][0]["reply"]
+    assert s.messages == []
+
+
+def test_starttls_required_but_not_offered_is_deferred(start_server, accounts, sink, tmp_path, pki):
+    """A smarthost that does not offer STARTTLS gets nothing when TLS is required."""
+    s = sink(tls=server_tls(pki["cert"], pki["key"]), offer_starttls=False)
+    server = start_server(site=True, **tls_relay(s, pki, tmp_path))
+    submit(server, ["carol@remote.example"])
+    wait_for(lambda: queued(tmp_path) and queued(tmp_path)[0]["attempts"] == 1)
+    assert "4.7.4" in queued(tmp_path)[0]["recipients"][0]["reply"]
+    assert s.messages == [] and all(m.auth is None for m in s.messages)
+
+
+def test_implicit_tls_smarthost(start_server, accounts, sink, tmp_path, pki):
+    """A tls: smarthost endpoint (RFC 8314 port 465 style) is verified against the CA."""
+    s = sink(implicit_tls=server_tls(pki["cert"], pki["key"]))
+    server = start_server(site=True, **tls_relay(
+        s, pki, tmp_path, relay__smarthost=f"tls:host=127.0.0.1:port={s.port}"))
+    submit(server, ["carol@remote.example"])
+    wait_for(lambda: s.messages)
+    assert s.messages[0].secure and s.messages[0].auth is not None

@@ -1,0 +1,74 @@
+"""The persistent UID map (dovecot-uidlist syntax) of one Maildir folder."""
+
+from __future__ import annotations
+
+import os
+from array import array
+
+import pytest
+from hypothesis import given, strategies as st
+
+from twisted_mail_screen import uidlist
+
+
+def test_round_trip(tmp_path):
+    ul = uidlist.UidList(1234, 10, array("L", [3, 7, 9]), ["a,S=1,W=1", "b", "c"])
+    ul.save(str(tmp_path))
+    text = (tmp_path / uidlist.FILENAME).read_text()
+    assert text == "3 V1234 N10\n3 :a,S=1,W=1\n7 :b\n9 :c\n"
+    loaded, reason = uidlist.load(str(tmp_path))
+    assert reason is None
+    assert (loaded.uidvalidity, loaded.next_uid) == (1234, 10)
+    assert list(loaded.uids) == [3, 7, 9] and loaded.bases == ["a,S=1,W=1", "b", "c"]
+
+
+def test_missing_file_gets_fresh_validity(tmp_path):
+    ul, reason = uidlist.load(str(tmp_path))
+    assert reason == "missing"
+    assert ul.next_uid == 1 and ul.uidvalidity > 0 and not ul.uids
+
+
+@pytest.mark.parametrize("content", [
+    b"3 V100 N5\n1 :a\n2 :b",          # truncated: no final newline
+    b"3 V100 N5\n2 :a\n1 :b\n",        # not ascending
+    b"3 V100 N2\n1 :a\n5 :b\n",        # UID at or past next_uid
+    b"3 V100 N5\nxx :a\n",             # not a number
+    b"3 V100 N5\n1 a\n",               # no " :"
+])
+def test_corrupt_file_gets_a_new_higher_validity(tmp_path, content):
+    (tmp_path / uidlist.FILENAME).write_bytes(content)
+    ul, reason = uidlist.load(str(tmp_path))
+    assert reason is not None and reason.startswith("corrupt")
+    assert ul.uidvalidity > 100
+    assert not ul.uids and ul.next_uid == 1
+
+
+def test_bad_header(tmp_path):
+    (tmp_path / uidlist.FILENAME).write_bytes(b"garbage\n")
+    ul, reason = uidlist.load(str(tmp_path))
+    assert reason.startswith("corrupt") and ul.uidvalidity > 0
+
+
+def test_validities_never_repeat():
+    seen = [uidlist.new_uidvalidity() for _ in range(50)]
+    assert len(set(seen)) == 50 and seen == sorted(seen)
+
+
+def test_write_is_atomic_no_temp_left(tmp_path):
+    uidlist.UidList(5, 1).save(str(tmp_path))
+    assert os.listdir(tmp_path) == [uidlist.FILENAME]
+
+
+@given(st.lists(st.tuples(st.integers(1, 10**9),
+                          st.text(alphabet=st.characters(blacklist_characters="\n/\r\x00",
+                                                         blacklist_categories=("Cs",)),
+                                  min_size=1, max_size=40)),
+                max_size=30, unique_by=lambda t: t[0]))
+def test_render_parse_property(pairs):
+    pairs.sort()
+    uids = array("L", [u for u, _ in pairs])
+    bases = [b.replace(" :", "") or "x" for _, b in pairs]
+    next_uid = (pairs[-1][0] + 1) if pairs else 1
+    ul = uidlist.UidList(77, next_uid, uids, bases)
+    back = uidlist.parse(ul.render())
+    assert list(back.uids) == list(uids) and back.bases == bases and back.next_uid == next_uid
