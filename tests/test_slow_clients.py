@@ -57,8 +57,6 @@ def test_idle_sessions_are_closed(start_server, kind, timeout_key, limit):
         assert tail.endswith(b"<EOF>"), tail
 
 
-@pytest.mark.xfail(strict=False, reason="lineproto resets the idle timer on every byte: no "
-                   "per-command deadline yet (reported to the lead)")
 def test_dribbled_command_cannot_hold_a_session_forever(start_server):
     """One byte every 200 s of a 300 s idle timeout: closed within a bounded time."""
     clock = Clock()

@@ -29,11 +29,10 @@ from array import array
 from typing import Any, Callable, Iterator
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from twisted_mail_screen import imap_mailbox as mb
 from twisted_mail_screen.auth import Authenticator, SASLError, decode_base64, parse_sasl_plain
@@ -73,32 +72,6 @@ class No(Exception):
     def __init__(self, text: str, code: str | None = None) -> None:
         super().__init__(text)
         self.code = code
-
-
-@implementer(IPushProducer)
-class _Drain:
-    """Told by the transport when its buffer is full and when it has drained."""
-
-    def __init__(self) -> None:
-        self.paused = False
-        self.stopped = False
-        self.waiter: Callable[[], None] | None = None
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-        self._wake()
-
-    def stopProducing(self) -> None:
-        self.stopped = True
-        self._wake()
-
-    def _wake(self) -> None:
-        waiter, self.waiter = self.waiter, None
-        if waiter is not None:
-            waiter()
 
 
 def _pending(d: Deferred) -> Deferred | None:
@@ -947,21 +920,10 @@ class IMAPServer(CommandProtocol):
 
     def stream(self, pieces: Iterator[Any]) -> Deferred:
         """Write bytes (or Deferreds of bytes) from C{pieces}, pausing while the transport is full."""
-        drain = _Drain()
+        drain = self.output
         done: Deferred = Deferred()
-        registered = False
-        try:
-            self.transport.registerProducer(drain, True)
-            registered = True
-        except RuntimeError:
-            pass
 
         def finish(result: Any = None) -> None:
-            if registered and not self._closing:
-                try:
-                    self.transport.unregisterProducer()
-                except Exception:
-                    pass
             if isinstance(result, Failure):
                 done.errback(result)
             else:

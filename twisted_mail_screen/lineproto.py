@@ -6,8 +6,18 @@ It answers pipelined commands strictly in order: while one command's
 answer is pending (a Deferred, e.g. a delivery or a password check), later
 input waits in a bounded buffer, and the socket is paused if the client
 keeps sending. Lines longer than the limit are discarded as they arrive,
-so no input can make a session hold unbounded memory. Idle sessions are
-closed by a timer on the injected clock.
+so no input can make a session hold unbounded memory.
+
+The protocol is its transport's only producer: when the peer stops reading
+and the transport's buffer fills, no further command is answered (and the
+socket stops being read) until it drains, so pipelining a million commands
+at a client that never reads costs bounded memory. Subclasses that stream a
+long answer wait on L{CommandProtocol.output} instead of registering a
+producer of their own.
+
+Sessions are closed by a timer on the injected clock when no complete
+command (or, in raw mode, no data) arrives within C{idle_timeout}: bytes
+dribbled into a command that never ends do not keep a session open.
 """
 
 from __future__ import annotations
@@ -15,14 +25,48 @@ from __future__ import annotations
 from typing import Callable
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 #: Bytes of unprocessed input kept while a command is pending, before the
 #: socket is paused.
 PENDING_INPUT_LIMIT = 256 * 1024
+
+
+@implementer(IPushProducer)
+class OutputGate:
+    """
+    The transport's view of a session's output: paused while the peer is
+    not reading. Whoever waits for it to drain sets C{waiter}; it is called
+    once when output may flow again or the connection stops.
+    """
+
+    def __init__(self, on_change: Callable[[], None]) -> None:
+        self.paused = False
+        self.stopped = False
+        self.waiter: Callable[[], None] | None = None
+        self._on_change = on_change
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        self._on_change()
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self._wake()
+        self._on_change()
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None:
+            waiter()
 
 
 class CommandProtocol(Protocol):
@@ -47,6 +91,7 @@ class CommandProtocol(Protocol):
         self._in_process = False
         self._timer: IDelayedCall | None = None
         self._raw_handler: Callable[[bytearray], bool] | None = None
+        self.output = OutputGate(self._output_changed)
 
     # hooks for subclasses
 
@@ -71,6 +116,9 @@ class CommandProtocol(Protocol):
                 set_no_delay(True)  # replies are small; Nagle would stall pipelines
             except OSError:
                 pass
+        register = getattr(self.transport, "registerProducer", None)
+        if register is not None:
+            register(self.output, True)
         self._reset_timer()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[override]
@@ -119,19 +167,41 @@ class CommandProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
-        self._reset_timer()
+        if self._raw_handler is not None:
+            self._reset_timer()  # bulk data (DATA, a literal) may be slow but is progress
         self._buffer += data
         self._process()
-        if self._busy and len(self._buffer) > PENDING_INPUT_LIMIT and not self._paused:
-            self._paused = True
-            self.transport.pauseProducing()
+        self._update_reading()
+
+    def _waiting(self) -> bool:
+        """True while input must not be processed: an answer is pending or unsent."""
+        return self._busy or self.output.paused
+
+    def _update_reading(self) -> None:
+        """Stop reading the socket while input waits and piles up; read again when it may flow."""
+        if self._closing:
+            return
+        if self._waiting() and len(self._buffer) > PENDING_INPUT_LIMIT:
+            if not self._paused:
+                self._paused = True
+                self.transport.pauseProducing()
+        elif self._paused and not self._waiting():
+            self._paused = False
+            self.transport.resumeProducing()
+
+    def _output_changed(self) -> None:
+        if self._closing:
+            return
+        if not self.output.paused and not self._busy and not self._in_process:
+            self._process()
+        self._update_reading()
 
     def _process(self) -> None:
         buf = self._buffer
         start = 0
         self._in_process = True
         try:
-            while not self._busy and not self._closing:
+            while not self._waiting() and not self._closing:
                 if self._raw_handler is not None:
                     del buf[:start]
                     start = 0
@@ -156,6 +226,7 @@ class CommandProtocol(Protocol):
                     continue
                 if line.endswith(b"\r"):
                     line = line[:-1]
+                self._reset_timer()
                 self._dispatch(line)
         finally:
             self._in_process = False
@@ -187,8 +258,7 @@ class CommandProtocol(Protocol):
 
     def _command_done(self, _: object) -> None:
         self._busy = False
-        if self._paused and not self._closing:
-            self._paused = False
-            self.transport.resumeProducing()
+        self._reset_timer()  # a long answer (a slow delivery, a big FETCH) is not idleness
         if not self._closing and not self._in_process:
             self._process()
+        self._update_reading()
