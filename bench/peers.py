@@ -51,7 +51,7 @@ def _stop(proc: subprocess.Popen | None, sig: int = signal.SIGTERM) -> None:
 
 
 OURS = r"""
-import json, sys
+import json, os, sys
 from twisted.internet import reactor
 from twisted_mail_screen.config import load_config
 from twisted_mail_screen.service import build_service
@@ -64,7 +64,12 @@ screening = type(getattr(factories[0], "screening", None)).__name__ if factories
 print(json.dumps({"screening": screening,
                   "ports": {k: svc.ports(k) for k in ("smtp", "pop3", "imap")}}), flush=True)
 reactor.addSystemEventTrigger("before", "shutdown", svc.stopService)
-reactor.run()
+profile = os.environ.get("BENCH_PROFILE")  # a path: cProfile the reactor thread into it
+if profile:
+    import cProfile
+    cProfile.run("reactor.run()", profile)
+else:
+    reactor.run()
 """
 
 

@@ -118,6 +118,9 @@ def main() -> int:
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--workdir", default=None, help="data directories (default: a temp dir)")
     ap.add_argument("--only", default="", help="comma list: smtp,accept,pop3,imap,core,ceiling")
+    ap.add_argument("--cells", default="",
+                    help="SMTP cells to run, comma list of CONCURRENCY:SIZE:PER_CONN "
+                         "(e.g. 16:2048:1); default: the full grid (--quick: a subset)")
     args = ap.parse_args()
     args.reps = args.reps or (1 if args.quick else 3)
     args.duration = args.duration or (1.0 if args.quick else 2.5)
@@ -160,6 +163,8 @@ def main() -> int:
     cells = [(c, s, k) for c in concs for s in sizes for k in per_conns]
     if args.quick:
         cells = [(1, 2048, 1), (16, 2048, 1), (16, 2048, 10), (64, 2048, 10), (16, 102400, 1)]
+    if args.cells:
+        cells = [tuple(int(x) for x in c.split(":")) for c in args.cells.split(",")]  # type: ignore[misc]
     steps = 0
     if "ceiling" in only:
         steps += 2 * args.reps

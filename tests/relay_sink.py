@@ -31,11 +31,13 @@ class Received:
 class Sink:
     """
     C{policy(stage, arg, sink)} returns a reply line ("451 4.3.0 busy") to
-    override the default answer, or C{None}. Stages: "connect", "mail",
-    "rcpt", "data".
+    override the default answer, or C{None}. Stages: "connect", "starttls",
+    "mail", "rcpt", "data". At "starttls", C{BREAK} answers 220 and then
+    drops the connection instead of starting TLS (a broken handshake).
     """
 
     policy: Callable[[str, str, "Sink"], str | None] = lambda stage, arg, sink: None
+    #: a policy answer of STALL means "never answer" (the client must time out or die)
     tls: Any = None  # server context for STARTTLS
     implicit_tls: Any = None  # server context for an implicit-TLS listener
     offer_starttls: bool = True
@@ -46,6 +48,9 @@ class Sink:
     transactions_per_connection: list[int] = field(default_factory=list)
     gate: Any = None  # a Deferred: greet only once it has fired
     port: int = 0
+    interface: str = "127.0.0.1"  # "::1" for an IPv6 sink, "127.0.0.2" for a second host
+    listen_port: int = 0  # 0: chosen by the OS
+    stalled: list[str] = field(default_factory=list)
     _listening: Any = None
 
     def start(self) -> "Sink":
@@ -53,8 +58,9 @@ class Sink:
             from twisted.internet import reactor
             factory = Factory.forProtocol(lambda: _SinkProtocol(self))
             if self.implicit_tls is not None:
-                return reactor.listenSSL(0, factory, self.implicit_tls, interface="127.0.0.1")
-            return reactor.listenTCP(0, factory, interface="127.0.0.1")
+                return reactor.listenSSL(self.listen_port, factory, self.implicit_tls,
+                                         interface=self.interface)
+            return reactor.listenTCP(self.listen_port, factory, interface=self.interface)
 
         self._listening = in_reactor(listen)
         self.port = self._listening.getHost().port
@@ -74,6 +80,10 @@ class Sink:
 
     def recipients(self) -> list[str]:
         return [r for m in self.messages for r in m.recipients]
+
+
+STALL = "STALL"
+BREAK = "BREAK"
 
 
 class _SinkProtocol(Protocol):
@@ -107,6 +117,9 @@ class _SinkProtocol(Protocol):
         self.sink.transactions_per_connection.append(self.count)
 
     def say(self, line: str) -> None:
+        if line == STALL:
+            self.sink.stalled.append(self.sender or "")
+            return
         self.transport.write(line.encode() + b"\r\n")
 
     def dataReceived(self, data: bytes) -> None:
@@ -138,6 +151,14 @@ class _SinkProtocol(Protocol):
         elif verb == "HELO":
             self.say("250 sink.test")
         elif verb == "STARTTLS":
+            override = policy("starttls", "", self.sink)
+            if override == BREAK:
+                self.say("220 2.0.0 go ahead")
+                self.transport.abortConnection()
+                return
+            if override:
+                self.say(override)
+                return
             self.say("220 2.0.0 go ahead")
             self.transport.startTLS(self.sink.tls)
             self.secure = True

@@ -18,7 +18,7 @@ from twisted.logger import globalLogPublisher, formatEvent
 from twisted.names import dns, error
 
 from conftest import maildir_files
-from relay_sink import Sink, make_ca_and_leaf, server_tls, wait_for
+from relay_sink import BREAK, STALL, Sink, make_ca_and_leaf, server_tls, wait_for
 from twisted_mail_screen.testing import in_reactor
 
 
@@ -84,8 +84,8 @@ def queue_empty(tmp_path: Path) -> bool:
 class FakeResolver:
     """MX and A answers from dicts; C{nx} names do not exist."""
 
-    def __init__(self, mx=None, a=None, nx=()):
-        self.mx, self.a, self.nx = mx or {}, a or {}, set(nx)
+    def __init__(self, mx=None, a=None, nx=(), aaaa=None):
+        self.mx, self.a, self.nx, self.aaaa = mx or {}, a or {}, set(nx), aaaa or {}
         self.asked: list[str] = []
 
     def lookupMailExchange(self, name):
@@ -100,7 +100,8 @@ class FakeResolver:
                          for ip in self.a.get(name, [])], [], []))
 
     def lookupIPV6Address(self, name):
-        return succeed(([], [], []))
+        return succeed(([dns.RRHeader(name, dns.AAAA, payload=dns.Record_AAAA(ip))
+                         for ip in self.aaaa.get(name, [])], [], []))
 
 
 def use_resolver(server, resolver) -> None:
@@ -388,6 +389,145 @@ def test_several_messages_per_connection_and_connection_limit(start_server, acco
     assert sorted(s.transactions_per_connection[-2:]) == [1, 3]
 
 
+def test_mx_next_host_when_the_first_greets_with_an_error(start_server, accounts, sink, tmp_path,
+                                                          relay_log):
+    """An MX host that greets with 421 is left for the next one, in preference order."""
+    good = sink()
+    busy = sink(interface="127.0.0.2", listen_port=good.port,
+                policy=lambda stage, arg, s: "421 4.3.2 too busy" if stage == "connect" else None)
+    server = start_server(site=True, relay__mx_port=good.port)
+    use_resolver(server, FakeResolver(mx={"remote.example": [(5, "mx1.remote.example"),
+                                                             (50, "mx2.remote.example")]},
+                                      a={"mx1.remote.example": ["127.0.0.2"],
+                                         "mx2.remote.example": ["127.0.0.1"]}))
+    submit(server, ["carol@remote.example"])
+    wait_for(lambda: good.messages)
+    assert busy.connections == 1 and busy.messages == []
+    assert good.recipients() == ["carol@remote.example"]
+    wait_for(lambda: queue_empty(tmp_path))
+    assert any("mx1.remote.example" in l and "421 4.3.2 too busy" in l for l in relay_log)
+
+
+def test_mx_host_with_only_an_ipv6_address(start_server, accounts, sink, tmp_path):
+    """A host's AAAA records are used when it has no A record."""
+    s = sink(interface="::1")
+    server = start_server(site=True, relay__mx_port=s.port)
+    use_resolver(server, FakeResolver(mx={"remote.example": [(10, "mx6.remote.example")]},
+                                      aaaa={"mx6.remote.example": ["::1"]}))
+    submit(server, ["carol@remote.example"])
+    wait_for(lambda: s.messages)
+    wait_for(lambda: queue_empty(tmp_path))
+
+
+def test_a_then_aaaa_when_the_ipv4_address_fails(start_server, accounts, sink, tmp_path):
+    """For one host, its A addresses are tried first, then its AAAA addresses."""
+    s = sink(interface="::1")
+    server = start_server(site=True, relay__mx_port=s.port)
+    use_resolver(server, FakeResolver(a={"remote.example": ["127.0.0.2"]},  # nothing listens
+                                      aaaa={"remote.example": ["::1"]}))
+    submit(server, ["carol@remote.example"])
+    wait_for(lambda: s.messages)
+    wait_for(lambda: queue_empty(tmp_path))
+
+
+def test_reply_timeout_on_the_clock_defers(start_server, accounts, sink, tmp_path, relay_log):
+    """A server that never greets: after command_timeout on the clock, deferred (4.4.2)."""
+    stall = {"on": True}
+    s = sink(policy=lambda stage, arg, s: STALL if stall["on"] and stage == "connect" else None)
+    clock = Clock()
+    server = start_server(site=True, clock=clock,
+                          **smarthost(s, relay__command_timeout=120, relay__retry_minutes=5))
+    submit(server, ["carol@remote.example"])
+    wait_for(lambda: s.stalled, what="the stalled greeting")
+    server.advance(119)
+    assert queued(tmp_path)[0]["attempts"] == 0
+    server.advance(1)
+    wait_for(lambda: queued(tmp_path)[0]["attempts"] == 1)
+    [env] = queued(tmp_path)
+    assert env["recipients"][0]["state"] == "pending" and "4.4.2" in env["recipients"][0]["reply"]
+    assert env["next_attempt"] == 120 + 300
+    wait_for(lambda: any("status=deferred" in l and "timed out" in l for l in relay_log))
+    stall["on"] = False
+    server.advance(300)
+    wait_for(lambda: s.messages)
+    wait_for(lambda: queue_empty(tmp_path))
+
+
+def test_broken_tls_at_an_mx_host_is_retried_without_tls(start_server, accounts, sink, tmp_path,
+                                                         certificate):
+    """Opportunistic TLS to an MX host: a failed handshake defers; the retry goes in clear."""
+    cert, key = certificate
+    s = sink(tls=server_tls(cert, key), policy=lambda stage, arg, s: BREAK
+             if stage == "starttls" else None)
+    clock = Clock()
+    server = start_server(site=True, clock=clock, relay__mx_port=s.port)
+    use_resolver(server, FakeResolver(mx={"remote.example": [(10, "mx.remote.example")]},
+                                      a={"mx.remote.example": ["127.0.0.1"]}))
+    submit(server, ["carol@remote.example"])
+    wait_for(lambda: queued(tmp_path) and queued(tmp_path)[0]["attempts"] == 1)
+    assert "4.7.5 TLS negotiation with mx.remote.example" in queued(tmp_path)[0]["recipients"][0]["reply"]
+    assert s.messages == []
+    server.advance(300)
+    wait_for(lambda: s.messages)
+    assert s.messages[0].secure is False
+    wait_for(lambda: queue_empty(tmp_path))
+
+
+def test_required_tls_to_an_mx_host_is_never_downgraded(start_server, accounts, sink, tmp_path,
+                                                        certificate):
+    """starttls = "required" without a smarthost: broken TLS is retried with TLS, never in clear."""
+    cert, key = certificate
+    s = sink(tls=server_tls(cert, key), policy=lambda stage, arg, s: BREAK
+             if stage == "starttls" else None)
+    clock = Clock()
+    server = start_server(site=True, clock=clock, relay__mx_port=s.port, relay__starttls="required")
+    use_resolver(server, FakeResolver(mx={"remote.example": [(10, "mx.remote.example")]},
+                                      a={"mx.remote.example": ["127.0.0.1"]}))
+    submit(server, ["carol@remote.example"])
+    wait_for(lambda: queued(tmp_path) and queued(tmp_path)[0]["attempts"] == 1)
+    server.advance(300)
+    wait_for(lambda: queued(tmp_path)[0]["attempts"] == 2)
+    assert "4.7.5" in queued(tmp_path)[0]["recipients"][0]["reply"]
+    assert s.messages == [] and s.connections == 2
+
+
+@pytest.mark.parametrize("stage", ["mail", "data"])
+def test_5xx_at_mail_or_end_of_data_bounces_the_whole_group(start_server, accounts, sink, tmp_path,
+                                                            stage):
+    """A 5xx to MAIL or to the end of DATA fails every recipient of the transaction: one DSN."""
+    s = sink(policy=lambda st, arg, s: "554 5.7.1 policy says no" if st == stage else None)
+    server = start_server(site=True, **smarthost(s))
+    submit(server, ["carol@remote.example", "dave@remote.example"])
+    wait_for(lambda: queue_empty(tmp_path))
+    [dsn_path] = maildir_files(tmp_path / "data", "alice@example.test")
+    msg = email.message_from_bytes(dsn_path.read_bytes())
+    blocks = msg.get_payload()[1].get_payload()[1:]
+    assert sorted(b["Final-Recipient"] for b in blocks) == ["rfc822; carol@remote.example",
+                                                            "rfc822; dave@remote.example"]
+    assert all(b["Diagnostic-Code"] == "smtp; 554 5.7.1 policy says no" and b["Status"] == "5.7.1"
+               for b in blocks)
+    assert s.messages == []
+
+
+def test_a_group_accepted_is_on_disk_before_the_others_finish(start_server, accounts, sink, tmp_path):
+    """
+    One message, two domains on two MX hosts: while the second host is
+    still silent, the first group is already recorded as sent in the
+    envelope (what a crash would leave behind).
+    """
+    fast = sink()
+    slow = sink(interface="127.0.0.2", listen_port=fast.port,
+                policy=lambda stage, arg, s: STALL if stage == "connect" else None)
+    clock = Clock()
+    server = start_server(site=True, clock=clock, relay__mx_port=fast.port)
+    use_resolver(server, FakeResolver(a={"one.example": ["127.0.0.1"], "two.example": ["127.0.0.2"]}))
+    submit(server, ["a@one.example", "b@two.example"])
+    wait_for(lambda: fast.messages and slow.stalled)
+    wait_for(lambda: {r["address"]: r["state"] for r in queued(tmp_path)[0]["recipients"]}
+             == {"a@one.example": "sent", "b@two.example": "pending"})
+    assert queued(tmp_path)[0]["attempts"] == 0
+
+
 # TLS to a smarthost
 
 @pytest.fixture(scope="module")
@@ -460,3 +600,93 @@ def test_implicit_tls_smarthost(start_server, accounts, sink, tmp_path, pki):
     submit(server, ["carol@remote.example"])
     wait_for(lambda: s.messages)
     assert s.messages[0].secure and s.messages[0].auth is not None
+
+
+# kill -9 mid-queue: a real server process, killed while transactions are open
+
+SERVER_PROCESS = r"""
+import json, sys
+from twisted.internet import reactor
+from twisted_mail_screen.config import load_config
+from twisted_mail_screen.service import build_service
+svc = build_service(load_config(None, json.loads(sys.argv[1])), reactor)
+svc.privilegedStartService()
+svc.startService()
+reactor.callLater(0.2, lambda: print(json.dumps({"submission": svc.ports("submission")[0]}),
+                                     flush=True))
+reactor.run()
+"""
+
+
+def start_process(tmp_path: Path, s: Sink):
+    import os
+    import subprocess
+    import sys
+    root = str(Path(__file__).resolve().parent.parent)
+    table = {"mode": "site", "hostname": "mail.example.test", "domains": ["example.test"],
+             "data_dir": str(tmp_path / "data"), "listen.smtp": [], "listen.pop3": [],
+             "listen.imap": [], "listen.submission": ["tcp:0:interface=127.0.0.1"],
+             "relay.smarthost": f"tcp:host=127.0.0.1:port={s.port}", "relay.starttls": "none"}
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-c", SERVER_PROCESS, json.dumps(table)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    line = proc.stdout.readline()
+    assert line, f"server did not start: {proc.stderr.read()[-2000:]}"
+    return proc, json.loads(line)["submission"]
+
+
+class _Port:
+    def __init__(self, port):
+        self._port = port
+
+    def port(self, kind):
+        return self._port
+
+
+def test_kill_9_mid_queue_delivers_each_recipient_exactly_once(accounts, sink, tmp_path, capsys):
+    """
+    Three messages, each for one.example and two.example. The smarthost
+    accepts one.example and never answers RCPT for two.example; the server
+    process is killed (SIGKILL) with those transactions open. The accepted
+    group is on disk as sent before the kill, so after a restart only the
+    two.example recipients are sent: each recipient exactly once.
+    """
+    import signal
+    from twisted_mail_screen import cli
+    stall = {"on": True}
+    s = sink(policy=lambda stage, arg, s: STALL if stall["on"] and stage == "rcpt"
+             and arg.endswith("@two.example") else None)
+    proc, port = start_process(tmp_path, s)
+    try:
+        for i in range(3):
+            submit(_Port(port), [f"a{i}@one.example", f"b{i}@two.example"],
+                   b"Subject: m%d\r\n\r\nx\r\n" % i)
+        wait_for(lambda: sorted(s.recipients()) == [f"a{i}@one.example" for i in range(3)]
+                 and len(s.stalled) == 3, what="one.example delivered, two.example stalled")
+
+        def sent_on_disk() -> bool:
+            envs = queued(tmp_path)
+            return len(envs) == 3 and all(
+                {r["address"].split("@")[1]: r["state"] for r in e["recipients"]}
+                == {"one.example": "sent", "two.example": "pending"} for e in envs)
+
+        wait_for(sent_on_disk, what="the delivered group recorded as sent before the kill")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        proc.stdout.close()
+        proc.stderr.close()
+    assert cli.main(["--data-dir", str(tmp_path / "data"), "queue", "list"]) == 0
+    listing = capsys.readouterr().out
+    assert "3 message(s)" in listing and listing.count("pending") == 3
+    stall["on"] = False
+    proc, port = start_process(tmp_path, s)
+    try:
+        wait_for(lambda: queue_empty(tmp_path), what="queue drained after the restart")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        proc.stdout.close()
+        proc.stderr.close()
+    assert sorted(s.recipients()) == sorted([f"a{i}@one.example" for i in range(3)]
+                                            + [f"b{i}@two.example" for i in range(3)])

@@ -166,6 +166,7 @@ class ExpiringFile:
         self._pending: dict[str, Entry | None] = {}
         self._loaded = False
         self._dirty = False
+        self._next_expiry = -math.inf
 
     @property
     def path(self) -> str | None:
@@ -219,6 +220,7 @@ class ExpiringFile:
             entries[name] = entry
         self._entries = entries
         self._malformed = malformed
+        self._next_expiry = -math.inf
         for name, pending in self._pending.items():
             self._apply(name, pending)
         self._dirty = self._dirty or rewrite or bool(self._pending)
@@ -231,7 +233,15 @@ class ExpiringFile:
             self._entries[name] = entry
 
     def _changed(self) -> None:
-        """Hook for subclasses that keep an index of the entries."""
+        """Hook for subclasses that keep an index of the entries: rebuild it."""
+
+    def _added(self, entry: Entry) -> None:
+        """Hook: C{entry} was added or replaced one of the same name."""
+        self._changed()
+
+    def _removed(self, entry: Entry) -> None:
+        """Hook: C{entry} was removed."""
+        self._changed()
 
     def reload_if_changed(self) -> bool:
         """
@@ -268,29 +278,45 @@ class ExpiringFile:
         self._entries[entry.name] = entry
         self._pending[entry.name] = entry
         self._dirty = True
-        self._changed()
+        if entry.expires is not None and entry.expires < self._next_expiry:
+            self._next_expiry = entry.expires
+        self._added(entry)
 
     def delete(self, name: str) -> bool:
         """Remove an entry; written by the next L{flush}."""
         self.load()
-        if self._entries.pop(name, None) is None:
+        entry = self._entries.pop(name, None)
+        if entry is None:
             return False
         self._pending[name] = None
         self._dirty = True
-        self._changed()
+        self._removed(entry)
         return True
 
     def expire(self) -> list[Entry]:
-        """Drop the entries that have lapsed, and return them."""
+        """
+        Drop the entries that have lapsed, and return them. The table is
+        only scanned once the earliest known expiry has come, so calling
+        this every second costs nothing while no entry lapses.
+        """
         self.load()
         now = self._clock.seconds()
+        if now < self._next_expiry:
+            return []
         gone = [e for e in self._entries.values() if not e.active(now)]
+        self._next_expiry = min((e.expires for e in self._entries.values()
+                                 if e.expires is not None and e.expires > now),
+                                default=math.inf)
         for entry in gone:
             del self._entries[entry.name]
             self._pending.pop(entry.name, None)
         if gone:
             self._dirty = True
-            self._changed()
+            if len(gone) * 4 > len(self._entries):
+                self._changed()
+            else:
+                for entry in gone:
+                    self._removed(entry)
         return gone
 
     def entries(self) -> list[Entry]:
@@ -348,6 +374,9 @@ class BlockList(ExpiringFile):
 
     Lookups go through a L{NetworkIndex}, so a client is found whether it
     was blocked by its own key or lies inside a network blocked by hand.
+    Adding or removing one entry updates the index in place (a block
+    storm costs O(1) per block, not a rebuild each); only a re-read of the
+    file rebuilds it.
     """
 
     header = (
@@ -366,6 +395,12 @@ class BlockList(ExpiringFile):
         self._index.clear()
         for entry in self._entries.values():
             self._index.add(parse_network(entry.name), entry)
+
+    def _added(self, entry: Entry) -> None:
+        self._index.add(parse_network(entry.name), entry)
+
+    def _removed(self, entry: Entry) -> None:
+        self._index.remove(parse_network(entry.name))
 
     def lookup(self, host: str) -> Entry | None:
         """The active entry that blocks the textual address C{host}, if any."""

@@ -121,17 +121,6 @@ def load_file(path: str) -> dict[str, Any]:
         raise ConfigError("--config", path, f"is not valid TOML: {e}") from e
 
 
-def _readable_file(sec: Section, name: str) -> str | None:
-    value = sec.get(name, str, None)  # type: ignore[arg-type]
-    if value is None:
-        return None
-    if not os.path.isfile(value):
-        raise ConfigError(sec.key(name), value, "no such file")
-    if not os.access(value, os.R_OK):
-        raise ConfigError(sec.key(name), value, "is not readable")
-    return value
-
-
 def _parse_listen(sec: Section, mode: str) -> ListenConfig:
     defaults = TEST_HOST_LISTEN if mode == "test-host" else SITE_LISTEN
     lists = {}
@@ -145,8 +134,8 @@ def _parse_listen(sec: Section, mode: str) -> ListenConfig:
 
 
 def _parse_tls(sec: Section) -> TLSConfig:
-    certificate = _readable_file(sec, "certificate")
-    key = _readable_file(sec, "key")
+    certificate = sec.readable_file("certificate")
+    key = sec.readable_file("key")
     sec.finish()
     if key is not None and certificate is None:
         raise ConfigError(sec.key("certificate"), None, "is required when tls.key is set")

@@ -6,6 +6,7 @@ section parses its own TOML table with messages that name the key path.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
@@ -104,6 +105,17 @@ class Section:
         if value not in allowed:
             raise ConfigError(self.key(name), value,
                               "must be one of " + ", ".join(repr(c) for c in allowed))
+        return value
+
+    def readable_file(self, name: str) -> str | None:
+        """The path at C{name}, which must name a readable file; C{None} if absent."""
+        value = self.get(name, str, None)  # type: ignore[arg-type]
+        if value is None:
+            return None
+        if not os.path.isfile(value):
+            raise ConfigError(self.key(name), value, "no such file")
+        if not os.access(value, os.R_OK):
+            raise ConfigError(self.key(name), value, "is not readable")
         return value
 
     def section(self, name: str) -> "Section":

@@ -39,7 +39,8 @@ from twisted_mail_screen.auth import Authenticator, SASLError, decode_base64, pa
 from twisted_mail_screen.config import Config
 from twisted_mail_screen.imap_account import (DELIMITER, AccountFolders, FolderError, list_entries,
                                               pattern_regex)
-from twisted_mail_screen.imap_fetch import chunk_rows, flags_item, needs_body, needs_disk, render_rows
+from twisted_mail_screen.imap_fetch import (cached_rows, chunk_rows, flags_item, needs_body, needs_disk,
+                                            render_rows)
 from twisted_mail_screen.imap_parse import (Atom, BadCommand, SeqSet, Section, Token, astring,
                                             encode_mailbox, format_set, mailbox_name, parse_datetime,
                                             parse_fetch_atts, parse_seqset, tokenize)
@@ -281,7 +282,7 @@ class IMAPServer(CommandProtocol):
         d = maybeDeferred(handler, tag, args, uid) if name in SELECTED - {"CHECK", "CLOSE", "UNSELECT"} \
             else maybeDeferred(handler, tag, args)
         d.addCallbacks(self._completed, self._failed, callbackArgs=(tag, expunge_ok),
-                       errbackArgs=(tag,))
+                       errbackArgs=(tag, expunge_ok))
         return _pending(d)
 
     def _completed(self, text: str | None, tag: bytes, expunge_ok: bool) -> None:
@@ -291,13 +292,13 @@ class IMAPServer(CommandProtocol):
             self.flush_updates(expunge_ok)
         self.tagged(tag, text)
 
-    def _failed(self, failure: Failure, tag: bytes) -> None:
+    def _failed(self, failure: Failure, tag: bytes, expunge_ok: bool = True) -> None:
         if failure.check(BadCommand):
             self.tagged(tag, f"BAD {failure.value}")
         elif failure.check(No, FolderError):
             code = failure.value.code  # type: ignore[union-attr]
             if self.folder is not None:
-                self.flush_updates(True)
+                self.flush_updates(expunge_ok)
             self.tagged(tag, f"NO {'[' + code + '] ' if code else ''}{failure.value}")
         else:
             self.log.failure("imap: error in command", failure)
@@ -633,11 +634,14 @@ class IMAPServer(CommandProtocol):
             for pat in pats:
                 regex = pattern_regex(reference, pat)
                 if lsub or "SUBSCRIBED" in select_opts:
-                    existing = {n for n, _ in list_entries(names, re.compile(".*"))}
+                    existing = dict(list_entries(names, re.compile(".*", re.S)))
                     entries = []
                     for n in subs:
                         if regex.match(n):
-                            attrs = [] if n in existing else ["\\Noselect" if lsub else "\\NonExistent"]
+                            if lsub:
+                                attrs = [] if n in names else ["\\Noselect"]
+                            else:
+                                attrs = existing.get(n, ["\\NonExistent"])
                             entries.append((n, attrs))
                 else:
                     entries = list_entries(names, regex)
@@ -682,8 +686,7 @@ class IMAPServer(CommandProtocol):
                 raise No("No such mailbox", "NONEXISTENT")
             values = {"MESSAGES": len(folder.uids), "UIDNEXT": folder.next_uid,
                       "UIDVALIDITY": folder.uidvalidity,
-                      "RECENT": sum(1 for n in folder.names if n.startswith("new/"))
-                      + len(folder.unclaimed),
+                      "RECENT": folder.recent_count(),
                       "UNSEEN": sum(1 for n in folder.names if "S" not in mb.info_of(n))}
             body = " ".join(f"{i} {values[i]}" for i in items)
             self.untagged(b"STATUS " + encode_mailbox(name) + f" ({body})".encode())
@@ -898,8 +901,22 @@ class IMAPServer(CommandProtocol):
         body = needs_body(atts)
         per_chunk = chunk_rows([], atts)
         blocking = self.factory.blocking
+        cache = folder.cache
 
-        def pieces() -> Iterator[Any]:
+        def learnt(result: tuple[bytes, dict]) -> bytes:
+            data, learned = result
+            if learned:
+                cache.learn(learned)
+            return data
+
+        def render(chunk: list) -> Any:
+            keywords = list(folder.keywords)
+            if not disk or cached_rows(chunk, atts, cache):
+                return learnt(render_rows(folder.path, chunk, atts, keywords, cache))
+            return blocking.run(render_rows, folder.path, chunk, atts, keywords,
+                                cache).addCallback(learnt)
+
+        def chunks() -> Iterator[list]:
             while True:
                 chunk = []
                 budget = 0
@@ -910,11 +927,19 @@ class IMAPServer(CommandProtocol):
                         break
                 if not chunk:
                     return
-                keywords = list(folder.keywords)
-                if disk:
-                    yield blocking.run(render_rows, folder.path, chunk, atts, keywords)
-                else:
-                    yield render_rows(folder.path, chunk, atts, keywords)
+                yield chunk
+
+        def pieces() -> Iterator[Any]:
+            # One chunk is rendered (in a worker thread when it reads files)
+            # while the one before it is being written.
+            ahead: Any = None
+            for chunk in chunks():
+                piece = render(chunk)
+                if ahead is not None:
+                    yield ahead
+                ahead = piece
+            if ahead is not None:
+                yield ahead
 
         return self.stream(pieces())
 

@@ -29,6 +29,7 @@ SPECIAL_USE = {"Sent": "\\Sent", "Drafts": "\\Drafts", "Trash": "\\Trash",
                "Junk": "\\Junk", "Archive": "\\Archive"}
 SUBSCRIPTIONS = "subscriptions"
 INIT_MARKER = "mailscreen-imap"
+KEYWORDS_FILE = "dovecot-keywords"  # as in imap_mailbox
 MAX_NAME = 512
 
 
@@ -165,6 +166,12 @@ class AccountFolders:
         if old == "INBOX":
             self.create(new)
             target = self.path(new)
+            # Keyword letters in the file names mean what INBOX's table says.
+            try:
+                with open(os.path.join(self.inbox, KEYWORDS_FILE), "rb") as f:
+                    write_atomically(os.path.join(target, KEYWORDS_FILE), f.read())
+            except FileNotFoundError:
+                pass
             for sub in ("new", "cur"):
                 src = os.path.join(self.inbox, sub)
                 for entry in os.listdir(src):

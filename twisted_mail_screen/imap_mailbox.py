@@ -301,6 +301,7 @@ class Folder:
         self.stamp: tuple[int, int, int] | None = None
         self.identity: int | None = None
         self.sessions: list[Any] = []
+        self.cache = registry.budget.cache()
         self._poll_call: Any = None
         self._polling = False
 
@@ -393,6 +394,7 @@ class Folder:
             # Reload from disk if the folder comes back: a mailbox created
             # again under this name gets its own UIDVALIDITY.
             self.loaded = False
+            self.cache.clear()
             if self.uids:
                 for uid in self.uids:
                     self.record(EXPUNGE, uid, None)
@@ -441,6 +443,7 @@ class Folder:
         if len(keep) == len(self.uids):
             return
         removed = [u for u in self.uids if u in gone]
+        self.cache.drop([base_of(n) for u, n in zip(self.uids, self.names) if u in gone])
         self.uids = array("L", (self.uids[i] for i in keep))
         self.names = [self.names[i] for i in keep]
         for uid in removed:
@@ -470,6 +473,15 @@ class Folder:
             self.unclaimed.clear()
         return out
 
+    def recent_count(self) -> int:
+        """Messages with \\Recent: in new/, not yet claimed, or recent in an attached session."""
+        recent = {u for u, n in zip(self.uids, self.names) if n.startswith("new/")}
+        recent |= self.unclaimed
+        for s in self.sessions:
+            recent |= s.recent
+        present = set(self.uids)
+        return sum(1 for u in recent if u in present)
+
     def uidlist_snapshot(self) -> tuple[int, int, "array[int]", list[str]]:
         return self.uidvalidity, self.next_uid, array("L", self.uids), list(self.names)
 
@@ -483,10 +495,14 @@ class Registry:
     """Every L{Folder} of one mail store, and the per-account locks."""
 
     KEEP_IDLE = 8
+    CACHE_BYTES = 32 * 1024 * 1024
 
     def __init__(self, blocking: Any, clock: Any) -> None:
+        from twisted_mail_screen.imap_fetch import Budget
+
         self.blocking = blocking
         self.clock = clock
+        self.budget = Budget(self.CACHE_BYTES)
         self.folders: dict[str, Folder] = {}
         self._locks: dict[str, DeferredLock] = {}
         self._idle: list[str] = []
@@ -507,7 +523,9 @@ class Registry:
         if folder.path not in self._idle:
             self._idle.append(folder.path)
         while len(self._idle) > self.KEEP_IDLE:
-            self.folders.pop(self._idle.pop(0), None)
+            gone = self.folders.pop(self._idle.pop(0), None)
+            if gone is not None:
+                self.budget.release(gone.cache)
 
     def forget(self, path: str) -> None:
         """Drop folders at or under C{path} (deleted or renamed on disk)."""
@@ -516,6 +534,7 @@ class Registry:
                 f = self.folders[p]
                 if not f.sessions:
                     self.folders.pop(p, None)
+                    self.budget.release(f.cache)
                     if p in self._idle:
                         self._idle.remove(p)
 

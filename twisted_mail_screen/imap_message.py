@@ -15,6 +15,8 @@ from __future__ import annotations
 import email
 import email.header
 import email.utils
+import functools
+import re
 from email.message import Message
 from email.parser import BytesHeaderParser
 from email.policy import compat32
@@ -25,7 +27,90 @@ _header_parser = BytesHeaderParser(policy=compat32)
 
 
 def to_crlf(data: bytes) -> bytes:
+    if b"\r" not in data:
+        return data.replace(b"\n", b"\r\n")
     return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+def header_end(data: bytes) -> int:
+    """Where the body of a CRLF message starts (after the blank line), or C{len(data)}."""
+    if data.startswith(b"\r\n"):
+        return 2
+    sep = data.find(b"\r\n\r\n")
+    return len(data) if sep < 0 else sep + 4
+
+
+# Header fields, quickly ------------------------------------------------------------
+
+_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+\Z")
+_FIELD_START = re.compile(r"From |[\041-\071\073-\176]*:|[\t ]")
+
+
+class Headers:
+    """
+    The fields of a header block as C{email}'s compat32 parser reads them
+    (same names, same raw values, same end of the block), without building
+    a C{Message}: C{get}, C{get_all} and C{keys} behave like C{Message}'s.
+    Only for ASCII header blocks (see L{fast_headers}).
+    """
+
+    __slots__ = ("fields",)
+
+    def __init__(self, fields: list[tuple[str, str, str]]) -> None:
+        self.fields = fields  # (lower-case name, name, value)
+
+    def get(self, name: str, failobj: str | None = None) -> str | None:
+        n = name.lower()
+        for k, _, v in self.fields:
+            if k == n:
+                return v
+        return failobj
+
+    def get_all(self, name: str, failobj: list[str] | None = None) -> list[str] | None:
+        n = name.lower()
+        out = [v for k, _, v in self.fields if k == n]
+        return out or failobj
+
+    def keys(self) -> list[str]:
+        return [name for _, name, _ in self.fields]
+
+
+def fast_headers(block: bytes) -> Headers | None:
+    """L{Headers} of a header block; C{None} when it has 8-bit bytes (the C{email} parser decides those)."""
+    if not block.isascii():
+        return None
+    lines = []
+    for m in _LINE.finditer(block.decode("ascii")):
+        line = m.group()
+        if not line or line[0] in "\r\n" or not _FIELD_START.match(line):
+            break
+        lines.append(line)
+    fields: list[tuple[str, str, str]] = []
+    current: list[str] = []
+
+    def flush() -> None:
+        name, value = current[0].split(":", 1)
+        value = (value.lstrip(" \t") + "".join(current[1:])).rstrip("\r\n")
+        fields.append((name.lower(), name, value))
+
+    for lineno, line in enumerate(lines):
+        if line[0] in " \t":
+            if current:
+                current.append(line)
+            continue
+        if current:
+            flush()
+            current = []
+        if line.startswith("From "):
+            if lineno == len(lines) - 1 and lineno:
+                break
+            continue
+        if line.find(":") <= 0:
+            continue
+        current = [line]
+    if current:
+        flush()
+    return Headers(fields)
 
 
 def _q(value: str | None) -> bytes:
@@ -55,10 +140,25 @@ class Part:
         else:
             sep = data.find(b"\r\n\r\n", start, end)
             self.body_start = end if sep < 0 else sep + 4
-        self.headers: Message = _header_parser.parsebytes(data[start:self.body_start])
-        self.headers.set_default_type(default_type)
+        self.default_type = default_type
+        self._headers: Message | None = None
         self._children: list[Part] | None = None
         self._message: Part | None = None
+
+    @property
+    def headers(self) -> Message:
+        """The header block as an C{email} message (parsed when first asked for)."""
+        if self._headers is None:
+            self._headers = _header_parser.parsebytes(self.data[self.start:self.body_start])
+            self._headers.set_default_type(self.default_type)
+        return self._headers
+
+    @property
+    def fields(self) -> "Headers | Message":
+        """The header fields for ENVELOPE and SEARCH: L{Headers} when possible."""
+        if self._headers is not None:
+            return self._headers
+        return fast_headers(self.data[self.start:self.body_start]) or self.headers
 
     @property
     def ctype(self) -> str:
@@ -157,7 +257,7 @@ class Part:
             fields.append(str(line_count(body)).encode())
         elif self.is_message:
             m = self.message
-            fields += [envelope(m.headers), m.structure(extended), str(line_count(body)).encode()]
+            fields += [envelope(m.fields), m.structure(extended), str(line_count(body)).encode()]
         if extended:
             fields += [_q(h.get("Content-MD5")), self._extension()]
         return b"(" + b" ".join(fields) + b")"
@@ -204,12 +304,18 @@ def line_count(body: bytes) -> int:
     return n
 
 
-def _addresses(msg: Message, name: str) -> bytes:
+def _addresses(msg: "Message | Headers", name: str) -> bytes:
     values = msg.get_all(name)
     if not values:
         return b"NIL"
+    return _address_list(tuple(str(v) for v in values))
+
+
+@functools.lru_cache(maxsize=4096)
+def _address_list(values: tuple[str, ...]) -> bytes:
+    """An ENVELOPE address list (mail from one sender or to one list repeats: cached)."""
     out = []
-    for display, addr in email.utils.getaddresses([str(v) for v in values]):
+    for display, addr in email.utils.getaddresses(list(values)):
         if not display and not addr:
             continue
         local, at, domain = addr.rpartition("@")
@@ -220,7 +326,7 @@ def _addresses(msg: Message, name: str) -> bytes:
     return b"(" + b"".join(out) + b")" if out else b"NIL"
 
 
-def envelope(msg: Message) -> bytes:
+def envelope(msg: "Message | Headers") -> bytes:
     """RFC 3501 ENVELOPE of a header block; strings are as sent (not decoded)."""
     def one(name: str) -> bytes:
         v = msg.get(name)
@@ -312,9 +418,12 @@ def section_response(root: Part, section: Section) -> bytes:
 
 # SEARCH text ------------------------------------------------------------------
 
-def decoded_header_values(msg: Message, name: str) -> list[str]:
+def decoded_header_values(msg: "Message | Headers", name: str) -> list[str]:
     out = []
     for v in msg.get_all(name) or []:
+        if isinstance(v, str) and "=?" not in v:
+            out.append(v)  # what decoding would give back
+            continue
         try:
             out.append(str(email.header.make_header(email.header.decode_header(str(v)))))
         except Exception:
@@ -322,7 +431,7 @@ def decoded_header_values(msg: Message, name: str) -> list[str]:
     return out
 
 
-def all_headers_text(msg: Message) -> str:
+def all_headers_text(msg: "Message | Headers") -> str:
     return "\n".join(f"{k}: {' '.join(decoded_header_values(msg, k))}" for k in set(msg.keys()))
 
 

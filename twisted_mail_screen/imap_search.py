@@ -13,13 +13,15 @@ from __future__ import annotations
 import datetime
 import email.utils
 import os
+import re
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 from typing import Any, Sequence
 
 from twisted_mail_screen.imap_fetch import find_file
 from twisted_mail_screen.imap_mailbox import flag_names
-from twisted_mail_screen.imap_message import all_headers_text, body_text, decoded_header_values
+from twisted_mail_screen.imap_message import (all_headers_text, body_text, decoded_header_values,
+                                              fast_headers)
 from twisted_mail_screen.imap_parse import (Atom, BadCommand, SeqSet, Token, astring, parse_date,
                                             parse_seqset)
 
@@ -32,6 +34,7 @@ ADDRESS_KEYS = {"BCC", "CC", "FROM", "SUBJECT", "TO"}
 DATE_KEYS = {"BEFORE", "ON", "SINCE", "SENTBEFORE", "SENTON", "SENTSINCE"}
 
 Node = tuple
+_BLANK_LINE = re.compile(rb"^\r?\n|\n\r?\n")
 
 
 def _text(tok: Token, charset: str) -> str:
@@ -135,34 +138,38 @@ class Candidate:
         self._mtime: float | None = None
         self._body: str | None = None
 
-    def _file(self) -> str:
-        full = os.path.join(self.path, self.rel)
-        if not os.path.exists(full):
-            found = find_file(self.path, self.rel)
-            if found is not None:
-                full = os.path.join(self.path, found)
-        return full
+    def _read(self, whole: bool) -> bytes:
+        from twisted_mail_screen.imap_fetch import _read
+
+        rel, data, _ = _read(self.path, self.rel, whole, False)
+        self.rel = rel
+        return data or b""
 
     def data(self) -> bytes:
         if self._data is None:
-            try:
-                with open(self._file(), "rb") as f:
-                    self._data = f.read()
-            except FileNotFoundError:
-                self._data = b""
+            self._data = self._read(True)
         return self._data
 
     def headers(self) -> Any:
         if self._headers is None:
-            self._headers = BytesHeaderParser(policy=compat32).parsebytes(self.data())
+            data = self._data if self._data is not None else self._read(False)
+            m = _BLANK_LINE.search(data)
+            block = data[:m.end()] if m else data
+            self._headers = fast_headers(block) or BytesHeaderParser(policy=compat32).parsebytes(block)
         return self._headers
 
     def mtime(self) -> float:
         if self._mtime is None:
-            try:
-                self._mtime = os.stat(self._file()).st_mtime
-            except FileNotFoundError:
-                self._mtime = 0.0
+            for attempt in range(2):
+                try:
+                    self._mtime = os.stat(os.path.join(self.path, self.rel)).st_mtime
+                    break
+                except FileNotFoundError:
+                    found = find_file(self.path, self.rel) if not attempt else None
+                    if found is None:
+                        self._mtime = 0.0
+                        break
+                    self.rel = found
         return self._mtime
 
     def body(self) -> str:

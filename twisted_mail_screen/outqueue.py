@@ -35,7 +35,8 @@ from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet import endpoints, ssl
-from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, gatherResults
+from twisted.internet.defer import (Deferred, DeferredList, DeferredLock, ensureDeferred,
+                                    gatherResults)
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -133,9 +134,13 @@ class QueueDirectory:
 
     def update(self, message: QueuedMessage) -> bool:
         """Rewrite an envelope; C{False} if it was deleted meanwhile."""
-        if not os.path.exists(self._env(message.id)):
+        return self.write_envelope(message.id, message.to_json())
+
+    def write_envelope(self, queue_id: str, data: bytes) -> bool:
+        """Rewrite an envelope from its serialized form; C{False} if it was deleted."""
+        if not os.path.exists(self._env(queue_id)):
             return False
-        write_atomically(self._env(message.id), message.to_json(), 0o600)
+        write_atomically(self._env(queue_id), data, 0o600)
         return True
 
     def remove(self, queue_id: str) -> bool:
@@ -533,20 +538,28 @@ class OutboundQueue(MultiService):
             try:
                 message = await self._blocking.run(self.directory.read_message, queued.id)
             except FileNotFoundError:
+                # An envelope without its message (deleted by hand, or a
+                # delete that raced an envelope rewrite): nothing to send.
                 self._messages.pop(queued.id, None)
+                await self._blocking.run(self.directory.remove, queued.id)
+                self.log.warn("queue: {id} has no message file; envelope removed", id=queued.id)
                 return
         groups: dict[str, list[str]] = {}
         for r in queued.pending():
             groups.setdefault(r.address.rpartition("@")[2], []).append(r.address)
         jobs = [Job(queued.id, queued.sender, domain, rcpts, message)
                 for domain, rcpts in groups.items()]
-        for job in jobs:
-            self._submit(job)
-        outcomes = await gatherResults([job.result for job in jobs]) if jobs else []
-        now = self.clock.seconds()
         tried = False
         by_address = {r.address: r for r in queued.recipients}
-        for outcome in outcomes:
+        writes = DeferredLock()
+
+        def record(outcome: Outcome) -> Outcome:
+            # Each domain group's result goes to disk as soon as it is known,
+            # not when the slowest group of the message finishes: a crash
+            # while another group is still being tried must not send the
+            # recipients already accepted a second time.
+            nonlocal tried
+            decided = False
             for address, (reply, host) in outcome.items():
                 r = by_address[address]
                 if reply.code == 0:
@@ -554,9 +567,23 @@ class OutboundQueue(MultiService):
                 tried = True
                 r.reply, r.host, r.status = str(reply), host, reply.status
                 if reply.positive:
-                    r.state = SENT
+                    r.state, decided = SENT, True
                 elif reply.permanent:
-                    r.state = FAILED
+                    r.state, decided = FAILED, True
+            if decided:
+                data = queued.to_json()  # a snapshot, taken in the reactor thread
+                d = writes.run(self._blocking.run, self.directory.write_envelope, queued.id, data)
+                d.addErrback(lambda f: self.log.failure("queue: {id} envelope write failed", f,
+                                                        id=queued.id))
+            return outcome
+
+        for job in jobs:
+            job.result.addCallback(record)
+            self._submit(job)
+        outcomes = await gatherResults([job.result for job in jobs]) if jobs else []
+        await writes.acquire()  # every per-group write is on disk
+        writes.release()
+        now = self.clock.seconds()
         if tried:
             queued.attempts += 1
         expired = now - queued.created >= self.relay.queue_lifetime_hours * 3600
@@ -578,7 +605,8 @@ class OutboundQueue(MultiService):
                 nxt = _iso(queued.next_attempt) if r.state == PENDING else "-"
                 self.log.info("relay: id={id} to=<{rcpt}> host={host} status={verdict} "
                               "reply={reply!r} next={next}", id=queued.id, rcpt=address,
-                              host=host or "-", verdict=verdict, reply=str(reply), next=nxt)
+                              host=host or "-", verdict=verdict, reply=r.reply or str(reply),
+                              next=nxt)
         warn = (self.relay.delay_warning_hours > 0 and not queued.warned and queued.pending()
                 and now - queued.created >= self.relay.delay_warning_hours * 3600)
         if not await self._blocking.run(self.directory.update, queued):

@@ -20,6 +20,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime, ISSLTransport
 from twisted.internet.protocol import Factory
+from twisted.internet.tcp import Server as _TCPServer
 from twisted.logger import Logger
 from twisted.mail.smtp import rfc822date
 
@@ -99,6 +100,10 @@ class SMTPServer(CommandProtocol):
         if self.screen is not None:
             self.screen.closed()
             self.screen = None
+
+    def send(self, data: bytes) -> None:
+        if not self._closing:
+            send_now(self.transport, data)
 
     def timed_out(self) -> None:
         self.reply(421, "4.4.2", f"{self.factory.config.hostname} Error: timeout exceeded")
@@ -465,9 +470,53 @@ class SMTPServer(CommandProtocol):
             ("A" if self.user else "")
         rcpts = [r.address for r in env.recipients]
         for_ = f"\n\tfor <{rcpts[0]}>" if len(rcpts) == 1 else ""
-        date = rfc822date(time.localtime(f.clock.seconds())).decode()
         return (f"Received: from {self.helo} ([{self.peer_host}])\n\tby {f.config.hostname} "
-                f"(twisted-mail-screen) with {with_}{for_};\n\t{date}\n").encode()
+                f"(twisted-mail-screen) with {with_}{for_};\n\t{header_date(f.clock.seconds())}\n"
+                ).encode()
+
+
+_date_cache: tuple[int, str] = (-1, "")
+
+
+def header_date(now: float) -> str:
+    """
+    C{rfc822date(time.localtime(now))} as text, computed once per second:
+    the Received header of every message needs it, and formatting a date
+    costs more than the rest of the header.
+    """
+    global _date_cache
+    second = int(now)
+    cached_second, text = _date_cache
+    if cached_second != second:
+        text = rfc822date(time.localtime(second)).decode()
+        _date_cache = (second, text)
+    return text
+
+
+def send_now(transport: Any, data: bytes) -> None:
+    """
+    C{transport.write(data)}, but sent on the socket at once when nothing is
+    queued before it. Twisted's C{write} only buffers: the reactor then
+    registers the socket for writability, sends on the next loop and
+    unregisters it, two C{epoll_ctl} calls and a loop turn for every reply
+    of a lock-step SMTP or POP3 dialogue. Only a plain TCP transport with an
+    empty buffer qualifies (not TLS, not a wrapper, not closing); whatever
+    the socket does not take, and any error, goes through C{write} as
+    before, so ordering, back-pressure and connection loss are unchanged.
+    """
+    if (type(transport) is not _TCPServer or transport.TLS or transport.dataBuffer
+            or transport._tempDataBuffer or not transport.connected or transport.disconnecting
+            or transport._writeDisconnected):
+        transport.write(data)
+        return
+    try:
+        sent = transport.socket.send(data)
+    except (BlockingIOError, InterruptedError):
+        sent = 0
+    except OSError:
+        sent = 0  # the reactor's own write path notices and reports the loss
+    if sent < len(data):
+        transport.write(data[sent:] if sent else data)
 
 
 def _longest_line(buf: bytearray, start: int, stop: int) -> int:
