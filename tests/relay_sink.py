@@ -41,6 +41,7 @@ class Sink:
     tls: Any = None  # server context for STARTTLS
     implicit_tls: Any = None  # server context for an implicit-TLS listener
     offer_starttls: bool = True
+    auth_mechanisms: str = "PLAIN LOGIN"  # the EHLO AUTH parameter
     messages: list[Received] = field(default_factory=list)
     connections: int = 0
     active: int = 0
@@ -95,6 +96,7 @@ class _SinkProtocol(Protocol):
         self.rcpts: list[str] = []
         self.secure = sink.implicit_tls is not None
         self.auth: str | None = None
+        self.login: list[str] | None = None
         self.count = 0
 
     def connectionMade(self) -> None:
@@ -140,11 +142,21 @@ class _SinkProtocol(Protocol):
             self.command(line)
 
     def command(self, line: str) -> None:
+        if self.login is not None:  # AUTH LOGIN: the username, then the password
+            self.login.append(base64.b64decode(line).decode())
+            if len(self.login) == 1:
+                self.say("334 UGFzc3dvcmQ6")
+                return
+            self.auth = "LOGIN " + ":".join(self.login)
+            self.login = None
+            self.say(self.sink.policy("auth", self.auth, self.sink) or "235 2.7.0 ok")
+            return
         verb, _, arg = line.partition(" ")
         verb = verb.upper()
         policy = self.sink.policy
         if verb == "EHLO":
-            lines = ["sink.test", "PIPELINING", "SIZE 10000000", "8BITMIME", "AUTH PLAIN LOGIN"]
+            lines = ["sink.test", "PIPELINING", "SIZE 10000000", "8BITMIME",
+                     f"AUTH {self.sink.auth_mechanisms}"]
             if self.sink.tls is not None and self.sink.offer_starttls and not self.secure:
                 lines.append("STARTTLS")
             self.say("\r\n".join(f"250-{l}" for l in lines[:-1]) + f"\r\n250 {lines[-1]}")
@@ -154,7 +166,7 @@ class _SinkProtocol(Protocol):
             override = policy("starttls", "", self.sink)
             if override == BREAK:
                 self.say("220 2.0.0 go ahead")
-                self.transport.abortConnection()
+                self.transport.loseConnection()  # the client's handshake meets EOF
                 return
             if override:
                 self.say(override)
@@ -165,8 +177,12 @@ class _SinkProtocol(Protocol):
             self.buffer = b""
         elif verb == "AUTH":
             mech, _, token = arg.partition(" ")
+            if mech.upper() == "LOGIN":
+                self.login = []
+                self.say("334 VXNlcm5hbWU6")
+                return
             self.auth = base64.b64decode(token).decode() if token else mech
-            self.say("235 2.7.0 ok")
+            self.say(policy("auth", self.auth, self.sink) or "235 2.7.0 ok")
         elif verb == "MAIL":
             self.sender = arg[arg.index("<") + 1:arg.index(">")]
             self.rcpts = []

@@ -296,9 +296,15 @@ def test_rename_inbox_moves_messages(server):
     send(server, subject="one")
     send(server, subject="two")
     m = login(server)
+    m.select("INBOX")
+    m.store("1", "+FLAGS", "($Work \\Flagged)")
+    m.store("2", "+FLAGS", "($Later)")
+    m.unselect()
     assert m.rename("INBOX", "Old")[0] == "OK"
     assert m.select("INBOX")[1] == [b"0"]
     assert m.select("Old")[1] == [b"2"]
+    typ, data = m.fetch("1:2", "(FLAGS)")
+    assert b"$Work" in data[0] and b"\\Flagged" in data[0] and b"$Later" in data[1]  # keywords kept
     m.logout()
 
 
@@ -386,6 +392,78 @@ def test_fetch_items(server):
     assert data[2][1].endswith(b"\r\n\r\n")
     typ, data = m.fetch("1:*", "FAST")
     assert typ == "OK"
+    m.logout()
+
+
+def test_fetch_answers_from_the_cache_the_same(server):
+    """ENVELOPE and INTERNALDATE are kept after the first FETCH; answers do not change."""
+    for i in range(3):
+        send(server, subject=f"cached {i}", extra="Cc: Carl <carl@example.org>, \"Doe, J.\" <j@x.org>\r\n")
+    r = Raw(server.port("imap"))
+    r.command(b"a", b"LOGIN bob@localhost x")
+    r.command(b"b", b"SELECT INBOX")
+    first = r.command(b"c", b"FETCH 1:* (UID FLAGS RFC822.SIZE INTERNALDATE ENVELOPE)")
+    again = r.command(b"d", b"FETCH 1:* (UID FLAGS RFC822.SIZE INTERNALDATE ENVELOPE)")
+    assert first[:-1] == again[:-1] and len(first) == 4
+    assert b'"Doe, J." NIL "j" "x.org"' in first[0]
+    headers = r.command(b"e", b"FETCH 2 (BODY.PEEK[HEADER.FIELDS (SUBJECT)] RFC822.HEADER)")
+    assert b"Subject: cached 1" in b"\n".join(headers)
+    r.command(b"f", b"STORE 1 +FLAGS.SILENT (\\Deleted)")
+    r.command(b"g", b"EXPUNGE")
+    after = r.command(b"h", b"FETCH 1:* (UID ENVELOPE)")
+    assert len(after) == 3 and b"cached 1" in after[0] and b"cached 2" in after[1]
+    r.close()
+
+
+def test_no_expunge_when_store_is_refused(server):
+    send(server, subject="a")
+    send(server, subject="b")
+    r = Raw(server.port("imap"))
+    r.command(b"a", b"LOGIN bob@localhost x")
+    r.command(b"b", b"SELECT INBOX")
+    keywords = " ".join(f"k{i}" for i in range(26)).encode()
+    assert r.command(b"c", b"STORE 2 +FLAGS.SILENT (" + keywords + b")")[-1].startswith(b"c OK")
+    other = login(server)
+    other.select("INBOX")
+    other.store("1", "+FLAGS.SILENT", "\\Deleted")
+    other.expunge()
+    other.logout()
+    reply = r.command(b"e", b"STORE 1 +FLAGS (one-too-many)")
+    assert reply[-1].startswith(b"e NO [LIMIT]")
+    assert not any(b"EXPUNGE" in line for line in reply)  # not during STORE, even a refused one
+    assert any(line == b"* 1 EXPUNGE" for line in r.command(b"f", b"NOOP"))
+    r.close()
+
+
+def test_status_counts_recent_of_the_selecting_session(server):
+    send(server)
+    send(server)
+    m = login(server)
+    m.select("INBOX")
+    typ, data = m.status("INBOX", "(RECENT MESSAGES)")
+    assert b"RECENT 2" in data[0] and b"MESSAGES 2" in data[0]
+    m.logout()
+    m = login(server)
+    typ, data = m.status("INBOX", "(RECENT)")
+    assert b"RECENT 0" in data[0]  # the first session had them
+    m.logout()
+
+
+def test_list_subscribed_keeps_attributes(server):
+    m = login(server)
+    m.create("Lists/debian")
+    m.subscribe("Lists")
+    m.subscribe("Gone")
+    typ, data = m._simple_command("LIST", "(SUBSCRIBED)", '""', '"*"')
+    lines = {l.split(b'"/" ')[1].strip(b'"'): l for l in m.untagged_responses.pop("LIST")}
+    assert b"\\Sent" in lines[b"Sent"] and b"\\Subscribed" in lines[b"Sent"]
+    assert b"\\HasChildren" in lines[b"Lists"] and b"\\Subscribed" in lines[b"Lists"]
+    assert b"\\NonExistent" in lines[b"Gone"]
+    assert b"Lists/debian" not in lines
+    m.unsubscribe("Lists")
+    m.subscribe("Lists/debian")
+    typ, data = m.lsub('""', "%")
+    assert b'(\\Noselect) "/" "Lists"' in data  # only a child is subscribed
     m.logout()
 
 

@@ -306,6 +306,9 @@ def test_two_way_sync_with_mbsync(start_server, tmp_path):
         sync.add_flags("Bulk", f"b{i}", "FS")
     sync.put("INBOX", message("l4"))
     sync.put("NewLocal", message("l5"), "RS")
+    # An empty folder deleted locally goes on the server too (mbsync's way to
+    # mark a Maildir deleted when its sync state lives inside it: remove cur/).
+    shutil.rmtree(sync.folder("Junk") / "cur")
 
     sync.run()
     sync.run()  # a second run propagates nothing new
@@ -319,7 +322,7 @@ def test_two_way_sync_with_mbsync(start_server, tmp_path):
     assert subjects(state, "Local") == {}
     assert subjects(state, "Remote") == {"r1": "D"}
     assert subjects(state, "NewLocal") == {"l5": "RS"}
-    assert "Empty" not in state
+    assert "Empty" not in state and "Junk" not in state
     assert not sync.folder("Empty").exists()
 
 

@@ -126,3 +126,68 @@ def test_folder_names():
     assert entries["Sent"] == ["\\HasNoChildren", "\\Sent"]
     assert [n for n, _ in list_entries(["INBOX", "x/y"], pattern_regex("", "%"))] == ["INBOX", "x"]
     assert pattern_regex("", "inbox").match("INBOX")
+
+
+HEADER_SAMPLES = [
+    b"From: a@b\r\nTo: c@d,\r\n e@f\r\nSubject: hi\r\n\r\nbody",
+    b"From sender Mon Jan 1\r\nFrom: a@b\r\n\r\n",
+    b" cont first\r\nSubject: x\r\n\r\n",
+    b"Subject: x\r\nnot a header\r\nTo: y\r\n\r\n",
+    b"Subject: x\r\n:bad\r\n cont\r\nTo: y\r\n\r\n",
+    b"Subject:\r\nTo:   \t spaced\r\n\r\n",
+    b"Subject: a\rTo: b\r\n\r\n",
+    b"Subject: a\r\nX: 1\r\nFrom x\r\n\r\n",
+    b"Subject: no end",
+    b"\r\nbody",
+    b"SUBJECT: Upper\r\nsubject: lower\r\n\tfolded\r\n\r\n",
+    b"Subject : space\r\n\r\n",
+    b"X\x0bY: v\r\nA: b\x0c c\r\n\x1cZ: q\r\n\r\n",
+    b'From: "Doe, J." <j@x.org>, k@y (K)\r\nTo: undisclosed-recipients:;\r\n\r\n',
+]
+
+
+@given(st.lists(st.sampled_from([b"From: ", b"To: ", b"Subject: ", b" ", b"\t", b"\r\n", b"\n", b"\r",
+                                 b":", b"a", b"<x@y>", b"From ", b'"q"', b",", b"Cc:", b"\x0b",
+                                 b"\x7f"]), max_size=24).map(b"".join))
+def test_fast_headers_read_like_the_email_parser(block):
+    _same_headers(block)
+
+
+@pytest.mark.parametrize("block", HEADER_SAMPLES)
+def test_fast_headers_samples(block):
+    _same_headers(block)
+
+
+def _same_headers(block: bytes) -> None:
+    from twisted_mail_screen.imap_message import _header_parser, envelope, fast_headers
+
+    fast, slow = fast_headers(block), _header_parser.parsebytes(block)
+    assert fast is not None
+    assert fast.keys() == slow.keys()
+    for name in set(slow.keys()) | {"From", "Nope"}:
+        assert fast.get(name) == slow.get(name) and fast.get_all(name) == slow.get_all(name)
+    assert envelope(fast) == envelope(slow)
+
+
+def test_fast_headers_leave_8bit_to_the_email_parser():
+    from twisted_mail_screen.imap_message import fast_headers
+
+    assert fast_headers("Subject: caf\u00e9\r\n\r\n".encode("latin-1")) is None
+
+
+def test_fetch_cache_is_bounded_and_forgets_expunged():
+    from twisted_mail_screen.imap_fetch import Budget
+
+    budget = Budget(100_000)
+    a, b = budget.cache(), budget.cache()
+    a.learn({f"a{i}": [b"x" * 200, 1.0] for i in range(400)})  # 360 bytes each, counted
+    assert budget.used <= budget.limit and len(a.entries) < 400
+    assert a.get("a399") is not None and a.get("a0") is None  # oldest go first
+    b.learn({f"b{i}": [b"y" * 200, None] for i in range(400)})
+    assert budget.used <= budget.limit and b.get("b399") is not None
+    assert len(a.entries) < len(b.entries)  # the other folder's entries went first
+    b.drop(["b399"])
+    assert b.get("b399") is None
+    budget.release(a)
+    budget.release(b)
+    assert budget.used == 0

@@ -94,3 +94,52 @@ def test_local_delivery_still_works_unauthenticated(site):
     replies = session(site.port("smtp"), [b"EHLO c", b"MAIL FROM:<x@foreign.example>",
                                           b"RCPT TO:<bob@example.test>"])
     assert replies[-1][:3] == b"250"
+
+
+# the same probes over TLS: encryption is not authentication
+
+@pytest.fixture
+def tls_site(start_server, accounts, certificate):
+    cert, key = certificate
+    return start_server(site=True, relay__smarthost="tcp:host=127.0.0.1:port=9",
+                        relay__starttls="none", screening__enabled=False,
+                        tls__certificate=cert, tls__key=key,
+                        listen__submission=["tcp:0:interface=127.0.0.1",
+                                            f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"])
+
+
+def _tls_probe(client) -> list:
+    accepted = []
+    for sender in ("spammer@foreign.example", "alice@example.test", ""):
+        for rcpt in FOREIGN_TRICKS:
+            code, _ = client.mail(sender)
+            if code == 250:
+                rcpt_code, _ = client.docmd(f"RCPT TO:{rcpt}")
+                if rcpt_code // 100 == 2:
+                    accepted.append((sender, rcpt))
+            client.rset()
+    return accepted
+
+
+@pytest.mark.parametrize("listener", ["smtp+starttls", "submission+starttls", "submission-implicit-tls"])
+def test_unauthenticated_relay_refused_over_tls(tls_site, listener):
+    import smtplib
+    import ssl
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    kind = listener.split("+")[0].split("-")[0]
+    if listener == "submission-implicit-tls":
+        port = tls_site.service.ports("submission")[1]
+        client = smtplib.SMTP_SSL("127.0.0.1", port, timeout=10, context=context)
+        client.ehlo("probe.example")
+    else:
+        client = smtplib.SMTP("127.0.0.1", tls_site.port(kind), timeout=10)
+        client.ehlo("probe.example")
+        client.starttls(context=context)
+        client.ehlo("probe.example")
+    if kind == "submission":
+        assert client.mail("alice@example.test")[0] == 530
+        client.rset()
+    assert _tls_probe(client) == []
+    client.quit()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import poplib
 import smtplib
 import socket
@@ -190,3 +191,108 @@ def test_bad_input_gets_err(start_server):
     assert replies[2].startswith(b"+OK")
     assert all(r.startswith(b"-ERR") for r in replies[3:6])
     assert replies[6].startswith(b"+OK 1 ")
+
+
+# Read-ahead, streaming and the wire transform (docs/performance.md).
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from twisted_mail_screen import pop3 as pop3_module  # noqa: E402
+from twisted_mail_screen.pop3 import WireStream, lf_to_wire, to_wire, top_of  # noqa: E402
+
+
+def raw_session(server, commands: bytes, replies: int) -> list[bytes]:
+    """Log in, send C{commands} in one write (pipelined), read C{replies} answers."""
+    with socket.create_connection(("127.0.0.1", server.port("pop3")), timeout=20) as s:
+        f = s.makefile("rb")
+        f.readline()
+        s.sendall(b"USER u@x.test\r\nPASS p\r\n" + commands)
+        f.readline()
+        f.readline()
+        out = []
+        for _ in range(replies):
+            first = f.readline()
+            if not first.startswith(b"+OK message follows"):
+                out.append(first)
+                continue
+            body = bytearray()
+            for line in iter(f.readline, b".\r\n"):
+                body += line
+            out.append(bytes(body))
+        return out
+
+
+def stored(tmp_path) -> list[bytes]:
+    """The mailbox's files in delivery order."""
+    from twisted_mail_screen.maildir import Maildir
+    md = Maildir(str(tmp_path / "data" / "mail" / "x.test" / "u"))
+    return [open(md.file_path(m), "rb").read() for m in md.scan()]
+
+
+def test_pipelined_retr_of_many_messages_is_byte_identical(start_server, tmp_path):
+    """200 RETRs in one write (read-ahead batches) each give exactly their own message."""
+    server = start_server()
+    bodies = [b"Subject: %d\r\n\r\n.dot %d\r\n" % (i, i) + b"x" * (i * 37 % 70) + b"\r\n.\r\n"
+              + (b"y" * 76 + b"\r\n") * (i % 40) for i in range(200)]
+    deliver(server, "u@x.test", *bodies)
+    files = stored(tmp_path)
+    got = raw_session(server, b"".join(b"RETR %d\r\n" % i for i in range(1, 201)), 200)
+    assert got == [to_wire(f) for f in files]
+    for sent, wire in zip(bodies, got):
+        assert wire.endswith(sent.replace(b"\r\n.", b"\r\n.."))
+
+
+def test_dele_between_pipelined_retrs_and_removed_files(start_server, tmp_path):
+    """DELE amid RETRs is honoured; a file removed before the session reads it gets -ERR."""
+    server = start_server()
+    deliver(server, "u@x.test", *(b"Subject: %d\r\n\r\nx\r\n" % i for i in range(20)))
+    files = stored(tmp_path)
+    from twisted_mail_screen.maildir import Maildir
+    md = Maildir(str(tmp_path / "data" / "mail" / "x.test" / "u"))
+    pop = login(server)
+    os.unlink(md.file_path(md.scan()[0]))  # after the login's scan, before any RETR
+    with pytest.raises(poplib.error_proto, match=r"removed by another client"):
+        pop.retr(1)
+    assert pop.retr(2)[1][-2] == b""  # the session goes on
+    pop.quit()
+    got = raw_session(server, b"RETR 1\r\nDELE 2\r\nRETR 2\r\nRETR 3\r\nQUIT\r\n", 5)
+    assert got[0] == to_wire(files[1])
+    assert got[1].startswith(b"+OK") and got[2].startswith(b"-ERR No such message")
+    assert got[3] == to_wire(files[3])
+    assert len(stored(tmp_path)) == 18
+
+
+def test_large_message_is_streamed_byte_identical(start_server, tmp_path, monkeypatch):
+    """A message above SMALL_MESSAGE goes out in chunks: dots and CRLFs at every cut survive."""
+    monkeypatch.setattr(pop3_module, "STREAM_CHUNK", 4096)  # many cuts (server runs in-process)
+    server = start_server()
+    line = b".dot at a line start, then text\r\n"
+    body = b"Subject: big\r\n\r\n" + b"".join(line[: 1 + i % len(line)].rstrip(b"\r") + b"\r\n"
+                                              for i in range(6000))
+    assert len(body) > pop3_module.SMALL_MESSAGE
+    deliver(server, "u@x.test", body, b"Subject: small\r\n\r\nafter\r\n")
+    files = stored(tmp_path)
+    got = raw_session(server, b"RETR 1\r\nTOP 1 3\r\nTOP 1 100000\r\nRETR 2\r\n", 4)
+    assert got[0] == to_wire(files[0])
+    assert got[0].endswith(body.replace(b"\r\n.", b"\r\n.."))
+    assert got[1] == lf_to_wire(top_of(files[0], 3))
+    assert got[2] == to_wire(files[0])
+    assert got[3] == to_wire(files[1])
+
+
+_pieces = st.lists(st.sampled_from([b"\r", b"\n", b".", b"a", b"\r\n", b"\n\n", b"\n."]),
+                   max_size=60).map(b"".join)
+
+
+@settings(max_examples=500, deadline=None)
+@given(data=_pieces, cuts=st.lists(st.integers(0, 80), max_size=6),
+       top=st.one_of(st.none(), st.integers(0, 5)))
+def test_wire_stream_matches_whole_transform(data, cuts, top):
+    """WireStream over any cuts equals to_wire (or TOP's transform) of the whole message."""
+    want = to_wire(data) if top is None else lf_to_wire(top_of(data, top))
+    encoder, out, pos = WireStream(top), b"", 0
+    for cut in sorted(min(c, len(data)) for c in cuts) + [len(data)]:
+        if cut > pos:
+            out += encoder.feed(data[pos:cut])
+            pos = cut
+    assert out + encoder.end() == want

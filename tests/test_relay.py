@@ -84,14 +84,17 @@ def queue_empty(tmp_path: Path) -> bool:
 class FakeResolver:
     """MX and A answers from dicts; C{nx} names do not exist."""
 
-    def __init__(self, mx=None, a=None, nx=(), aaaa=None):
+    def __init__(self, mx=None, a=None, nx=(), aaaa=None, servfail=()):
         self.mx, self.a, self.nx, self.aaaa = mx or {}, a or {}, set(nx), aaaa or {}
+        self.servfail = set(servfail)
         self.asked: list[str] = []
 
     def lookupMailExchange(self, name):
         self.asked.append(name)
         if name in self.nx:
             return fail(error.DNSNameError(name))
+        if name in self.servfail:
+            return fail(error.DNSServerError(name))
         return succeed(([dns.RRHeader(name, dns.MX, payload=dns.Record_MX(p, h))
                          for p, h in self.mx.get(name, [])], [], []))
 
@@ -162,6 +165,51 @@ def test_mx_falls_back_to_the_address_record(start_server, accounts, sink, tmp_p
     wait_for(lambda: queue_empty(tmp_path))
 
 
+ZONE = """\
+$ORIGIN remote.example.
+$TTL 300
+@    IN SOA ns.remote.example. admin.remote.example. 1 3600 600 86400 300
+@    IN MX 20 mx2.remote.example.
+@    IN MX 10 mx1.remote.example.
+mx1  IN A 127.0.0.2
+mx2  IN A 127.0.0.1
+"""
+
+
+def test_mx_lookup_through_twisted_names(start_server, accounts, sink, tmp_path, relay_log):
+    """
+    The real twisted.names client asking a real (in-process, loopback UDP)
+    DNS server: MX records in preference order, then each host's A record;
+    mx1 refuses connections, so mx2 gets the message.
+    """
+    from twisted.names import authority, client as names_client, dns as names_dns, server as names_server
+    zone = tmp_path / "remote.example.zone"
+    zone.write_text(ZONE)
+
+    def serve():
+        from twisted.internet import reactor
+        factory = names_server.DNSServerFactory(authorities=[authority.BindAuthority(str(zone))])
+        return reactor.listenUDP(0, names_dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
+
+    udp = in_reactor(serve)
+    try:
+        s = sink()
+        server = start_server(site=True, relay__mx_port=s.port)
+
+        def real_resolver():
+            from twisted.internet import reactor
+            return names_client.Resolver(servers=[("127.0.0.1", udp.getHost().port)], reactor=reactor)
+
+        use_resolver(server, in_reactor(real_resolver))
+        submit(server, ["carol@remote.example"])
+        wait_for(lambda: s.messages)
+        wait_for(lambda: queue_empty(tmp_path))
+        hosts = [l for l in relay_log if "mx1.remote.example" in l or "mx2.remote.example" in l]
+        assert "mx1.remote.example[127.0.0.2]" in hosts[0] and "unusable" in hosts[0]
+        assert "host=mx2.remote.example[127.0.0.1]" in hosts[-1] and "status=sent" in hosts[-1]
+    finally:
+        in_reactor(udp.stopListening)
+
 def test_opportunistic_starttls_to_mx_without_verification(start_server, accounts, sink, tmp_path, certificate):
     """MX hosts get STARTTLS when they offer it, whatever their certificate."""
     cert, key = certificate
@@ -183,6 +231,32 @@ def test_nonexistent_domain_bounces_at_once(start_server, accounts, tmp_path):
     assert b"Status: 5.1.2" in dsn.read_bytes()
     wait_for(lambda: queue_empty(tmp_path))
 
+
+def test_null_mx_bounces_at_once(start_server, accounts, tmp_path):
+    """A domain that publishes a null MX (RFC 7505) accepts no mail: 5.1.10 at once."""
+    server = start_server(site=True)
+    use_resolver(server, FakeResolver(mx={"nullmx.example": [(0, "")]}))
+    submit(server, ["x@nullmx.example"])
+    [dsn] = wait_for(lambda: maildir_files(tmp_path / "data", "alice@example.test"))
+    assert b"Status: 5.1.10" in dsn.read_bytes()
+    wait_for(lambda: queue_empty(tmp_path))
+
+
+def test_dns_failure_is_temporary(start_server, accounts, tmp_path, sink):
+    """SERVFAIL for the MX query defers (4.4.3); the next attempt, with DNS back, delivers."""
+    s = sink()
+    clock = Clock()
+    server = start_server(site=True, clock=clock, relay__mx_port=s.port)
+    resolver = FakeResolver(servfail={"remote.example"}, a={"remote.example": ["127.0.0.1"]})
+    use_resolver(server, resolver)
+    submit(server, ["carol@remote.example"])
+    wait_for(lambda: queued(tmp_path) and queued(tmp_path)[0]["attempts"] == 1)
+    assert "4.4.3" in queued(tmp_path)[0]["recipients"][0]["reply"]
+    resolver.servfail.clear()
+    server.advance(300)
+    wait_for(lambda: s.messages)
+    wait_for(lambda: queue_empty(tmp_path))
+    assert maildir_files(tmp_path / "data", "alice@example.test") == []
 
 def test_temporary_failure_is_retried_on_the_clock(start_server, accounts, sink, tmp_path, relay_log):
     """451 at RCPT defers the recipient; after retry_minutes on the clock it is delivered."""
@@ -214,6 +288,27 @@ def test_temporary_failure_is_retried_on_the_clock(start_server, accounts, sink,
     wait_for(lambda: queue_empty(tmp_path))
     assert len(attempts) == 2
 
+
+def test_partly_accepted_group_retries_only_the_deferred_recipient(start_server, accounts, sink,
+                                                                   tmp_path):
+    """RCPT 250 for one, 451 for the other: the retry sends only the other, so each gets one copy."""
+    first = {"left": 1}
+
+    def policy(stage, arg, s):
+        if stage == "rcpt" and arg == "dave@remote.example" and first["left"]:
+            first["left"] -= 1
+            return "451 4.2.1 mailbox temporarily unavailable"
+        return None
+
+    s = sink(policy=policy)
+    clock = Clock()
+    server = start_server(site=True, clock=clock, **smarthost(s))
+    submit(server, ["carol@remote.example", "dave@remote.example"])
+    wait_for(lambda: queued(tmp_path) and queued(tmp_path)[0]["attempts"] == 1)
+    assert [m.recipients for m in s.messages] == [["carol@remote.example"]]
+    server.advance(300)
+    wait_for(lambda: queue_empty(tmp_path))
+    assert [m.recipients for m in s.messages] == [["carol@remote.example"], ["dave@remote.example"]]
 
 def test_backoff_doubles(start_server, accounts, sink, tmp_path):
     """Each further temporary failure doubles the wait, up to max_retry_minutes."""
@@ -261,7 +356,7 @@ def test_permanent_failure_bounces_to_the_local_sender(start_server, accounts, s
     assert b"carol@remote.example" not in text.get_payload(decode=True)
 
 
-def test_lifetime_expiry_bounces_and_delay_warning(start_server, accounts, sink, tmp_path):
+def test_lifetime_expiry_bounces_and_delay_warning(start_server, accounts, sink, tmp_path, relay_log):
     """A delay warning after delay_warning_hours; a DSN with 4.4.7 once the lifetime is over."""
     s = sink(policy=lambda stage, arg, s: "451 4.2.0 mailbox busy" if stage == "rcpt" else None)
     clock = Clock()
@@ -289,6 +384,8 @@ def test_lifetime_expiry_bounces_and_delay_warning(start_server, accounts, sink,
     assert block["Action"] == "failed" and block["Status"] == "4.4.7"
     assert "last reply: 451 4.2.0 mailbox busy" in block["Diagnostic-Code"]
     assert s.messages == []
+    [line] = [l for l in relay_log if "status=bounced" in l]
+    assert "4.4.7 message expired after 3 hours" in line and "next=-" in line
 
 
 def test_no_bounce_for_a_bounce(start_server, accounts, sink, tmp_path, relay_log):
@@ -526,6 +623,10 @@ def test_a_group_accepted_is_on_disk_before_the_others_finish(start_server, acco
     wait_for(lambda: {r["address"]: r["state"] for r in queued(tmp_path)[0]["recipients"]}
              == {"a@one.example": "sent", "b@two.example": "pending"})
     assert queued(tmp_path)[0]["attempts"] == 0
+    server.advance(300)  # the silent host times out; the attempt ends
+    wait_for(lambda: queued(tmp_path)[0]["attempts"] == 1)
+    assert [r["state"] for r in queued(tmp_path)[0]["recipients"]] == ["sent", "pending"]
+    assert fast.recipients() == ["a@one.example"]
 
 
 # TLS to a smarthost
@@ -690,3 +791,81 @@ def test_kill_9_mid_queue_delivers_each_recipient_exactly_once(accounts, sink, t
         proc.stderr.close()
     assert sorted(s.recipients()) == sorted([f"a{i}@one.example" for i in range(3)]
                                             + [f"b{i}@two.example" for i in range(3)])
+
+
+def test_auth_login_when_plain_is_not_offered(start_server, accounts, sink, tmp_path, pki):
+    """A smarthost offering only AUTH LOGIN gets the password_file's password that way."""
+    s = sink(tls=server_tls(pki["cert"], pki["key"]), auth_mechanisms="LOGIN")
+    server = start_server(site=True, **tls_relay(s, pki, tmp_path))
+    submit(server, ["carol@remote.example"])
+    wait_for(lambda: s.messages)
+    assert s.messages[0].auth == "LOGIN site@provider.example:relay-secret"
+
+
+def test_rejected_relay_credentials_defer_never_bounce(start_server, accounts, sink, tmp_path, pki):
+    """535 to our AUTH is the administrator's problem: the message stays queued (4.7.8)."""
+    s = sink(tls=server_tls(pki["cert"], pki["key"]),
+             policy=lambda stage, arg, s: "535 5.7.8 bad credentials" if stage == "auth" else None)
+    server = start_server(site=True, clock=Clock(), **tls_relay(s, pki, tmp_path))
+    submit(server, ["carol@remote.example"])
+    wait_for(lambda: queued(tmp_path) and queued(tmp_path)[0]["attempts"] == 1)
+    [r] = queued(tmp_path)[0]["recipients"]
+    assert r["state"] == "pending" and r["reply"].startswith("451 4.7.8 relay authentication failed")
+    assert s.messages == [] and maildir_files(tmp_path / "data", "alice@example.test") == []
+
+
+def test_system_trust_store_when_no_ca_file(start_server, accounts, sink, tmp_path, pki):
+    """Without ca_file the system trust store decides: a private CA's certificate is deferred."""
+    s = sink(tls=server_tls(pki["cert"], pki["key"]))
+    keys = tls_relay(s, pki, tmp_path)
+    del keys["relay__ca_file"]
+    server = start_server(site=True, clock=Clock(), **keys)
+    submit(server, ["carol@remote.example"])
+    wait_for(lambda: queued(tmp_path) and queued(tmp_path)[0]["attempts"] == 1)
+    assert "4.7.5" in queued(tmp_path)[0]["recipients"][0]["reply"]
+    assert s.messages == []
+
+
+def test_implicit_tls_smarthost_with_the_wrong_name_is_deferred(start_server, accounts, sink,
+                                                                tmp_path, pki):
+    """tls: smarthost whose certificate names another host: 4.7.5, nothing sent, no AUTH."""
+    s = sink(implicit_tls=server_tls(pki["cert"], pki["key"]))
+    server = start_server(site=True, clock=Clock(), **tls_relay(
+        s, pki, tmp_path, relay__smarthost=f"tls:host=127.0.0.1:port={s.port}",
+        relay__tls_hostname="smtp.provider.example"))
+    submit(server, ["carol@remote.example"])
+    wait_for(lambda: queued(tmp_path) and queued(tmp_path)[0]["attempts"] == 1)
+    assert queued(tmp_path)[0]["recipients"][0]["reply"].startswith(
+        "451 4.7.5 TLS negotiation with 127.0.0.1")
+    assert s.messages == []
+
+
+def test_no_delay_warning_when_switched_off(start_server, accounts, sink, tmp_path):
+    """delay_warning_hours = 0: the sender hears only the final bounce."""
+    s = sink(policy=lambda stage, arg, s: "451 4.2.0 mailbox busy" if stage == "rcpt" else None)
+    clock = Clock()
+    server = start_server(site=True, clock=clock,
+                          **smarthost(s, relay__queue_lifetime_hours=2, relay__delay_warning_hours=0,
+                                      relay__retry_minutes=30, relay__max_retry_minutes=30))
+    submit(server, ["carol@remote.example"])
+    wait_for(lambda: queued(tmp_path) and queued(tmp_path)[0]["attempts"] == 1)
+    for _ in range(5):
+        server.advance(1800)
+    wait_for(lambda: queue_empty(tmp_path))
+    [bounce] = maildir_files(tmp_path / "data", "alice@example.test")
+    assert b"Undelivered Mail Returned to Sender" in bounce.read_bytes()
+
+
+def test_opportunistic_smarthost_tls_failure_is_never_downgraded(start_server, accounts, sink,
+                                                                 tmp_path, pki):
+    """Even with starttls = "opportunistic", a smarthost whose certificate fails is retried with TLS."""
+    s = sink(tls=server_tls(pki["cert"], pki["key"]))
+    keys = tls_relay(s, pki, tmp_path, relay__starttls="opportunistic",
+                     relay__tls_hostname="smtp.provider.example")
+    server = start_server(site=True, clock=Clock(), **keys)
+    submit(server, ["carol@remote.example"])
+    for attempts in (1, 2, 3):
+        wait_for(lambda: queued(tmp_path)[0]["attempts"] == attempts)
+        assert "4.7.5" in queued(tmp_path)[0]["recipients"][0]["reply"]
+        server.advance(3600)
+    assert s.messages == []

@@ -5,6 +5,7 @@ user owns, Message-ID and Date added, no open relay on any listener.
 
 from __future__ import annotations
 
+import base64
 import smtplib
 import ssl
 
@@ -104,13 +105,16 @@ def test_frozen_account_cannot_authenticate(start_server, accounts, tmp_path):
     factory = next(l.factory for l in server.service.listeners if l.kind == "submission")
     if type(factory.freeze).__name__ == "NullFreezeStore":
         pytest.skip("the server runs without a freeze store")
-    client = smtplib.SMTP("127.0.0.1", server.port("submission"), timeout=10)
-    client.ehlo("client.example")
-    with pytest.raises(smtplib.SMTPAuthenticationError) as e:
-        client.login("alice@example.test", "alice-secret")
-    assert e.value.smtp_code == 535 and e.value.smtp_error.startswith(b"5.7.8")
-    client.login("bob@example.test", "bob-secret")
-    client.quit()
+    for kind in ("submission", "smtp"):  # AUTH on port 25 is refused the same way
+        client = smtplib.SMTP("127.0.0.1", server.port(kind), timeout=10)
+        client.ehlo("client.example")
+        with pytest.raises(smtplib.SMTPAuthenticationError) as e:
+            client.login("alice@example.test", "alice-secret")
+        assert e.value.smtp_code == 535 and e.value.smtp_error.startswith(b"5.7.8")
+        assert client.mail("alice@example.test")[0] == (530 if kind == "submission" else 250)
+        client.rset()
+        client.login("bob@example.test", "bob-secret")
+        client.quit()
 
 
 @pytest.mark.parametrize("kind", ["smtp", "submission"])
@@ -165,6 +169,8 @@ def test_starttls_required_before_auth_on_submission(start_server, accounts, cer
     client = smtplib.SMTP("127.0.0.1", server.port("submission"), timeout=10)
     client.ehlo("client.example")
     assert not client.has_extn("auth")
+    code, text = client.docmd("AUTH", "PLAIN " + base64.b64encode(b"\0alice@example.test\0alice-secret").decode())
+    assert (code, text[:6]) == (538, b"5.7.11")
     assert client.mail("alice@example.test")[0] == 530
     client.rset()
     context = ssl.create_default_context()

@@ -636,6 +636,7 @@ class IMAPServer(CommandProtocol):
                 if lsub or "SUBSCRIBED" in select_opts:
                     existing = dict(list_entries(names, re.compile(".*", re.S)))
                     entries = []
+                    listed = set()
                     for n in subs:
                         if regex.match(n):
                             if lsub:
@@ -643,6 +644,18 @@ class IMAPServer(CommandProtocol):
                             else:
                                 attrs = existing.get(n, ["\\NonExistent"])
                             entries.append((n, attrs))
+                            listed.add(n)
+                        elif lsub:
+                            # RFC 3501 6.3.9: "%" matching only the parent of a
+                            # subscribed folder lists the parent as \Noselect.
+                            parts = n.split(DELIMITER)
+                            for i in range(len(parts) - 1, 0, -1):
+                                parent = DELIMITER.join(parts[:i])
+                                if regex.match(parent):
+                                    if parent not in listed and parent not in subscribed:
+                                        entries.append((parent, ["\\Noselect"]))
+                                        listed.add(parent)
+                                    break
                 else:
                     entries = list_entries(names, regex)
                 for n, attrs in entries:

@@ -42,8 +42,6 @@ def header_end(data: bytes) -> int:
 
 # Header fields, quickly ------------------------------------------------------------
 
-_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+\Z")
-_FIELD_START = re.compile(r"From |[\041-\071\073-\176]*:|[\t ]")
 
 
 class Headers:
@@ -79,38 +77,54 @@ def fast_headers(block: bytes) -> Headers | None:
     """L{Headers} of a header block; C{None} when it has 8-bit bytes (the C{email} parser decides those)."""
     if not block.isascii():
         return None
+    # The lines email's parser takes as the header block ...
     lines = []
-    for m in _LINE.finditer(block.decode("ascii")):
-        line = m.group()
-        if not line or line[0] in "\r\n" or not _FIELD_START.match(line):
+    for raw in block.splitlines(True):
+        c = raw[:1]
+        if c == b"\r" or c == b"\n":
             break
-        lines.append(line)
+        if c == b" " or c == b"\t" or raw.startswith(b"From "):
+            lines.append(raw)
+            continue
+        i = raw.find(b":")
+        if i < 0 or (i and not _NAME.fullmatch(raw, 0, i)):
+            break
+        lines.append(raw)
+    # ... and the fields it makes of them (FeedParser._parse_headers, compat32).
     fields: list[tuple[str, str, str]] = []
-    current: list[str] = []
-
-    def flush() -> None:
-        name, value = current[0].split(":", 1)
-        value = (value.lstrip(" \t") + "".join(current[1:])).rstrip("\r\n")
-        fields.append((name.lower(), name, value))
-
-    for lineno, line in enumerate(lines):
-        if line[0] in " \t":
+    current: list[bytes] = []
+    last = len(lines) - 1
+    for lineno, raw in enumerate(lines):
+        c = raw[:1]
+        if c == b" " or c == b"\t":
             if current:
-                current.append(line)
+                current.append(raw)
             continue
         if current:
-            flush()
+            fields.append(_field(current))
             current = []
-        if line.startswith("From "):
-            if lineno == len(lines) - 1 and lineno:
+        if raw.startswith(b"From "):
+            if lineno and lineno == last:
                 break
             continue
-        if line.find(":") <= 0:
+        if raw[:1] == b":":
             continue
-        current = [line]
+        current = [raw]
     if current:
-        flush()
+        fields.append(_field(current))
     return Headers(fields)
+
+
+_NAME = re.compile(rb"[\041-\071\073-\176]*")
+
+
+def _field(lines: list[bytes]) -> tuple[str, str, str]:
+    name, value = lines[0].decode("ascii").split(":", 1)
+    value = value.lstrip(" \t")
+    if len(lines) > 1:
+        value += b"".join(lines[1:]).decode("ascii")
+    value = value.rstrip("\r\n")
+    return name.lower(), name, value
 
 
 def _q(value: str | None) -> bytes:

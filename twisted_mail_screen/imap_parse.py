@@ -333,8 +333,8 @@ def quote(value: bytes | None) -> bytes:
     """A string as a quoted string when it can be one, else as a literal."""
     if value is None:
         return b"NIL"
-    if len(value) < 1024 and not any(b in value for b in (b"\r", b"\n", b"\0")) \
-            and all(ch < 0x80 for ch in value):
+    if len(value) < 1024 and value.isascii() and b"\r" not in value and b"\n" not in value \
+            and b"\0" not in value:
         return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
     return literal(value)
 

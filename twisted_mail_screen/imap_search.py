@@ -135,6 +135,8 @@ class Candidate:
         self.flags = {f.lower() for f in flag_names(rel, keywords)}
         self._data: bytes | None = None
         self._headers: Any = None
+        self._block: bytes | None = None
+        self._lower: str | None = None
         self._mtime: float | None = None
         self._body: str | None = None
 
@@ -150,13 +152,32 @@ class Candidate:
             self._data = self._read(True)
         return self._data
 
-    def headers(self) -> Any:
-        if self._headers is None:
+    def block(self) -> bytes:
+        """The header block as stored."""
+        if self._block is None:
             data = self._data if self._data is not None else self._read(False)
             m = _BLANK_LINE.search(data)
-            block = data[:m.end()] if m else data
+            self._block = data[:m.end()] if m else data
+        return self._block
+
+    def headers(self) -> Any:
+        if self._headers is None:
+            block = self.block()
             self._headers = fast_headers(block) or BytesHeaderParser(policy=compat32).parsebytes(block)
         return self._headers
+
+    def may_have(self, needle: str) -> bool:
+        """
+        False when no header value can contain C{needle}: an ASCII block
+        without encoded words holds its values as they are, so one that
+        lacks the needle (case-insensitively) is skipped without parsing.
+        """
+        block = self.block()
+        if not block.isascii() or b"=?" in block:
+            return True
+        if self._lower is None:
+            self._lower = block.decode("ascii").lower()
+        return needle in self._lower
 
     def mtime(self) -> float:
         if self._mtime is None:
@@ -199,6 +220,8 @@ def evaluate(node: Node, c: Candidate, max_seq: int, max_uid: int) -> bool:
     if kind == "seq":
         return _in(node[1], c.seq, max_seq)
     if kind == "header":
+        if node[2] and not c.may_have(node[2]):
+            return False
         values = decoded_header_values(c.headers(), node[1])
         return any(node[2] in v.casefold() for v in values)
     if kind == "body":

@@ -45,7 +45,8 @@ from twisted_mail_screen.atomic import fsync_directory, write_atomically
 from twisted_mail_screen.config import Config
 from twisted_mail_screen.dsn import Failed, build_dsn
 from twisted_mail_screen.relay_config import (IMPLICIT_TLS, RelayConfig, endpoint_host_port,
-                                              load_ca_certificates, split_endpoint)
+                                              load_ca_certificates, read_password,
+                                              split_endpoint)
 from twisted_mail_screen.smtpclient import (ClientFactory, Reply, SMTPClient, SMTPFailure,
                                             local_failure, open_session, quit, transaction)
 from twisted_mail_screen.workers import Blocking
@@ -331,8 +332,7 @@ class OutboundQueue(MultiService):
         self._credentials: tuple[str, str] | None = None
         self._smarthost_tls: Any = None
         if relay.username is not None and relay.password_file is not None:
-            with open(relay.password_file, encoding="utf-8") as f:
-                self._credentials = (relay.username, f.readline().rstrip("\r\n"))
+            self._credentials = (relay.username, read_password(relay.password_file))
         if relay.smarthost is not None and relay.tls_hostname is not None:
             trust = (ssl.trustRootFromCertificates(load_ca_certificates(relay.ca_file))
                      if relay.ca_file else ssl.platformTrust())
@@ -393,7 +393,10 @@ class OutboundQueue(MultiService):
         waiting = list(self._in_flight.values())
         grace = None
         if waiting:
-            grace = self.clock.callLater(SHUTDOWN_GRACE_SECONDS, self._abort_all)
+            # Real time, not the injected clock: stopping is a wall-clock
+            # matter, and a test's Clock that nobody advances must not
+            # keep a stalled transaction (and the shutdown) open forever.
+            grace = self.reactor.callLater(SHUTDOWN_GRACE_SECONDS, self._abort_all)
         d = DeferredList(waiting, consumeErrors=True)
 
         def stop_children(_: Any) -> Any:

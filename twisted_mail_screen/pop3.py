@@ -186,6 +186,17 @@ def read_files(maildir: Maildir, messages: list[MessageFile],
     return out
 
 
+def uidl_of(message: MessageFile) -> str:
+    """
+    A UIDL that never changes for this file: its Maildir unique name, or a
+    hash of it where that would break RFC 1939's 70-character limit.
+    """
+    unique = message.base.split(",", 1)[0]
+    if len(unique) <= 70 and all(0x21 <= ord(c) <= 0x7E for c in unique):
+        return unique
+    return hashlib.sha256(unique.encode("utf-8", "surrogateescape")).hexdigest()[:40]
+
+
 @dataclass
 class Drop:
     """A locked mailbox as one POP3 session sees it."""

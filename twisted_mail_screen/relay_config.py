@@ -14,7 +14,6 @@ server (docs/relay.md explains every key).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from twisted_mail_screen.configbase import ConfigError, Section
@@ -96,15 +95,10 @@ def endpoint_host_port(description: str, default_port: int) -> tuple[str | None,
     return host, int(port) if port else default_port
 
 
-def _readable(sec: Section, name: str) -> str | None:
-    value = sec.get(name, str, None)  # type: ignore[arg-type]
-    if value is None:
-        return None
-    if not os.path.isfile(value):
-        raise ConfigError(sec.key(name), value, "no such file")
-    if not os.access(value, os.R_OK):
-        raise ConfigError(sec.key(name), value, "is not readable")
-    return value
+def read_password(path: str) -> str:
+    """The first line of a password file, without its line ending."""
+    with open(path, encoding="utf-8") as f:
+        return f.readline().rstrip("\r\n")
 
 
 def load_ca_certificates(path: str) -> list:
@@ -172,7 +166,7 @@ def parse_relay(section: Section, mode: str) -> RelayConfig:
         raise ConfigError(section.key("tls_hostname"), None,
                           "is required to check the TLS certificate of a UNIX-socket smarthost")
     username = section.get("username", str, None)  # type: ignore[arg-type]
-    password_file = _readable(section, "password_file")
+    password_file = section.readable_file("password_file")
     if username is not None:
         if smarthost is None:
             raise ConfigError(section.key("username"), username, "needs relay.smarthost")
@@ -183,7 +177,15 @@ def parse_relay(section: Section, mode: str) -> RelayConfig:
                               "would send relay.username's password unencrypted")
     elif password_file is not None:
         raise ConfigError(section.key("username"), None, "is required with relay.password_file")
-    ca_file = _readable(section, "ca_file")
+    if password_file is not None:
+        try:
+            empty = read_password(password_file) == ""
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(section.key("password_file"), password_file, f"unreadable: {e}") from e
+        if empty:
+            raise ConfigError(section.key("password_file"), password_file,
+                              "its first line (the password) is empty")
+    ca_file = section.readable_file("ca_file")
     if ca_file is not None:
         try:
             load_ca_certificates(ca_file)
