@@ -102,3 +102,39 @@ def test_fetch_all_flags_streams_in_bounded_memory(start_server, tmp_path):
     print(f"FETCH 1:* (UID FLAGS) of 20000: peak growth {growth / 1e6:.2f} MB")
     # the whole response is ~0.9 MB; streaming keeps well under that
     assert growth < 2_000_000
+
+
+def test_many_chunks_of_bodies_arrive_in_order(start_server, tmp_path):
+    """Chunks are rendered one ahead of the one being written; the order never changes."""
+    box = tmp_path / "data/mail/localhost/bob"
+    for sub in ("cur", "new", "tmp"):
+        os.makedirs(box / sub, exist_ok=True)
+    n = 650  # several chunks of 200 bodies, and of 500 header blocks
+    for i in range(n):
+        data = f"Subject: number {i}\nFrom: a@example.org\n\n{'x' * (i % 97)}\n".encode()
+        (box / "cur" / f"{1600000000 + i}.M{i}P1.host,S={len(data)}:2,S").write_bytes(data)
+    server = start_server(kinds=KINDS)
+    r = Raw(server.port("imap"))
+    r.command(b"l", b"LOGIN bob@localhost x")
+    r.command(b"s", b"SELECT INBOX")
+    for query, rounds in ((b"(UID BODY.PEEK[])", 1), (b"(UID ENVELOPE)", 2)):  # ENVELOPE: disk, then cache
+        for _ in range(rounds):
+            r.send(b"f FETCH 1:* " + query + b"\r\n")
+            seen = []
+            while True:
+                line = r.line()
+                if line.startswith(b"f "):
+                    assert line.startswith(b"f OK")
+                    break
+                if line.startswith(b"* ") and b" FETCH " in line:
+                    seen.append(int(line.split()[1]))
+                if b"{" in line and line.endswith(b"}"):
+                    size = int(line.rsplit(b"{", 1)[1][:-1])
+                    while len(r.buf) < size:
+                        r.buf += r.sock.recv(65536)
+                    body, r.buf = r.buf[:size], r.buf[size:]
+                    assert f"Subject: number {seen[-1] - 1}\r\n".encode() in body
+                elif b"ENVELOPE" in line:
+                    assert f'"number {seen[-1] - 1}"'.encode() in line
+            assert seen == list(range(1, n + 1))
+    r.close()

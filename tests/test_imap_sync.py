@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_imap import send
+from tests.test_imap import Raw, send
 
 KINDS = ("smtp", "pop3", "imap")
 USER = "sync@localhost"
@@ -154,6 +154,17 @@ starttls = no
         return [OFFLINEIMAP, "-c", str(self.rc), "-o", "-u", "basic"]
 
 
+def append_many(port: int, folder: str, messages: list[tuple[str, bytes]]) -> None:
+    """Pipelined APPENDs with LITERAL+, as sync clients upload (imaplib waits for each)."""
+    r = Raw(port)
+    r.command(b"l", f"LOGIN {USER} secret".encode())
+    r.send(b"".join(b"a%d APPEND %s %s{%d+}\r\n%s\r\n" % (i, folder.encode(), flags.encode(), len(data), data)
+                    for i, (flags, data) in enumerate(messages)))
+    for i in range(len(messages)):
+        assert r.until(b"a%d" % i)[-1].startswith(b"a%d OK [APPENDUID " % i)
+    r.close()
+
+
 def normal(data: bytes) -> bytes:
     """Line ends as LF, without the X-TUID header mbsync adds to every copy it makes."""
     return TUID.sub(b"", data.replace(b"\r\n", b"\n"), count=1)
@@ -224,7 +235,48 @@ def subjects(state: dict[str, list[tuple[bytes, str]]], name: str) -> dict[str, 
 
 @pytest.mark.skipif(MBSYNC is None, reason="mbsync not installed (Debian package isync)")
 def test_two_way_sync_with_mbsync(start_server, tmp_path):
-    server = start_server(kinds=KINDS)
+    mbsync_scenario(start_server(kinds=KINDS), tmp_path)
+
+
+class Twistd:
+    """C{twistd -n mailscreen} from the installed package, as a new user runs it."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        from tests.test_twistd import EPHEMERAL, twistd, wait_for_ports
+
+        self.proc = twistd(tmp_path, "--data-dir", str(tmp_path / "data"), "--smtp", EPHEMERAL,
+                           "--pop3", EPHEMERAL, "--imap", EPHEMERAL)
+        self.ports = wait_for_ports(self.proc, {"smtp", "pop3", "imap"})
+        if set(self.ports) != {"smtp", "pop3", "imap"}:
+            self.stop()
+            raise AssertionError(f"twistd did not listen: {self.ports}")
+
+    def port(self, kind: str) -> int:
+        return self.ports[kind]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def _twistd_usable() -> bool:
+    from tests.test_twistd import _plugin_visible
+
+    return bool(os.environ.get("MAILSCREEN_REQUIRE_TWISTD")) or _plugin_visible()
+
+
+@pytest.mark.skipif(MBSYNC is None, reason="mbsync not installed (Debian package isync)")
+def test_two_way_sync_with_mbsync_against_twistd(tmp_path):
+    if not _twistd_usable():
+        pytest.skip("twistd mailscreen needs a non-editable install: pip install .")
+    server = Twistd(tmp_path)
+    try:
+        mbsync_scenario(server, tmp_path)
+    finally:
+        server.stop()
+
+
+def mbsync_scenario(server, tmp_path: Path) -> None:
     port = server.port("imap")
     sync = Sync(tmp_path, port)
 
@@ -240,8 +292,8 @@ def test_two_way_sync_with_mbsync(start_server, tmp_path):
         assert m.create(name)[0] == "OK"
         assert m.append(name, "(\\Seen)", None, message(f"x-{len(name)}"))[0] == "OK"
     assert m.create("Bulk")[0] == "OK"
-    for i in range(150):  # more than one FETCH chunk
-        assert m.append("Bulk", "(\\Seen)" if i % 3 else None, None, message(f"b{i}", "x" * i))[0] == "OK"
+    append_many(port, "Bulk", [("(\\Seen) " if i % 3 else "", message(f"b{i}", "x" * i))
+                               for i in range(150)])
     m.select("INBOX")
     m.store("2", "+FLAGS", "(\\Seen)")
     m.logout()
@@ -338,8 +390,7 @@ def test_two_way_sync_with_offlineimap(start_server, tmp_path):
     assert m.create("Projects/2024")[0] == "OK"
     assert m.append("Projects/2024", "(\\Flagged)", None, message("p1"))[0] == "OK"
     assert m.create("Bulk")[0] == "OK"
-    for i in range(120):
-        assert m.append("Bulk", "(\\Seen)" if i % 2 else None, None, message(f"b{i}"))[0] == "OK"
+    append_many(port, "Bulk", [("(\\Seen) " if i % 2 else "", message(f"b{i}")) for i in range(120)])
     m.logout()
     sync.put("INBOX", message("l1"), "S")
     sync.put("Local", message("l2"), "F")

@@ -191,3 +191,5 @@ def test_fetch_cache_is_bounded_and_forgets_expunged():
     budget.release(a)
     budget.release(b)
     assert budget.used == 0
+    a.learn({"late": [b"z", 2.0]})  # a chunk rendered after its folder was forgotten
+    assert budget.used == 0 and a.get("late") is None

@@ -629,6 +629,25 @@ def test_a_group_accepted_is_on_disk_before_the_others_finish(start_server, acco
     assert fast.recipients() == ["a@one.example"]
 
 
+def test_attempts_at_once_are_bounded(start_server, accounts, sink, tmp_path):
+    """
+    With max_attempts = 2 and the smarthost slow to greet, only two
+    messages are being tried (two connections); the others start as those
+    end, and all are delivered once.
+    """
+    s = sink()
+    s.hold_greeting()
+    server = start_server(site=True, **smarthost(s, relay__max_connections_per_destination=10))
+    in_reactor(setattr, server.service.queue, "max_attempts", 2)
+    for i in range(5):
+        submit(server, [f"r{i}@remote.example"])
+    wait_for(lambda: s.connections == 2)
+    assert in_reactor(lambda: len(server.service.queue._in_flight)) == 2
+    s.open_gate()
+    wait_for(lambda: queue_empty(tmp_path))
+    assert sorted(s.recipients()) == [f"r{i}@remote.example" for i in range(5)]
+
+
 # TLS to a smarthost
 
 @pytest.fixture(scope="module")

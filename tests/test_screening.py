@@ -733,3 +733,99 @@ def test_refusal_logged(tmp: Path) -> None:
     assert any(line.startswith("screening: action=refuse client=192.0.2.7 rule=manual "
                                "blocked=192.0.2.0/24 until=") and "protocol=pop3" in line
                for line in h.lines)
+
+
+def test_auth_failure_window_boundary_exact(tmp: Path) -> None:
+    """A failure exactly auth_failure_window_minutes old has left the window; a moment younger has not."""
+    h = Harness(tmp / "a", max_auth_failures=2, auth_failure_window_minutes=15)
+    fail_auth(h, 1)
+    h.clock.advance(15 * 60)
+    assert fail_auth(h, 1) == [False]
+    assert not h.blocked()
+    os.makedirs(tmp / "b")
+    h = Harness(tmp / "b", max_auth_failures=2, auth_failure_window_minutes=15)
+    fail_auth(h, 1)
+    h.clock.advance(15 * 60 - 0.001)
+    assert fail_auth(h, 1) == [True]
+
+
+def decision_lines(h: Harness, action: str) -> list[str]:
+    return [line for line in h.lines if f"action={action} " in line or line.endswith(f"action={action}")]
+
+
+def test_one_log_line_per_decision(tmp: Path) -> None:
+    """Each screening decision is exactly one structured line naming who, rule, counts, action."""
+    h = Harness(tmp, max_connections=2, block_minutes=10, freeze=FreezeConfig(minutes=60),
+                session_auth=SessionAuthConfig(max_failures=2, freeze_account=True))
+    h.connect()
+    h.connect()
+    h.connect()  # the third blocks
+    [block] = decision_lines(h, "block")
+    assert block.startswith("screening: action=block client=192.0.2.7 rule=connections "
+                            "count=3/2 window=5m minutes=10 offence=1 protocol=smtp until=")
+    h.connect()
+    [refuse] = decision_lines(h, "refuse")
+    assert refuse.startswith("screening: action=refuse client=192.0.2.7 rule=connections "
+                             "blocked=192.0.2.7 until=")
+    screen = h.open("192.0.2.8", "imap")
+    screen.auth_failed("bob@example.com", b"same")
+    screen.auth_failed("bob@example.com", b"same")  # the same pair: ignored, and the session limit
+    [ignore] = decision_lines(h, "ignore")
+    assert "client=192.0.2.8 rule=auth_failures count=1/10" in ignore
+    [freeze] = decision_lines(h, "freeze")
+    assert freeze.startswith("screening: action=freeze client=192.0.2.8 rule=session_auth "
+                             "count=2/2 protocol=imap account=bob@example.com until=")
+    h.service.unblock(IP)
+    [unblock] = decision_lines(h, "unblock")
+    assert unblock == "screening: action=unblock client=192.0.2.7 rule=connections"
+    h.service.whitelist_add("198.51.100.0/24", "lab")
+    h.service.whitelist_remove("198.51.100.0/24")
+    assert len(decision_lines(h, "whitelist-add")) == 1
+    assert len(decision_lines(h, "whitelist-remove")) == 1
+    h.service.block("203.0.113.9", 1, "by hand")
+    h.clock.advance(61)
+    [expire] = decision_lines(h, "expire")
+    assert expire.startswith("screening: action=expire client=203.0.113.9 reason=manual")
+    h.service.thaw("bob@example.com")
+    assert len(decision_lines(h, "thaw")) == 1
+    actions = [line.split()[1] for line in h.lines if line.startswith("screening: action=")]
+    assert len(actions) == 10, h.lines
+
+
+def test_blocking_costs_the_same_with_a_long_list(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    Adding, finding and lifting one block does a constant amount of work
+    however many blocks exist (no index rebuild per block).
+    """
+    from twisted_mail_screen import blocklist as blocklist_module
+
+    h = Harness(tmp, max_connections=1)
+    for i in range(5000):
+        h.service._blocklist.add(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}",  # type: ignore[attr-defined]
+                                 START + 3600, "manual")
+    calls = []
+    real = blocklist_module.parse_network
+    monkeypatch.setattr(blocklist_module, "parse_network",
+                        lambda *a, **k: calls.append(a) or real(*a, **k))
+    h.connect()
+    assert h.blocked()  # an automatic block: the 5001st entry
+    assert h.blocked("10.0.19.135")
+    assert h.service.unblock(IP)
+    assert not h.blocked("192.0.2.7")
+    assert len(calls) <= 6, len(calls)
+
+
+def test_expiry_scan_follows_new_earlier_entries(tmp: Path) -> None:
+    """An entry added with an earlier expiry than all others still lapses on time."""
+    clock = Clock()
+    clock.advance(START)
+    blocks = BlockList(str(tmp / "blocklist.txt"), clock)
+    blocks.add("192.0.2.1", START + 100, "manual")
+    assert blocks.expire() == []
+    blocks.add("192.0.2.2", START + 30, "manual")
+    clock.advance(30)
+    assert [e.name for e in blocks.expire()] == ["192.0.2.2"]
+    assert blocks.lookup("192.0.2.2") is None and blocks.lookup("192.0.2.1") is not None
+    clock.advance(70)
+    assert [e.name for e in blocks.expire()] == ["192.0.2.1"]
+    assert blocks.lookup("192.0.2.1") is None

@@ -38,9 +38,15 @@ def refused_reply(port: int) -> bytes:
 
 
 def site(start_server, **overrides):
-    """Site mode with loopback not whitelisted, time on a Clock."""
+    """
+    Site mode with loopback not whitelisted, time on a Clock. The Clock
+    starts at the real time: the Maildir tmp/ cleaner compares the clock
+    with file modification times, and a clock far ahead of them would
+    delete a notice being delivered (36 hours "stale").
+    """
+    import time
     clock = Clock()
-    clock.advance(1_800_000_000)
+    clock.advance(time.time() // 1)
     kinds = ("smtp", "submission", "pop3", "imap")
     return start_server(site=True, clock=clock, kinds=kinds, **overrides), clock
 

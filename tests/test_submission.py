@@ -198,3 +198,18 @@ def test_implicit_tls_submission_port(start_server, accounts, certificate, tmp_p
     client.quit()
     [path] = maildir_files(tmp_path / "data", "bob@example.test")
     assert b"with ESMTPSA" in path.read_bytes()
+
+
+def test_account_frozen_during_a_session_cannot_send(start_server, accounts, sink):
+    """A session authenticated before its account was frozen cannot start a new message."""
+    from twisted_mail_screen.testing import in_reactor
+    server = start_server(site=True, **relay_to(sink))
+    store = server.service.screening.freeze_store
+    if store is None:
+        pytest.skip("the server runs without a freeze store")
+    client = login(server)
+    in_reactor(store.freeze, "alice@example.test", None, "test")
+    code, text = client.mail("alice@example.test")
+    client.quit()
+    assert code == 554 and text.startswith(b"5.7.1")
+    assert sink.messages == []

@@ -59,10 +59,14 @@ class _FreezeStoreBase:
             return False
         return self._table.get(name) is not None
 
-    def freeze(self, username: str, minutes: int | None, reason: str) -> Entry:
+    def freeze(self, username: str, minutes: int | None, reason: str,
+               log: bool = True) -> Entry:
         """
         Freeze C{username} for C{minutes} (C{None} or 0: until thawed).
         Freezing a frozen account replaces its expiry and reason.
+
+        @param log: log the decision here (C{False} when the caller logs
+            it itself, so each decision is one line).
         """
         self._sync()
         expires = (None if not minutes
@@ -70,8 +74,10 @@ class _FreezeStoreBase:
         entry = Entry(canonical_account(username), expires, reason)
         self._table.put(entry)
         self._table.flush()
-        self._log.info("screening: action=freeze account={account} until={until} reason={reason}",
-                       account=entry.name, until=format_expiry(entry.expires), reason=reason)
+        if log:
+            self._log.info("screening: action=freeze account={account} until={until} "
+                           "reason={reason}", account=entry.name,
+                           until=format_expiry(entry.expires), reason=reason)
         return entry
 
     def thaw(self, username: str) -> bool:

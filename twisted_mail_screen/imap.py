@@ -929,7 +929,7 @@ class IMAPServer(CommandProtocol):
             return blocking.run(render_rows, folder.path, chunk, atts, keywords,
                                 cache).addCallback(learnt)
 
-        def chunks() -> Iterator[list]:
+        def chunks() -> Iterator[tuple[list, bool]]:
             while True:
                 chunk = []
                 budget = 0
@@ -940,17 +940,21 @@ class IMAPServer(CommandProtocol):
                         break
                 if not chunk:
                     return
-                yield chunk
+                yield chunk, budget >= BODY_CHUNK_BYTES
 
         def pieces() -> Iterator[Any]:
             # One chunk is rendered (in a worker thread when it reads files)
-            # while the one before it is being written.
+            # while the one before it is being written; a chunk of large
+            # bodies is written before the next one is read.
             ahead: Any = None
-            for chunk in chunks():
+            for chunk, big in chunks():
                 piece = render(chunk)
                 if ahead is not None:
                     yield ahead
                 ahead = piece
+                if big:
+                    yield ahead
+                    ahead = None
             if ahead is not None:
                 yield ahead
 
@@ -1085,7 +1089,8 @@ class IMAPServer(CommandProtocol):
                 return registry.blocking.run(
                     mb.transfer_files, source.path, path, rows, list(source.keywords),
                     list(target.keywords), move, hostname, target.uidvalidity, target.next_uid,
-                    array("L", target.uids), list(target.names))
+                    array("L", target.uids), list(target.names),
+                    source.uidlist_snapshot() if move else None)
 
             def transferred(result: Any) -> list[tuple[int, int, str]]:
                 done, next_uid, keywords = result

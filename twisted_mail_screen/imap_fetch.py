@@ -88,11 +88,14 @@ class Cache:
         self.entries: dict[str, list[Any]] = {}
         self.budget = budget
         self.used = 0
+        self.released = False
 
     def get(self, base: str) -> list[Any] | None:
         return self.entries.get(base)
 
     def learn(self, learned: dict[str, list[Any]]) -> None:
+        if self.released:  # the folder was forgotten while a chunk was being rendered
+            return
         for base, (env, mtime) in learned.items():
             entry = self.entries.get(base)
             if entry is None:
@@ -148,6 +151,7 @@ class Budget:
 
     def release(self, cache: Cache) -> None:
         cache.clear()
+        cache.released = True
         if cache in self.caches:
             self.caches.remove(cache)
 

@@ -204,8 +204,10 @@ def scan_folder(path: str, loaded: bool, uids: "array[int]", names: list[str],
     if loaded and not os.path.exists(os.path.join(path, uidlist.FILENAME)):
         return ScanResult(gone=True)  # deleted and made again, or the map was removed
     r = ScanResult(loaded=not loaded)
+    dirty = False
     if not loaded:
         ul, r.reason = uidlist.load(path)
+        dirty = ul.dirty  # records appended since the last rewrite: compact them
         uids, names = ul.uids, [f"new/{b}" for b in ul.bases]
         uidvalidity, next_uid = ul.uidvalidity, ul.next_uid
         r.keywords = load_keywords(path)
@@ -270,7 +272,7 @@ def scan_folder(path: str, loaded: bool, uids: "array[int]", names: list[str],
         for uid, rel in added:
             all_uids.append(uid)
             all_names.append(rel)
-        if r.reason is not None or added or vanished:
+        if r.reason is not None or added or vanished or dirty:
             uidlist.UidList(uidvalidity, next_uid, all_uids, [base_of(n) for n in all_names]).save(path)
         r.uids, r.names = all_uids, all_names
     r.uidvalidity, r.next_uid = uidvalidity, next_uid
@@ -491,6 +493,19 @@ def write_uidlist(path: str, uidvalidity: int, next_uid: int, uids: Iterable[int
     uidlist.UidList(uidvalidity, next_uid, array("L", uids), [base_of(n) for n in names]).save(path)
 
 
+def add_to_uidlist(path: str, uidvalidity: int, next_uid: int, uids: Iterable[int],
+                   names: Iterable[str], added: list[tuple[int, str]]) -> None:
+    """
+    Make new messages' UIDs durable: append their lines to the folder's map
+    (one small fsync'd write), or write the whole map (C{uids}/C{names}
+    already including C{added}) if there is no file to append to.
+    """
+    try:
+        uidlist.append_records(path, [(u, base_of(n)) for u, n in added])
+    except FileNotFoundError:
+        write_uidlist(path, uidvalidity, next_uid, uids, names)
+
+
 class Registry:
     """Every L{Folder} of one mail store, and the per-account locks."""
 
@@ -638,12 +653,16 @@ def unlink_files(path: str, doomed: list[tuple[int, str]]) -> list[int]:
 def transfer_files(src: str, dst: str, rows: list[tuple[int, str]], src_keywords: list[str],
                    dst_keywords: list[str], move: bool, hostname: str,
                    uidvalidity: int, next_uid: int, dst_uids: "array[int]",
-                   dst_names: list[str]) -> tuple[list[tuple[int, int, str]], int, list[str]]:
+                   dst_names: list[str], src_state: "tuple[int, int, array[int], list[str]] | None" = None
+                   ) -> tuple[list[tuple[int, int, str]], int, list[str]]:
     """
     COPY (hard links) or MOVE (renames) of C{rows} into folder C{dst};
     UIDs in C{dst} are given in the order of C{rows} and its uidlist is
     written before returning. Returns ((src uid, dst uid, dst name), ...),
-    the new next UID and C{dst}'s keyword list.
+    the new next UID and C{dst}'s keyword list. A MOVE given C{src_state}
+    (the source's L{Folder.uidlist_snapshot}) also rewrites the source's
+    map without the moved messages, so a file moved back later by another
+    program cannot get its old UID again.
     """
     from twisted_mail_screen.atomic import fsync_directory
     from twisted_mail_screen.imap_fetch import find_file
@@ -683,8 +702,13 @@ def transfer_files(src: str, dst: str, rows: list[tuple[int, str]], src_keywords
         fsync_directory(os.path.join(dst, "cur"))
         if move:
             fsync_directory(os.path.join(src, "cur"))
-        write_uidlist(dst, uidvalidity, next_uid, list(dst_uids) + [d for _, d, _ in done],
-                      list(dst_names) + [t for _, _, t in done])
+        add_to_uidlist(dst, uidvalidity, next_uid, list(dst_uids) + [d for _, d, _ in done],
+                       list(dst_names) + [t for _, _, t in done], [(d, t) for _, d, t in done])
+        if move and src_state is not None:
+            moved = {s for s, _, _ in done}
+            v, n, uids, names = src_state
+            kept = [(u, name) for u, name in zip(uids, names) if u not in moved]
+            write_uidlist(src, v, n, [u for u, _ in kept], [name for _, name in kept])
     return done, next_uid, keywords
 
 
@@ -715,5 +739,6 @@ def append_file(store: Any, path: str, data: bytes, flags: list[str], date: floa
     rel = ("cur/" if letters else "new/") + name
     if date is not None:
         os.utime(os.path.join(path, rel), (date, date))
-    write_uidlist(path, uidvalidity, next_uid + 1, list(uids) + [next_uid], list(names) + [rel])
+    add_to_uidlist(path, uidvalidity, next_uid + 1, list(uids) + [next_uid], list(names) + [rel],
+                   [(next_uid, rel)])
     return next_uid, rel, merged

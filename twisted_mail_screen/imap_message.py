@@ -52,31 +52,58 @@ class Headers:
     Only for ASCII header blocks (see L{fast_headers}).
     """
 
-    __slots__ = ("fields",)
+    __slots__ = ("fields", "_index")
 
     def __init__(self, fields: list[tuple[str, str, str]]) -> None:
         self.fields = fields  # (lower-case name, name, value)
+        self._index: dict[str, list[str]] | None = None
+
+    def _values(self, name: str) -> list[str] | None:
+        index = self._index
+        if index is None:
+            index = self._index = {}
+            for k, _, v in self.fields:
+                if k in index:
+                    index[k].append(v)
+                else:
+                    index[k] = [v]
+        return index.get(name.lower())
 
     def get(self, name: str, failobj: str | None = None) -> str | None:
-        n = name.lower()
-        for k, _, v in self.fields:
-            if k == n:
-                return v
-        return failobj
+        values = self._values(name)
+        return values[0] if values else failobj
 
     def get_all(self, name: str, failobj: list[str] | None = None) -> list[str] | None:
-        n = name.lower()
-        out = [v for k, _, v in self.fields if k == n]
-        return out or failobj
+        values = self._values(name)
+        return list(values) if values else failobj
 
     def keys(self) -> list[str]:
         return [name for _, name, _ in self.fields]
+
+
+_SIMPLE_FIELD = re.compile(rb"([\041-\071\073-\176]+):[ \t]*([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)\r?\n")
 
 
 def fast_headers(block: bytes) -> Headers | None:
     """L{Headers} of a header block; C{None} when it has 8-bit bytes (the C{email} parser decides those)."""
     if not block.isascii():
         return None
+    # The usual block: every line a field or a continuation, ending in a blank line.
+    fields: list[tuple[str, str, str]] = []
+    pos = 0
+    for m in _SIMPLE_FIELD.finditer(block):
+        if m.start() != pos:
+            break
+        pos = m.end()
+        name = m.group(1).decode("ascii")
+        fields.append((name.lower(), name, m.group(2).decode("ascii")))
+    else:
+        if block[pos:] in (b"", b"\r\n", b"\n"):
+            return Headers(fields)
+    return _general_headers(block)
+
+
+def _general_headers(block: bytes) -> Headers:
     # The lines email's parser takes as the header block ...
     lines = []
     for raw in block.splitlines(True):
@@ -319,6 +346,9 @@ def line_count(body: bytes) -> int:
 
 
 def _addresses(msg: "Message | Headers", name: str) -> bytes:
+    if isinstance(msg, Headers):
+        values = msg._values(name)
+        return _address_list(tuple(values)) if values else b"NIL"
     values = msg.get_all(name)
     if not values:
         return b"NIL"
@@ -344,7 +374,10 @@ def envelope(msg: "Message | Headers") -> bytes:
     """RFC 3501 ENVELOPE of a header block; strings are as sent (not decoded)."""
     def one(name: str) -> bytes:
         v = msg.get(name)
-        return b"NIL" if v is None else _q(" ".join(str(v).split()) if "\n" in str(v) else str(v))
+        if v is None:
+            return b"NIL"
+        v = str(v)
+        return _q(" ".join(v.split()) if "\n" in v else v)
 
     frm = _addresses(msg, "From")
     sender = _addresses(msg, "Sender")

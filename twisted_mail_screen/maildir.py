@@ -49,6 +49,10 @@ class DeliveryError(Exception):
     """A message could not be stored; nothing of it is visible anywhere."""
 
 
+class _Vanished(Exception):
+    """A Maildir believed to exist was not there; nothing was left behind."""
+
+
 @dataclass(frozen=True)
 class MessageFile:
     """One message of a Maildir as found by a scan."""
@@ -229,6 +233,9 @@ class MailStore:
         self._names = names or UniqueNames()
         self._syncs: dict[str, _DirectorySync] = {}
         self._syncs_lock = threading.Lock()
+        # Maildirs known to exist, so a delivery does not stat each one
+        # first; one removed behind our back is noticed by ENOENT (L{_Vanished}).
+        self._known: set[str] = set()
 
     def maildir(self, address: str) -> Maildir:
         local, _, domain = address.lower().rpartition("@")
@@ -264,33 +271,54 @@ class MailStore:
 
     def deliver_to(self, maildirs: list[Maildir], message: bytes, flags: str = "") -> str:
         maildirs = _distinct(maildirs)
+        try:
+            return self._deliver_once(maildirs, message, flags)
+        except _Vanished:
+            # A Maildir this process had seen was removed meanwhile: check
+            # (and create) every one afresh and try once more.
+            for md in maildirs:
+                self._known.discard(md.path)
+            return self._deliver_once(maildirs, message, flags)
+
+    def _deliver_once(self, maildirs: list[Maildir], message: bytes, flags: str) -> str:
         base = f"{self._names.new()},S={len(message)},W={crlf_size(message)}"
         name = f"{base}:2,{flags}" if flags else base
         target = "cur" if flags else "new"
         first = maildirs[0]
         placed: list[str] = []
+        known = self._known
+        checked = False
         try:
             for md in maildirs:
-                if not md.exists():
-                    self._create(md)
-            temp = os.path.join(first.path, "tmp", base)
+                if md.path not in known:
+                    checked = True
+                    if not md.exists():
+                        self._create(md)
+                    if len(known) > 65536:
+                        known.clear()
+                    known.add(md.path)
+            temp = f"{first.path}/tmp/{base}"
+            moved = False
             try:
                 self._write(temp, message)
                 last = len(maildirs) - 1
                 for i, md in enumerate(maildirs):
-                    final = os.path.join(md.path, target, name)
+                    final = f"{md.path}/{target}/{name}"
                     if i == last:
-                        _rename_or_copy(temp, final)
+                        moved = _rename_or_copy(temp, final)
                     else:
                         _link_or_copy(temp, final)
                     placed.append(final)
                 for md in maildirs:
-                    self._sync_dir(os.path.join(md.path, target))
+                    self._sync_dir(f"{md.path}/{target}")
             finally:
-                _unlink_quietly(temp)
+                if not moved:
+                    _unlink_quietly(temp)
         except OSError as e:
             for path in placed:
                 _unlink_quietly(path)
+            if isinstance(e, FileNotFoundError) and not checked:
+                raise _Vanished() from e
             raise DeliveryError(f"{e.strerror or e} ({getattr(e, 'filename', '')})") from e
         return name
 
@@ -404,8 +432,11 @@ def _link_or_copy(source: str, target: str) -> None:
             os.close(fd)
 
 
-def _rename_or_copy(source: str, target: str) -> None:
-    """Move C{source} to C{target}, refusing to replace an existing file."""
+def _rename_or_copy(source: str, target: str) -> bool:
+    """
+    Move C{source} to C{target}, refusing to replace an existing file;
+    C{True} if it was renamed, C{False} if copied (C{source} then remains).
+    """
     if os.path.lexists(target):
         raise FileExistsError(errno.EEXIST, "message file exists", target)
     try:
@@ -414,6 +445,8 @@ def _rename_or_copy(source: str, target: str) -> None:
         if e.errno != errno.EXDEV:
             raise
         _link_or_copy(source, target)
+        return False
+    return True
 
 
 def _unlink_quietly(path: str) -> None:

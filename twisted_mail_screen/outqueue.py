@@ -303,6 +303,11 @@ class OutboundQueue(MultiService):
     """
 
     log = Logger()
+    #: Messages being attempted at once. Every attempt holds its message in
+    #: memory and at least one connection: after an outage or a restart
+    #: with a long queue, the rest wait for running attempts to end instead
+    #: of all starting together (memory, file descriptors).
+    max_attempts = 100
 
     def __init__(self, config: Config, relay: RelayConfig, router: Any, reactor: Any,
                  clock: IReactorTime, resolver: Any = None, threads: int = 4) -> None:
@@ -321,6 +326,7 @@ class OutboundQueue(MultiService):
         self._held: set[str] = set()
         self._hold_changes = 0  # bumped by hold()/release(): a scan older than that is stale
         self._in_flight: dict[str, Deferred] = {}
+        self._backlog = False  # due messages left waiting by max_attempts
         self._destinations: dict[str, Destination] = {}
         self._clients: set[SMTPClient] = set()
         self._plaintext_hosts: set[str] = set()
@@ -427,7 +433,10 @@ class OutboundQueue(MultiService):
                           id=queue_id, sender=sender, rcpts=",".join(recipients),
                           size=len(message))
             if self.running and not self._stopping:
-                self._attempt(queued, message)
+                if len(self._in_flight) < self.max_attempts:
+                    self._attempt(queued, message)
+                else:
+                    self._backlog = True  # due now; started as running attempts end
             return queue_id
 
         return d.addCallback(stored)
@@ -516,23 +525,29 @@ class OutboundQueue(MultiService):
         if self._stopping or not self.running or not self._loaded:
             return
         now = self.clock.seconds()
+        self._backlog = False
         for m in list(self._messages.values()):
             if m.id not in self._held and m.id not in self._in_flight and m.next_attempt <= now:
+                if len(self._in_flight) >= self.max_attempts:
+                    self._backlog = True  # the rest start as running attempts end
+                    return
                 self._attempt(m, None)
 
     # one delivery attempt of one message
 
     def _attempt(self, queued: QueuedMessage, message: bytes | None) -> None:
         d = ensureDeferred(self._attempt_async(queued, message))
-        self._in_flight[queued.id] = d
+        if not d.called:
+            self._in_flight[queued.id] = d
 
         def done(result: Any) -> None:
             self._in_flight.pop(queued.id, None)
             if isinstance(result, Failure):
                 self.log.failure("queue: {id} attempt failed", result, id=queued.id)
                 queued.next_attempt = self.clock.seconds() + self.relay.retry_minutes * 60
-            elif queued.id in self._messages and queued.next_attempt <= self.clock.seconds():
-                self._run_due()  # it fell due again while this attempt was running
+            if self._backlog or (queued.id in self._messages
+                                 and queued.next_attempt <= self.clock.seconds()):
+                self._run_due()  # waiting messages, or this one fell due again meanwhile
 
         d.addBoth(done)
 
@@ -555,13 +570,15 @@ class OutboundQueue(MultiService):
         tried = False
         by_address = {r.address: r for r in queued.recipients}
         writes = DeferredLock()
+        outstanding = len(jobs)
 
         def record(outcome: Outcome) -> Outcome:
             # Each domain group's result goes to disk as soon as it is known,
             # not when the slowest group of the message finishes: a crash
             # while another group is still being tried must not send the
             # recipients already accepted a second time.
-            nonlocal tried
+            nonlocal tried, outstanding
+            outstanding -= 1
             decided = False
             for address, (reply, host) in outcome.items():
                 r = by_address[address]
@@ -573,7 +590,7 @@ class OutboundQueue(MultiService):
                     r.state, decided = SENT, True
                 elif reply.permanent:
                     r.state, decided = FAILED, True
-            if decided:
+            if decided and outstanding:  # the last group's state goes with the final rewrite
                 data = queued.to_json()  # a snapshot, taken in the reactor thread
                 d = writes.run(self._blocking.run, self.directory.write_envelope, queued.id, data)
                 d.addErrback(lambda f: self.log.failure("queue: {id} envelope write failed", f,

@@ -73,7 +73,8 @@ class Notifier(Protocol):
 
 class AdminFreezeStore(Protocol):
     def is_frozen(self, username: str) -> bool: ...
-    def freeze(self, username: str, minutes: int | None, reason: str) -> Entry: ...
+    def freeze(self, username: str, minutes: int | None, reason: str,
+               log: bool = True) -> Entry: ...
     def thaw(self, username: str) -> bool: ...
 
 
@@ -497,14 +498,20 @@ class ScreeningService(Service):
                 entry = self._freeze_store.freeze(
                     username, self._freeze_config.minutes or None,
                     f"session_auth: {failures}/{per_session.max_failures} failures in one "
-                    f"{session.protocol} session from {session.host}")
+                    f"{session.protocol} session from {session.host}", log=False)
             except ValueError:
                 pass
             else:
                 frozen, expires = True, entry.expires
-        self._decision("freeze" if frozen else "close", session.key, "session_auth",
-                       count=f"{failures}/{per_session.max_failures}",
-                       protocol=session.protocol, account=username)
+        if frozen:
+            self._decision("freeze", session.key, "session_auth",
+                           count=f"{failures}/{per_session.max_failures}",
+                           protocol=session.protocol, account=username,
+                           until=format_expiry(expires))
+        else:
+            self._decision("close", session.key, "session_auth",
+                           count=f"{failures}/{per_session.max_failures}",
+                           protocol=session.protocol, account=username)
         if per_session.notify_postmaster and self._notifier is not None:
             self._notifier.notify_freeze(username, session.host, session.protocol,
                                          failures, per_session.max_failures, frozen,

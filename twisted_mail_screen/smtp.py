@@ -296,6 +296,10 @@ class SMTPServer(CommandProtocol):
             return self.reply(503, "5.5.1", "Nested MAIL command")
         if f.require_auth and self.user is None:
             return self.reply(530, "5.7.0", "Authentication required")
+        if self.user is not None and f.freeze.is_frozen(self.user):
+            # Frozen after this session authenticated (by the administrator,
+            # or by screening from another session): it sends nothing more.
+            return self.reply(554, "5.7.1", f"Account {self.user} is frozen: sending is disabled")
         if not arg.upper().startswith("FROM:"):
             return self.reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
         try:

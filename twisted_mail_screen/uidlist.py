@@ -7,13 +7,23 @@ C{dovecot-uidlist} (version 3)::
     <uid> :<base name>
     ...
 
-One line per message present, keyed by the Maildir base name (the part of
-the file name before C{:2,}, so flag changes do not touch it), UIDs
-strictly ascending. The file is replaced atomically on every change and
-written before any client is told about a new UID, so a UID once
-announced is never given to another message. A file that is missing or
-cannot be parsed is never repaired by guessing: the folder gets a new
-UIDVALIDITY and its messages fresh UIDs.
+One line per message, keyed by the Maildir base name (the part of the
+file name before C{:2,}, so flag changes do not touch it), UIDs strictly
+ascending. A scan that finds new or vanished files replaces the file
+atomically; APPEND, COPY and MOVE only append their new lines and fsync
+(as Dovecot does), so each costs one small write, not a rewrite of the
+whole map. Either way the file is durable before any client is told
+about a new UID, so a UID once announced is never given to another
+message.
+
+Reading accepts what appending leaves: lines whose UIDs are at or above
+the header's C{N} (the next UID is then one past the last line), a base
+listed twice (the later line wins: a message moved out and back), and a
+last line without its newline (a crash during an append that was never
+acknowledged; the line is dropped). Such a file is marked C{dirty} so the
+caller rewrites it. Anything else that cannot be parsed is never repaired
+by guessing: the folder gets a new UIDVALIDITY and its messages fresh
+UIDs.
 """
 
 from __future__ import annotations
@@ -64,6 +74,7 @@ class UidList:
         self.next_uid = next_uid
         self.uids: array[int] = uids if uids is not None else array("L")
         self.bases: list[str] = bases if bases is not None else []
+        self.dirty = False  # read from a file that should be rewritten
 
     def render(self) -> bytes:
         head = f"3 V{self.uidvalidity} N{self.next_uid}\n"
@@ -74,6 +85,22 @@ class UidList:
         write_atomically(os.path.join(directory, FILENAME), self.render())
 
 
+def append_records(directory: str, records: list[tuple[int, str]]) -> None:
+    """
+    Append C{(uid, base)} lines (UIDs above every UID in the file) and
+    fsync. Raises C{FileNotFoundError} when there is no file to append to.
+    """
+    data = "".join(f"{u} :{b}\n" for u, b in records).encode("utf-8", "surrogateescape")
+    fd = os.open(os.path.join(directory, FILENAME), os.O_WRONLY | os.O_APPEND)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def parse(data: bytes) -> UidList:
     """
     Parse a file's content.
@@ -82,9 +109,13 @@ def parse(data: bytes) -> UidList:
         was readable.
     """
     text = data.decode("utf-8", "surrogateescape")
-    lines = text.split("\n")
+    torn = False
     if not text.endswith("\n"):
-        raise UidListCorrupt("truncated (no final newline)")
+        cut = text.rfind("\n")
+        if cut < 0:
+            raise UidListCorrupt("truncated (no complete header line)")
+        text, torn = text[:cut + 1], True  # an append cut short by a crash
+    lines = text.split("\n")
     header = lines[0].split()
     validity: int | None = None
     next_uid: int | None = None
@@ -98,18 +129,28 @@ def parse(data: bytes) -> UidList:
         raise UidListCorrupt("bad header line", validity)
     uids = array("L")
     bases: list[str] = []
+    where: dict[str, int] = {}
+    dropped: set[int] = set()
     last = 0
     for line in lines[1:-1]:
         uid_text, sep, base = line.partition(" :")
         if not sep or not uid_text.isdigit() or not base or "/" in base:
             raise UidListCorrupt(f"bad line {line[:60]!r}", validity)
         uid = int(uid_text)
-        if uid <= last or uid >= next_uid:
+        if uid <= last or uid >= 2**32:
             raise UidListCorrupt(f"UID {uid} out of order", validity)
         last = uid
+        if base in where:
+            dropped.add(where[base])
+        where[base] = len(uids)
         uids.append(uid)
         bases.append(base)
-    return UidList(validity, next_uid, uids, bases)
+    if dropped:
+        uids = array("L", (u for i, u in enumerate(uids) if i not in dropped))
+        bases = [b for i, b in enumerate(bases) if i not in dropped]
+    out = UidList(validity, max(next_uid, last + 1), uids, bases)
+    out.dirty = torn or bool(dropped) or last >= next_uid
+    return out
 
 
 def load(directory: str) -> tuple[UidList, str | None]:
