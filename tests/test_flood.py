@@ -81,10 +81,15 @@ ATTACK_RATE = 600  # connections per second, at most, from all attackers togethe
 ATTACK_BURST = 1.0  # seconds on, then as many off, and so on
 DRAIN = 0.05  # seconds after a burst before the quiet samples count
 PER_CONNECTION = 1000  # messages per legitimate SMTP session
-LEGIT_MESSAGES = 5000  # at most (a safety net; the flood ends first)
+# MAILSCREEN_FLOOD_DEFAULTS=1 runs the long variant with the default limits
+# (60 connections, 10 failed logins): about 36,000 attacker connections,
+# two to three minutes.
+DEFAULT_LIMITS = os.environ.get("MAILSCREEN_FLOOD_DEFAULTS") == "1"
+LEGIT_MESSAGES = 50000 if DEFAULT_LIMITS else 5000  # at most (a safety net)
 LEGIT_PACE = 0.01  # seconds between the starts of two legitimate messages
-MAX_CONNECTIONS = 5  # per 5 minutes (default 60): fewer connections to block 500 hammers
-MAX_AUTH_FAILURES = 3  # per 15 minutes (default 10)
+MAX_CONNECTIONS = 60 if DEFAULT_LIMITS else 5  # per 5 minutes (default 60)
+MAX_AUTH_FAILURES = 10 if DEFAULT_LIMITS else 3  # per 15 minutes (default 10)
+TIMEOUT = 600 if DEFAULT_LIMITS else 60
 MAX_ATTEMPTS = 200  # safety net: an attacker never refused stops here
 
 REFUSALS = {
@@ -371,9 +376,9 @@ def test_flood_blocks_attackers_and_serves_the_legitimate_client(
         ticking = threading.Event()
         ticker = threading.Thread(target=tick, args=(ticking,), daemon=True)
         ticker.start()
-        attack_out, _ = attack.communicate(timeout=60)
+        attack_out, _ = attack.communicate(timeout=TIMEOUT)
         time.sleep(ATTACK_BURST)  # a quiet tail
-        legit_out, _ = legit.communicate("stop\n", timeout=60)
+        legit_out, _ = legit.communicate("stop\n", timeout=TIMEOUT)
         ticking.set()
         ticker.join()
     finally:

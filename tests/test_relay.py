@@ -888,3 +888,35 @@ def test_opportunistic_smarthost_tls_failure_is_never_downgraded(start_server, a
         assert "4.7.5" in queued(tmp_path)[0]["recipients"][0]["reply"]
         server.advance(3600)
     assert s.messages == []
+
+
+def test_alias_forwards_to_a_remote_address_from_any_client(start_server, accounts, sink):
+    """
+    A local alias with a remote target is forwarding, not relaying: an
+    unauthenticated client on port 25 may write to it, and the remote
+    target gets the message through the queue.
+    """
+    accounts.set_alias("sales@example.test", ["bob@example.test", "carol@remote.example"])
+    s = sink()
+    server = start_server(site=True, **smarthost(s))
+    client = smtplib.SMTP("127.0.0.1", server.port("smtp"), timeout=10)
+    assert client.sendmail("someone@outside.example", ["sales@example.test"],
+                           b"Subject: hi\r\n\r\nhello\r\n") == {}
+    # the relay itself is still closed to that client
+    assert client.mail("x@outside.example")[0] == 250
+    code, reply = client.rcpt("carol@remote.example")
+    assert code == 554 and b"5.7.1" in reply
+    client.quit()
+    wait_for(lambda: s.messages)
+    assert s.recipients() == ["carol@remote.example"]
+
+
+def test_alias_to_a_remote_address_is_refused_without_a_relay(start_server, accounts):
+    accounts.set_alias("sales@example.test", ["carol@remote.example"])
+    server = start_server(site=True, relay__enabled=False)
+    client = smtplib.SMTP("127.0.0.1", server.port("smtp"), timeout=10)
+    client.ehlo("client.example")
+    client.mail("someone@outside.example")
+    code, reply = client.rcpt("sales@example.test")
+    assert code == 554 and b"relaying is not enabled" in reply
+    client.quit()

@@ -29,9 +29,9 @@ def test_missing_file_gets_fresh_validity(tmp_path):
 
 
 @pytest.mark.parametrize("content", [
-    b"3 V100 N5\n1 :a\n2 :b",          # truncated: no final newline
+    b"3 V100 N5",                      # truncated inside the header line
     b"3 V100 N5\n2 :a\n1 :b\n",        # not ascending
-    b"3 V100 N2\n1 :a\n5 :b\n",        # UID at or past next_uid
+    b"3 V100 N5\n2 :a\n2 :b\n",        # a UID twice
     b"3 V100 N5\nxx :a\n",             # not a number
     b"3 V100 N5\n1 a\n",               # no " :"
 ])
@@ -72,3 +72,27 @@ def test_render_parse_property(pairs):
     ul = uidlist.UidList(77, next_uid, uids, bases)
     back = uidlist.parse(ul.render())
     assert list(back.uids) == list(uids) and back.bases == bases and back.next_uid == next_uid
+
+
+def test_appended_records_are_read_and_marked_for_rewrite(tmp_path):
+    uidlist.UidList(100, 3, array("L", [1, 2]), ["a", "b"]).save(str(tmp_path))
+    uidlist.append_records(str(tmp_path), [(3, "c"), (7, "d")])
+    assert (tmp_path / uidlist.FILENAME).read_text() == "3 V100 N3\n1 :a\n2 :b\n3 :c\n7 :d\n"
+    ul, reason = uidlist.load(str(tmp_path))
+    assert reason is None and ul.dirty
+    assert list(ul.uids) == [1, 2, 3, 7] and ul.bases == ["a", "b", "c", "d"] and ul.next_uid == 8
+    with pytest.raises(FileNotFoundError):
+        uidlist.append_records(str(tmp_path / "nonexistent"), [(1, "x")])
+
+
+def test_torn_append_drops_only_the_unfinished_line(tmp_path):
+    (tmp_path / uidlist.FILENAME).write_bytes(b"3 V100 N5\n1 :a\n2 :b\n5 :c,S=1")
+    ul, reason = uidlist.load(str(tmp_path))
+    assert reason is None and ul.dirty and ul.uidvalidity == 100
+    assert list(ul.uids) == [1, 2] and ul.next_uid == 5  # 5 was never acknowledged
+
+
+def test_a_base_moved_out_and_back_keeps_its_later_uid(tmp_path):
+    (tmp_path / uidlist.FILENAME).write_bytes(b"3 V100 N5\n1 :a\n2 :b\n6 :a\n")
+    ul, _ = uidlist.load(str(tmp_path))
+    assert list(ul.uids) == [2, 6] and ul.bases == ["b", "a"] and ul.next_uid == 7 and ul.dirty

@@ -1089,8 +1089,7 @@ class IMAPServer(CommandProtocol):
                 return registry.blocking.run(
                     mb.transfer_files, source.path, path, rows, list(source.keywords),
                     list(target.keywords), move, hostname, target.uidvalidity, target.next_uid,
-                    array("L", target.uids), list(target.names),
-                    source.uidlist_snapshot() if move else None)
+                    array("L", target.uids), list(target.names))
 
             def transferred(result: Any) -> list[tuple[int, int, str]]:
                 done, next_uid, keywords = result

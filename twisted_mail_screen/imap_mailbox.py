@@ -653,16 +653,12 @@ def unlink_files(path: str, doomed: list[tuple[int, str]]) -> list[int]:
 def transfer_files(src: str, dst: str, rows: list[tuple[int, str]], src_keywords: list[str],
                    dst_keywords: list[str], move: bool, hostname: str,
                    uidvalidity: int, next_uid: int, dst_uids: "array[int]",
-                   dst_names: list[str], src_state: "tuple[int, int, array[int], list[str]] | None" = None
-                   ) -> tuple[list[tuple[int, int, str]], int, list[str]]:
+                   dst_names: list[str]) -> tuple[list[tuple[int, int, str]], int, list[str]]:
     """
     COPY (hard links) or MOVE (renames) of C{rows} into folder C{dst};
     UIDs in C{dst} are given in the order of C{rows} and its uidlist is
     written before returning. Returns ((src uid, dst uid, dst name), ...),
-    the new next UID and C{dst}'s keyword list. A MOVE given C{src_state}
-    (the source's L{Folder.uidlist_snapshot}) also rewrites the source's
-    map without the moved messages, so a file moved back later by another
-    program cannot get its old UID again.
+    the new next UID and C{dst}'s keyword list.
     """
     from twisted_mail_screen.atomic import fsync_directory
     from twisted_mail_screen.imap_fetch import find_file
@@ -704,11 +700,6 @@ def transfer_files(src: str, dst: str, rows: list[tuple[int, str]], src_keywords
             fsync_directory(os.path.join(src, "cur"))
         add_to_uidlist(dst, uidvalidity, next_uid, list(dst_uids) + [d for _, d, _ in done],
                        list(dst_names) + [t for _, _, t in done], [(d, t) for _, d, t in done])
-        if move and src_state is not None:
-            moved = {s for s, _, _ in done}
-            v, n, uids, names = src_state
-            kept = [(u, name) for u, name in zip(uids, names) if u not in moved]
-            write_uidlist(src, v, n, [u for u, _ in kept], [name for _, name in kept])
     return done, next_uid, keywords
 
 

@@ -13,6 +13,7 @@ from twisted_mail_screen.addresses import AddressError, normalise_address
 from twisted_mail_screen.config import Config
 
 MAX_ALIAS_DEPTH = 8
+FORWARDING_DISABLED = "alias forwards to another domain, and relaying is not enabled"
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,13 @@ class Router:
     def _known(self, address: str) -> bool:
         return self._accounts.exists(address) or self._accounts.alias_targets(address) is not None
 
-    def resolve(self, address: str, may_relay: bool) -> Route:
+    def resolve(self, address: str, may_relay: bool, may_forward: bool = False) -> Route:
+        """
+        Where C{address} goes. C{may_relay}: the client may send to remote
+        addresses. C{may_forward}: a local alias may expand to remote
+        addresses (the relay exists); that is forwarding, not relaying, so
+        it does not depend on who the client is.
+        """
         try:
             address = self.canonical(address)
         except AddressError as e:
@@ -69,7 +76,10 @@ class Router:
         if not self._expand(address, mailboxes, remote, 0, top=True):
             return Route(refusal="unknown", reason="no such user here", address=address)
         if remote and not may_relay:
-            return Route(refusal="relay", reason="relaying denied", address=address)
+            if remote == [address]:
+                return Route(refusal="relay", reason="relaying denied", address=address)
+            if not may_forward:
+                return Route(refusal="relay", reason=FORWARDING_DISABLED, address=address)
         return Route(tuple(dict.fromkeys(mailboxes)), tuple(dict.fromkeys(remote)),
                      address=address)
 

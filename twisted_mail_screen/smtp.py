@@ -31,7 +31,7 @@ from twisted_mail_screen.delivery import Delivery
 from twisted_mail_screen.interfaces import ClientScreen, FreezeStore, Screening
 from twisted_mail_screen.lineproto import CommandProtocol
 from twisted_mail_screen.maildir import DeliveryError
-from twisted_mail_screen.routing import Route, Router
+from twisted_mail_screen.routing import FORWARDING_DISABLED, Route, Router
 
 #: RFC 4954 section 4: AUTH lines may be up to 12288 octets.
 COMMAND_LINE_LIMIT = 12288
@@ -342,10 +342,13 @@ class SMTPServer(CommandProtocol):
             return self.reply(501, "5.1.3", f"Bad recipient address syntax: {e}")
         if params:
             return self.reply(555, "5.5.4", "Unsupported RCPT parameter")
-        route = f.router.resolve(path, may_relay=self.user is not None and f.delivery.relay is not None)
+        relay = f.delivery.relay is not None
+        route = f.router.resolve(path, may_relay=self.user is not None and relay, may_forward=relay)
         if route.refusal == "syntax":
             return self.reply(501, "5.1.3", f"Bad recipient address syntax: {route.reason}")
         if route.refusal == "relay":
+            if route.reason == FORWARDING_DISABLED:
+                return self.reply(554, "5.7.1", f"<{path}>: {route.reason}")
             return self.reply(554, "5.7.1", f"<{path}>: Relay access denied")
         if route.refusal == "unknown":
             self.reply(550, "5.1.1", f"<{path}>: Recipient address rejected: User unknown")
