@@ -215,3 +215,29 @@ def test_recreated_mailbox_gets_new_uidvalidity(server):
     assert m.response("APPENDUID")[1][0].split()[1] == b"1"
     other.logout()
     m.logout()
+
+
+def test_append_and_copy_append_to_the_map_then_restart_compacts_it(server, start_server, tmp_path):
+    send(server, "m0")
+    m = login(server)
+    m.select("INBOX")
+    m.store("1", "+FLAGS.SILENT", "\\Deleted")
+    m.expunge()  # the map still has a line for UID 1 until the next rewrite
+    for i in range(3):
+        assert m.append("INBOX", None, None, f"Subject: a{i}\r\n\r\nx\r\n".encode())[0] == "OK"
+    assert m.uid("COPY", "2:3", "INBOX")[0] == "OK"
+    v = validity(m)
+    m.logout()
+    path = inbox(tmp_path) / "dovecot-uidlist"
+    lines = path.read_text().splitlines()
+    assert [l.split()[0] for l in lines[1:]] == ["1", "2", "3", "4", "5", "6"]  # appended, not rewritten
+    assert lines[0] == f"3 V{v} N2"
+    server.stop()
+    again = start_server(kinds=KINDS)
+    m = login(again)
+    m.select("INBOX")
+    assert uid_map(m) == {2: "a0", 3: "a1", 4: "a2", 5: "a0", 6: "a1"}
+    assert validity(m) == v and m.response("UIDNEXT")[1] == [b"7"]
+    m.logout()
+    lines = path.read_text().splitlines()
+    assert lines[0] == f"3 V{v} N7" and len(lines) == 6  # rewritten once, without UID 1

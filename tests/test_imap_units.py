@@ -169,10 +169,14 @@ def _same_headers(block: bytes) -> None:
     assert envelope(fast) == envelope(slow)
 
 
-def test_fast_headers_leave_8bit_to_the_email_parser():
-    from twisted_mail_screen.imap_message import fast_headers
+def test_8bit_headers_go_back_as_stored():
+    from twisted_mail_screen.imap_message import decoded_header_values, envelope, fast_headers
 
-    assert fast_headers("Subject: caf\u00e9\r\n\r\n".encode("latin-1")) is None
+    utf8 = fast_headers("Subject: Caf\u00e9\r\nFrom: J\u00fcrgen <j@x.de>\r\n\r\n".encode())
+    assert b"{5}\r\nCaf\xc3\xa9 " in envelope(utf8) and b"{7}\r\nJ\xc3\xbcrgen NIL" in envelope(utf8)
+    assert decoded_header_values(utf8, "Subject") == ["Caf\u00e9"]  # SEARCH finds it
+    latin1 = fast_headers("Subject: caf\u00e9\r\n\r\n".encode("latin-1"))
+    assert b"{4}\r\ncaf\xe9 " in envelope(latin1)
 
 
 def test_fetch_cache_is_bounded_and_forgets_expunged():

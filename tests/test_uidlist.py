@@ -67,7 +67,8 @@ def test_write_is_atomic_no_temp_left(tmp_path):
 def test_render_parse_property(pairs):
     pairs.sort()
     uids = array("L", [u for u, _ in pairs])
-    bases = [b.replace(" :", "") or "x" for _, b in pairs]
+    # base names are unique within a folder (a base listed twice means "moved back")
+    bases = [f"{b.replace(' :', '') or 'x'}.{i}" for i, (_, b) in enumerate(pairs)]
     next_uid = (pairs[-1][0] + 1) if pairs else 1
     ul = uidlist.UidList(77, next_uid, uids, bases)
     back = uidlist.parse(ul.render())

@@ -84,10 +84,13 @@ class Headers:
 _SIMPLE_FIELD = re.compile(rb"([\041-\071\073-\176]+):[ \t]*([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)\r?\n")
 
 
-def fast_headers(block: bytes) -> Headers | None:
-    """L{Headers} of a header block; C{None} when it has 8-bit bytes (the C{email} parser decides those)."""
-    if not block.isascii():
-        return None
+def fast_headers(block: bytes) -> Headers:
+    """
+    L{Headers} of a header block. Values with 8-bit bytes are decoded as
+    UTF-8, bytes that are not UTF-8 kept as surrogates, so ENVELOPE sends
+    them back exactly as stored and SEARCH matches UTF-8 text (the C{email}
+    parser would turn each such byte into U+FFFD).
+    """
     # The usual block: every line a field or a continuation, ending in a blank line.
     fields: list[tuple[str, str, str]] = []
     pos = 0
@@ -96,7 +99,7 @@ def fast_headers(block: bytes) -> Headers | None:
             break
         pos = m.end()
         name = m.group(1).decode("ascii")
-        fields.append((name.lower(), name, m.group(2).decode("ascii")))
+        fields.append((name.lower(), name, m.group(2).decode("utf-8", "surrogateescape")))
     else:
         if block[pos:] in (b"", b"\r\n", b"\n"):
             return Headers(fields)
@@ -146,10 +149,10 @@ _NAME = re.compile(rb"[\041-\071\073-\176]*")
 
 
 def _field(lines: list[bytes]) -> tuple[str, str, str]:
-    name, value = lines[0].decode("ascii").split(":", 1)
+    name, value = lines[0].decode("utf-8", "surrogateescape").split(":", 1)
     value = value.lstrip(" \t")
     if len(lines) > 1:
-        value += b"".join(lines[1:]).decode("ascii")
+        value += b"".join(lines[1:]).decode("utf-8", "surrogateescape")
     value = value.rstrip("\r\n")
     return name.lower(), name, value
 
@@ -183,6 +186,7 @@ class Part:
             self.body_start = end if sep < 0 else sep + 4
         self.default_type = default_type
         self._headers: Message | None = None
+        self._fields: Headers | None = None
         self._children: list[Part] | None = None
         self._message: Part | None = None
 
@@ -195,11 +199,11 @@ class Part:
         return self._headers
 
     @property
-    def fields(self) -> "Headers | Message":
-        """The header fields for ENVELOPE and SEARCH: L{Headers} when possible."""
-        if self._headers is not None:
-            return self._headers
-        return fast_headers(self.data[self.start:self.body_start]) or self.headers
+    def fields(self) -> Headers:
+        """The header fields for ENVELOPE (see L{fast_headers})."""
+        if self._fields is None:
+            self._fields = fast_headers(self.data[self.start:self.body_start])
+        return self._fields
 
     @property
     def ctype(self) -> str:

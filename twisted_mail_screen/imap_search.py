@@ -14,8 +14,6 @@ import datetime
 import email.utils
 import os
 import re
-from email.parser import BytesHeaderParser
-from email.policy import compat32
 from typing import Any, Sequence
 
 from twisted_mail_screen.imap_fetch import find_file
@@ -163,7 +161,7 @@ class Candidate:
     def headers(self) -> Any:
         if self._headers is None:
             block = self.block()
-            self._headers = fast_headers(block) or BytesHeaderParser(policy=compat32).parsebytes(block)
+            self._headers = fast_headers(block)
         return self._headers
 
     def may_have(self, needle: str) -> bool:

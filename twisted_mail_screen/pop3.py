@@ -26,9 +26,8 @@ from twisted.python.failure import Failure
 from twisted_mail_screen.auth import Authenticator, SASLError, decode_base64, parse_sasl_plain
 from twisted_mail_screen.config import Config
 from twisted_mail_screen.interfaces import ClientScreen, Screening
-from twisted_mail_screen.lineproto import CommandProtocol
 from twisted_mail_screen.maildir import Maildir, MailStore, MessageFile
-from twisted_mail_screen.smtp import send_now
+from twisted_mail_screen.smtp import DirectOutput
 from twisted_mail_screen.workers import Blocking
 
 
@@ -253,7 +252,7 @@ class ReadAhead:
         self.bytes = 0
 
 
-class POP3Server(CommandProtocol):
+class POP3Server(DirectOutput):
     """One POP3 session."""
 
     log = Logger()
@@ -292,10 +291,6 @@ class POP3Server(CommandProtocol):
         if self.screen is not None:
             self.screen.closed()
             self.screen = None
-
-    def send(self, data: bytes) -> None:
-        if not self._closing:
-            send_now(self.transport, data)
 
     def ok(self, text: str = "") -> None:
         self.send(f"+OK {text}\r\n".encode() if text else b"+OK\r\n")
@@ -352,6 +347,7 @@ class POP3Server(CommandProtocol):
             return self.err("STLS not available")
         self.ok("Begin TLS negotiation")
         self.discard_input()
+        self.flush()  # the +OK goes out in the clear
         self.transport.startTLS(self.factory.tls)
         self.secure = True
         self._user = None
@@ -557,7 +553,8 @@ class POP3Server(CommandProtocol):
             for i, data in zip(picked, contents):
                 if i not in deleted:
                     ahead.put(i, data)
-        self._wake_waiters(None)
+        with self.corked():  # the waiting RETR and the pipelined ones after it: few sends
+            self._wake_waiters(None)
 
     def _read_failed(self, reason: Failure, picked: list[int]) -> None:
         # A background read's error is not reported: the RETR that needs the

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import secrets
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime, ISSLTransport
@@ -58,7 +59,71 @@ class _DataState:
     error: str | None = None
 
 
-class SMTPServer(CommandProtocol):
+#: Replies gathered while one read's commands are answered are sent once this
+#: many octets are pending (Twisted's own write-buffer threshold).
+CORK_LIMIT = 64 * 1024
+
+
+class DirectOutput(CommandProtocol):
+    """
+    How SMTP and POP3 sessions write: every reply produced while one read's
+    pipelined commands are answered is gathered and sent in one piece at
+    the end of that read (or whenever C{CORK_LIMIT} octets are pending), and
+    sent with L{send_now}, straight to the socket when nothing is queued
+    before it. A lock-step client thus costs one C{send} per reply and no
+    C{epoll_ctl}; 64 pipelined RETRs cost a few sends, not 64. Pending
+    replies are flushed before the connection is closed and before TLS
+    starts, so nothing changes order or crosses the TLS boundary.
+    """
+
+    _cork: list[bytes] | None = None
+    _cork_len = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        with self.corked():
+            super().dataReceived(data)
+
+    @contextmanager
+    def corked(self) -> Iterator[None]:
+        """Gather what is sent inside the block; send it in one piece at its end."""
+        if self._cork is not None:  # nested: the outer block flushes
+            yield
+            return
+        self._cork = []
+        try:
+            yield
+        finally:
+            self.flush()
+            self._cork = None
+
+    def send(self, data: bytes) -> None:
+        if self._closing:
+            return
+        cork = self._cork
+        if cork is None:
+            send_now(self.transport, data)
+            return
+        cork.append(data)
+        self._cork_len += len(data)
+        if self._cork_len >= CORK_LIMIT:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send the gathered replies now."""
+        cork = self._cork
+        if cork:
+            data = cork[0] if len(cork) == 1 else b"".join(cork)
+            cork.clear()
+            self._cork_len = 0
+            if not self._closing:
+                send_now(self.transport, data)
+
+    def close(self) -> None:
+        self.flush()
+        super().close()
+
+
+class SMTPServer(DirectOutput):
     """One SMTP session."""
 
     log = Logger()
@@ -100,10 +165,6 @@ class SMTPServer(CommandProtocol):
         if self.screen is not None:
             self.screen.closed()
             self.screen = None
-
-    def send(self, data: bytes) -> None:
-        if not self._closing:
-            send_now(self.transport, data)
 
     def timed_out(self) -> None:
         self.reply(421, "4.4.2", f"{self.factory.config.hostname} Error: timeout exceeded")
@@ -200,6 +261,7 @@ class SMTPServer(CommandProtocol):
             return self.reply(501, "5.5.4", "Syntax: STARTTLS")
         self.reply(220, "2.0.0", "Ready to start TLS")
         self.discard_input()  # RFC 3207 section 4.2: pre-TLS pipelined input is void
+        self.flush()  # the 220 goes out in the clear
         self.transport.startTLS(self.factory.tls)
         self.secure = True
         self.helo, self.esmtp, self.envelope = None, False, None
