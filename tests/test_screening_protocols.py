@@ -475,8 +475,6 @@ def test_cli_whitelist_and_frozen_take_effect_at_once(start_server, accounts, tm
     assert auth().startswith(b"235")
 
 
-@pytest.mark.xfail(strict=True, reason="smtp.py reports unknown recipients and RSETs to screening "
-                   "only while unauthenticated, so exempt_authenticated = false has no effect on them")
 def test_authenticated_smtp_session_counts_when_not_exempt(start_server, accounts):
     """With exempt_authenticated = false, an authenticated session's unknown recipients count."""
     server = site(start_server, screening__max_failed_rcpts=2,

@@ -21,9 +21,12 @@ class ClientScreen(Protocol):
 
     @ivar refusal: C{None} when the connection may be served; otherwise the
         reason text to put in the protocol's refusal reply before closing.
+    @ivar blocked: whether an event of this session has blocked its client
+        (as opposed to only ending the session).
     """
 
     refusal: str | None
+    blocked: bool
 
     def auth_failed(self, username: str, secret: bytes) -> bool:
         """
@@ -76,6 +79,7 @@ class OpenScreen:
 
     __slots__ = ()
     refusal = None
+    blocked = False
 
     def auth_failed(self, username: str, secret: bytes) -> bool:
         return False

@@ -99,7 +99,9 @@ class Maildir:
         return os.path.isdir(os.path.join(self.path, "cur"))
 
     def create(self) -> None:
-        for sub in SUBDIRS:
+        # cur/ last: exists() looks for it, so a Maildir another thread is
+        # still creating is never taken for a complete one.
+        for sub in ("tmp", "new", "cur"):
             os.makedirs(os.path.join(self.path, sub), mode=0o700, exist_ok=True)
 
     def scan(self) -> list[MessageFile]:
@@ -384,7 +386,9 @@ class TmpCleaner(Service):
 
     def _sweep(self) -> None:
         self._call = None
-        d = self._run(self._store.clean_all_tmp, self._clock.seconds())
+        # File ages are wall-clock times, so they are compared with the wall
+        # clock; the injected clock only paces the sweeps.
+        d = self._run(self._store.clean_all_tmp, time.time())
 
         def done(removed: int) -> None:
             self.sweeps += 1

@@ -141,7 +141,7 @@ class _Session:
     """The L{ClientScreen} of one served connection."""
 
     __slots__ = ("_service", "key", "host", "protocol", "refusal", "authenticated",
-                 "rcpts", "rsets", "auth_failures", "_open")
+                 "rcpts", "rsets", "auth_failures", "blocked", "_open")
 
     def __init__(self, service: "ScreeningService", key: str, host: str,
                  protocol: str) -> None:
@@ -150,6 +150,7 @@ class _Session:
         self.host = host
         self.protocol = protocol
         self.refusal: str | None = None
+        self.blocked = False
         self.authenticated = False
         self.rcpts = 0
         self.rsets = 0
@@ -466,6 +467,7 @@ class ScreeningService(Service):
                 if len(failures) >= limit:
                     self._block(session.key, "auth_failures", len(failures), limit,
                                 config.auth_failure_window_minutes, session.protocol)
+                    session.blocked = True
                     close = self._closes_on_block(session)
             record.auth = failures or None
         per_session = config.session_auth
@@ -485,6 +487,7 @@ class ScreeningService(Service):
         if count < limit:
             return False
         self._block(session.key, rule, count, limit, None, session.protocol)
+        session.blocked = True
         return self._closes_on_block(session)
 
     def _session_auth_limit(self, session: _Session, username: str) -> None:

@@ -80,8 +80,15 @@ class DirectOutput(CommandProtocol):
     _cork_len = 0
 
     def dataReceived(self, data: bytes) -> None:
-        with self.corked():
+        if self._cork is not None:  # re-entered: the outer call flushes
             super().dataReceived(data)
+            return
+        self._cork = []  # what corked() does, without its cost on every read
+        try:
+            super().dataReceived(data)
+        finally:
+            self.flush()
+            self._cork = None
 
     @contextmanager
     def corked(self) -> Iterator[None]:
@@ -185,8 +192,9 @@ class SMTPServer(DirectOutput):
             self.send(f"{code} {status} {text}\r\n".encode())
 
     def close_for_block(self) -> None:
+        blocked = self.screen is not None and self.screen.blocked
         self.reply(421, "4.7.0", f"{self.factory.config.hostname} Too many errors from "
-                   f"{self.peer_host or 'you'}: blocked, closing")
+                   f"{self.peer_host or 'you'}: {'blocked, ' if blocked else ''}closing")
         self.close()
 
     # commands
@@ -239,7 +247,7 @@ class SMTPServer(DirectOutput):
     def do_RSET(self, arg: str) -> None:
         self.envelope = None
         self.reply(250, "2.0.0", "Ok")
-        if self.screen is not None and self.user is None and self.screen.rset():
+        if self.screen is not None and self.screen.rset():
             self.close_for_block()
 
     def do_QUIT(self, arg: str) -> None:
@@ -414,7 +422,7 @@ class SMTPServer(DirectOutput):
             return self.reply(554, "5.7.1", f"<{path}>: Relay access denied")
         if route.refusal == "unknown":
             self.reply(550, "5.1.1", f"<{path}>: Recipient address rejected: User unknown")
-            if self.screen is not None and self.user is None and self.screen.rcpt_unknown():
+            if self.screen is not None and self.screen.rcpt_unknown():
                 self.close_for_block()
             return None
         env.recipients.append(route)
