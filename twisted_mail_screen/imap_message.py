@@ -32,14 +32,6 @@ def to_crlf(data: bytes) -> bytes:
     return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
-def header_end(data: bytes) -> int:
-    """Where the body of a CRLF message starts (after the blank line), or C{len(data)}."""
-    if data.startswith(b"\r\n"):
-        return 2
-    sep = data.find(b"\r\n\r\n")
-    return len(data) if sep < 0 else sep + 4
-
-
 # Header fields, quickly ------------------------------------------------------------
 
 
