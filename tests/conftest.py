@@ -6,6 +6,7 @@ temp-dir data directory, stopped after each test.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -85,3 +86,15 @@ def maildir_files(data: Path, address: str) -> list[Path]:
     local, _, domain = address.partition("@")
     base = data / "mail" / domain / local
     return sorted(p for sub in ("new", "cur") for p in (base / sub).glob("*") if p.is_file())
+
+
+def queued(tmp_path: Path) -> list[dict]:
+    """The envelopes in the outbound queue of the server's data directory."""
+    env = tmp_path / "data" / "queue" / "env"
+    out = []
+    for path in sorted(env.glob("*.json")) if env.exists() else []:
+        try:
+            out.append(json.loads(path.read_text()))
+        except FileNotFoundError:  # delivered meanwhile
+            pass
+    return out

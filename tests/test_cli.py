@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import subprocess
 import sys
 
 import pytest
 
 from twisted_mail_screen.accounts import AccountStore
-from twisted_mail_screen.cli import main
 
 
 def run(args: list[str], stdin: str = "") -> subprocess.CompletedProcess:

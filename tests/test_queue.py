@@ -6,13 +6,13 @@ command against a running server, and the pieces (DSN, DATA encoding).
 from __future__ import annotations
 
 import email
-import json
 import os
 import smtplib
 
 import pytest
 from twisted.internet.task import Clock
 
+from conftest import queued
 from relay_sink import Sink, wait_for
 from twisted_mail_screen import cli
 from twisted_mail_screen.config import parse_config
@@ -156,17 +156,6 @@ def busy_sink():
     s = Sink(policy=lambda stage, arg, s: "451 4.3.0 busy" if stage == "rcpt" else None).start()
     yield s
     s.stop()
-
-
-def queued(tmp_path) -> list[dict]:
-    env = tmp_path / "data" / "queue" / "env"
-    out = []
-    for path in sorted(env.glob("*.json")) if env.exists() else []:
-        try:
-            out.append(json.loads(path.read_text()))
-        except FileNotFoundError:  # delivered meanwhile
-            pass
-    return out
 
 
 def start_relaying(start_server, s, clock):

@@ -17,7 +17,7 @@ from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher, formatEvent
 from twisted.names import dns, error
 
-from conftest import maildir_files
+from conftest import maildir_files, queued
 from relay_sink import BREAK, STALL, Sink, make_ca_and_leaf, server_tls, wait_for
 from twisted_mail_screen.testing import in_reactor
 
@@ -64,17 +64,6 @@ def submit(server, rcpts, body=b"Subject: hi\r\n\r\nhello\r\n", user="alice@exam
     refused = client.sendmail(sender or user, rcpts, body)
     client.quit()
     assert refused == {}
-
-
-def queued(tmp_path: Path) -> list[dict]:
-    env = tmp_path / "data" / "queue" / "env"
-    out = []
-    for path in sorted(env.glob("*.json")) if env.exists() else []:
-        try:
-            out.append(json.loads(path.read_text()))
-        except FileNotFoundError:  # delivered meanwhile
-            pass
-    return out
 
 
 def queue_empty(tmp_path: Path) -> bool:

@@ -18,6 +18,14 @@ def fsync_directory(path: str) -> None:
         os.close(fd)
 
 
+def write_and_fsync(fd: int, data: bytes) -> None:
+    """Write all of C{data} to C{fd} and fsync it."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    os.fsync(fd)
+
+
 def write_atomically(path: str, data: bytes, mode: int = 0o600) -> None:
     """
     Replace C{path} with C{data} so that a reader (or a crash) sees either
@@ -27,10 +35,7 @@ def write_atomically(path: str, data: bytes, mode: int = 0o600) -> None:
     temp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{threading.get_ident()}.tmp")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
+        write_and_fsync(fd, data)
     except BaseException:
         os.close(fd)
         os.unlink(temp)

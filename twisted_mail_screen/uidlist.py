@@ -33,7 +33,7 @@ import threading
 import time
 from array import array
 
-from twisted_mail_screen.atomic import write_atomically
+from twisted_mail_screen.atomic import write_and_fsync, write_atomically
 
 FILENAME = "dovecot-uidlist"
 
@@ -93,10 +93,7 @@ def append_records(directory: str, records: list[tuple[int, str]]) -> None:
     data = "".join(f"{u} :{b}\n" for u, b in records).encode("utf-8", "surrogateescape")
     fd = os.open(os.path.join(directory, FILENAME), os.O_WRONLY | os.O_APPEND)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
+        write_and_fsync(fd, data)
     finally:
         os.close(fd)
 
