@@ -557,8 +557,9 @@ class POP3Server(DirectOutput):
             self._wake_waiters(None)
 
     def _read_failed(self, reason: Failure, picked: list[int]) -> None:
-        # A background read's error is not reported: the RETR that needs the
-        # message reads it again and answers for itself.
+        # A RETR waiting on this batch gets the error (and the session is
+        # closed as for any failed command); with no waiter it is dropped, and
+        # the RETR that later needs one of these messages reads it again.
         self._ahead.pending.difference_update(picked)
         self._wake_waiters(reason)
 

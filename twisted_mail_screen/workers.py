@@ -7,8 +7,8 @@ server's throughput comes from.
 
 It is a plain queue and a few threads rather than Twisted's C{ThreadPool}:
 that one's worker coordination (a C{Team} with a coordinator lock per
-task) costs about 85 us of CPU per call on the development machine,
-against about 28 us for a queue put, a wake-up and a C{callFromThread};
+task) cost 30-100 us of CPU per call on the development machine, against
+8-28 us for a queue put, a wake-up and a C{callFromThread};
 every SMTP delivery and every POP3 read-ahead batch pays it on the
 reactor's core. Semantics are those of C{deferToThreadPool}: C{run}
 returns a Deferred that fires on the reactor thread with the result or
