@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import base64
-import email
 import os
 import smtplib
 import socket
 import ssl
-from pathlib import Path
 
 import pytest
 from twisted.internet.task import Clock

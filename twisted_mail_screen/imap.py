@@ -412,9 +412,8 @@ class IMAPServer(CommandProtocol):
             self.tagged(tag, "NO STARTTLS not available")
             return
         self.tagged(tag, "OK Begin TLS negotiation now")
-        self.discard_input()
         self._reset_command()
-        self.transport.startTLS(self.factory.tls)
+        self.start_tls(self.factory.tls)
         self.secure = True
 
     def do_LOGIN(self, tag: bytes, args: list) -> Any:

@@ -26,8 +26,8 @@ from twisted.python.failure import Failure
 from twisted_mail_screen.auth import Authenticator, SASLError, decode_base64, parse_sasl_plain
 from twisted_mail_screen.config import Config
 from twisted_mail_screen.interfaces import ClientScreen, Screening
+from twisted_mail_screen.lineproto import CommandProtocol
 from twisted_mail_screen.maildir import Maildir, MailStore, MessageFile
-from twisted_mail_screen.smtp import DirectOutput
 from twisted_mail_screen.workers import Blocking
 
 
@@ -252,7 +252,7 @@ class ReadAhead:
         self.bytes = 0
 
 
-class POP3Server(DirectOutput):
+class POP3Server(CommandProtocol):
     """One POP3 session."""
 
     log = Logger()
@@ -346,9 +346,7 @@ class POP3Server(DirectOutput):
         if self.factory.tls is None or self.secure:
             return self.err("STLS not available")
         self.ok("Begin TLS negotiation")
-        self.discard_input()
-        self.flush()  # the +OK goes out in the clear
-        self.transport.startTLS(self.factory.tls)
+        self.start_tls(self.factory.tls)
         self.secure = True
         self._user = None
 

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import secrets
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime, ISSLTransport
 from twisted.internet.protocol import Factory
-from twisted.internet.tcp import Server as _TCPServer
 from twisted.logger import Logger
 from twisted.mail.smtp import rfc822date
 
@@ -59,78 +57,7 @@ class _DataState:
     error: str | None = None
 
 
-#: Replies gathered while one read's commands are answered are sent once this
-#: many octets are pending (Twisted's own write-buffer threshold).
-CORK_LIMIT = 64 * 1024
-
-
-class DirectOutput(CommandProtocol):
-    """
-    How SMTP and POP3 sessions write: every reply produced while one read's
-    pipelined commands are answered is gathered and sent in one piece at
-    the end of that read (or whenever C{CORK_LIMIT} octets are pending), and
-    sent with L{send_now}, straight to the socket when nothing is queued
-    before it. A lock-step client thus costs one C{send} per reply and no
-    C{epoll_ctl}; 64 pipelined RETRs cost a few sends, not 64. Pending
-    replies are flushed before the connection is closed and before TLS
-    starts, so nothing changes order or crosses the TLS boundary.
-    """
-
-    _cork: list[bytes] | None = None
-    _cork_len = 0
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._cork is not None:  # re-entered: the outer call flushes
-            super().dataReceived(data)
-            return
-        self._cork = []  # what corked() does, without its cost on every read
-        try:
-            super().dataReceived(data)
-        finally:
-            self.flush()
-            self._cork = None
-
-    @contextmanager
-    def corked(self) -> Iterator[None]:
-        """Gather what is sent inside the block; send it in one piece at its end."""
-        if self._cork is not None:  # nested: the outer block flushes
-            yield
-            return
-        self._cork = []
-        try:
-            yield
-        finally:
-            self.flush()
-            self._cork = None
-
-    def send(self, data: bytes) -> None:
-        if self._closing:
-            return
-        cork = self._cork
-        if cork is None:
-            send_now(self.transport, data)
-            return
-        cork.append(data)
-        self._cork_len += len(data)
-        if self._cork_len >= CORK_LIMIT:
-            self.flush()
-
-    def flush(self) -> None:
-        """Send the gathered replies now."""
-        cork = self._cork
-        if cork:
-            data = cork[0] if len(cork) == 1 else b"".join(cork)
-            cork.clear()
-            self._cork_len = 0
-            if not self._closing:
-                send_now(self.transport, data)
-
-    def close(self) -> None:
-        self.flush()
-        super().close()
-
-
-class SMTPServer(DirectOutput):
+class SMTPServer(CommandProtocol):
     """One SMTP session."""
 
     log = Logger()
@@ -268,9 +195,7 @@ class SMTPServer(DirectOutput):
         if arg:
             return self.reply(501, "5.5.4", "Syntax: STARTTLS")
         self.reply(220, "2.0.0", "Ready to start TLS")
-        self.discard_input()  # RFC 3207 section 4.2: pre-TLS pipelined input is void
-        self.flush()  # the 220 goes out in the clear
-        self.transport.startTLS(self.factory.tls)
+        self.start_tls(self.factory.tls)  # RFC 3207 4.2: pre-TLS pipelined input is void
         self.secure = True
         self.helo, self.esmtp, self.envelope = None, False, None
 
@@ -568,32 +493,6 @@ def header_date(now: float) -> str:
         text = rfc822date(time.localtime(second)).decode()
         _date_cache = (second, text)
     return text
-
-
-def send_now(transport: Any, data: bytes) -> None:
-    """
-    C{transport.write(data)}, but sent on the socket at once when nothing is
-    queued before it. Twisted's C{write} only buffers: the reactor then
-    registers the socket for writability, sends on the next loop and
-    unregisters it, two C{epoll_ctl} calls and a loop turn for every reply
-    of a lock-step SMTP or POP3 dialogue. Only a plain TCP transport with an
-    empty buffer qualifies (not TLS, not a wrapper, not closing); whatever
-    the socket does not take, and any error, goes through C{write} as
-    before, so ordering, back-pressure and connection loss are unchanged.
-    """
-    if (type(transport) is not _TCPServer or transport.TLS or transport.dataBuffer
-            or transport._tempDataBuffer or not transport.connected or transport.disconnecting
-            or transport._writeDisconnected):
-        transport.write(data)
-        return
-    try:
-        sent = transport.socket.send(data)
-    except (BlockingIOError, InterruptedError):
-        sent = 0
-    except OSError:
-        sent = 0  # the reactor's own write path notices and reports the loss
-    if sent < len(data):
-        transport.write(data[sent:] if sent else data)
 
 
 def _longest_line(buf: bytearray, start: int, stop: int) -> int:
