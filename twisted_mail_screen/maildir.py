@@ -37,7 +37,7 @@ from typing import Any, Callable
 from twisted.application.service import Service
 from twisted.logger import Logger
 
-from twisted_mail_screen.atomic import fsync_directory
+from twisted_mail_screen.atomic import fsync_directory, write_and_fsync
 
 SUBDIRS = ("cur", "new", "tmp")
 STALE_TMP_SECONDS = 36 * 3600
@@ -348,10 +348,7 @@ class MailStore:
     def _write(self, path: str, data: bytes) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
+            write_and_fsync(fd, data)
         finally:
             os.close(fd)
 
@@ -430,8 +427,7 @@ def _link_or_copy(source: str, target: str) -> None:
             data = f.read()
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.write(fd, data)
-            os.fsync(fd)
+            write_and_fsync(fd, data)
         finally:
             os.close(fd)
 
