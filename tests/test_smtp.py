@@ -316,6 +316,7 @@ def test_submission_requires_auth(start_server, accounts, tmp_path):
 def test_garbage_and_unknown_commands(start_server):
     """Unknown verbs get 500 5.5.1, non-ASCII 500 5.5.2; the session survives."""
     server = start_server()
-    lines = converse(server.port("smtp"), b"FOO\r\n\xff\xfe\r\n\r\nNOOP\r\n", 4)
+    lines = converse(server.port("smtp"), b"FOO\r\n\xff\xfe\r\n\r\nEXPN staff\r\nNOOP\r\n", 5)
     assert lines[0].startswith(b"500 5.5.1") and lines[1].startswith(b"500 5.5.2")
+    assert lines[-2].startswith(b"502 5.5.1")  # EXPN never discloses a list
     assert lines[-1].startswith(b"250")

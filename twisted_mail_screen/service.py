@@ -137,7 +137,12 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
     if queue is not None:
         queue.delivery = delivery
     service.queue = queue  # type: ignore[attr-defined]
-    authenticator = Authenticator(config, accounts, blocking)
+    # Password checks get a pool of their own, one thread per core (scrypt is
+    # CPU-bound): under a guessing attack they queue there, and deliveries'
+    # fsyncs in the storage pool do not wait behind them.
+    hashing = Blocking(reactor, os.cpu_count() or 1, name="mailscreen-auth")
+    hashing.setServiceParent(service)
+    authenticator = Authenticator(config, accounts, hashing)
     router = Router(config, accounts)
     screening = _build_screening(config, clock, accounts, router, delivery)
     screening.setServiceParent(service)

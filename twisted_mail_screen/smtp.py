@@ -184,6 +184,10 @@ class SMTPServer(CommandProtocol):
     def do_VRFY(self, arg: str) -> None:
         self.reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
 
+    def do_EXPN(self, arg: str) -> None:
+        # Lists are not disclosed (RFC 5321 7.3): a harvester learns nothing.
+        self.reply(502, "5.5.1", "EXPN not available")
+
     def do_HELP(self, arg: str) -> None:
         self.reply(214, "2.0.0", "See RFC 5321")
 
