@@ -217,3 +217,47 @@ def test_whitelist_file(tmp_path: Path) -> None:
     assert not wl.matches_parsed(4, 0x0A000037)
     assert wl.matches_parsed(4, 0xC0A80101)
     assert [e.name for e in wl.entries()] == ["10.0.0.#", "192.168.*.*"]
+
+
+class HeldPool:
+    """A stand-in worker pool whose calls run when the test says so."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def run(self, f, *args):
+        from twisted.internet.defer import Deferred
+        d = Deferred()
+        self.calls.append((f, args, d))
+        return d
+
+    def finish(self, fail: bool = False) -> None:
+        f, args, d = self.calls.pop(0)
+        if fail:
+            d.errback(OSError(28, "No space left on device"))
+        else:
+            d.callback(f(*args))
+
+
+def test_write_in_a_pool_waits_for_its_own_write(tmp_path: Path) -> None:
+    """
+    With a worker pool, flush only starts the write; until it lands, later
+    changes wait, the landing file is not taken for a hand edit, and a
+    failed write leaves the changes pending.
+    """
+    blocks, _, log = make(tmp_path)
+    pool = HeldPool()
+    blocks.write_with(pool.run)
+    blocks.add("192.0.2.7", None, "first")
+    assert blocks.flush() and len(pool.calls) == 1
+    assert not (tmp_path / "blocklist.txt").exists()  # nothing written on this thread
+    blocks.add("192.0.2.8", None, "second")
+    assert not blocks.flush() and blocks.dirty  # one write at a time
+    pool.finish()
+    assert not blocks.reload_if_changed()  # its own write, not a hand edit
+    assert [l.split()[0] for l in body_lines(tmp_path / "blocklist.txt")] == ["192.0.2.7"]
+    assert blocks.flush()
+    pool.finish(fail=True)
+    assert blocks.dirty and any("cannot write" in line for line in log)
+    assert blocks.flush(wait=True)  # e.g. at shutdown: in this thread
+    assert [l.split()[0] for l in body_lines(tmp_path / "blocklist.txt")] == ["192.0.2.7", "192.0.2.8"]

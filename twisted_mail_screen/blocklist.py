@@ -33,8 +33,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from twisted_mail_screen.atomic import write_atomically
 from twisted_mail_screen.configbase import ConfigError
@@ -132,10 +134,15 @@ class _FileWatch:
         self.remember()
         return text
 
-    def write(self, text: str) -> None:
+    def write(self, text: str) -> tuple[int, int, int] | None:
+        """Replace the file with C{text}; the new version's signature. Thread-safe."""
         assert self.path is not None
         write_atomically(self.path, text.encode("utf-8"), 0o640)
-        self.remember()
+        return self.current()
+
+    def written(self, signature: tuple[int, int, int] | None) -> None:
+        """The file is now the version L{write} returned C{signature} for."""
+        self._signature = signature
 
 
 class ExpiringFile:
@@ -167,6 +174,8 @@ class ExpiringFile:
         self._loaded = False
         self._dirty = False
         self._next_expiry = -math.inf
+        self._run_blocking: Callable[..., Deferred] | None = None
+        self._writing: Deferred | None = None
 
     @property
     def path(self) -> str | None:
@@ -176,6 +185,23 @@ class ExpiringFile:
     def dirty(self) -> bool:
         """Whether there are changes not yet written to the file."""
         return self._dirty
+
+    def write_with(self, run_blocking: Callable[..., Deferred] | None) -> None:
+        """
+        Write the file through C{run_blocking} (e.g. L{Blocking.run}), off
+        the reactor thread: under a storm of blocks the file is large and
+        rewritten every second, and its fsync must not stall the sessions.
+        C{None}: write in the calling thread.
+        """
+        self._run_blocking = run_blocking
+
+    def settled(self) -> Deferred:
+        """Fires when no write is in flight."""
+        if self._writing is None:
+            return succeed(None)
+        d: Deferred = Deferred()
+        self._writing.addBoth(lambda r: (d.callback(None), r)[1])
+        return d
 
     def load(self) -> None:
         """Read the file (once); later reads go through L{reload_if_changed}."""
@@ -252,6 +278,8 @@ class ExpiringFile:
         if not self._loaded:
             self.load()
             return True
+        if self._writing is not None:  # our own write is landing: not a hand edit
+            return False
         if self._watch.path is None or not self._watch.changed():
             return False
         self._log.info("screening: {what} {path} changed on disk, reloading",
@@ -328,13 +356,15 @@ class ExpiringFile:
     def __iter__(self) -> Iterator[Entry]:
         return iter(self.entries())
 
-    def flush(self) -> bool:
+    def flush(self, wait: bool = False) -> bool:
         """
-        Write the file if anything changed in memory.
+        Write the file if anything changed in memory: in the calling thread,
+        or started in L{write_with}'s pool unless C{wait}. While a write is
+        in flight, changes wait for the next flush.
 
-        @return: whether it was written.
+        @return: whether it was written (or its write started).
         """
-        if not self._dirty:
+        if not self._dirty or self._writing is not None:
             return False
         if self._watch.path is None:
             self._dirty = False
@@ -353,14 +383,27 @@ class ExpiringFile:
                 line += f"  # {entry.reason}"
             lines.append(line.rstrip() + "\n")
         lines.extend(m + "\n" for m in self._malformed)
+        text = "".join(lines)
+        if self._run_blocking is not None and not wait:
+            self._writing = self._run_blocking(self._watch.write, text)
+            self._writing.addCallbacks(self._written, self._write_failed)
+            return True
         try:
-            self._watch.write("".join(lines))
+            self._watch.written(self._watch.write(text))
         except OSError as e:
-            self._dirty = True
-            self._log.error("screening: cannot write {path}: {error}",
-                            path=self._watch.path, error=e)
+            self._write_failed(Failure(e))
             return False
         return True
+
+    def _written(self, signature: tuple[int, int, int] | None) -> None:
+        self._writing = None
+        self._watch.written(signature)
+
+    def _write_failed(self, failure: Failure) -> None:
+        self._writing = None
+        self._dirty = True
+        self._log.error("screening: cannot write {path}: {error}",
+                        path=self._watch.path, error=failure.getErrorMessage())
 
 
 def canonical_network(text: str) -> str:

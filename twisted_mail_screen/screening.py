@@ -42,6 +42,7 @@ from itertools import islice
 from typing import Any, Protocol
 
 from twisted.application.service import Service
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
@@ -262,26 +263,38 @@ class ScreeningService(Service):
         self._next_prune = self._clock.seconds() + self.prune_seconds
         self._maintain()
 
-    def stop(self) -> None:
-        """Stop the check and write anything pending."""
+    def write_files_with(self, run_blocking: Callable[..., Deferred]) -> None:
+        """Write the block list and whitelist files in a worker pool (L{ExpiringFile.write_with})."""
+        for table in (self._blocklist, self._runtime_whitelist):
+            table.write_with(run_blocking)
+
+    def stop(self) -> Deferred:
+        """Stop the check and write anything pending; fires once it is on disk."""
         if self._call is not None:
             if self._call.active():
                 self._call.cancel()
             self._call = None
-        if self.config.enabled:
-            self._blocklist.flush()
-            self._runtime_whitelist.flush()
         flush = getattr(self._notifier, "flush", None)
         if flush is not None:
             flush()
+        if not self.config.enabled:
+            return succeed(None)
+        tables = (self._blocklist, self._runtime_whitelist)
+
+        def write_last(_: object) -> None:
+            for table in tables:
+                table.flush(wait=True)
+
+        # a write still in flight lands first, so the last one written is the newest
+        return gatherResults([t.settled() for t in tables]).addCallback(write_last)
 
     def startService(self) -> None:
         super().startService()
         self.start()
 
     def stopService(self) -> Any:
-        self.stop()
-        return super().stopService()
+        super().stopService()
+        return self.stop()
 
     def _maintain(self) -> None:
         self._call = None

@@ -145,6 +145,7 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
     authenticator = Authenticator(config, accounts, hashing)
     router = Router(config, accounts)
     screening = _build_screening(config, clock, accounts, router, delivery)
+    screening.write_files_with(blocking.run)
     screening.setServiceParent(service)
     freeze = screening.freeze_store
     control = ControlFactory()
