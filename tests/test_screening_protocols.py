@@ -470,6 +470,9 @@ def test_cli_whitelist_and_frozen_take_effect_at_once(start_server, accounts, tm
     assert auth().startswith(b"535 5.7.8")
     listing = mailscreen(data, "frozen", "list").stdout
     assert "alice@example.test" in listing and "30 min left" in listing
+    deadline = time.monotonic() + 10  # the file is written from the worker pool
+    while "alice@example.test" not in (data / "frozen.txt").read_text() and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert "alice@example.test" in (data / "frozen.txt").read_text()
     assert mailscreen(data, "frozen", "thaw", "alice@example.test").returncode == 0
     assert auth().startswith(b"235")

@@ -47,6 +47,11 @@ class _FreezeStoreBase:
     _table: ExpiringFile
     _log: Logger
 
+    @property
+    def table(self) -> ExpiringFile:
+        """The in-memory table and its file (for writing it off the reactor thread)."""
+        return self._table
+
     def _sync(self) -> None:
         """Pick up hand edits (file-backed store only)."""
 

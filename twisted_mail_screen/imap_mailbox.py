@@ -36,8 +36,8 @@ from twisted.internet.defer import Deferred, DeferredLock, succeed
 from twisted.logger import Logger
 
 from twisted_mail_screen import uidlist
-from twisted_mail_screen.atomic import write_atomically
-from twisted_mail_screen.maildir import _delivery_order, crlf_size
+from twisted_mail_screen.atomic import fsync_directory, write_atomically
+from twisted_mail_screen.maildir import Maildir, _delivery_order, crlf_size, link_or_copy
 
 NEW, EXPUNGE, FLAGS = 1, 2, 3
 POLL_SECONDS = 1.0
@@ -660,8 +660,7 @@ def transfer_files(src: str, dst: str, rows: list[tuple[int, str]], src_keywords
     written before returning. Returns ((src uid, dst uid, dst name), ...),
     the new next UID and C{dst}'s keyword list.
     """
-    from twisted_mail_screen.atomic import fsync_directory
-    from twisted_mail_screen.imap_fetch import find_file
+    from twisted_mail_screen.imap_fetch import find_file  # imap_fetch imports this module
 
     wanted = []
     for _, rel in rows:
@@ -682,7 +681,7 @@ def transfer_files(src: str, dst: str, rows: list[tuple[int, str]], src_keywords
                 if move:
                     os.rename(source, os.path.join(dst, target))
                 else:
-                    _link_or_copy(source, os.path.join(dst, target))
+                    link_or_copy(source, os.path.join(dst, target))
                 break
             except FileNotFoundError:
                 now = find_file(src, rel) if attempt == 0 else None
@@ -703,23 +702,10 @@ def transfer_files(src: str, dst: str, rows: list[tuple[int, str]], src_keywords
     return done, next_uid, keywords
 
 
-def _link_or_copy(source: str, target: str) -> None:
-    try:
-        os.link(source, target)
-    except OSError as e:
-        import errno
-        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
-            raise
-        import shutil
-        shutil.copy2(source, target)
-
-
 def append_file(store: Any, path: str, data: bytes, flags: list[str], date: float | None,
                 keywords: list[str], uidvalidity: int, next_uid: int, uids: "array[int]",
                 names: list[str]) -> tuple[int, str, list[str]]:
     """APPEND: deliver durably, set the internal date, give it the next UID."""
-    from twisted_mail_screen.maildir import Maildir
-
     merged = merge_keywords(keywords, flags)
     if merged is None:
         raise ValueError("too many keywords")

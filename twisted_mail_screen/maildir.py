@@ -309,7 +309,7 @@ class MailStore:
                     if i == last:
                         moved = _rename_or_copy(temp, final)
                     else:
-                        _link_or_copy(temp, final)
+                        link_or_copy(temp, final)
                     placed.append(final)
                 for md in maildirs:
                     self._sync_dir(f"{md.path}/{target}")
@@ -417,7 +417,8 @@ def _distinct(maildirs: list[Maildir]) -> list[Maildir]:
     return list(seen.values())
 
 
-def _link_or_copy(source: str, target: str) -> None:
+def link_or_copy(source: str, target: str) -> None:
+    """Hard-link C{source} to C{target}; across file systems, an fsync'd copy."""
     try:
         os.link(source, target)
     except OSError as e:
@@ -444,7 +445,7 @@ def _rename_or_copy(source: str, target: str) -> bool:
     except OSError as e:
         if e.errno != errno.EXDEV:
             raise
-        _link_or_copy(source, target)
+        link_or_copy(source, target)
         return False
     return True
 

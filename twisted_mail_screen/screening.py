@@ -42,11 +42,11 @@ from itertools import islice
 from typing import Any, Protocol
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from twisted_mail_screen.blocklist import BlockList, Entry, WhitelistFile, format_expiry
+from twisted_mail_screen.blocklist import BlockList, Entry, ExpiringFile, WhitelistFile, format_expiry
 from twisted_mail_screen.freeze import FileFreezeStore
 from twisted_mail_screen.interfaces import ClientScreen, OpenScreen
 from twisted_mail_screen.netmatch import NetMatcher, key_for_parsed, parse_host
@@ -263,9 +263,20 @@ class ScreeningService(Service):
         self._next_prune = self._clock.seconds() + self.prune_seconds
         self._maintain()
 
+    def _state_files(self) -> list[ExpiringFile]:
+        files: list[ExpiringFile] = [self._blocklist, self._runtime_whitelist]
+        table = getattr(self._freeze_store, "table", None)
+        if table is not None:
+            files.append(table)
+        return files
+
     def write_files_with(self, run_blocking: Callable[..., Deferred]) -> None:
-        """Write the block list and whitelist files in a worker pool (L{ExpiringFile.write_with})."""
-        for table in (self._blocklist, self._runtime_whitelist):
+        """
+        Write the block list, whitelist and frozen-account files in a worker
+        pool (L{ExpiringFile.write_with}); a change made while a write is in
+        flight is written by the next once-a-second check.
+        """
+        for table in self._state_files():
             table.write_with(run_blocking)
 
     def stop(self) -> Deferred:
@@ -277,9 +288,7 @@ class ScreeningService(Service):
         flush = getattr(self._notifier, "flush", None)
         if flush is not None:
             flush()
-        if not self.config.enabled:
-            return succeed(None)
-        tables = (self._blocklist, self._runtime_whitelist)
+        tables = self._state_files() if self.config.enabled else []
 
         def write_last(_: object) -> None:
             for table in tables:
