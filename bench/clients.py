@@ -35,16 +35,24 @@ async def _reply(reader: asyncio.StreamReader) -> bytes:
             return line
 
 
+async def _connect(port: int, stats: dict[str, Any]) -> tuple[Any, Any] | None:
+    """A connection to the server, or C{None} (counted as an error) after a short pause."""
+    try:
+        return await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        stats["errors"] += 1
+        await asyncio.sleep(0.01)
+        return None
+
+
 async def _smtp_worker(port: int, payload: bytes, per_conn: int, deadline: float,
                        stats: dict[str, Any]) -> None:
     data = payload + b".\r\n"
     while time.monotonic() < deadline:
-        try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            stats["errors"] += 1
-            await asyncio.sleep(0.01)
+        conn = await _connect(port, stats)
+        if conn is None:
             continue
+        reader, writer = conn
         try:
             await _reply(reader)
             writer.write(b"EHLO client.bench\r\n")
@@ -111,12 +119,10 @@ def accept_rate(port: int, concurrency: int, duration: float) -> dict[str, Any]:
 
     async def worker(deadline: float) -> None:
         while time.monotonic() < deadline:
-            try:
-                reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            except OSError:
-                stats["errors"] += 1
-                await asyncio.sleep(0.01)
+            conn = await _connect(port, stats)
+            if conn is None:
                 continue
+            reader, writer = conn
             try:
                 greeting = await _reply(reader)
                 writer.write(b"QUIT\r\n")
