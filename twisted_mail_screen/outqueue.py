@@ -396,21 +396,31 @@ class OutboundQueue(MultiService):
                 job = dest.jobs.popleft()
                 job.result.callback({r: (Reply(0, "4.3.2 not tried: shutting down"), "")
                                      for r in job.recipients})
-        waiting = list(self._in_flight.values())
-        grace = None
-        if waiting:
-            # Real time, not the injected clock: stopping is a wall-clock
-            # matter, and a test's Clock that nobody advances must not
-            # keep a stalled transaction (and the shutdown) open forever.
-            grace = self.reactor.callLater(SHUTDOWN_GRACE_SECONDS, self._abort_all)
-        d = DeferredList(waiting, consumeErrors=True)
+        settled: Deferred = Deferred()
 
-        def stop_children(_: Any) -> Any:
-            if grace is not None and grace.active():
-                grace.cancel()
-            return MultiService.stopService(self)
+        timers: list[Any] = []
 
-        return d.addBoth(stop_children)
+        def stop_waiting(_: Any = None) -> None:
+            if not settled.called:
+                for timer in timers:
+                    if timer.active():
+                        timer.cancel()
+                settled.callback(None)
+
+        def give_up() -> None:
+            # Aborted clients report their transactions as failed; one still
+            # stalled where there is no client to abort (a connection attempt
+            # timed on the injected clock) is left behind a second later. Its
+            # recipients stay pending on disk and are retried after a restart.
+            self._abort_all()
+            timers.append(self.reactor.callLater(1, stop_waiting))
+
+        # Real time, not the injected clock: stopping is a wall-clock
+        # matter, and a test's Clock that nobody advances must not keep a
+        # stalled transaction (and the shutdown) open forever.
+        timers.append(self.reactor.callLater(SHUTDOWN_GRACE_SECONDS, give_up))
+        DeferredList(list(self._in_flight.values()), consumeErrors=True).addBoth(stop_waiting)
+        return settled.addCallback(lambda _: MultiService.stopService(self))
 
     def _abort_all(self) -> None:
         for client in list(self._clients):
