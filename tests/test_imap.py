@@ -521,8 +521,8 @@ def test_append_flags_date_and_appenduid(server, tmp_path):
     path = tmp_path / "data/mail/localhost/bob/cur"
     (name,) = os.listdir(path)
     assert int(os.stat(path / name).st_mtime) == 1594714272
-    assert m.append("Nonexistent", None, None, b"x\r\n")[0] == "NO"
-    assert "TRYCREATE" in str(m.untagged_responses) or True
+    typ, data = m.append("Nonexistent", None, None, b"x\r\n")
+    assert typ == "NO" and data[0].startswith(b"[TRYCREATE] ")  # RFC 3501 6.3.11
     m.logout()
 
 

@@ -100,8 +100,9 @@ def test_hand_written_file_gets_a_uid(server, tmp_path):
     assert uid_map(m) == {1: "via smtp"}
     new = inbox(tmp_path) / "new"
     (new / "1234567890.handwritten.host").write_bytes(b"Subject: by hand\n\nhello\n")
+    m.response("EXISTS")  # forget SELECT's EXISTS: only what NOOP reports counts
     m.noop()
-    assert m.untagged_responses.get("EXISTS") == [b"2"] or m.response("EXISTS")
+    assert m.response("EXISTS") == ("EXISTS", [b"2"])
     assert uid_map(m) == {1: "via smtp", 2: "by hand"}
     typ, data = m.fetch("2", "(RFC822.SIZE)")
     assert b"RFC822.SIZE 27" in data[0]  # computed with CRLF line endings
