@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,6 +17,38 @@ import pytest
 from twisted_mail_screen.accounts import AccountStore
 from twisted_mail_screen.config import load_config
 from twisted_mail_screen.testing import RunningServer, ephemeral_overrides
+
+#: The Debian package of each external client tool the tests run.
+TOOL_PACKAGES = {"mbsync": "isync", "offlineimap": "offlineimap3", "fetchmail": "fetchmail",
+                 "msmtp": "msmtp", "swaks": "swaks", "strace": "strace"}
+
+
+def require_tool(name: str) -> str:
+    """
+    The path of the external command C{name}. Where it is missing the test
+    is skipped, except under CI (C{MAILSCREEN_REQUIRE_CLIENTS=1}, set by
+    .ci/run): there a missing client must not turn its tests into silent
+    skips, so it fails.
+    """
+    path = shutil.which(name)
+    if path is None:
+        why = f"{name} not installed (Debian package {TOOL_PACKAGES.get(name, name)})"
+        if os.environ.get("MAILSCREEN_REQUIRE_CLIENTS"):
+            pytest.fail(f"{why}, and MAILSCREEN_REQUIRE_CLIENTS=1 requires it", pytrace=False)
+        pytest.skip(why)
+    return path
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "tool(name, ...): the test runs these external commands; see require_tool")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for mark in item.iter_markers("tool"):
+        for name in mark.args:
+            require_tool(name)
+
 
 SITE = {"mode": "site", "hostname": "mail.example.test", "domains": ["example.test"],
         "postmaster": "postmaster@example.test"}

@@ -233,7 +233,7 @@ def subjects(state: dict[str, list[tuple[bytes, str]]], name: str) -> dict[str, 
     return out
 
 
-@pytest.mark.skipif(MBSYNC is None, reason="mbsync not installed (Debian package isync)")
+@pytest.mark.tool("mbsync")
 def test_two_way_sync_with_mbsync(start_server, tmp_path):
     mbsync_scenario(start_server(kinds=KINDS), tmp_path)
 
@@ -265,7 +265,7 @@ def _twistd_usable() -> bool:
     return bool(os.environ.get("MAILSCREEN_REQUIRE_TWISTD")) or _plugin_visible()
 
 
-@pytest.mark.skipif(MBSYNC is None, reason="mbsync not installed (Debian package isync)")
+@pytest.mark.tool("mbsync")
 def test_two_way_sync_with_mbsync_against_twistd(tmp_path):
     if not _twistd_usable():
         pytest.skip("twistd mailscreen needs a non-editable install: pip install .")
@@ -378,7 +378,7 @@ def mbsync_scenario(server, tmp_path: Path) -> None:
     assert not sync.folder("Empty").exists()
 
 
-@pytest.mark.skipif(OFFLINEIMAP is None, reason="offlineimap not installed (Debian package offlineimap3)")
+@pytest.mark.tool("offlineimap")
 def test_two_way_sync_with_offlineimap(start_server, tmp_path):
     server = start_server(kinds=KINDS)
     port = server.port("imap")
