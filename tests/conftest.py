@@ -9,6 +9,7 @@ import datetime
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,7 +17,7 @@ import pytest
 
 from twisted_mail_screen.accounts import AccountStore
 from twisted_mail_screen.config import load_config
-from twisted_mail_screen.testing import RunningServer, ephemeral_overrides
+from twisted_mail_screen.testing import RunningServer, ephemeral_overrides, in_reactor
 
 #: The Debian package of each external client tool the tests run.
 TOOL_PACKAGES = {"mbsync": "isync", "offlineimap": "offlineimap3", "fetchmail": "fetchmail",
@@ -131,3 +132,24 @@ def queued(tmp_path: Path) -> list[dict]:
         except FileNotFoundError:  # delivered meanwhile
             pass
     return out
+
+
+def queue_settled(server: RunningServer, timeout: float = 10.0) -> None:
+    """
+    Wait until the outbound queue is idle: the poll that the last clock
+    advance started has scanned the queue directory, and every attempt
+    it started has ended. A "not retried" assertion made before this
+    point could pass while a retry is still on its way; made after it, a
+    retry that was going to happen has happened.
+    """
+    queue = server.service.queue
+
+    def idle() -> bool:
+        # Read in the reactor thread, where these change, so the three are consistent.
+        return not (queue._polling or queue._poll_again or queue._in_flight)
+
+    deadline = time.monotonic() + timeout
+    while not in_reactor(idle):
+        if time.monotonic() > deadline:
+            raise AssertionError("the outbound queue did not become idle")
+        time.sleep(0.02)

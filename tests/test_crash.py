@@ -15,6 +15,7 @@ import os
 import poplib
 import random
 import re
+import select
 import signal
 import smtplib
 import subprocess
@@ -31,13 +32,19 @@ SERVER = r"""
 import json, sys
 from twisted.internet import reactor
 from twisted_mail_screen.config import load_config
+from twisted_mail_screen.maildir import TmpCleaner
 from twisted_mail_screen.service import build_service
 svc = build_service(load_config(None, json.loads(sys.argv[1])), reactor)
 svc.privilegedStartService()
 svc.startService()
+cleaner = next(s for s in svc if isinstance(s, TmpCleaner))
 def ready():
+    # Ready once the startup tmp/ sweep has finished, so the test can check what it did.
+    if not cleaner.sweeps:
+        reactor.callLater(0.02, ready)
+        return
     print(json.dumps({"smtp": svc.ports("smtp")[0], "pop3": svc.ports("pop3")[0]}), flush=True)
-reactor.callLater(0.2, ready)  # after the startup tmp/ sweep has been scheduled and run
+ready()
 reactor.run()
 """
 
@@ -49,8 +56,11 @@ def start(data: Path) -> tuple[subprocess.Popen, dict]:
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, "-c", SERVER, json.dumps(overrides)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
-    line = proc.stdout.readline()
-    assert line, f"server did not start: {proc.stderr.read()[-2000:]}"
+    ready, _, _ = select.select([proc.stdout], [], [], 30)
+    line = proc.stdout.readline() if ready else ""
+    if not line:
+        proc.kill()
+        raise AssertionError(f"server not ready (or no startup tmp/ sweep): {proc.communicate()[1][-2000:]}")
     return proc, json.loads(line)
 
 
@@ -132,17 +142,25 @@ def test_kill_9_under_load_loses_nothing_acknowledged(tmp_path):
                 t.join(10)
             assert len(acked) > 0, "no message was acknowledged before the kill"
             check_store(data, acked, sent)
-            # Age whatever the crash left in tmp/ past the grace period; the
-            # restarted server must sweep it at startup.
+            # Age whatever the crash left in tmp/ past the grace period (a
+            # kill often leaves nothing there, so plant one stale file and
+            # one fresh one too); the restarted server's startup sweep must
+            # remove the stale files and keep the fresh one, which may be a
+            # delivery in progress.
             old = time.time() - 37 * 3600
-            leftovers = list((data / "mail").glob("*/*/tmp/*"))
-            for f in leftovers:
+            for f in (data / "mail").glob("*/*/tmp/*"):
                 os.utime(f, (old, old))
-            proc, ports = start(data)
-            deadline = time.monotonic() + 10
-            while list((data / "mail").glob("*/*/tmp/*")) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert not list((data / "mail").glob("*/*/tmp/*")), "stale tmp/ files not swept"
+            tmp = data / "mail" / "crash.test" / "box0" / "tmp"
+            for sub in ("tmp", "new", "cur"):
+                (tmp.parent / sub).mkdir(parents=True, exist_ok=True)
+            stale, fresh = tmp / f"stale-{rnd}", tmp / f"fresh-{rnd}"
+            stale.write_bytes(b"half-written by a crash\n")
+            os.utime(stale, (old, old))
+            fresh.write_bytes(b"being written\n")
+            proc, ports = start(data)  # returns after the startup sweep
+            left = sorted(f.name for f in (data / "mail").glob("*/*/tmp/*"))
+            assert left == [fresh.name], f"after the startup sweep tmp/ holds {left}"
+            fresh.unlink()
             check_store(data, acked, sent)
         # The restarted server serves the mail it acknowledged before the crash.
         total = sum(1 for _, rcpts in acked.values() for b in rcpts if b == MAILBOXES[0])

@@ -12,7 +12,7 @@ import smtplib
 import pytest
 from twisted.internet.task import Clock
 
-from conftest import queued
+from conftest import queue_settled, queued
 from relay_sink import Sink, wait_for
 from twisted_mail_screen import cli
 from twisted_mail_screen.config import parse_config
@@ -202,6 +202,7 @@ def test_cli_list_hold_release(start_server, accounts, busy_sink, tmp_path, caps
     busy_sink.policy = lambda stage, arg, s: None
     server.advance(600)
     server.advance(1)
+    queue_settled(server)
     assert busy_sink.messages == [] and queued(tmp_path)[0]["attempts"] == 1
     assert mailscreen(tmp_path, "release", queue_id, capsys=capsys)[0] == 0
     server.advance(1)
@@ -218,6 +219,7 @@ def test_cli_flush_retries_at_once(start_server, accounts, busy_sink, tmp_path, 
     wait_for(lambda: queued(tmp_path) and queued(tmp_path)[0]["attempts"] == 1)
     busy_sink.policy = lambda stage, arg, s: None
     server.advance(1)
+    queue_settled(server)
     assert busy_sink.messages == []
     assert mailscreen(tmp_path, "flush", capsys=capsys)[0] == 0
     server.advance(1)
@@ -238,6 +240,7 @@ def test_cli_delete(start_server, accounts, busy_sink, tmp_path, capsys):
     wait_for(lambda: server.service.queue.list() == [])
     busy_sink.policy = lambda stage, arg, s: None
     server.advance(3600)
+    queue_settled(server)
     assert busy_sink.messages == []
 
 
@@ -257,6 +260,7 @@ def test_service_methods(start_server, accounts, busy_sink, tmp_path):
     busy_sink.policy = lambda stage, arg, s: None
     in_reactor(queue.flush)
     server.advance(1)
+    queue_settled(server)
     assert busy_sink.messages == []
     assert [e["id"] for e in in_reactor(queue.list)] == [first]
     assert in_reactor(queue.release, first) is True
@@ -317,4 +321,5 @@ def test_envelope_without_message_file_is_removed(start_server, accounts, busy_s
     busy_sink.policy = lambda stage, arg, s: None
     server.advance(300)
     wait_for(lambda: queued(tmp_path) == [])
+    queue_settled(server)
     assert busy_sink.messages == []

@@ -17,7 +17,7 @@ from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher, formatEvent
 from twisted.names import dns, error
 
-from conftest import maildir_files, queued
+from conftest import maildir_files, queue_settled, queued
 from relay_sink import BREAK, STALL, Sink, make_ca_and_leaf, server_tls, wait_for
 from twisted_mail_screen.testing import in_reactor
 
@@ -271,6 +271,7 @@ def test_temporary_failure_is_retried_on_the_clock(start_server, accounts, sink,
     assert "carol@remote.example" in line and "451 4.3.0 try again later" in line
     assert "next=1970-01-01T00:10:00Z" in line
     server.advance(300)
+    queue_settled(server)
     assert not s.messages and len(attempts) == 1
     server.advance(301)
     wait_for(lambda: s.messages)
@@ -876,7 +877,8 @@ def test_opportunistic_smarthost_tls_failure_is_never_downgraded(start_server, a
         wait_for(lambda: queued(tmp_path)[0]["attempts"] == attempts)
         assert "4.7.5" in queued(tmp_path)[0]["recipients"][0]["reply"]
         server.advance(3600)
-    assert s.messages == []
+    queue_settled(server)  # the fourth attempt, started by the last advance, has ended
+    assert s.messages == [] and queued(tmp_path)[0]["attempts"] == 4
 
 
 def test_alias_forwards_to_a_remote_address_from_any_client(start_server, accounts, sink):
