@@ -453,7 +453,9 @@ def test_list_subscribed_keeps_attributes(server):
     m = login(server)
     m.create("Lists/debian")
     m.subscribe("Lists")
+    m.create("Gone")
     m.subscribe("Gone")
+    m.delete("Gone")  # subscriptions outlive their folder (RFC 3501 6.3.4)
     typ, data = m._simple_command("LIST", "(SUBSCRIBED)", '""', '"*"')
     lines = {l.split(b'"/" ')[1].strip(b'"'): l for l in m.untagged_responses.pop("LIST")}
     assert b"\\Sent" in lines[b"Sent"] and b"\\Subscribed" in lines[b"Sent"]

@@ -61,6 +61,7 @@ class POP3Config:
 class IMAPConfig:
     idle_timeout: int = 1800
     max_literal_size: int = 50 * 1024 * 1024
+    max_folders: int = 1000
 
 
 @dataclass(frozen=True)
@@ -214,6 +215,8 @@ def parse_config(table: dict[str, Any], overrides: dict[str, Any] | None = None)
     imap = IMAPConfig(
         idle_timeout=i.integer("idle_timeout", IMAPConfig.idle_timeout, 1),
         max_literal_size=i.integer("max_literal_size", IMAPConfig.max_literal_size, 1024),
+        # INBOX and the five special-use folders made at the first login must fit.
+        max_folders=i.integer("max_folders", IMAPConfig.max_folders, 6, 1_000_000),
     )
     i.finish()
     st = top.section("storage")

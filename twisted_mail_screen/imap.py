@@ -50,7 +50,8 @@ from twisted_mail_screen.lineproto import CommandProtocol
 from twisted_mail_screen.maildir import Maildir, MailStore
 from twisted_mail_screen.workers import Blocking
 
-LITERAL_RE = re.compile(rb"\{(\d{1,12})(\+?)\}$")
+LITERAL_RE = re.compile(rb"\{(\d+)(\+?)\}$")
+HUGE_LITERAL = 10 ** 13  # stands for any size of more than 12 digits (all far over every limit)
 TAG_RE = re.compile(rb"^[!#$&'+,\-./0-9:;<=>?@A-Z\[^_`a-z|}~]+$")
 SMALL_LITERAL = 64 * 1024
 MAX_COMMAND = 1024 * 1024
@@ -187,22 +188,27 @@ class IMAPServer(CommandProtocol):
             step, self._sasl = self._sasl, None
             return step(line)
         m = LITERAL_RE.search(line)
+        size = 0 if m is None else int(m.group(1)) if len(m.group(1)) <= 12 else HUGE_LITERAL
         if self._discard_rest:
             if m and m.group(2) == b"+":
-                self._start_literal(int(m.group(1)), keep=False)
+                self._start_literal(size, keep=False)
             else:
                 self._reset_command()
             return None
         if m is None:
             self._text += line
+            if b"\x00" in line:
+                return self._refuse_nul(self._first_words()[0], None)
             text, literals = bytes(self._text), self._literals
             self._reset_command()
             if not text.strip() and not literals:
                 return None
             return self._execute(text, literals)
-        size, nonsync = int(m.group(1)), m.group(2) == b"+"
+        nonsync = m.group(2) == b"+"
         self._text += line[:m.start()]
         tag, name = self._first_words()
+        if b"\x00" in line:
+            return self._refuse_nul(tag, size if nonsync else None)
         limit = self.factory.config.imap.max_literal_size if name == "APPEND" else SMALL_LITERAL
         total = len(self._text) + sum(len(x) for x in self._literals) + size
         if size > limit or total > limit + MAX_COMMAND:
@@ -217,6 +223,16 @@ class IMAPServer(CommandProtocol):
         if not nonsync:
             self.send(b"+ Ready for literal data\r\n")
         self._start_literal(size, keep=True)
+        return None
+
+    def _refuse_nul(self, tag: bytes, nonsync_size: int | None) -> None:
+        # NUL is not IMAP text (RFC 3501 CHAR8); inside the command it would
+        # also pass for the parser's literal placeholders.
+        self.tagged(tag, "BAD NUL character in command")
+        self._reset_command()
+        if nonsync_size is not None:  # the client sends its literal anyway: skip it and the rest
+            self._discard_rest = True
+            self._start_literal(nonsync_size, keep=False)
         return None
 
     def _start_literal(self, size: int, keep: bool) -> None:
@@ -470,7 +486,7 @@ class IMAPServer(CommandProtocol):
                 raise No("Authentication failed", "AUTHENTICATIONFAILED")
             if self.screen is not None:
                 self.screen.auth_succeeded(address)
-            folders = AccountFolders(f.store.maildir(address).path)
+            folders = AccountFolders(f.store.maildir(address).path, f.config.imap.max_folders)
             lock = f.registry.lock(folders.inbox)
             return lock.run(f.blocking.run, folders.setup).addCallback(self._logged_in, address, folders)
 
@@ -516,14 +532,11 @@ class IMAPServer(CommandProtocol):
         except FolderError as e:
             raise No(str(e), "NONEXISTENT") from None
         registry = self.factory.registry
-        folder = registry.folder(self.folders.inbox, path)
         self.writable = not readonly
         self.recent = set()
-        # A full rescan only when the directories changed, or to claim what waits in new/.
-        force = not folder.loaded or (self.writable and any(n.startswith("new/") for n in folder.names))
-        d = registry.sync(folder, claim_for=self if self.writable else None, force=force)
+        d = registry.open(self.folders.inbox, path, claim_for=self if self.writable else None)
 
-        def selected(_: object) -> str:
+        def selected(folder: mb.Folder) -> str:
             if not folder.loaded or not Maildir(path).exists():
                 registry.idle(folder)
                 raise No("No such mailbox", "NONEXISTENT")
@@ -689,9 +702,8 @@ class IMAPServer(CommandProtocol):
         except FolderError as e:
             raise No(str(e), "NONEXISTENT") from None
         registry = self.factory.registry
-        folder = registry.folder(self.folders.inbox, path)
 
-        def answer(_: object) -> str:
+        def answer(folder: mb.Folder) -> str:
             if not folder.sessions:
                 registry.idle(folder)
             if not folder.loaded or not Maildir(path).exists():
@@ -704,7 +716,7 @@ class IMAPServer(CommandProtocol):
             self.untagged(b"STATUS " + encode_mailbox(name) + f" ({body})".encode())
             return "OK STATUS completed"
 
-        return registry.sync(folder).addCallback(answer)
+        return registry.open(self.folders.inbox, path).addCallback(answer)
 
     def do_APPEND(self, tag: bytes, args: list) -> Deferred:
         if len(args) < 2:
@@ -723,10 +735,7 @@ class IMAPServer(CommandProtocol):
         if not message:
             raise No("Empty message")
         assert self.folders is not None
-        try:
-            path = self.folders.path(name)
-        except FolderError as e:
-            raise No(str(e), "TRYCREATE") from None
+        path = self.folders.path(name)  # a name no folder can have: NO [CANNOT], not [TRYCREATE]
         registry = self.factory.registry
         folder = registry.folder(self.folders.inbox, path)
         flags = [f for f in flags if f.lower() != "\\recent"]
@@ -1067,10 +1076,7 @@ class IMAPServer(CommandProtocol):
         if move and not self.writable:
             raise No("Mailbox is read-only", "READ-ONLY")
         assert self.folders is not None and self.folder is not None
-        try:
-            path = self.folders.path(name)
-        except FolderError as e:
-            raise No(str(e), "TRYCREATE") from None
+        path = self.folders.path(name)  # a name no folder can have: NO [CANNOT], not [TRYCREATE]
         source = self.folder
         if move and path == source.path:
             raise No("Cannot move messages into the same mailbox", "CANNOT")

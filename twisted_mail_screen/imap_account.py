@@ -1,14 +1,15 @@
 # -*- test-case-name: tests.test_imap_folders -*-
 """
 One account's folders as IMAP names: INBOX is the account's Maildir,
-every other folder a Maildir++ subfolder C{<inbox>/.<name>}.
+every other folder a Maildir++ subfolder C{<inbox>/.<name>} (the names
+allowed and how they are stored: L{imap_names}). Subscriptions are kept
+one name per line in C{<inbox>/subscriptions}. The special-use folders
+are created (and subscribed) at an account's first IMAP login.
 
-Clients see C{/} as the hierarchy delimiter: C{Archive/2024} is stored as
-C{.Archive.2024}. On disk each name component is in modified UTF-7 (as
-Dovecot stores it) with a C{.} inside a component written C{&AC4-}, so
-any name a client can create round-trips. Subscriptions are kept one
-name per line in C{<inbox>/subscriptions}. The special-use folders are
-created (and subscribed) at an account's first IMAP login.
+A change to the hierarchy is checked whole (every name it would make, the
+account's folder limit) before anything on disk is touched, and undone if
+the disk fails it half-way, so a refused CREATE or RENAME leaves nothing
+behind.
 
 All methods here block; the server calls them in the worker pool under
 the account lock.
@@ -22,69 +23,27 @@ import shutil
 import time
 
 from twisted_mail_screen.atomic import write_atomically
+from twisted_mail_screen.imap_names import (DELIMITER, FolderError, check_name, dir_name, folder_dir,
+                                            name_problem)
 from twisted_mail_screen.maildir import Maildir
 
-DELIMITER = "/"
+__all__ = ["DELIMITER", "FolderError", "AccountFolders", "check_name", "dir_name", "folder_dir",
+           "list_entries", "pattern_regex"]
+
 SPECIAL_USE = {"Sent": "\\Sent", "Drafts": "\\Drafts", "Trash": "\\Trash",
                "Junk": "\\Junk", "Archive": "\\Archive"}
 SUBSCRIPTIONS = "subscriptions"
 INIT_MARKER = "mailscreen-imap"
 KEYWORDS_FILE = "dovecot-keywords"  # as in imap_mailbox
-MAX_NAME = 512
-
-
-class FolderError(Exception):
-    """An operation on folders that is refused; C{code} is the response code."""
-
-    def __init__(self, message: str, code: str | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def _encode_component(part: str) -> str:
-    return part.encode("imap4-utf-7").decode("ascii").replace(".", "&AC4-")
-
-
-def _decode_component(part: str) -> str:
-    try:
-        return part.encode("ascii").decode("imap4-utf-7")
-    except Exception:
-        return part
-
-
-def check_name(name: str) -> None:
-    if name == "INBOX":
-        return
-    if not name or len(name) > MAX_NAME:
-        raise FolderError("Invalid mailbox name", "CANNOT")
-    parts = name.split(DELIMITER)
-    for p in parts:
-        if not p or any(ord(c) < 0x20 or c in "*%\x7f" for c in p):
-            raise FolderError("Invalid mailbox name", "CANNOT")
-
-
-def folder_dir(inbox: str, name: str) -> str:
-    """The directory of a folder (the name must have passed L{check_name})."""
-    if name == "INBOX":
-        return inbox
-    return os.path.join(inbox, "." + ".".join(_encode_component(p) for p in name.split(DELIMITER)))
-
-
-def dir_name(entry: str) -> str | None:
-    """The IMAP name of a C{.Name} directory entry, C{None} if it is not one."""
-    if not entry.startswith(".") or entry in (".", "..") or entry.startswith(".#"):
-        return None
-    parts = entry[1:].split(".")
-    if any(not p for p in parts):
-        return None
-    return DELIMITER.join(_decode_component(p) for p in parts)
+DEFAULT_MAX_FOLDERS = 1000
 
 
 class AccountFolders:
     """Folder names and subscriptions of one account (blocking calls)."""
 
-    def __init__(self, inbox: str) -> None:
+    def __init__(self, inbox: str, max_folders: int = DEFAULT_MAX_FOLDERS) -> None:
         self.inbox = inbox
+        self.max_folders = max_folders
 
     def path(self, name: str) -> str:
         check_name(name)
@@ -130,15 +89,38 @@ class AccountFolders:
             with open(flag, "wb"):
                 pass
 
+    def _missing(self, name: str) -> list[str]:
+        """C{name} and its ancestors that are not folders yet, outermost first."""
+        parts = name.split(DELIMITER)
+        prefixes = [DELIMITER.join(parts[:i]) for i in range(1, len(parts) + 1)]
+        return [p for p in prefixes if p != "INBOX" and not self.exists(p)]
+
+    def _check_room(self, adding: int) -> None:
+        if adding and len(self.names()) + adding > self.max_folders:
+            raise FolderError(f"Too many mailboxes (at most {self.max_folders} per account)", "LIMIT")
+
+    def _make_all(self, names: list[str]) -> list[str]:
+        """Create C{names} in order; on a disk error remove what this call made, then re-raise."""
+        made: list[str] = []
+        try:
+            for name in names:
+                fresh = not os.path.lexists(self.path(name))
+                self._make(name)
+                if fresh:
+                    made.append(name)
+        except OSError:
+            for name in reversed(made):
+                shutil.rmtree(self.path(name), ignore_errors=True)
+            raise
+        return made
+
     def create(self, name: str) -> None:
         check_name(name)
         if name == "INBOX" or self.exists(name):
             raise FolderError("Mailbox already exists", "ALREADYEXISTS")
-        parts = name.split(DELIMITER)
-        for i in range(1, len(parts) + 1):
-            sub = DELIMITER.join(parts[:i])
-            if sub != "INBOX" and not self.exists(sub):
-                self._make(sub)
+        missing = self._missing(name)
+        self._check_room(len(missing))
+        self._make_all(missing)
 
     def delete(self, name: str) -> None:
         if name == "INBOX":
@@ -159,67 +141,99 @@ class AccountFolders:
         Rename a folder and its subfolders; returns the (old dir, new dir)
         pairs. Renaming INBOX moves its messages into the new folder.
         """
-        check_name(old)
+        if name_problem(old) is not None:
+            raise FolderError("No such mailbox", "NONEXISTENT")
         check_name(new)
         if new == "INBOX" or self.exists(new):
             raise FolderError("Target mailbox already exists", "ALREADYEXISTS")
         if old == "INBOX":
-            self.create(new)
-            target = self.path(new)
-            # Keyword letters in the file names mean what INBOX's table says.
-            try:
-                with open(os.path.join(self.inbox, KEYWORDS_FILE), "rb") as f:
-                    write_atomically(os.path.join(target, KEYWORDS_FILE), f.read())
-            except FileNotFoundError:
-                pass
-            for sub in ("new", "cur"):
-                src = os.path.join(self.inbox, sub)
-                for entry in os.listdir(src):
-                    if not entry.startswith("."):
-                        try:
-                            os.rename(os.path.join(src, entry), os.path.join(target, sub, entry))
-                        except FileNotFoundError:
-                            pass
+            self._check_room(len(self._missing(new)))
+            self._make_all(self._missing(new))
+            self._move_inbox_messages(self.path(new))
             return []
         if not os.path.isdir(self.path(old)):
             raise FolderError("No such mailbox", "NONEXISTENT")
         if (new + DELIMITER).startswith(old + DELIMITER):
             raise FolderError("Cannot rename a mailbox into itself", "CANNOT")
-        parent = DELIMITER.join(new.split(DELIMITER)[:-1])
-        if parent and parent != "INBOX" and not self.exists(parent):
-            self.create(parent)
-        moves = []
-        for name in self.names():
-            if name == old or name.startswith(old + DELIMITER):
-                moves.append((self.path(name), self.path(new + name[len(old):])))
-        for src, dst in moves:
-            os.rename(src, dst)
+        renamed = [(n, new + n[len(old):]) for n in self.names()
+                   if n == old or n.startswith(old + DELIMITER)]
+        for _, target in renamed:
+            check_name(target)  # a subfolder's new name may be too long
+            if self.exists(target):
+                raise FolderError(f"Target mailbox {target!r} already exists", "ALREADYEXISTS")
+        parents = self._missing(DELIMITER.join(new.split(DELIMITER)[:-1])) if DELIMITER in new else []
+        self._check_room(len(parents))
+        made = self._make_all(parents)
+        moves = [(self.path(a), self.path(b)) for a, b in renamed]
+        done: list[tuple[str, str]] = []
+        try:
+            for src, dst in moves:
+                os.rename(src, dst)
+                done.append((src, dst))
+        except OSError:
+            for src, dst in reversed(done):
+                os.rename(dst, src)
+            for name in reversed(made):
+                shutil.rmtree(self.path(name), ignore_errors=True)
+            raise
         subs = self.subscriptions()
         changed = [new + s[len(old):] if s == old or s.startswith(old + DELIMITER) else s for s in subs]
         if changed != subs:
             self.save_subscriptions(changed)
         return moves
 
-    def subscriptions(self) -> list[str]:
+    def _move_inbox_messages(self, target: str) -> None:
+        # Keyword letters in the file names mean what INBOX's table says.
         try:
-            with open(os.path.join(self.inbox, SUBSCRIPTIONS), encoding="utf-8") as f:
-                return [line for line in f.read().split("\n") if line]
+            with open(os.path.join(self.inbox, KEYWORDS_FILE), "rb") as f:
+                write_atomically(os.path.join(target, KEYWORDS_FILE), f.read())
+        except FileNotFoundError:
+            pass
+        for sub in ("new", "cur"):
+            src = os.path.join(self.inbox, sub)
+            for entry in os.listdir(src):
+                if not entry.startswith("."):
+                    try:
+                        os.rename(os.path.join(src, entry), os.path.join(target, sub, entry))
+                    except FileNotFoundError:
+                        pass
+
+    def subscriptions(self) -> list[str]:
+        """Subscribed names; a name no folder could have (a file from elsewhere) is left out."""
+        try:
+            with open(os.path.join(self.inbox, SUBSCRIPTIONS), encoding="utf-8",
+                      errors="surrogateescape") as f:
+                return [line for line in f.read().split("\n") if line and name_problem(line) is None]
         except FileNotFoundError:
             return []
 
     def save_subscriptions(self, names: list[str]) -> None:
         write_atomically(os.path.join(self.inbox, SUBSCRIPTIONS),
-                         "".join(n + "\n" for n in names).encode("utf-8"))
+                         "".join(n + "\n" for n in names).encode("utf-8", "surrogateescape"))
 
     def subscribe(self, name: str, on: bool) -> None:
-        check_name(name)
+        """
+        SUBSCRIBE needs an existing folder (as Dovecot answers); UNSUBSCRIBE
+        takes any subscribed name, its folder deleted or not.
+        """
         subs = self.subscriptions()
-        if on and name not in subs:
-            subs.append(name)
-        elif not on and name in subs:
-            subs.remove(name)
-        else:
+        if not on:
+            if name in subs:
+                subs.remove(name)
+                self.save_subscriptions(subs)
             return
+        check_name(name)
+        if not self.exists(name):
+            raise FolderError("No such mailbox", "NONEXISTENT")
+        if name in subs:
+            return
+        if len(subs) >= self.max_folders:
+            # Names of deleted folders stay subscribed (RFC 3501 6.3.6) until room is needed.
+            existing = set(self.names())
+            subs = [s for s in subs if s in existing]
+            if len(subs) >= self.max_folders:
+                raise FolderError(f"Too many subscriptions (at most {self.max_folders})", "LIMIT")
+        subs.append(name)
         self.save_subscriptions(subs)
 
 

@@ -303,6 +303,9 @@ class Folder:
         self.stamp: tuple[int, int, int] | None = None
         self.identity: int | None = None
         self.sessions: list[Any] = []
+        # Set when the folder was found deleted: sessions that had it selected
+        # keep this (emptied) index, a folder made again gets a new one.
+        self.retired = False
         self.cache = registry.budget.cache()
         self._poll_call: Any = None
         self._polling = False
@@ -393,16 +396,7 @@ class Folder:
         if r.unchanged:
             return
         if r.gone:
-            # Reload from disk if the folder comes back: a mailbox created
-            # again under this name gets its own UIDVALIDITY.
-            self.loaded = False
-            self.cache.clear()
-            if self.uids:
-                for uid in self.uids:
-                    self.record(EXPUNGE, uid, None)
-                self.uids, self.names = array("L"), []
-                self.notify()
-            self.stamp = None
+            self.registry.retire(self)
             return
         if r.loaded:
             self.uidvalidity, self.next_uid = r.uidvalidity, r.next_uid
@@ -435,6 +429,17 @@ class Folder:
         self.next_uid = r.next_uid
         self.stamp = r.stamp
         if r.renamed or r.vanished or r.added:
+            self.notify()
+
+    def vanish(self) -> None:
+        """The folder was deleted: every message is expunged for the attached sessions."""
+        self.loaded = False
+        self.cache.clear()
+        self.stamp = None
+        if self.uids:
+            for uid in self.uids:
+                self.record(EXPUNGE, uid, None)
+            self.uids, self.names = array("L"), []
             self.notify()
 
     def remove(self, uids: Iterable[int], origin: Any) -> None:
@@ -535,6 +540,8 @@ class Registry:
 
     def idle(self, folder: Folder) -> None:
         """Keep a few unattached folders cached; forget older ones."""
+        if self.folders.get(folder.path) is not folder:
+            return  # retired: its path may already name a newer folder
         if folder.path not in self._idle:
             self._idle.append(folder.path)
         while len(self._idle) > self.KEEP_IDLE:
@@ -542,10 +549,28 @@ class Registry:
             if gone is not None:
                 self.budget.release(gone.cache)
 
+    def retire(self, folder: Folder) -> None:
+        """
+        C{folder} was deleted (and perhaps made again): the next use of its
+        path gets a new index, the sessions that have it selected see every
+        message expunged and are never shown the new folder's messages.
+        """
+        if self.folders.get(folder.path) is folder:
+            del self.folders[folder.path]
+            if folder.path in self._idle:
+                self._idle.remove(folder.path)
+        if not folder.retired:
+            folder.retired = True
+            folder.vanish()
+            self.budget.release(folder.cache)
+
     def forget(self, path: str) -> None:
-        """Drop folders at or under C{path} (deleted or renamed on disk)."""
+        """C{path} was deleted: retire its folder; drop unattached indexes of subfolders."""
+        f = self.folders.get(path)
+        if f is not None:
+            self.retire(f)
         for p in list(self.folders):
-            if p == path or p.startswith(path + "."):
+            if p.startswith(path + "."):
                 f = self.folders[p]
                 if not f.sessions:
                     self.folders.pop(p, None)
@@ -567,7 +592,25 @@ class Registry:
         """Scan C{folder} (under its account lock); fires when applied."""
         return folder.lock.run(self.sync_locked, folder, claim_for, force)
 
+    def open(self, account_path: str, path: str, claim_for: Any = None) -> Deferred:
+        """
+        Scan the folder at C{path}; fires with its L{Folder}. When the scan
+        finds the indexed folder deleted (and perhaps made again since), the
+        folder now on disk is scanned once more into a new index.
+        """
+        def attempt(again: bool) -> Deferred:
+            folder = self.folder(account_path, path)
+            # A full rescan only when the directories changed, or to claim what waits in new/.
+            force = not folder.loaded or (claim_for is not None and
+                                          any(n.startswith("new/") for n in folder.names))
+            d = self.sync(folder, claim_for=claim_for, force=force)
+            return d.addCallback(lambda _: attempt(False) if again and folder.retired else folder)
+
+        return attempt(True)
+
     def sync_locked(self, folder: Folder, claim_for: Any = None, force: bool = False) -> Deferred:
+        if folder.retired:
+            return succeed(None)  # never scanned again: a new folder at its path has its own index
         claimer = claim_for if claim_for is not None else folder.claimer()
         if folder.loaded:
             args = (folder.path, True, array("L", folder.uids), list(folder.names),

@@ -7,6 +7,11 @@ A command reaches the parser as one text line in which each literal has
 been replaced by a C{NUL <index> NUL} placeholder (NUL cannot occur in
 command text) plus the list of literal contents, so the tokenizer never
 has to wait for input.
+
+Every number is bounded as RFC 3501 bounds it (32 bits, so at most ten
+ASCII digits) and lists nest at most L{MAX_DEPTH} deep, so no input can
+make the parser (or the recursive code that walks its result) fail in any
+way but with L{BadCommand}.
 """
 
 from __future__ import annotations
@@ -32,6 +37,28 @@ class Atom(str):
 Token = Union[Atom, bytes, list]
 
 _SPECIAL_END = b" ()\x00"
+_CTL = frozenset(range(0x20)) | {0x7F}
+
+MAX_NUMBER = 4294967295  # RFC 3501 section 9: number and nz-number are unsigned 32-bit
+MAX_DEPTH = 32  # parenthesised lists, and SEARCH's NOT/OR chains (imap_search)
+_NUMBER_RE = re.compile(r"[0-9]{1,10}\Z")
+
+
+def parse_number(text: str, what: str = "number", nonzero: bool = False) -> int:
+    """
+    An RFC 3501 C{number} (C{nz-number} with C{nonzero}): ASCII digits
+    only (C{str.isdigit} takes C{'²'}), at most 4294967295.
+    """
+    if not _NUMBER_RE.match(text):
+        if text and text.strip("0123456789") == "":
+            raise BadCommand(f"{what} too large")
+        raise BadCommand(f"{what} expected, got {text[:20]!r}")
+    value = int(text)
+    if value > MAX_NUMBER:
+        raise BadCommand(f"{what} too large")
+    if nonzero and value == 0:
+        raise BadCommand(f"{what} must not be 0")
+    return value
 
 
 def tokenize(text: bytes, literals: list[bytes]) -> list[Token]:
@@ -46,6 +73,8 @@ def tokenize(text: bytes, literals: list[bytes]) -> list[Token]:
         if c == 0x20:
             i += 1
         elif c == 0x28:  # (
+            if len(stack) > MAX_DEPTH:
+                raise BadCommand(f"lists nested more than {MAX_DEPTH} deep")
             stack.append([])
             i += 1
         elif c == 0x29:  # )
@@ -76,8 +105,12 @@ def tokenize(text: bytes, literals: list[bytes]) -> list[Token]:
                     i += 1
             stack[-1].append(bytes(out))
         elif c == 0x00:
-            end = text.index(b"\x00", i + 1)
-            stack[-1].append(literals[int(text[i + 1:end])])
+            # Only our own placeholders: the command loop refuses a NUL from the client.
+            end = text.find(b"\x00", i + 1)
+            index = text[i + 1:end]
+            if end < 0 or not index.isdigit() or int(index) >= len(literals):
+                raise BadCommand("NUL in command")
+            stack[-1].append(literals[int(index)])
             i = end + 1
         else:
             start = i
@@ -89,6 +122,8 @@ def tokenize(text: bytes, literals: list[bytes]) -> list[Token]:
                     i = close + 1
                 elif text[i] == 0x22:
                     raise BadCommand("quote inside an atom")
+                elif text[i] in _CTL:
+                    raise BadCommand("control character in an atom")
                 else:
                     i += 1
             word = text[start:i]
@@ -166,7 +201,8 @@ class SeqSet:
         return i >= 0 and cache[2][i][1] >= value
 
 
-_SEQ_RE = re.compile(r"^(\d+|\*)(?::(\d+|\*))?$")
+def _seq_number(text: str) -> int | None:
+    return None if text == "*" else parse_number(text, "message number", nonzero=True)
 
 
 def parse_seqset(tok: Token) -> SeqSet:
@@ -174,13 +210,12 @@ def parse_seqset(tok: Token) -> SeqSet:
         raise BadCommand("sequence set expected")
     ranges = []
     for piece in tok.split(","):
-        m = _SEQ_RE.match(piece)
-        if not m:
-            raise BadCommand(f"bad sequence set {tok[:40]!r}")
-        lo = None if m.group(1) == "*" else int(m.group(1))
-        hi = lo if m.group(2) is None else (None if m.group(2) == "*" else int(m.group(2)))
-        if lo == 0 or hi == 0:
-            raise BadCommand("0 is not a valid message number")
+        first, colon, last = piece.partition(":")
+        try:
+            lo = _seq_number(first)
+            hi = _seq_number(last) if colon else lo
+        except BadCommand as e:
+            raise BadCommand(f"bad sequence set {tok[:40]!r}: {e}") from None
         ranges.append((lo, hi))
     return SeqSet(ranges)
 
@@ -218,7 +253,7 @@ MACROS = {"ALL": ["FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE"],
           "FAST": ["FLAGS", "INTERNALDATE", "RFC822.SIZE"],
           "FULL": ["FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE", "BODY"]}
 
-_BODY_RE = re.compile(r"^BODY(\.PEEK)?\[([^\]]*)\](?:<(\d+)\.(\d+)>)?$", re.I)
+_BODY_RE = re.compile(r"^BODY(\.PEEK)?\[([^\]]*)\](?:<([0-9]+)\.([0-9]+)>)?$", re.I)
 
 
 def parse_section(att: str) -> Section:
@@ -227,14 +262,16 @@ def parse_section(att: str) -> Section:
         raise BadCommand(f"bad fetch attribute {att[:40]!r}")
     peek = bool(m.group(1))
     spec = m.group(2).strip()
-    partial = (int(m.group(3)), int(m.group(4))) if m.group(3) is not None else None
+    partial = None
+    if m.group(3) is not None:
+        partial = (parse_number(m.group(3), "partial offset"), parse_number(m.group(4), "partial length"))
     path: list[int] = []
     rest = spec
-    while rest and rest[0].isdigit():
+    while rest and rest[0] in "0123456789":
         num, _, rest = rest.partition(".")
-        if not num.isdigit() or int(num) == 0:
-            raise BadCommand("bad section part number")
-        path.append(int(num))
+        path.append(parse_number(num, "section part number", nonzero=True))
+        if len(path) > MAX_DEPTH:
+            raise BadCommand("section part path too long")
     text, _, fields_text = rest.partition(" ")
     text = text.upper()
     fields: tuple[str, ...] = ()

@@ -20,8 +20,8 @@ from twisted_mail_screen.imap_fetch import find_file
 from twisted_mail_screen.imap_mailbox import flag_names
 from twisted_mail_screen.imap_message import (all_headers_text, body_text, decoded_header_values,
                                               fast_headers)
-from twisted_mail_screen.imap_parse import (Atom, BadCommand, SeqSet, Token, astring, parse_date,
-                                            parse_seqset)
+from twisted_mail_screen.imap_parse import (MAX_DEPTH, Atom, BadCommand, SeqSet, Token, astring,
+                                            parse_date, parse_number, parse_seqset)
 
 FLAG_KEYS = {"ANSWERED": ("\\Answered", True), "DELETED": ("\\Deleted", True),
              "DRAFT": ("\\Draft", True), "FLAGGED": ("\\Flagged", True), "SEEN": ("\\Seen", True),
@@ -40,7 +40,7 @@ def _text(tok: Token, charset: str) -> str:
     return raw.decode(charset, "replace").casefold()
 
 
-def parse_search(tokens: list[Token], charset: str = "utf-8") -> Node:
+def parse_search(tokens: list[Token], charset: str = "utf-8", depth: int = 0) -> Node:
     pos = 0
 
     def take() -> Token:
@@ -51,12 +51,14 @@ def parse_search(tokens: list[Token], charset: str = "utf-8") -> Node:
         pos += 1
         return tok
 
-    def key() -> Node:
+    def key(level: int = depth) -> Node:
+        if level > MAX_DEPTH:  # NOT, OR and lists nest: bounded, so no RecursionError here or later
+            raise BadCommand(f"search keys nested more than {MAX_DEPTH} deep")
         tok = take()
         if isinstance(tok, list):
             if not tok:
                 raise BadCommand("empty search list")
-            return ("and", [parse_search(tok, charset)])
+            return ("and", [parse_search(tok, charset, level + 1)])
         if not isinstance(tok, Atom):
             raise BadCommand("search key expected")
         k = tok.upper()
@@ -85,15 +87,15 @@ def parse_search(tokens: list[Token], charset: str = "utf-8") -> Node:
             return ("date", k, datetime.date(y, m, d))
         if k in ("LARGER", "SMALLER"):
             n = take()
-            if not isinstance(n, Atom) or not n.isdigit():
+            if not isinstance(n, Atom):
                 raise BadCommand("number expected")
-            return ("size", k == "LARGER", int(n))
+            return ("size", k == "LARGER", parse_number(n, "size"))
         if k == "UID":
             return ("uid", parse_seqset(take()))
         if k == "NOT":
-            return ("not", key())
+            return ("not", key(level + 1))
         if k == "OR":
-            return ("or", key(), key())
+            return ("or", key(level + 1), key(level + 1))
         if k[:1].isdigit() or k[:1] == "*":
             return ("seq", parse_seqset(tok))
         raise BadCommand(f"unknown search key {k[:30]!r}")

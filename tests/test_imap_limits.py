@@ -1,0 +1,277 @@
+"""
+IMAP input at and past its limits, over real sockets with exact replies:
+numbers past 32 bits, nesting, NUL, folder names that sync clients would
+turn into paths outside their tree, names too long for the disk, the
+per-account folder limit, and a folder deleted and made again under a
+session that has it selected (issue 10, sections 3 and 4).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.test_imap import Raw
+from twisted_mail_screen.config import load_config
+from twisted_mail_screen.configbase import ConfigError
+
+KINDS = ("smtp", "imap")
+USER = b"bob@localhost"
+MAX_FOLDERS = 9  # INBOX + 5 special-use + 3
+
+
+@pytest.fixture
+def server(start_server):
+    return start_server(kinds=KINDS, imap__max_folders=MAX_FOLDERS)
+
+
+@pytest.fixture
+def inbox(tmp_path: Path) -> Path:
+    return tmp_path / "data" / "mail" / "localhost" / "bob"
+
+
+def session(server, select: bytes | None = b"INBOX") -> Raw:
+    r = Raw(server.port("imap"))
+    assert r.command(b"l", b"LOGIN " + USER + b" x")[-1].startswith(b"l OK")
+    if select is not None:
+        assert r.command(b"s", b"SELECT " + select)[-1].startswith(b"s OK")
+    return r
+
+
+def last(r: Raw, tag: bytes, text: bytes) -> bytes:
+    return r.command(tag, text)[-1]
+
+
+def append(r: Raw, folder: bytes, body: bytes = b"Subject: x\r\n\r\nbody\r\n") -> bytes:
+    r.send(b"p APPEND " + folder + b" {%d+}\r\n" % len(body) + body + b"\r\n")
+    return r.until(b"p")[-1]
+
+
+def tree(inbox: Path) -> list[str]:
+    return sorted(p.name for p in inbox.iterdir() if p.is_dir())
+
+
+# numbers and nesting ------------------------------------------------------------------------
+
+HUGE = b"9" * 5000
+
+
+@pytest.mark.parametrize("command,reply", [
+    (b"FETCH " + HUGE + b" FLAGS",
+     b"BAD bad sequence set '" + b"9" * 40 + b"': message number too large"),
+    (b"FETCH 4294967296 FLAGS", b"BAD bad sequence set '4294967296': message number too large"),
+    (b"UID FETCH 1:" + HUGE + b" FLAGS",
+     b"BAD bad sequence set '1:" + b"9" * 38 + b"': message number too large"),
+    (b"FETCH 1 BODY.PEEK[]<" + HUGE + b".1>", b"BAD partial offset too large"),
+    (b"FETCH 1 BODY.PEEK[]<0." + HUGE + b">", b"BAD partial length too large"),
+    (b"FETCH 1 BODY.PEEK[" + HUGE + b"]", b"BAD section part number too large"),
+    (b"FETCH 1 BODY.PEEK[1.0]", b"BAD section part number must not be 0"),
+    (b"SEARCH LARGER " + HUGE, b"BAD size too large"),
+    (b"SEARCH SMALLER 4294967296", b"BAD size too large"),
+    (b"SEARCH LARGER 12x", b"BAD size expected, got '12x'"),
+    ("SEARCH LARGER ²".encode(), b"BAD 8-bit characters in an atom"),
+    ("SEARCH LARGER ٣".encode(), b"BAD 8-bit characters in an atom"),
+    (b"SEARCH UID " + HUGE, b"BAD bad sequence set '" + b"9" * 40 + b"': message number too large"),
+    (b"SEARCH " + b"NOT " * 1100 + b"ALL", b"BAD search keys nested more than 32 deep"),
+    (b"SEARCH " + b"OR ALL " * 1100 + b"ALL", b"BAD search keys nested more than 32 deep"),
+    (b"SEARCH " + b"(" * 1100 + b"ALL" + b")" * 1100, b"BAD lists nested more than 32 deep"),
+    (b"FETCH 1 " + b"(" * 40 + b"FLAGS" + b")" * 40, b"BAD lists nested more than 32 deep"),
+    (b"SEARCH NOT \x01", b"BAD control character in an atom"),
+])
+def test_number_and_nesting_limits_answer_bad(server, command, reply):
+    r = session(server)
+    assert append(r, b"INBOX").startswith(b"p OK")
+    assert r.command(b"c", command)[-1] == b"c " + reply
+    assert last(r, b"n", b"NOOP").startswith(b"n OK")
+
+
+def test_largest_numbers_and_depths_are_accepted(server):
+    r = session(server)
+    assert append(r, b"INBOX").startswith(b"p OK")
+    assert last(r, b"a", b"UID FETCH 4294967295 FLAGS") == b"a OK UID FETCH completed"
+    assert last(r, b"b", b"FETCH 1:4294967295 (UID)") == b"b OK FETCH completed"
+    out = r.command(b"c", b"FETCH 1 BODY.PEEK[]<0.4294967295>")
+    assert out[-1] == b"c OK FETCH completed" and b"BODY[]<0>" in out[0]
+    assert r.command(b"d", b"SEARCH " + b"NOT " * 32 + b"ALL")[-1] == b"d OK SEARCH completed"
+    assert r.command(b"e", b"SEARCH " + b"(" * 32 + b"ALL" + b")" * 32)[-2:] == \
+        [b"* SEARCH 1", b"e OK SEARCH completed"]
+    assert last(r, b"f", b"SEARCH SMALLER 4294967295") == b"f OK SEARCH completed"
+
+
+def test_nul_in_command_is_bad_and_the_session_goes_on(server):
+    r = session(server, select=None)
+    assert last(r, b"a", b"SELECT \x00x") == b"a BAD NUL character in command"
+    assert last(r, b"b", b"SELECT \x000\x00") == b"b BAD NUL character in command"
+    # a non-synchronising literal after a NUL line is skipped, not run as commands
+    r.send(b"c SELECT \x00 {14+}\r\nd DELETE Sent\r\n")
+    assert r.until(b"c") == [b"c BAD NUL character in command"]
+    assert last(r, b"e", b"SELECT Sent").startswith(b"e OK")
+
+
+@pytest.mark.parametrize("size", [b"4294967296", b"9" * 20, b"9" * 5000])
+def test_overlong_literal_sizes_are_refused(server, size):
+    r = session(server, select=None)
+    assert last(r, b"a", b"SELECT {" + size + b"}").startswith(b"a BAD Literal of ")
+    assert last(r, b"b", b"NOOP").startswith(b"b OK")
+
+
+# folder names -------------------------------------------------------------------------------
+
+BAD_NAMES = [
+    (b'"../../../../tmp/pwn"', b"NO [CANNOT] '.' and '..' are not allowed as hierarchy levels"),
+    (b'"a/../b"', b"NO [CANNOT] '.' and '..' are not allowed as hierarchy levels"),
+    (b'"a/."', b"NO [CANNOT] '.' and '..' are not allowed as hierarchy levels"),
+    (b'".."', b"NO [CANNOT] '.' and '..' are not allowed as hierarchy levels"),
+    (b'"~/mail"', b"NO [CANNOT] Mailbox names cannot start with '~'"),
+    (b'"~x"', b"NO [CANNOT] Mailbox names cannot start with '~'"),
+    (b'"/etc/x"', b"NO [CANNOT] Mailbox names cannot start with '/'"),
+    (b'"#shared"', b"NO [CANNOT] Mailbox names cannot start with '#'"),
+    (b'"a//b"', b"NO [CANNOT] Mailbox names cannot have empty hierarchy levels"),
+    (b'"a\x01b"', b"NO [CANNOT] Mailbox names cannot contain control characters, '*' or '%'"),
+    (b'"a\x7fb"', b"NO [CANNOT] Mailbox names cannot contain control characters, '*' or '%'"),
+    (b'"a&AIU-b"', b"NO [CANNOT] Mailbox names cannot contain control characters, '*' or '%'"),  # U+0085
+    (b'"&2AA-"', b"NO [CANNOT] Mailbox names cannot contain control characters, '*' or '%'"),  # surrogate
+    (b'"a*"', b"NO [CANNOT] Mailbox names cannot contain control characters, '*' or '%'"),
+]
+
+
+@pytest.mark.parametrize("name,reply", BAD_NAMES)
+def test_bad_folder_names_are_refused_everywhere(server, inbox, name, reply):
+    r = session(server)
+    assert append(r, b"INBOX").startswith(b"p OK")
+    before = tree(inbox)
+    assert last(r, b"a", b"CREATE " + name) == b"a " + reply
+    assert last(r, b"b", b"RENAME Junk " + name) == b"b " + reply
+    assert last(r, b"c", b"SUBSCRIBE " + name) == b"c " + reply
+    assert append(r, name) == b"p " + reply
+    assert last(r, b"d", b"COPY 1 " + name) == b"d " + reply
+    assert last(r, b"e", b"MOVE 1 " + name) == b"e " + reply
+    assert tree(inbox) == before
+    listed = r.command(b"f", b'LIST "" *')
+    assert len(listed) == 7 and listed[-1] == b"f OK LIST completed"  # INBOX + 5 special-use
+    assert not os.path.exists("/tmp/pwn")
+
+
+def test_names_near_the_length_limit(server, inbox):
+    r = session(server)
+    ok = b"n" * 249  # ".nnn..." is 250 bytes on disk
+    assert last(r, b"a", b"CREATE " + ok) == b"a OK CREATE completed"
+    assert last(r, b"b", b"CREATE " + ok + b"n") == \
+        b"b NO [LIMIT] Mailbox name too long (251 bytes stored, at most 250)"
+    # a "." inside a name is stored as "&AC4-": the stored size is what counts
+    assert last(r, b"c", b"CREATE " + b"." * 50) == \
+        b"c NO [LIMIT] Mailbox name too long (251 bytes stored, at most 250)"
+    assert os.path.isdir(inbox / ("." + "n" * 249))
+
+
+def test_deep_create_fails_whole_and_leaves_nothing(server, inbox):
+    r = session(server)
+    before = tree(inbox)
+    deep = b"/".join([b"a"] * 200)
+    assert last(r, b"a", b"CREATE " + deep) == \
+        b"a NO [LIMIT] Mailbox name too long (400 bytes stored, at most 250)"
+    assert tree(inbox) == before
+    assert r.command(b"b", b'LIST "" a*') == [b"b OK LIST completed"]
+
+
+def test_rename_whose_subfolder_would_be_too_long_moves_nothing(server, inbox):
+    r = session(server)
+    assert last(r, b"a", b"CREATE p/" + b"c" * 200).startswith(b"a OK")
+    before = tree(inbox)
+    assert last(r, b"b", b"RENAME p " + b"q" * 60) == \
+        b"b NO [LIMIT] Mailbox name too long (262 bytes stored, at most 250)"
+    assert tree(inbox) == before
+
+
+def test_folder_limit_per_account(server, inbox):
+    r = session(server)
+    assert last(r, b"a", b"CREATE one") == b"a OK CREATE completed"  # 7 of 9
+    # x/y/z needs three folders (x, x/y, x/y/z): refused whole
+    assert last(r, b"b", b"CREATE x/y/z") == b"b NO [LIMIT] Too many mailboxes (at most 9 per account)"
+    assert not (inbox / ".x").exists()
+    assert last(r, b"c", b"CREATE x/y") == b"c OK CREATE completed"  # 9 of 9
+    assert last(r, b"d", b"CREATE three") == b"d NO [LIMIT] Too many mailboxes (at most 9 per account)"
+    assert last(r, b"e", b"RENAME INBOX old") == b"e NO [LIMIT] Too many mailboxes (at most 9 per account)"
+    assert last(r, b"f", b"RENAME one p/one") == b"f NO [LIMIT] Too many mailboxes (at most 9 per account)"
+    assert last(r, b"g", b"RENAME one two") == b"g OK RENAME completed"  # renaming adds nothing
+    assert last(r, b"h", b"DELETE two") == b"h OK DELETE completed"
+    assert last(r, b"i", b"CREATE three") == b"i OK CREATE completed"
+
+
+def test_bad_names_already_on_disk_are_not_listed(server, inbox):
+    r = session(server, select=None)
+    for entry in (".&AC4-&AC4-.&AC4-&AC4-.tmp.pwn", ".~x", ".&AC4-", ".INBOX", ".a&AAE-b", ".good"):
+        for sub in ("cur", "new", "tmp"):
+            os.makedirs(inbox / entry / sub)
+    with open(inbox / "subscriptions", "a", encoding="utf-8") as f:
+        f.write("../../tmp/pwn\n~x\ngood\n")
+    names = [line.rsplit(b" ", 1)[1] for line in r.command(b"a", b'LIST "" *')[:-1]]
+    assert names == [b'"INBOX"', b'"Archive"', b'"Drafts"', b'"Junk"', b'"Sent"', b'"Trash"', b'"good"']
+    subscribed = [line.rsplit(b" ", 1)[1] for line in r.command(b"b", b'LSUB "" *')[:-1]]
+    assert b'"good"' in subscribed and not any(b"pwn" in n or b"~" in n for n in subscribed)
+
+
+# subscriptions ------------------------------------------------------------------------------
+
+def test_subscribe_needs_an_existing_folder(server):
+    r = session(server, select=None)
+    assert last(r, b"a", b"SUBSCRIBE nothere") == b"a NO [NONEXISTENT] No such mailbox"
+    assert last(r, b"b", b"CREATE there") == b"b OK CREATE completed"
+    assert last(r, b"c", b"SUBSCRIBE there") == b"c OK SUBSCRIBE completed"
+    assert last(r, b"d", b"DELETE there") == b"d OK DELETE completed"
+    assert r.command(b"e", b'LSUB "" there') == [b'* LSUB (\\Noselect) "/" "there"', b"e OK LSUB completed"]
+    # a subscribed name whose folder is gone can still be unsubscribed
+    assert last(r, b"f", b"UNSUBSCRIBE there") == b"f OK UNSUBSCRIBE completed"
+    assert r.command(b"g", b'LSUB "" there') == [b"g OK LSUB completed"]
+
+
+# a folder deleted and made again ------------------------------------------------------------
+
+def uidvalidity(lines: list[bytes]) -> bytes:
+    return next(l.split(b"UIDVALIDITY ")[1].split(b"]")[0] for l in lines if b"UIDVALIDITY" in l)
+
+
+def test_folder_deleted_and_made_again_while_another_session_has_it_selected(server):
+    a = session(server, select=None)
+    assert last(a, b"a", b"CREATE X") == b"a OK CREATE completed"
+    assert append(a, b"X").startswith(b"p OK")
+    b = session(server, select=None)
+    old = uidvalidity(b.command(b"s2", b"SELECT X"))
+    assert last(a, b"b", b"DELETE X") == b"b OK DELETE completed"
+    assert last(a, b"c", b"CREATE X") == b"c OK CREATE completed"
+    selected = a.command(b"d", b"SELECT X")
+    assert selected[-1] == b"d OK [READ-WRITE] SELECT completed"
+    assert b"* 0 EXISTS" in selected and uidvalidity(selected) != old
+    assert append(a, b"X").startswith(b"p OK")
+    # B sees its messages expunged, and never the new folder's message
+    assert b.command(b"n", b"NOOP") == [b"* 1 EXPUNGE", b"n OK NOOP completed"]
+    assert b.command(b"n2", b"NOOP") == [b"n2 OK NOOP completed"]
+    assert b.command(b"f", b"UID FETCH 1:* UID") == [b"f OK UID FETCH completed"]
+    # and selecting it again shows the new folder
+    again = b.command(b"s3", b"SELECT X")
+    assert b"* 1 EXISTS" in again and uidvalidity(again) == uidvalidity(selected)
+
+
+def test_folder_removed_behind_the_servers_back_and_made_again(server, inbox):
+    a = session(server, select=None)
+    assert last(a, b"a", b"CREATE Y") == b"a OK CREATE completed"
+    b = session(server, select=b"Y")
+    shutil.rmtree(inbox / ".Y")
+    assert last(a, b"c", b"CREATE Y") == b"c OK CREATE completed"
+    assert last(a, b"d", b"SELECT Y") == b"d OK [READ-WRITE] SELECT completed"
+    assert last(a, b"e", b"STATUS Y (MESSAGES)") == b"e OK STATUS completed"
+    b.close()
+
+
+# configuration ------------------------------------------------------------------------------
+
+def test_max_folders_is_validated(tmp_path):
+    assert load_config(None, {"data_dir": str(tmp_path), "imap.max_folders": 6}).imap.max_folders == 6
+    assert load_config(None, {"data_dir": str(tmp_path)}).imap.max_folders == 1000
+    with pytest.raises(ConfigError, match=r"imap\.max_folders.*must be at least 6"):
+        load_config(None, {"data_dir": str(tmp_path), "imap.max_folders": 5})
+    with pytest.raises(ConfigError, match=r"imap\.max_folders"):
+        load_config(None, {"data_dir": str(tmp_path), "imap.max_folders": "many"})
