@@ -476,7 +476,8 @@ class SMTPServer(CommandProtocol):
             ("A" if self.user else "")
         rcpts = [r.address for r in env.recipients]
         for_ = f"\n\tfor <{rcpts[0]}>" if len(rcpts) == 1 else ""
-        return (f"Received: from {self.helo} ([{self.peer_host}])\n\tby {f.config.hostname} "
+        peer = f" ([{self.peer_host}])" if self.peer_host else ""  # a UNIX socket has no address
+        return (f"Received: from {self.helo}{peer}\n\tby {f.config.hostname} "
                 f"(twisted-mail-screen) with {with_}{for_};\n\t{header_date(f.clock.seconds())}\n"
                 ).encode()
 
