@@ -256,20 +256,6 @@ def test_hand_edit_of_block_file_takes_effect(start_server, accounts, tmp_path):
     assert wait_for(lambda: "+5" not in (tmp_path / "data" / "blocklist.txt").read_text())
 
 
-def test_haproxy_endpoint_screens_the_original_address(start_server, accounts):
-    """Behind a PROXY-protocol load balancer the block applies to the original client address."""
-    server, _ = site(start_server, listen__smtp=["haproxy:tcp:0:interface=127.0.0.1"])
-    server.service.screening.block("203.0.113.7", 30, "test")
-
-    def greeting(source: str) -> bytes:
-        with socket.create_connection(("127.0.0.1", server.port("smtp")), timeout=10) as s:
-            s.sendall(f"PROXY TCP4 {source} 127.0.0.1 40000 25\r\n".encode())
-            return s.recv(1024)
-
-    assert greeting("203.0.113.7").startswith(b"421 4.7.0")
-    assert greeting("203.0.113.8").startswith(b"220")
-
-
 def test_imap_login_failures_count_with_the_others(start_server, accounts):
     """Failed IMAP LOGINs count toward the same per-address limit; the block then refuses IMAP with BYE."""
     import imaplib

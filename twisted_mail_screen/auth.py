@@ -21,6 +21,7 @@ from zope.interface import implementer
 from twisted_mail_screen.accounts import AccountStore
 from twisted_mail_screen.addresses import AddressError, normalise_address
 from twisted_mail_screen.config import Config
+from twisted_mail_screen.netmatch import parse_host
 from twisted_mail_screen.workers import Blocking
 
 
@@ -53,7 +54,9 @@ def parse_sasl_plain(response: bytes) -> tuple[str, str]:
 
 
 def is_loopback(host: str) -> bool:
-    return host.startswith("127.") or host in ("::1", "") or host.startswith("::ffff:127.")
+    """127.0.0.0/8, ::1 and IPv4-mapped 127/8; never an empty or non-IP peer (a UNIX socket)."""
+    parsed = parse_host(host)
+    return parsed is not None and (parsed == (6, 1) or (parsed[0] == 4 and parsed[1] >> 24 == 127))
 
 
 class Authenticator:

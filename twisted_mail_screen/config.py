@@ -16,6 +16,7 @@ from typing import Any
 
 from twisted_mail_screen.addresses import AddressError, normalise_address, valid_domain
 from twisted_mail_screen.configbase import ConfigError, Section
+from twisted_mail_screen.netmatch import Network, parse_network
 
 MODES = ("test-host", "site")
 PLAINTEXT_AUTH = ("loopback", "always", "never")
@@ -70,6 +71,13 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class ProxyConfig:
+    """The proxies whose PROXY headers C{haproxy:} listeners accept (none by default)."""
+
+    trusted: tuple[Network, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     mode: str = "test-host"
     hostname: str = "localhost"
@@ -83,6 +91,7 @@ class Config:
     pop3: POP3Config = field(default_factory=POP3Config)
     imap: IMAPConfig = field(default_factory=IMAPConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
@@ -151,6 +160,13 @@ def _parse_tls(sec: Section) -> TLSConfig:
     return TLSConfig(certificate, key)
 
 
+def _parse_proxy(sec: Section) -> ProxyConfig:
+    trusted = tuple(parse_network(entry, sec.key("trusted"))
+                    for entry in sec.string_list("trusted", ()))
+    sec.finish()
+    return ProxyConfig(trusted)
+
+
 def _check_data_dir(key: str, path: str) -> str:
     path = os.path.abspath(path)
     probe = path
@@ -198,6 +214,7 @@ def parse_config(table: dict[str, Any], overrides: dict[str, Any] | None = None)
     plaintext = top.choice("plaintext_auth", "loopback", PLAINTEXT_AUTH)
     listen = _parse_listen(top.section("listen"), mode)
     tls = _parse_tls(top.section("tls"))
+    proxy = _parse_proxy(top.section("proxy"))
 
     s = top.section("smtp")
     smtp = SMTPConfig(
@@ -229,7 +246,7 @@ def parse_config(table: dict[str, Any], overrides: dict[str, Any] | None = None)
     top.finish()
     return Config(mode=mode, hostname=hostname, data_dir=data_dir, domains=domains,
                   postmaster=postmaster, plaintext_auth=plaintext, listen=listen, tls=tls,
-                  smtp=smtp, pop3=pop3, imap=imap, storage=storage, extra=extra)
+                  smtp=smtp, pop3=pop3, imap=imap, storage=storage, proxy=proxy, extra=extra)
 
 
 def _extra_sections() -> dict[str, Any]:

@@ -180,7 +180,7 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
             continue
         for description in descriptions:
             try:
-                endpoint = server_endpoint(reactor, description, clock)
+                endpoint = server_endpoint(reactor, description, clock, config.proxy.trusted)
             except Exception as e:
                 raise ConfigError(f"listen.{kind}", description, f"unusable endpoint: {e}") from e
             listener = Listener(kind, description, endpoint, factories[kind]())
