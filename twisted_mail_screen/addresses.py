@@ -16,6 +16,12 @@ _ATEXT = r"[a-z0-9#$&'*+=?^_`{|}~-]"
 _LOCAL = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*\Z")
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\Z")
+#: An address literal (RFC 5321 4.1.3), loosely: its characters only.
+_LITERAL = re.compile(r"\[(?:ipv6:)?[0-9a-f:.]{1,45}\]\Z")
+#: RFC 5321 4.1.2: esmtp-keyword and esmtp-value (no "=", no SP, no controls).
+_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,63}\Z")
+_VALUE = re.compile(r"[!-<>-~]{1,500}\Z")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class AddressError(ValueError):
@@ -57,6 +63,10 @@ def parse_path(text: str) -> tuple[str, str]:
 
     @raise AddressError: for a malformed path.
     """
+    if _CONTROL.search(text):
+        # Defence in depth (SMTP refuses such command lines first): a CR or LF
+        # in a path would break Return-Path: and the relay's commands.
+        raise AddressError("control characters in the path")
     text = text.strip()
     if not text.startswith("<"):
         # Lenient: some clients omit the brackets; the path ends at a space.
@@ -75,10 +85,35 @@ def parse_path(text: str) -> tuple[str, str]:
     return path, params
 
 
+def valid_sender_path(path: str) -> bool:
+    """
+    Whether C{path} (a MAIL FROM path, not the null path) is a plain
+    C{local@domain} in any case, or C{local@[address literal]}: nothing in
+    it can break the C{Return-Path:} header or the relay's MAIL command.
+    """
+    local, at, domain = path.rpartition("@")
+    if not at or len(path) > 254:
+        return False
+    domain = domain.lower()
+    return valid_local_part(local.lower()) and (valid_domain(domain) or bool(_LITERAL.match(domain)))
+
+
 def parse_params(params: str) -> dict[str, str]:
-    """ESMTP parameters (C{SIZE=123 BODY=8BITMIME}) as an upper-cased dict."""
+    """
+    ESMTP parameters (C{SIZE=123 BODY=8BITMIME}) as an upper-cased dict.
+
+    @raise AddressError: for a keyword or value outside RFC 5321 4.1.2's
+        grammar, or a keyword given twice.
+    """
     out: dict[str, str] = {}
-    for word in params.split():
-        key, _, value = word.partition("=")
-        out[key.upper()] = value
+    for word in params.split(" "):
+        if not word:
+            continue
+        key, eq, value = word.partition("=")
+        if not _KEYWORD.match(key) or (eq and not _VALUE.match(value)):
+            raise AddressError(f"malformed parameter {word[:40]!r}")
+        key = key.upper()
+        if key in out:
+            raise AddressError(f"parameter {key} given twice")
+        out[key] = value
     return out

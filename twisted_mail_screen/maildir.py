@@ -272,22 +272,32 @@ class MailStore:
         return self.deliver_to(maildirs, message, flags)
 
     def deliver_to(self, maildirs: list[Maildir], message: bytes, flags: str = "") -> str:
-        maildirs = _distinct(maildirs)
+        return self._stage(_distinct(maildirs), message, flags).commit()
+
+    def stage(self, addresses: list[str], message: bytes, flags: str = "") -> "Staged":
+        """
+        The first half of L{deliver}: the message written and fsync'd in
+        tmp/, where no reader sees it, until L{Staged.commit}. Blocks.
+
+        @raise DeliveryError: nothing was written.
+        """
+        return self._stage(_distinct([self.maildir(a) for a in addresses]), message, flags)
+
+    def _stage(self, maildirs: list[Maildir], message: bytes, flags: str) -> "Staged":
         try:
-            return self._deliver_once(maildirs, message, flags)
+            return self._stage_once(maildirs, message, flags)
         except _Vanished:
             # A Maildir this process had seen was removed meanwhile: check
             # (and create) every one afresh and try once more.
-            for md in maildirs:
-                self._known.discard(md.path)
-            return self._deliver_once(maildirs, message, flags)
+            self._forget(maildirs)
+            return self._stage_once(maildirs, message, flags)
 
-    def _deliver_once(self, maildirs: list[Maildir], message: bytes, flags: str) -> str:
+    def _forget(self, maildirs: list[Maildir]) -> None:
+        for md in maildirs:
+            self._known.discard(md.path)
+
+    def _stage_once(self, maildirs: list[Maildir], message: bytes, flags: str) -> "Staged":
         base = f"{self._names.new()},S={len(message)},W={crlf_size(message)}"
-        name = f"{base}:2,{flags}" if flags else base
-        target = "cur" if flags else "new"
-        first = maildirs[0]
-        placed: list[str] = []
         known = self._known
         checked = False
         try:
@@ -299,19 +309,36 @@ class MailStore:
                     if len(known) > 65536:
                         known.clear()
                     known.add(md.path)
-            temp = f"{first.path}/tmp/{base}"
-            moved = False
+            temp = f"{maildirs[0].path}/tmp/{base}"
             try:
                 self._write(temp, message)
-                last = len(maildirs) - 1
-                for i, md in enumerate(maildirs):
+            except BaseException:
+                _unlink_quietly(temp)
+                raise
+        except OSError as e:
+            if isinstance(e, FileNotFoundError) and not checked:
+                raise _Vanished() from e
+            raise DeliveryError(f"{e.strerror or e} ({getattr(e, 'filename', '')})") from e
+        return Staged(self, maildirs, message, flags, base, temp, checked)
+
+    def _commit(self, staged: "Staged") -> str:
+        """Link a staged message into every new/ (the last by rename), fsync each."""
+        name = f"{staged.base}:2,{staged.flags}" if staged.flags else staged.base
+        target = "cur" if staged.flags else "new"
+        temp = staged.temp
+        placed: list[str] = []
+        moved = False
+        try:
+            try:
+                last = len(staged.maildirs) - 1
+                for i, md in enumerate(staged.maildirs):
                     final = f"{md.path}/{target}/{name}"
                     if i == last:
                         moved = _rename_or_copy(temp, final)
                     else:
                         link_or_copy(temp, final)
                     placed.append(final)
-                for md in maildirs:
+                for md in staged.maildirs:
                     self._sync_dir(f"{md.path}/{target}")
             finally:
                 if not moved:
@@ -319,7 +346,7 @@ class MailStore:
         except OSError as e:
             for path in placed:
                 _unlink_quietly(path)
-            if isinstance(e, FileNotFoundError) and not checked:
+            if isinstance(e, FileNotFoundError) and not staged.checked:
                 raise _Vanished() from e
             raise DeliveryError(f"{e.strerror or e} ({getattr(e, 'filename', '')})") from e
         return name
@@ -351,6 +378,44 @@ class MailStore:
             write_and_fsync(fd, data)
         finally:
             os.close(fd)
+
+
+class Staged:
+    """
+    A message written into tmp/ and fsync'd, not yet in any new/: made
+    visible by L{commit}, dropped by L{abort}. Both block.
+    """
+
+    def __init__(self, store: MailStore, maildirs: list[Maildir], message: bytes, flags: str,
+                 base: str, temp: str, checked: bool) -> None:
+        self._store = store
+        self.maildirs = maildirs
+        self._message = message
+        self.flags = flags
+        self.base = base
+        self.temp = temp
+        self.checked = checked  # every Maildir was looked at, none taken from the cache
+
+    def commit(self) -> str:
+        """
+        Deliver into every mailbox, all or none; the new file's name.
+
+        @raise DeliveryError: nobody got the message (and tmp/ is clean).
+        """
+        store = self._store
+        try:
+            return store._commit(self)
+        except _Vanished:
+            # A cached Maildir went away: look at every one afresh, write again.
+            store._forget(self.maildirs)
+            return store._commit(store._stage_once(self.maildirs, self._message, self.flags))
+
+    def abort(self) -> None:
+        """Drop the staged file (quietly: it is in tmp/, which is swept anyway)."""
+        try:
+            os.unlink(self.temp)
+        except OSError:
+            pass
 
 
 class TmpCleaner(Service):

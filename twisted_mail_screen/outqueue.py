@@ -323,6 +323,8 @@ class OutboundQueue(MultiService):
         self._blocking = Blocking(reactor, threads, name="mailscreen-queue")
         self._blocking.setServiceParent(self)
         self._messages: dict[str, QueuedMessage] = {}
+        # Stored but not to be sent yet (enqueue(start=False)); not polled.
+        self._unstarted: dict[str, tuple[QueuedMessage, bytes]] = {}
         self._held: set[str] = set()
         self._hold_changes = 0  # bumped by hold()/release(): a scan older than that is stale
         self._in_flight: dict[str, Deferred] = {}
@@ -428,8 +430,13 @@ class OutboundQueue(MultiService):
 
     # the Relay interface
 
-    def enqueue(self, sender: str, recipients: tuple[str, ...], message: bytes) -> "Deferred[str]":
-        """Durably queue C{message}; fires with the queue id once fsync'd."""
+    def enqueue(self, sender: str, recipients: tuple[str, ...], message: bytes, *,
+                start: bool = True) -> "Deferred[str]":
+        """
+        Durably queue C{message}; fires with the queue id once fsync'd.
+        With C{start=False} nothing is sent until L{start} (or a restart):
+        delivery first stores the local copies of the same message.
+        """
         now = self.clock.seconds()
         queue_id = f"{int(now) & 0xFFFFFFFF:08X}{secrets.token_hex(5).upper()}"
         queued = QueuedMessage(id=queue_id, sender=sender, created=now, next_attempt=now,
@@ -438,18 +445,30 @@ class OutboundQueue(MultiService):
         d = self._blocking.run(self.directory.store, queued, message)
 
         def stored(_: Any) -> str:
-            self._messages[queue_id] = queued
             self.log.info("queue: {id} queued from=<{sender}> to={rcpts} size={size}",
                           id=queue_id, sender=sender, rcpts=",".join(recipients),
                           size=len(message))
-            if self.running and not self._stopping:
-                if len(self._in_flight) < self.max_attempts:
-                    self._attempt(queued, message)
-                else:
-                    self._backlog = True  # due now; started as running attempts end
+            if start:
+                self._begin(queued, message)
+            else:
+                self._unstarted[queue_id] = (queued, message)
             return queue_id
 
         return d.addCallback(stored)
+
+    def start(self, queue_id: str) -> None:
+        """Begin sending a message queued with C{start=False}."""
+        entry = self._unstarted.pop(queue_id, None)
+        if entry is not None:
+            self._begin(*entry)
+
+    def _begin(self, queued: QueuedMessage, message: bytes) -> None:
+        self._messages[queued.id] = queued
+        if self.running and not self._stopping:
+            if len(self._in_flight) < self.max_attempts:
+                self._attempt(queued, message)
+            else:
+                self._backlog = True  # due now; started as running attempts end
 
     # administration
 
@@ -471,6 +490,7 @@ class OutboundQueue(MultiService):
 
     def delete(self, queue_id: str) -> "Deferred[bool]":
         self._messages.pop(queue_id, None)
+        self._unstarted.pop(queue_id, None)
         return self._blocking.run(self.directory.delete, queue_id)
 
     def hold(self, queue_id: str) -> "Deferred[bool]":
