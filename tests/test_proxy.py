@@ -222,7 +222,7 @@ def test_sources_without_a_client_address_use_the_proxys(start_server, accounts,
     (v2(1, 2, V2_INET6), "2001:db8::9"),
     (v2(1, 1, V2_INET + b"\x04\x00\x01\x00"), "203.0.113.9"),  # a TLV after the addresses
     (v1("2001:db8::7", "TCP6"), "2001:db8::7"),
-])
+], ids=["v2-inet", "v2-inet6", "v2-tlv", "v1-tcp6"])
 def test_v2_and_tcp6_headers_give_the_client(start_server, accounts, tmp_path, header, client):
     """v2 IPv4/IPv6 (with TLVs) and v1 TCP6 headers set the peer, and the proxy's block does not apply."""
     server, _ = serve(start_server)
@@ -292,6 +292,29 @@ def test_header_split_across_reads_and_pipelined_command(start_server, accounts)
     assert peer.reply().startswith(b"220")
     assert peer.reply().startswith(b"250")
     peer.close()
+
+
+def test_starttls_through_a_proxied_listener(start_server, accounts, certificate, tmp_path):
+    """STARTTLS runs on the connection behind the header; the session keeps the header's client."""
+    import ssl
+    cert, key = certificate
+    server, _ = serve(start_server, plaintext_auth="never", tls__certificate=cert, tls__key=key)
+    peer = Peer(server.port("smtp"), PROXY, v1("203.0.113.7"))
+    assert peer.reply().startswith(b"220")
+    assert b"STARTTLS" in peer.command("EHLO x")
+    assert peer.command("STARTTLS").startswith(b"220")
+    context = ssl.create_default_context(cafile=cert)
+    tls = context.wrap_socket(peer.sock, server_hostname="mail.example.test")
+    secured = Peer.__new__(Peer)
+    secured.sock, secured.file = tls, tls.makefile("rb")
+    assert b"AUTH" in secured.command("EHLO client.example")
+    assert secured.command("MAIL FROM:<someone@remote.example>").startswith(b"250")
+    assert secured.command("RCPT TO:<alice@example.test>").startswith(b"250")
+    assert secured.command("DATA").startswith(b"354")
+    assert secured.command("Subject: hi\r\n\r\nbody\r\n.").startswith(b"250")
+    secured.command("QUIT")
+    secured.close()
+    assert "([203.0.113.7])" in received_lines(tmp_path)[0]
 
 
 def test_unix_socket_client_is_not_loopback(start_server, accounts, tmp_path):
