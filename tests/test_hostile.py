@@ -1,9 +1,13 @@
 """
 Hostile input against the SMTP, POP3 and IMAP protocol objects over
 in-memory transports: random and malformed command streams split at
-random places, huge lines, floods of pipelined commands. Whatever comes
-in: no unhandled exception is logged, every reply is well-formed, and
-memory stays bounded.
+random places, near-valid commands drawn from each protocol's grammar
+(tests/hostile_grammar.py: huge numbers, Unicode digits, NUL, deep
+nesting, repeated items, overlong literals, bad base64), huge lines,
+floods of pipelined commands. Whatever comes in: no unhandled exception
+is logged, no reply is an internal error (C{421 4.3.0}, C{NO
+[SERVERBUG]}, C{* BYE Internal error}, C{-ERR [SYS/TEMP]}), every reply
+is well-formed, and memory stays bounded.
 
 The protocols are built by a real service object's listener factories
 (C{build_service}), with the blocking pool made synchronous so that
@@ -11,6 +15,7 @@ deliveries and mailbox scans complete inside C{dataReceived}.
 
 Long run (documented in docs/performance.md, last result recorded there):
 
+    MAILSCREEN_FUZZ_LONG=1 python -m pytest tests/test_hostile.py -k fuzz
     HOSTILE_EXAMPLES=1000000 python -m pytest tests/test_hostile.py -k fuzz
 """
 
@@ -31,14 +36,33 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
+from tests.hostile_grammar import (imap_selected_command, imap_unauth_command, pop3_command,
+                                   smtp_command)
 from twisted_mail_screen.config import load_config
 from twisted_mail_screen.service import build_service
 from twisted_mail_screen.testing import ephemeral_overrides
 from twisted_mail_screen.workers import Blocking
 
-EXAMPLES = int(os.environ.get("HOSTILE_EXAMPLES", "100"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES <= 100,
+# MAILSCREEN_FUZZ_LONG=1: 20,000 random examples per fuzz test (about an hour
+# in all); HOSTILE_EXAMPLES=N sets the count. The default run is short and
+# derandomized, so it is the same run every time.
+LONG = os.environ.get("MAILSCREEN_FUZZ_LONG", "") not in ("", "0")
+EXAMPLES = int(os.environ.get("HOSTILE_EXAMPLES", "20000" if LONG else "100"))
+GRAMMAR_EXAMPLES = int(os.environ.get("HOSTILE_EXAMPLES", "20000" if LONG else "400"))
+FIXED = not LONG and "HOSTILE_EXAMPLES" not in os.environ
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=FIXED or EXAMPLES <= 100,
                 suppress_health_check=list(HealthCheck))
+GRAMMAR = settings(max_examples=GRAMMAR_EXAMPLES, deadline=None, derandomize=FIXED,
+                   suppress_health_check=list(HealthCheck))
+
+# What each protocol answers when a command raised: never the answer to bad input.
+INTERNAL_ERROR = re.compile(rb"(?im)^(?:[0-9]{3}[ -]4\.3\.0\b.*|.*internal error.*|.*\[SERVERBUG\].*"
+                            rb"|.*\[SYS/TEMP\].*)$")
+
+
+def no_internal_error(out: bytes) -> None:
+    m = INTERNAL_ERROR.search(out)
+    assert m is None, f"internal-error reply: {m.group(0)[:200]!r}"
 
 
 class Failures:
@@ -167,6 +191,7 @@ def test_smtp_fuzz(server, words, eol, cuts):
     proto, transport = connect(service, "smtp")
     feed(proto, transport, chunked(eol.join(words) + eol, cuts))
     clock.advance(1)
+    no_internal_error(transport.value())
     check_smtp(transport.value())
     finish(proto, failures, before)
 
@@ -247,6 +272,7 @@ def test_pop3_fuzz(server, words, eol, cuts, login):
     if login:
         words = [b"USER u@x.test", b"PASS x"] + [w for w in words if w != b"QUIT"]
     feed(proto, transport, chunked(eol.join(words) + eol, cuts))
+    no_internal_error(transport.value())
     check_pop3(transport.value())
     finish(proto, failures, before)  # no QUIT after login: nothing deleted
 
@@ -318,6 +344,7 @@ def test_imap_fuzz(server, words, eol, cuts):
     # Random bytes may be taken for a tag; every reply must still start with
     # "*", "+" or a tag the client sent (any first word of an input line).
     sent_tags = TAGS | {l.split(b" ")[0].strip(b"\r") for l in (eol.join(words)).split(b"\n")}
+    no_internal_error(out)
     check_imap(out, sent_tags)
     finish(proto, failures, before)
 
@@ -339,3 +366,119 @@ def test_imap_terabyte_literal_is_refused(server):
         proto2.dataReceived(b"z" * 65536)
         assert len(proto2._buffer) < 1 << 20
     assert re.search(rb"a2 (NO|BAD)", transport2.value())
+
+
+# Near-valid commands from each protocol's grammar (tests/hostile_grammar.py)
+
+FUZZ_USER = "fz@x.test"
+
+
+def refill(service, address: str = FUZZ_USER) -> None:
+    """A few messages to work on (earlier examples may have expunged or moved them)."""
+    md = service.store.maildir(address)
+    if not md.exists() or len(md.scan()) < 3:
+        for i in range(3):
+            service.store.deliver([address], b"Subject: m%d\r\nFrom: a@x.test\r\n\r\nbody %d\r\n" % (i, i))
+
+
+def line_tags(stream: bytes) -> set[bytes]:
+    """Every first word of a line: inside a refused literal, data lines pass for commands."""
+    return {l.split(b" ")[0].strip(b"\r") for l in stream.split(b"\n")}
+
+
+def run(service, clock, kind: str, stream: bytes, cuts: list[int]) -> bytes:
+    proto, transport = connect(service, kind)
+    feed(proto, transport, chunked(stream, cuts))
+    clock.advance(1)
+    out = transport.value()
+    proto.connectionLost(Failure(ConnectionDone()))
+    return out
+
+
+@GRAMMAR
+@given(commands=st.lists(imap_selected_command(), min_size=1, max_size=6), cuts=cuts)
+def test_imap_grammar_fuzz(server, commands, cuts):
+    service, clock, failures = server
+    before = len(failures.events)
+    refill(service)
+    stream = b"l LOGIN fz@x.test pw\r\ns SELECT INBOX\r\n" + \
+        b"".join(b"g%d " % i + c + b"\r\n" + (b"s SELECT INBOX\r\n" if c[:1] in b"SE" else b"")
+                 for i, c in enumerate(commands))
+    out = run(service, clock, "imap", stream, cuts)
+    no_internal_error(out)
+    check_imap(out, line_tags(stream))
+    assert len(failures.events) == before, [e.get("log_format") for e in failures.events[before:]]
+
+
+@GRAMMAR
+@given(commands=st.lists(imap_unauth_command(), min_size=1, max_size=6), cuts=cuts)
+def test_imap_unauthenticated_grammar_fuzz(server, commands, cuts):
+    service, clock, failures = server
+    before = len(failures.events)
+    stream = b"".join(b"u%d " % i + c + b"\r\n" for i, c in enumerate(commands))
+    out = run(service, clock, "imap", stream, cuts)
+    no_internal_error(out)
+    check_imap(out, line_tags(stream))
+    assert len(failures.events) == before, [e.get("log_format") for e in failures.events[before:]]
+
+
+@GRAMMAR
+@given(commands=st.lists(smtp_command(), min_size=1, max_size=8), cuts=cuts)
+def test_smtp_grammar_fuzz(server, commands, cuts):
+    service, clock, failures = server
+    before = len(failures.events)
+    stream = b"EHLO fz.example\r\n" + b"".join(c + b"\r\n" for c in commands)
+    out = run(service, clock, "smtp", stream, cuts)
+    no_internal_error(out)
+    check_smtp(out)
+    assert len(failures.events) == before, [e.get("log_format") for e in failures.events[before:]]
+
+
+@GRAMMAR
+@given(commands=st.lists(pop3_command(), min_size=1, max_size=8), cuts=cuts, login=st.booleans())
+def test_pop3_grammar_fuzz(server, commands, cuts, login):
+    service, clock, failures = server
+    before = len(failures.events)
+    refill(service)
+    stream = (b"USER fz@x.test\r\nPASS pw\r\n" if login else b"") + b"".join(c + b"\r\n" for c in commands)
+    out = run(service, clock, "pop3", stream, cuts)
+    no_internal_error(out)
+    check_pop3(out)
+    assert len(failures.events) == before, [e.get("log_format") for e in failures.events[before:]]
+
+
+# The inputs that once gave an internal error (issue 10), each on its own.
+DIGITS = b"9" * 5000
+KNOWN = [
+    ("imap", b"x SEARCH " + b"NOT " * 1100 + b"ALL"),
+    ("imap", b"x FETCH " + DIGITS + b" FLAGS"),
+    ("imap", b"x FETCH 1 BODY.PEEK[]<" + DIGITS + b".1>"),
+    ("imap", b"x SEARCH LARGER " + DIGITS),
+    ("imap", b"x SELECT \x00x"),
+    ("imap", b"x CREATE " + b"a" * 300),
+    ("imap", b"x CREATE " + b"/".join([b"a"] * 200)),
+    ("imap", b"x SELECT {" + DIGITS + b"+}"),
+    ("imap", b"x SEARCH BEFORE 0-Jan-0000"),
+    ("imap", b"x SEARCH SENTON 31-Feb-2020"),
+    ("imap", b'x APPEND INBOX "99-Jan-2020 99:99:99 +0000" {1+}\r\nx'),
+    ("smtp", b"MAIL FROM:<a@x.example> SIZE=" + DIGITS),
+    ("smtp", "MAIL FROM:<a@x.example> SIZE=²".encode()),
+    ("smtp", b"AUTH PLAIN ===="),
+    ("pop3", "TOP 1 ²".encode()),
+    ("pop3", "RETR ٣".encode()),
+    ("pop3", b"LIST " + DIGITS),
+]
+
+
+@pytest.mark.parametrize("kind,command", KNOWN, ids=[f"{k}-{c[:30]!r}" for k, c in KNOWN])
+def test_known_hostile_inputs(server, kind, command):
+    service, clock, failures = server
+    before = len(failures.events)
+    refill(service)
+    prefix = {"imap": b"l LOGIN fz@x.test pw\r\ns SELECT INBOX\r\n", "smtp": b"EHLO fz.example\r\n",
+              "pop3": b"USER fz@x.test\r\nPASS pw\r\n"}[kind]
+    out = run(service, clock, kind, prefix + command + b"\r\n", [])
+    no_internal_error(out)
+    last = out.rstrip(b"\r\n").rsplit(b"\r\n", 1)[-1]
+    assert re.match({"imap": rb"x (BAD|NO) ", "smtp": rb"5\d\d ", "pop3": rb"-ERR "}[kind], last), last[:200]
+    assert len(failures.events) == before, [e.get("log_format") for e in failures.events[before:]]

@@ -80,6 +80,9 @@ HUGE = b"9" * 5000
     (b"SEARCH " + b"(" * 1100 + b"ALL" + b")" * 1100, b"BAD lists nested more than 32 deep"),
     (b"FETCH 1 " + b"(" * 40 + b"FLAGS" + b")" * 40, b"BAD lists nested more than 32 deep"),
     (b"SEARCH NOT \x01", b"BAD control character in an atom"),
+    (b"SEARCH BEFORE 0-Jan-0000", b"BAD bad date '0-Jan-0000'"),
+    (b"SEARCH SENTON 31-Feb-2020", b"BAD bad date '31-Feb-2020'"),
+    (b'APPEND INBOX "31-Jan-2020 99:99:99 +0000" {1+}\r\nx', b"BAD bad date-time"),
 ])
 def test_number_and_nesting_limits_answer_bad(server, command, reply):
     r = session(server)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import calendar
+import datetime
 import re
 import time
 from dataclasses import dataclass, field
@@ -328,8 +329,8 @@ def parse_fetch_atts(tok: Token) -> list[Union[str, Section]]:
 
 MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
 _MONTH_NUM = {m.lower(): i + 1 for i, m in enumerate(MONTHS)}
-_DATE_RE = re.compile(r"^(\d{1,2})-([A-Za-z]{3})-(\d{4})$")
-_DATETIME_RE = re.compile(r"^ ?(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d\d):(\d\d):(\d\d) ([+-])(\d\d)(\d\d)$")
+_DATE_RE = re.compile(r"^([0-9]{1,2})-([A-Za-z]{3})-([0-9]{4})$")
+_DATETIME_RE = re.compile(r"^ ?(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d\d):(\d\d):(\d\d) ([+-])(\d\d)(\d\d)$", re.A)
 
 
 def parse_date(tok: Token) -> tuple[int, int, int]:
@@ -338,7 +339,12 @@ def parse_date(tok: Token) -> tuple[int, int, int]:
     m = _DATE_RE.match(text)
     if not m or m.group(2).lower() not in _MONTH_NUM:
         raise BadCommand(f"bad date {text[:30]!r}")
-    return int(m.group(3)), _MONTH_NUM[m.group(2).lower()], int(m.group(1))
+    ymd = int(m.group(3)), _MONTH_NUM[m.group(2).lower()], int(m.group(1))
+    try:
+        datetime.date(*ymd)  # 31-Feb-2020 and year 0 match the pattern
+    except ValueError:
+        raise BadCommand(f"bad date {text[:30]!r}") from None
+    return ymd
 
 
 def parse_datetime(raw: bytes) -> float:
@@ -350,6 +356,7 @@ def parse_datetime(raw: bytes) -> float:
     hh, mm, ss = int(m.group(4)), int(m.group(5)), int(m.group(6))
     offset = (int(m.group(8)) * 60 + int(m.group(9))) * 60 * (1 if m.group(7) == "+" else -1)
     try:
+        datetime.datetime(year, mon, day, hh, mm, ss)  # timegm() would take 99-Jan-2020 99:99:99
         return calendar.timegm((year, mon, day, hh, mm, ss, 0, 0, 0)) - offset
     except (ValueError, OverflowError):
         raise BadCommand("bad date-time") from None
