@@ -64,7 +64,7 @@ MAILBOXES = ["INBOX", "inbox", "Fz", "Fz/Sub", "INBOX/Fz", "Sent", "../../../../
              "./x", "~", "~/x", "/etc", "a//b", "Fz/", "", "#news", "&", "&-", "&2AA-", "&AAA",
              "&ANw-", "Ü", "a" * 300, "/".join(["a"] * 200), "*", "%", "Fz\x01", "Fz\x00"]
 mailbox_names = st.one_of(st.sampled_from(MAILBOXES),
-                          st.text(st.sampled_from("ab/.~&-é\x01 "), min_size=1, max_size=12))
+                          st.text(st.sampled_from("ab/.~&-é\x01 \udcff"), min_size=1, max_size=12))
 
 
 @st.composite
@@ -176,8 +176,11 @@ def imap_selected_command(draw: st.DrawFn) -> bytes:
     if kind == 8:
         return b"UID EXPUNGE " + draw(seqsets.flatmap(spoiled))
     if kind == 9:
-        return b"LIST " + draw(imap_string(b"")) + b" " + \
-            draw(st.sampled_from([b"*", b"%", b'"Fz/*"', b"INBOX", b'"~/*"', b"(* %)"]))
+        verb = draw(st.sampled_from([b"LIST ", b"LSUB ", b"LIST (SUBSCRIBED) ", b"LIST (SPECIAL-USE) "]))
+        pattern = draw(st.one_of(st.sampled_from([b"*", b"%", b'"Fz/*"', b"INBOX", b'"~/*"', b"(* %)",
+                                                  b'"\xff*"', b'"&*"']), st.just(mbox)))
+        return verb + draw(st.sampled_from([b'""', b"Fz/", mbox])) + b" " + pattern + \
+            draw(st.sampled_from([b"", b"", b" RETURN (SUBSCRIBED CHILDREN)", b" RETURN x"]))
     if kind == 10:
         return draw(st.sampled_from([b"NOOP", b"CHECK", b"EXPUNGE", b"ID NIL", b'ID ("name" "fz")',
                                      b"ID " + b"(" * 40, b"ENABLE UTF8=ACCEPT", b"NAMESPACE",

@@ -43,7 +43,7 @@ from twisted_mail_screen.service import build_service
 from twisted_mail_screen.testing import ephemeral_overrides
 from twisted_mail_screen.workers import Blocking
 
-# MAILSCREEN_FUZZ_LONG=1: 20,000 random examples per fuzz test (about an hour
+# MAILSCREEN_FUZZ_LONG=1: 20,000 random examples per fuzz test (about half an hour
 # in all); HOSTILE_EXAMPLES=N sets the count. The default run is short and
 # derandomized, so it is the same run every time.
 LONG = os.environ.get("MAILSCREEN_FUZZ_LONG", "") not in ("", "0")

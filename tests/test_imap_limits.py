@@ -80,6 +80,9 @@ HUGE = b"9" * 5000
     (b"SEARCH " + b"(" * 1100 + b"ALL" + b")" * 1100, b"BAD lists nested more than 32 deep"),
     (b"FETCH 1 " + b"(" * 40 + b"FLAGS" + b")" * 40, b"BAD lists nested more than 32 deep"),
     (b"SEARCH NOT \x01", b"BAD control character in an atom"),
+    (b'LIST "" "\xff*"', b"BAD mailbox name is not valid modified UTF-7"),
+    (b'FETCH 1 BODY.PEEK[HEADER.FIELDS ("\x01")]', b"BAD bad header field name"),
+    (b'FETCH 1 BODY.PEEK[HEADER.FIELDS ("a)")]', b"BAD bad header field name"),
     (b"SEARCH BEFORE 0-Jan-0000", b"BAD bad date '0-Jan-0000'"),
     (b"SEARCH SENTON 31-Feb-2020", b"BAD bad date '31-Feb-2020'"),
     (b'APPEND INBOX "31-Jan-2020 99:99:99 +0000" {1+}\r\nx', b"BAD bad date-time"),
@@ -178,6 +181,14 @@ def test_deep_create_fails_whole_and_leaves_nothing(server, inbox):
         b"a NO [LIMIT] Mailbox name too long (400 bytes stored, at most 250)"
     assert tree(inbox) == before
     assert r.command(b"b", b'LIST "" a*') == [b"b OK LIST completed"]
+
+
+def test_create_interrupted_by_the_disk_removes_what_it_made(server, inbox):
+    r = session(server)
+    (inbox / ".x.y").write_bytes(b"")  # not a directory: making x/y fails after x was made
+    before = tree(inbox)
+    assert last(r, b"a", b"CREATE x/y/z") == b"a NO [SERVERBUG] Internal error"
+    assert tree(inbox) == before and not (inbox / ".x").exists()
 
 
 def test_rename_whose_subfolder_would_be_too_long_moves_nothing(server, inbox):

@@ -145,16 +145,25 @@ def astring(tok: Token) -> bytes:
     raise BadCommand("string expected")
 
 
-def mailbox_name(tok: Token) -> str:
-    """A mailbox argument, decoded from modified UTF-7; INBOX case-folded."""
-    raw = astring(tok)
+def _decode_mailbox(raw: bytes) -> str:
+    # Twisted's codec raises for 8-bit bytes whatever the errors argument says.
     try:
-        name = raw.decode("imap4-utf-7")
+        return raw.decode("imap4-utf-7")
     except Exception:
         try:
-            name = raw.decode("utf-8")
+            return raw.decode("utf-8")
         except UnicodeDecodeError:
             raise BadCommand("mailbox name is not valid modified UTF-7") from None
+
+
+def mailbox_text(tok: Token) -> str:
+    """A LIST reference or pattern, decoded as a mailbox name is (without folding INBOX)."""
+    return _decode_mailbox(astring(tok))
+
+
+def mailbox_name(tok: Token) -> str:
+    """A mailbox argument, decoded from modified UTF-7; INBOX case-folded."""
+    name = _decode_mailbox(astring(tok))
     if name.upper() == "INBOX":
         return "INBOX"
     if name[:6].upper() == "INBOX/":
@@ -283,7 +292,8 @@ def parse_section(att: str) -> Section:
         names = []
         for tok in tokenize(inner[1:-1].encode(), []):
             name = astring(tok).decode("ascii", "replace")
-            if not name or ":" in name:
+            # RFC 5322 field names, less what could not be echoed in the response unquoted
+            if not name or any(not 0x21 <= ord(c) <= 0x7E or c in ':(){%*"\\]' for c in name):
                 raise BadCommand("bad header field name")
             names.append(name.upper())
         if not names:
