@@ -37,14 +37,16 @@ from twisted.python.failure import Failure
 from twisted_mail_screen import imap_mailbox as mb
 from twisted_mail_screen.auth import Authenticator, SASLError, decode_base64, parse_sasl_plain
 from twisted_mail_screen.config import Config
-from twisted_mail_screen.imap_account import (DELIMITER, AccountFolders, FolderError, list_entries,
-                                              pattern_regex)
-from twisted_mail_screen.imap_fetch import (cached_rows, chunk_rows, flags_item, needs_body, needs_disk,
-                                            render_rows)
+from twisted_mail_screen.imap_account import DELIMITER, AccountFolders, FolderError
+from twisted_mail_screen.imap_fetch import (PIECE_BYTES, cached_rows, chunk_rows, distinct_atts,
+                                            flags_item, item_groups, needs_disk, render_rows,
+                                            row_cost)
+from twisted_mail_screen.imap_list import MAX_PATTERNS, ListPattern, list_lines
 from twisted_mail_screen.imap_parse import (Atom, BadCommand, SeqSet, Section, Token, astring,
-                                            encode_mailbox, format_set, mailbox_name, parse_datetime,
-                                            parse_fetch_atts, parse_seqset, tokenize)
-from twisted_mail_screen.imap_search import needs, parse_search, run_search
+                                            encode_mailbox, format_set, mailbox_name, mailbox_text,
+                                            parse_datetime, parse_fetch_atts, parse_seqset, tokenize)
+from twisted_mail_screen.imap_search import parse_search
+from twisted_mail_screen.imap_searchplan import Snapshot, search_response
 from twisted_mail_screen.interfaces import ClientScreen, Screening
 from twisted_mail_screen.lineproto import CommandProtocol
 from twisted_mail_screen.maildir import Maildir, MailStore
@@ -55,7 +57,6 @@ HUGE_LITERAL = 10 ** 13  # stands for any size of more than 12 digits (all far o
 TAG_RE = re.compile(rb"^[!#$&'+,\-./0-9:;<=>?@A-Z\[^_`a-z|}~]+$")
 SMALL_LITERAL = 64 * 1024
 MAX_COMMAND = 1024 * 1024
-BODY_CHUNK_BYTES = 4 * 1024 * 1024
 
 ANY_STATE = {"CAPABILITY", "NOOP", "LOGOUT", "ID"}
 UNAUTH = {"STARTTLS", "AUTHENTICATE", "LOGIN"}
@@ -92,7 +93,6 @@ class IMAPServer(CommandProtocol):
 
     def __init__(self) -> None:
         super().__init__()
-        self.secure = False
         self.peer_host = ""
         self.screen: ClientScreen | None = None
         self.state = "unauth"
@@ -430,7 +430,6 @@ class IMAPServer(CommandProtocol):
         self.tagged(tag, "OK Begin TLS negotiation now")
         self._reset_command()
         self.start_tls(self.factory.tls)
-        self.secure = True
 
     def do_LOGIN(self, tag: bytes, args: list) -> Any:
         if len(args) != 2:
@@ -626,59 +625,26 @@ class IMAPServer(CommandProtocol):
             args = args[:2]
         if len(args) != 2:
             raise BadCommand("LIST needs a reference and a mailbox pattern")
-        reference = astring(args[0]).decode("imap4-utf-7", "replace")
+        reference = mailbox_text(args[0])
         patterns = args[1] if isinstance(args[1], list) else [args[1]]
-        pats = [astring(p).decode("imap4-utf-7", "replace") for p in patterns]
+        pats = [mailbox_text(p) for p in patterns]
         word = "LSUB" if lsub else "LIST"
         if pats == [""] and not lsub:
             self.untagged(f'LIST (\\Noselect) "{DELIMITER}" ""')
             return "OK LIST completed"
         assert self.folders is not None
         folders = self.folders
+        if len(pats) > MAX_PATTERNS:
+            raise BadCommand("too many mailbox patterns")
+        matchers = [ListPattern(reference, p) for p in pats]
 
-        def gather() -> tuple[list[str], list[str]]:
-            return folders.names(), folders.subscriptions()
+        def gather() -> list[bytes]:
+            # Scan and match in the worker: a thousand folders and a long
+            # pattern cost the reactor only the writing of the lines.
+            return list_lines(folders.names(), folders.subscriptions(), matchers, lsub,
+                              select_opts, return_opts)
 
-        def answer(result: tuple[list[str], list[str]]) -> str:
-            names, subs = result
-            subscribed = set(subs)
-            lines = []
-            for pat in pats:
-                regex = pattern_regex(reference, pat)
-                if lsub or "SUBSCRIBED" in select_opts:
-                    existing = dict(list_entries(names, re.compile(".*", re.S)))
-                    entries = []
-                    listed = set()
-                    for n in subs:
-                        if regex.match(n):
-                            if lsub:
-                                attrs = [] if n in names else ["\\Noselect"]
-                            else:
-                                attrs = existing.get(n, ["\\NonExistent"])
-                            entries.append((n, attrs))
-                            listed.add(n)
-                        elif lsub:
-                            # RFC 3501 6.3.9: "%" matching only the parent of a
-                            # subscribed folder lists the parent as \Noselect.
-                            parts = n.split(DELIMITER)
-                            for i in range(len(parts) - 1, 0, -1):
-                                parent = DELIMITER.join(parts[:i])
-                                if regex.match(parent):
-                                    if parent not in listed and parent not in subscribed:
-                                        entries.append((parent, ["\\Noselect"]))
-                                        listed.add(parent)
-                                    break
-                else:
-                    entries = list_entries(names, regex)
-                for n, attrs in entries:
-                    if "SPECIAL-USE" in select_opts and not any(
-                            a in ("\\Sent", "\\Drafts", "\\Trash", "\\Junk", "\\Archive") for a in attrs):
-                        continue
-                    if not lsub and n in subscribed and ("SUBSCRIBED" in return_opts or
-                                                         "SUBSCRIBED" in select_opts):
-                        attrs = attrs + ["\\Subscribed"]
-                    lines.append(f"{word} ({' '.join(attrs)}) \"{DELIMITER}\" ".encode()
-                                 + encode_mailbox(n))
+        def answer(lines: list[bytes]) -> str:
             for line in lines:
                 self.untagged(line)
             return f"OK {word} completed"
@@ -888,7 +854,7 @@ class IMAPServer(CommandProtocol):
         if len(args) != 2:
             raise BadCommand("FETCH needs a sequence set and attributes")
         seqset = parse_seqset(args[0])
-        atts = parse_fetch_atts(args[1])
+        atts = distinct_atts(parse_fetch_atts(args[1]))
         if uid and "UID" not in atts:
             atts.insert(0, "UID")
         ranges = self._positions(seqset, uid)
@@ -919,10 +885,10 @@ class IMAPServer(CommandProtocol):
         assert folder is not None
         rows = self._rows(self._iter_positions(ranges))
         disk = needs_disk(atts)
-        body = needs_body(atts)
         per_chunk = chunk_rows([], atts)
         blocking = self.factory.blocking
         cache = folder.cache
+        first = [True]
 
         def learnt(result: tuple[bytes, dict]) -> bytes:
             data, learned = result
@@ -930,32 +896,50 @@ class IMAPServer(CommandProtocol):
                 cache.learn(learned)
             return data
 
-        def render(chunk: list) -> Any:
+        def render(chunk: list, items: list = atts, head: bool = True, tail: bool = True) -> Any:
             keywords = list(folder.keywords)
-            if not disk or cached_rows(chunk, atts, cache):
-                return learnt(render_rows(folder.path, chunk, atts, keywords, cache))
-            return blocking.run(render_rows, folder.path, chunk, atts, keywords,
-                                cache).addCallback(learnt)
+            # Only the first chunk of index-only items is rendered here: the
+            # rest go through the worker, so a 100,000-message FETCH gives
+            # the reactor back between chunks even when output never pauses.
+            if first[0] and (not disk or cached_rows(chunk, items, cache)):
+                first[0] = False
+                return learnt(render_rows(folder.path, chunk, items, keywords, cache))
+            first[0] = False
+            return blocking.run(render_rows, folder.path, chunk, items, keywords,
+                                cache, head, tail).addCallback(learnt)
 
         def chunks() -> Iterator[tuple[list, bool]]:
-            while True:
-                chunk = []
-                budget = 0
-                for row in rows:
-                    chunk.append(row)
-                    budget += row[3] if body else 0
-                    if len(chunk) >= per_chunk or budget >= BODY_CHUNK_BYTES:
-                        break
-                if not chunk:
-                    return
-                yield chunk, budget >= BODY_CHUNK_BYTES
+            # Every item a message is asked for counts against the piece's
+            # budget (a message asked for once per item is sent once per item).
+            chunk: list = []
+            budget = 0
+            for row in rows:
+                cost = row_cost(atts, row[3])
+                if chunk and (len(chunk) >= per_chunk or budget + cost > PIECE_BYTES):
+                    yield chunk, budget >= PIECE_BYTES // 2
+                    chunk, budget = [], 0
+                chunk.append(row)
+                budget += cost
+            if chunk:
+                yield chunk, budget >= PIECE_BYTES // 2
 
         def pieces() -> Iterator[Any]:
             # One chunk is rendered (in a worker thread when it reads files)
             # while the one before it is being written; a chunk of large
-            # bodies is written before the next one is read.
+            # bodies is written before the next one is read, and one
+            # message whose items exceed a piece is rendered a group of
+            # items at a time.
             ahead: Any = None
             for chunk, big in chunks():
+                if len(chunk) == 1 and row_cost(atts, chunk[0][3]) > PIECE_BYTES:
+                    groups = item_groups(atts, chunk[0][3])
+                    if len(groups) > 1:
+                        if ahead is not None:
+                            yield ahead
+                            ahead = None
+                        for i, group in enumerate(groups):
+                            yield render(chunk, group, i == 0, i == len(groups) - 1)
+                        continue
                 piece = render(chunk)
                 if ahead is not None:
                     yield ahead
@@ -1139,21 +1123,14 @@ class IMAPServer(CommandProtocol):
         node = parse_search(args, charset)
         folder = self.folder
         assert folder is not None
-        rows = list(self._rows(iter(range(len(self.view)))))
-        max_seq = len(self.view)
-        max_uid = self.view[-1] if self.view else 0
-        keywords = list(folder.keywords)
-        if needs(node):
-            d = self.factory.blocking.run(run_search, folder.path, node, rows, keywords, max_seq, max_uid)
-        else:
-            d = succeed(run_search(folder.path, node, rows, keywords, max_seq, max_uid))
+        # Only the copies are made here; simplifying and evaluating the
+        # keys (set operations, file reads) is the worker's.
+        snap = Snapshot(folder.path, self.view, folder.uids, folder.names, folder.sizes,
+                        self.recent, folder.keywords)
+        d = self.factory.blocking.run(search_response, snap, node, uid)
 
-        def answer(found: list[tuple[int, int]]) -> str:
-            numbers = [u if uid else s for s, u in found]
-            out = bytearray(b"* SEARCH")
-            for n in numbers:
-                out += b" %d" % n
-            self.send(bytes(out) + b"\r\n")
+        def answer(line: bytes) -> str:
+            self.send(line)
             return "OK UID SEARCH completed" if uid else "OK SEARCH completed"
 
         return d.addCallback(answer)

@@ -21,11 +21,15 @@ import os
 import re
 import shutil
 import time
+from typing import TYPE_CHECKING, Any
 
 from twisted_mail_screen.atomic import write_atomically
 from twisted_mail_screen.imap_names import (DELIMITER, FolderError, check_name, dir_name, folder_dir,
                                             name_problem)
 from twisted_mail_screen.maildir import Maildir
+
+if TYPE_CHECKING:
+    from twisted_mail_screen.imap_list import ListPattern
 
 __all__ = ["DELIMITER", "FolderError", "AccountFolders", "check_name", "dir_name", "folder_dir",
            "list_entries", "pattern_regex"]
@@ -237,26 +241,14 @@ class AccountFolders:
         self.save_subscriptions(subs)
 
 
-def pattern_regex(reference: str, pattern: str) -> re.Pattern[str]:
-    """LIST's reference and mailbox pattern (C{*} and C{%}) as a regex."""
-    if reference and pattern.startswith(DELIMITER):
-        pattern = pattern[1:]
-    full = reference + pattern
-    out = []
-    for c in full:
-        if c == "*":
-            out.append(".*")
-        elif c == "%":
-            out.append(f"[^{re.escape(DELIMITER)}]*")
-        else:
-            out.append(re.escape(c))
-    regex = "".join(out)
-    if full[:5].upper() == "INBOX" and (len(full) == 5 or full[5] == DELIMITER):
-        regex = "(?i:INBOX)" + "".join(out[5:])
-    return re.compile(regex + r"\Z", re.S)
+def pattern_regex(reference: str, pattern: str) -> "ListPattern":
+    """LIST's reference and mailbox pattern: a matcher that never backtracks (L{imap_list})."""
+    from twisted_mail_screen.imap_list import ListPattern
+
+    return ListPattern(reference, pattern)
 
 
-def list_entries(names: list[str], regex: re.Pattern[str]) -> list[tuple[str, list[str]]]:
+def list_entries(names: list[str], regex: Any) -> list[tuple[str, list[str]]]:
     """(name, attributes) for every existing or implied folder that matches."""
     existing = set(names)
     implied: set[str] = set()

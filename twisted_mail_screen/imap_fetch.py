@@ -20,7 +20,7 @@ from typing import Any, Sequence, Union
 
 from twisted_mail_screen.imap_message import Part, envelope, literal, section_response, to_crlf
 from twisted_mail_screen.imap_mailbox import base_of, flag_names
-from twisted_mail_screen.imap_parse import Section, format_datetime
+from twisted_mail_screen.imap_parse import BadCommand, Section, format_datetime
 
 Row = tuple[int, int, str, int, bool]
 Att = Union[str, Section]
@@ -29,6 +29,64 @@ META = {"UID", "FLAGS", "RFC822.SIZE"}
 CACHED = {"INTERNALDATE", "ENVELOPE"}
 HEADER_ATTS = {"ENVELOPE", "RFC822.HEADER"}
 HEADER_READ = 64 * 1024  # a header-only read starts with this much of the file
+
+
+#: Distinct items in one FETCH; more is answered BAD. Real clients ask for
+#: about ten (Thunderbird's header fetch is the longest seen).
+MAX_FETCH_ITEMS = 64
+#: Octets of response rendered per piece: a chunk of messages, or for one
+#: large message asked for several times over, a group of its items.
+PIECE_BYTES = 4 * 1024 * 1024
+_SMALL_ITEM = 256  # what a UID, FLAGS, size, date or cached ENVELOPE item costs at most, roughly
+
+
+def distinct_atts(atts: Sequence[Att]) -> list[Att]:
+    """
+    C{atts} with each item kept once, as Dovecot answers them: RFC 3501
+    asks for each data item, not each mention, and C{BODY.PEEK[]} x100
+    would otherwise send a message 100 times from one command. Of two
+    spellings of one section (C{BODY[]}, C{BODY.PEEK[]}) the first is kept.
+    """
+    seen: dict[object, Att] = {}
+    for a in atts:
+        key = ("section", a.label, a.partial) if isinstance(a, Section) else a
+        seen.setdefault(key, a)
+    if len(seen) > MAX_FETCH_ITEMS:
+        raise BadCommand(f"more than {MAX_FETCH_ITEMS} distinct FETCH items")
+    return list(seen.values())
+
+
+def item_cost(att: Att, size: int) -> int:
+    """An upper estimate of the octets C{att} adds for a message of C{size} (LF may become CRLF)."""
+    if isinstance(att, str):
+        if att in META or att in CACHED:
+            return _SMALL_ITEM
+        if att == "RFC822.HEADER":
+            return min(2 * size, HEADER_READ)
+        return 2 * size
+    if _header_only(att):
+        return min(2 * size, HEADER_READ)
+    if att.partial is not None:
+        return min(2 * size, att.partial[1]) + _SMALL_ITEM
+    return 2 * size + _SMALL_ITEM
+
+
+def row_cost(atts: Sequence[Att], size: int) -> int:
+    return sum(item_cost(a, size) for a in atts)
+
+
+def item_groups(atts: Sequence[Att], size: int) -> list[list[Att]]:
+    """C{atts} cut into groups of at most L{PIECE_BYTES} each (a single item may exceed it)."""
+    groups: list[list[Att]] = [[]]
+    used = 0
+    for a in atts:
+        cost = item_cost(a, size)
+        if groups[-1] and used + cost > PIECE_BYTES:
+            groups.append([])
+            used = 0
+        groups[-1].append(a)
+        used += cost
+    return groups
 
 
 def needs_disk(atts: Sequence[Att]) -> bool:
@@ -208,11 +266,15 @@ def _read(path: str, rel: str, whole: bool, want_stat: bool) -> tuple[str, bytes
 
 
 def render_rows(path: str, rows: Sequence[Row], atts: Sequence[Att], keywords: list[str],
-                cache: Cache | None = None) -> tuple[bytes, dict[str, list[Any]]]:
+                cache: Cache | None = None, head: bool = True,
+                tail: bool = True) -> tuple[bytes, dict[str, list[Any]]]:
     """
     C{* n FETCH (...)} lines for C{rows} (vanished files are left out), and
     what was learnt for the cache (apply it with L{Cache.learn} on the
     reactor; this may run in a worker thread and only reads C{cache}).
+
+    Without C{head} (or C{tail}) the one row's line is continued from (or
+    continued by) another call: its items only, after a space.
     """
     out = bytearray()
     learned: dict[str, list[Any]] = {}
@@ -234,7 +296,9 @@ def render_rows(path: str, rows: Sequence[Row], atts: Sequence[Att], keywords: l
         if whole or header or (want_env and env is None) or (want_date and mtime is None):
             rel, data, got = _read(path, rel, whole, want_date and mtime is None)
             if data is None:
-                continue
+                if head and tail:
+                    continue
+                data = b""  # vanished between two pieces of its line: the line still closes
             data = to_crlf(data)
             root = Part(data, 0, len(data))
             if got is not None:
@@ -269,9 +333,10 @@ def render_rows(path: str, rows: Sequence[Row], atts: Sequence[Att], keywords: l
                 items.append(b"RFC822.TEXT " + literal(root.body_bytes()))
             elif isinstance(att, Section):
                 items.append(section_response(root, att))
-        out += b"* %d FETCH (" % seq
+        out += b"* %d FETCH (" % seq if head else b" "
         out += b" ".join(items)
-        out += b")\r\n"
+        if tail:
+            out += b")\r\n"
     return bytes(out), learned
 
 
@@ -288,5 +353,6 @@ def body_budget() -> int:
     return 4 * 1024 * 1024
 
 
-__all__ = ["render_rows", "needs_disk", "needs_body", "needs_header", "flags_item", "chunk_rows",
+__all__ = ["distinct_atts", "row_cost", "item_groups", "PIECE_BYTES", "MAX_FETCH_ITEMS",
+           "render_rows", "needs_disk", "needs_body", "needs_header", "flags_item", "chunk_rows",
            "body_budget", "find_file", "cached_rows", "Cache", "Budget", "Row"]

@@ -12,10 +12,12 @@ Everything is pure and runs in worker threads.
 
 from __future__ import annotations
 
+import binascii
 import email
 import email.header
 import email.utils
 import functools
+import quopri
 import re
 from email.message import Message
 from email.parser import BytesHeaderParser
@@ -479,18 +481,35 @@ def all_headers_text(msg: "Message | Headers") -> str:
 
 
 def body_text(data: bytes) -> str:
-    """The body as text: raw, plus each text part decoded from its transfer encoding."""
-    msg = email.message_from_bytes(data, policy=compat32)
+    """
+    The body as text: raw, plus each text part decoded from its transfer
+    encoding. Parts are walked on L{Part}'s tree with a stack: its depth
+    is capped as BODYSTRUCTURE's is, so a message nested thousands of
+    levels deep is searched like any other (the stdlib parser recurses).
+    """
     sep = data.find(b"\n\n")
     chunks = [data[sep + 2:].decode("utf-8", "replace") if sep >= 0 else ""]
-    for part in msg.walk():
-        if part.is_multipart() or part.get_content_maintype() != "text":
+    crlf = to_crlf(data)
+    stack = [Part(crlf, 0, len(crlf))]
+    while stack:
+        part = stack.pop()
+        if part.is_multipart:
+            stack.extend(reversed(part.children))
             continue
-        if (part.get("Content-Transfer-Encoding") or "").strip().lower() in ("", "7bit", "8bit", "binary"):
+        if part.is_message:
+            stack.append(part.message)
             continue
+        if part.maintype != "text":
+            continue
+        cte = (part.headers.get("Content-Transfer-Encoding") or "").strip().lower()
         try:
-            payload = part.get_payload(decode=True) or b""
-            chunks.append(payload.decode(part.get_content_charset() or "utf-8", "replace"))
-        except (LookupError, ValueError):
+            if cte == "base64":
+                payload = binascii.a2b_base64(part.body_bytes())
+            elif cte == "quoted-printable":
+                payload = quopri.decodestring(part.body_bytes())
+            else:
+                continue
+            chunks.append(payload.decode(part.headers.get_content_charset() or "utf-8", "replace"))
+        except (binascii.Error, LookupError, ValueError):
             continue
     return "\n".join(chunks)

@@ -1,7 +1,9 @@
 # -*- test-case-name: tests.test_imap_search -*-
 """
 SEARCH (RFC 3501 section 6.4.4): every search key, parsed into a small
-tree and evaluated per message. Keys on flags, sizes, UIDs and sequence
+tree (at most C{MAX_SEARCH_KEYS} keys, C{MAX_DEPTH} deep), and the
+evaluation of one message (L{imap_searchplan} evaluates a whole folder,
+index-only keys as set operations). Keys on flags, sizes, UIDs and sequence
 numbers use only the folder index; date keys C{stat} the file; header and
 text keys read it (in a worker thread). String matching is
 case-insensitive substring matching on decoded header values and on the
@@ -14,7 +16,7 @@ import datetime
 import email.utils
 import os
 import re
-from typing import Any, Sequence
+from typing import Any
 
 from twisted_mail_screen.imap_fetch import find_file
 from twisted_mail_screen.imap_mailbox import flag_names
@@ -32,6 +34,9 @@ ADDRESS_KEYS = {"BCC", "CC", "FROM", "SUBJECT", "TO"}
 DATE_KEYS = {"BEFORE", "ON", "SINCE", "SENTBEFORE", "SENTON", "SENTSINCE"}
 
 Node = tuple
+#: Keys in one SEARCH (each NOT, OR and list counts); more is answered BAD.
+#: A 64 KB command line holds ~9,000 short keys.
+MAX_SEARCH_KEYS = 4096
 _BLANK_LINE = re.compile(rb"^\r?\n|\n\r?\n")
 
 
@@ -40,8 +45,15 @@ def _text(tok: Token, charset: str) -> str:
     return raw.decode(charset, "replace").casefold()
 
 
-def parse_search(tokens: list[Token], charset: str = "utf-8", depth: int = 0) -> Node:
+def parse_search(tokens: list[Token], charset: str = "utf-8", depth: int = 0,
+                 count: list[int] | None = None) -> Node:
+    """
+    The key tree of C{tokens}; at most C{MAX_SEARCH_KEYS} keys (C{count}
+    carries the tally into parenthesised lists).
+    """
     pos = 0
+    if count is None:
+        count = [0]
 
     def take() -> Token:
         nonlocal pos
@@ -54,11 +66,14 @@ def parse_search(tokens: list[Token], charset: str = "utf-8", depth: int = 0) ->
     def key(level: int = depth) -> Node:
         if level > MAX_DEPTH:  # NOT, OR and lists nest: bounded, so no RecursionError here or later
             raise BadCommand(f"search keys nested more than {MAX_DEPTH} deep")
+        count[0] += 1
+        if count[0] > MAX_SEARCH_KEYS:  # bounded work and memory however the keys combine
+            raise BadCommand(f"more than {MAX_SEARCH_KEYS} search keys")
         tok = take()
         if isinstance(tok, list):
             if not tok:
                 raise BadCommand("empty search list")
-            return ("and", [parse_search(tok, charset, level + 1)])
+            return ("and", (parse_search(tok, charset, level + 1, count),))
         if not isinstance(tok, Atom):
             raise BadCommand("search key expected")
         k = tok.upper()
@@ -70,7 +85,7 @@ def parse_search(tokens: list[Token], charset: str = "utf-8", depth: int = 0) ->
         if k in ("KEYWORD", "UNKEYWORD"):
             return ("flag", astring(take()).decode("ascii", "replace"), k == "KEYWORD")
         if k == "NEW":
-            return ("and", [("recent", True), ("flag", "\\Seen", False)])
+            return ("and", (("recent", True), ("flag", "\\Seen", False)))
         if k == "OLD":
             return ("recent", False)
         if k == "RECENT":
@@ -105,7 +120,7 @@ def parse_search(tokens: list[Token], charset: str = "utf-8", depth: int = 0) ->
         keys.append(key())
     if not keys:
         raise BadCommand("empty search")
-    return ("and", keys)
+    return ("and", tuple(keys))
 
 
 def needs(node: Node) -> set[str]:
@@ -251,14 +266,3 @@ def evaluate(node: Node, c: Candidate, max_seq: int, max_uid: int) -> bool:
 
 def _in(seqset: SeqSet, value: int, star: int) -> bool:
     return seqset.contains(value, star)
-
-
-def run_search(path: str, node: Node, rows: Sequence[tuple[int, int, str, int, bool]],
-               keywords: list[str], max_seq: int, max_uid: int) -> list[tuple[int, int]]:
-    """The (seq, uid) of each row that matches (blocking when keys need files)."""
-    out = []
-    for seq, uid, rel, size, recent in rows:
-        c = Candidate(path, seq, uid, rel, size, recent, keywords)
-        if evaluate(node, c, max_seq, max_uid):
-            out.append((seq, uid))
-    return out

@@ -20,6 +20,7 @@ from twisted_mail_screen.config import Config
 from twisted_mail_screen.configbase import ConfigError
 from twisted_mail_screen.delivery import Delivery
 from twisted_mail_screen.imap import IMAPFactory
+from twisted_mail_screen.lagmonitor import LagMonitor
 from twisted_mail_screen.control import ControlFactory, endpoint_description, socket_path
 from twisted_mail_screen.notify import PostmasterNotifier
 from twisted_mail_screen.proxyproto import server_endpoint
@@ -95,6 +96,7 @@ class MailService(MultiService):
     delivery: Delivery
     screening: ScreeningService
     control: ControlFactory
+    lag: LagMonitor
 
     def __init__(self, config: Config) -> None:
         super().__init__()
@@ -121,6 +123,10 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
     service = service_class(config)
     os.makedirs(config.data_dir, mode=0o750, exist_ok=True)
 
+    # How late the reactor runs timers: the warning says when some work
+    # held the reactor thread (every session waits behind it).
+    service.lag = LagMonitor(clock)
+    service.lag.setServiceParent(service)
     blocking = Blocking(reactor, config.storage.threads)
     blocking.setServiceParent(service)
     accounts = AccountStore(config.data_dir)

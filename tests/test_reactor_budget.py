@@ -1,0 +1,315 @@
+"""
+No single command from one session holds the reactor: while one
+connection runs a worst case (backtracking LIST patterns, thousands of
+search keys, repeated FETCH items, whole-folder STORE/COPY/EXPUNGE, huge
+sequence sets), a second connection sends NOOP every 10 ms and its
+slowest answer must stay under 100 ms. Everything runs against a real
+server on loopback sockets, with data written straight into Maildirs.
+"""
+
+from __future__ import annotations
+
+import os
+import poplib
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from tests.test_imap import Raw
+
+LIMIT = 0.100  # seconds a NOOP may wait
+ALICE = ("alice@example.test", "alice-secret")
+BOB = ("bob@example.test", "bob-secret")
+N = 5000
+
+
+def mailbox(tmp_path: Path, user: str, folder: str = "") -> Path:
+    local, _, domain = user.partition("@")
+    box = tmp_path / "data" / "mail" / domain / local
+    return box / f".{folder}" if folder else box
+
+
+def fill(box: Path, n: int, body: bytes = b"hello world\n", flags: str = "") -> None:
+    for sub in ("cur", "new", "tmp"):
+        os.makedirs(box / sub, exist_ok=True)
+    data = b"Subject: x\nFrom: a@example.org\nTo: b@example.test\n\n" + body
+    for i in range(n):
+        name = f"{1600000000 + i}.M{i}P1Q1.host,S={len(data)}:2,{'S' if i % 2 else ''}{flags}"
+        (box / "cur" / name).write_bytes(data)
+    past = time.time() - 60  # the once-a-second directory check stays cheap
+    for sub in ("cur", "new"):
+        os.utime(box / sub, (past, past))
+
+
+class Probe(threading.Thread):
+    """A second session that sends NOOP every 10 ms and keeps its slowest round trip."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.raw = Raw(port)
+        self.raw.command(b"l", f"LOGIN {BOB[0]} {BOB[1]}".encode())
+        self.stop = threading.Event()
+        self.worst = 0.0
+        self.count = 0
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            t = time.perf_counter()
+            lines = self.raw.command(b"n", b"NOOP")
+            took = time.perf_counter() - t
+            assert lines[-1].startswith(b"n OK")
+            self.worst = max(self.worst, took)
+            self.count += 1
+            time.sleep(0.01)
+
+    def finish(self) -> float:
+        self.stop.set()
+        self.join(30)
+        self.raw.close()
+        return self.worst
+
+
+def measured(port: int, action: Callable[[], object]) -> tuple[float, object]:
+    """The probe's slowest NOOP while C{action} runs (after a quiet warm-up)."""
+    probe = Probe(port)
+    probe.start()
+    time.sleep(0.05)
+    try:
+        result = action()
+    finally:
+        worst = probe.finish()
+    assert probe.count > 0
+    return worst, result
+
+
+class Client(Raw):
+    """A raw IMAP session that reads responses without keeping large ones."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(port)
+        self.command(b"l", f"LOGIN {ALICE[0]} {ALICE[1]}".encode())
+
+    def drain(self, tag: bytes, text: bytes) -> tuple[bytes, int]:
+        """Send a command, count the response octets, return (tagged line, octets)."""
+        self.send(tag + b" " + text + b"\r\n")
+        total = 0
+        marker = b"\r\n" + tag + b" "
+        tail = self.buf
+        self.buf = b""
+        while True:
+            i = tail.find(marker)
+            if tail.startswith(tag + b" "):
+                i = -2
+            if i != -1:
+                start = i + 2
+                end = tail.find(b"\r\n", start)
+                while end < 0:
+                    tail += self.sock.recv(65536)
+                    end = tail.find(b"\r\n", start)
+                total += start
+                self.buf = tail[end + 2:]
+                return tail[start:end], total
+            keep = tail[-len(marker):]
+            total += len(tail) - len(keep)
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                raise EOFError
+            tail = keep + chunk
+
+
+@pytest.fixture
+def site(start_server, accounts, tmp_path):
+    def start(**overrides):
+        return start_server(site=True, kinds=("smtp", "pop3", "imap"), **overrides)
+    return start
+
+
+def check(worst: float, what: str) -> None:
+    print(f"{what}: slowest NOOP {worst * 1000:.1f} ms")
+    assert worst < LIMIT, f"{what}: a NOOP waited {worst * 1000:.0f} ms"
+
+
+# LIST and LSUB patterns ---------------------------------------------------------------
+
+
+def test_list_and_lsub_patterns_do_not_backtrack(site, tmp_path):
+    server = site()
+    c = Client(server.port("imap"))
+    long = "a" * 200
+    assert c.command(b"c", f"CREATE {'a' * 40}".encode())[-1].startswith(b"c OK")
+    assert c.command(b"c", f"CREATE {long}".encode())[-1].startswith(b"c OK")
+    assert c.command(b"s", f"SUBSCRIBE {long}".encode())[-1].startswith(b"s OK")
+    pattern = b'"' + b"*a" * 30 + b'b"'
+    for verb in (b"LIST", b"LSUB"):
+        worst, lines = measured(server.port("imap"), lambda: c.command(b"x", verb + b' "" ' + pattern))
+        assert lines == [b"x OK " + verb + b" completed"]
+        check(worst, verb.decode() + " with a backtracking pattern")
+    lines = c.command(b"y", b'LIST "" "*a%a*"')
+    assert any(long.encode() in line for line in lines)
+    lines = c.command(b"z", b'LIST "" "' + b"*" * 2000 + b'"')
+    assert lines[-1].startswith(b"z BAD") or lines[-1].startswith(b"z NO")
+
+
+def test_list_of_a_thousand_folders(site, tmp_path):
+    box = mailbox(tmp_path, ALICE[0])
+    for i in range(1000):
+        fill(box / f".f{i:04d}", 0)
+    server = site()
+    c = Client(server.port("imap"))
+    worst, lines = measured(server.port("imap"), lambda: c.command(b"x", b'LIST "" "*"'))
+    assert len(lines) >= 1001 and lines[-1] == b"x OK LIST completed"
+    check(worst, "LIST * of 1000 folders")
+
+
+# SEARCH ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def big(site, tmp_path):
+    """A server whose alice has N messages in INBOX (half of them \\Seen), selected."""
+    fill(mailbox(tmp_path, ALICE[0]), N)
+    server = site()
+    c = Client(server.port("imap"))
+    assert c.command(b"s", b"SELECT INBOX")[-1].startswith(b"s OK")
+    return server, c
+
+
+def test_flag_only_search_with_thousands_of_keys(big):
+    server, c = big
+    worst, (line, size) = measured(server.port("imap"),
+                                   lambda: c.drain(b"s", b"SEARCH" + b" UNSEEN" * 3000 + b" ALL"))
+    assert line == b"s OK SEARCH completed"
+    assert size > N // 2 * 4  # every other message
+    check(worst, "SEARCH UNSEEN x3000")
+    worst, (line, _) = measured(server.port("imap"),
+                                lambda: c.drain(b"s", b"SEARCH" + b" OR SEEN UNSEEN" * 1000))
+    assert line == b"s OK SEARCH completed"
+    check(worst, "SEARCH OR x1000")
+    lines = c.command(b"t", b"SEARCH" + b" UNSEEN" * 9000)
+    assert lines[-1].startswith(b"t BAD"), lines[-1]
+    lines = c.command(b"u", b"SEARCH" + b" NOT" * 1100 + b" ALL")
+    assert lines[-1].startswith(b"u BAD"), lines[-1]
+
+
+def test_search_with_a_huge_sequence_set(big):
+    server, c = big
+    uids = ",".join(str(i) for i in range(1, 2 * N, 2)).encode()
+    worst, (line, size) = measured(server.port("imap"), lambda: c.drain(b"s", b"UID SEARCH UID " + uids))
+    assert line == b"s OK UID SEARCH completed"
+    check(worst, "UID SEARCH UID 1,3,5,...")
+    worst, (line, size) = measured(server.port("imap"), lambda: c.drain(b"f", b"UID FETCH " + uids + b" FLAGS"))
+    assert line == b"f OK UID FETCH completed"
+    check(worst, "UID FETCH 1,3,5,... FLAGS")
+
+
+def test_text_search_of_a_large_folder(big):
+    server, c = big
+    worst, (line, _) = measured(server.port("imap"), lambda: c.drain(b"s", b"SEARCH TEXT hello"))
+    assert line == b"s OK SEARCH completed"
+    check(worst, "SEARCH TEXT of 5000 messages")
+
+
+# FETCH -------------------------------------------------------------------------------------
+
+
+def test_repeated_fetch_items_are_answered_once(site, tmp_path):
+    box = mailbox(tmp_path, ALICE[0])
+    fill(box, 1, body=b"x" * (1024 * 1024) + b"\n")
+    server = site()
+    c = Client(server.port("imap"))
+    c.command(b"s", b"SELECT INBOX")
+    worst, (line, size) = measured(server.port("imap"),
+                                   lambda: c.drain(b"f", b"FETCH 1 (" + b" ".join([b"BODY.PEEK[]"] * 100) + b")"))
+    assert line == b"f OK FETCH completed"
+    assert 1024 * 1024 < size < 1.1 * 1024 * 1024
+    check(worst, "FETCH 1 (BODY.PEEK[] x100)")
+    lines = c.command(b"g", b"FETCH 1 (" + b" ".join(b"BODY.PEEK[]<%d.10>" % i for i in range(1000)) + b")")
+    assert lines[-1].startswith(b"g BAD"), lines[-1]
+
+
+def test_fetch_of_a_whole_folder_with_repeated_items(big):
+    server, c = big
+    worst, (line, size) = measured(server.port("imap"),
+                                   lambda: c.drain(b"f", b"FETCH 1:* (" + b" UID" * 4000 + b")"))
+    assert line == b"f OK FETCH completed"
+    assert size < 40 * N
+    check(worst, "FETCH 1:* (UID x4000)")
+    worst, (line, size) = measured(server.port("imap"),
+                                   lambda: c.drain(b"f", b"FETCH 1:* (UID FLAGS RFC822.SIZE INTERNALDATE ENVELOPE)"))
+    assert line == b"f OK FETCH completed"
+    check(worst, "FETCH 1:* ALL items")
+    worst, (line, size) = measured(server.port("imap"),
+                                   lambda: c.drain(b"f", b"FETCH 1:* (UID FLAGS RFC822.SIZE INTERNALDATE ENVELOPE)"))
+    assert line == b"f OK FETCH completed"
+    check(worst, "FETCH 1:* ALL items, cached")
+
+
+# whole-folder updates ------------------------------------------------------------------------
+
+
+def test_store_copy_move_expunge_of_a_large_folder(big, tmp_path):
+    server, c = big
+    port = server.port("imap")
+    assert c.command(b"c", b"CREATE Other")[-1].startswith(b"c OK")
+    for what, tag, text in (("STORE 1:* +FLAGS", b"a", b"STORE 1:* +FLAGS (\\Flagged)"),
+                            ("STORE 1:* -FLAGS.SILENT", b"b", b"STORE 1:* -FLAGS.SILENT (\\Flagged)"),
+                            ("COPY 1:*", b"c", b"COPY 1:* Other"),
+                            ("STORE 1:* \\Deleted", b"d", b"STORE 1:* +FLAGS.SILENT (\\Deleted)"),
+                            ("EXPUNGE", b"e", b"EXPUNGE"),
+                            ("SELECT of 5000", b"f", b"SELECT Other"),
+                            ("STATUS", b"g", b"STATUS Other (MESSAGES UNSEEN UIDNEXT)"),
+                            ("MOVE 1:*", b"h", b"MOVE 1:* INBOX")):
+        worst, (line, _) = measured(port, lambda: c.drain(tag, text))
+        assert line.startswith(tag + b" OK"), line
+        check(worst, what)
+
+
+# POP3 --------------------------------------------------------------------------------------------
+
+
+def test_pop3_listings_of_a_large_maildrop(site, tmp_path):
+    fill(mailbox(tmp_path, ALICE[0]), N)
+    server = site()
+    p = poplib.POP3("127.0.0.1", server.port("pop3"))
+    p.user(ALICE[0])
+    p.pass_(ALICE[1])
+    for what, call in (("LIST", p.list), ("UIDL", p.uidl)):
+        worst, (_, listing, _) = measured(server.port("imap"), call)
+        assert len(listing) == N
+        check(worst, "POP3 " + what)
+    p.quit()
+
+
+# the server's own lag measure ----------------------------------------------------------------
+
+
+def test_lag_monitor_warns_of_a_late_tick(start_server, accounts):
+    from twisted.internet.task import Clock
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        clock = Clock()
+        server = start_server(site=True, clock=clock, kinds=("imap",))
+        monitor = server.service.lag
+        server.advance(0.5)  # on time
+        assert monitor.lag() == 0.0 and monitor.late_ticks == 0
+        server.advance(0.5 + 0.35)  # one step: the tick runs 350 ms after it was due
+        assert abs(monitor.lag() - 0.35) < 1e-6 and monitor.late_ticks == 1
+        server.advance(0.15)  # back on the grid: on time again
+        assert monitor.lag() == 0.0 and abs(monitor.worst_lag - 0.35) < 1e-6
+        server.advance(0.5 + 0.05)  # late, but under the 100 ms threshold
+        assert monitor.late_ticks == 1
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    warnings = [formatEvent(e) for e in events if "reactor lag" in (e.get("log_format") or "")]
+    assert warnings == ["reactor lag: tick 350 ms late"]
+    server.stop()
+    assert not monitor.running
+    server.advance(5)  # stopped with the service: no more ticks
+    assert monitor.late_ticks == 1 and abs(monitor.lag() - 0.05) < 1e-6
