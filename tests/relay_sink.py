@@ -52,6 +52,7 @@ class Sink:
     interface: str = "127.0.0.1"  # "::1" for an IPv6 sink, "127.0.0.2" for a second host
     listen_port: int = 0  # 0: chosen by the OS
     stalled: list[str] = field(default_factory=list)
+    commands: list[str] = field(default_factory=list)  # every command line, exactly as received
     _listening: Any = None
 
     def start(self) -> "Sink":
@@ -139,6 +140,7 @@ class _SinkProtocol(Protocol):
             if end < 0:
                 return
             line, self.buffer = self.buffer[:end].decode(), self.buffer[end + 2:]
+            self.sink.commands.append(line)
             self.command(line)
 
     def command(self, line: str) -> None:

@@ -237,14 +237,24 @@ def test_idle_timeout_uses_the_injected_clock(start_server):
 
 
 def test_dot_stuffing_and_no_smuggling(start_server, tmp_path):
-    """Leading dots are unstuffed; a bare-LF dot line does not end the message."""
+    """
+    Leading dots are unstuffed; a bare-LF dot line does not end the message
+    (the smuggled MAIL is never a command): the whole message is refused
+    for its bare LFs, and the session goes on in step.
+    """
     server = start_server()
     lines = converse(server.port("smtp"),
                      b"EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<r@x.test>\r\nDATA\r\n"
                      b"Subject: s\r\n\r\n..leading\r\nmid\n.\nMAIL FROM:<evil@x.test>\r\n.\r\nQUIT\r\n", 6)
+    assert lines[-2] == b"554 5.5.2 Bare CR or LF in message, see RFC 5321 2.3.8"
+    assert lines[-1].startswith(b"221")
+    assert maildir_files(tmp_path / "data", "r@x.test") == []
+    lines = converse(server.port("smtp"),
+                     b"EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<r@x.test>\r\nDATA\r\n"
+                     b"Subject: s\r\n\r\n..leading\r\n.\r\nQUIT\r\n", 6)
     assert lines[-2].startswith(b"250 2.0.0") and lines[-1].startswith(b"221")
     [path] = maildir_files(tmp_path / "data", "r@x.test")
-    assert path.read_bytes().endswith(b"\n\n.leading\nmid\n.\nMAIL FROM:<evil@x.test>\n")
+    assert path.read_bytes().endswith(b"\n\n.leading\n")
 
 
 def test_storage_failure_gives_451_and_delivers_to_no_one(start_server, tmp_path):

@@ -20,7 +20,7 @@ _DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\Z")
 _LITERAL = re.compile(r"\[(?:ipv6:)?[0-9a-f:.]{1,45}\]\Z")
 #: RFC 5321 4.1.2: esmtp-keyword and esmtp-value (no "=", no SP, no controls).
 _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,63}\Z")
-_VALUE = re.compile(r"[!-<>-~]{1,500}\Z")
+_VALUE = re.compile(r"[!-<>-~]+\Z")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 

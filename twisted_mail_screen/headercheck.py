@@ -20,10 +20,15 @@ from __future__ import annotations
 
 import email.header
 import re
+import secrets
+import time
 from dataclasses import dataclass
+from email.errors import ObsoleteHeaderDefect
 from email.headerregistry import HeaderRegistry
 from email.utils import getaddresses
 from typing import Callable
+
+from twisted.mail.smtp import rfc822date
 
 #: The fields the checks need, found on the lower-cased section by C-level
 #: searches: after a line break, the name, blanks, the colon (RFC 5322 4.5
@@ -61,6 +66,25 @@ class HeaderFacts:
     senders: dict[str, list[str]]  # "from"/"sender" -> unfolded values, in order
     has_date: bool
     has_message_id: bool
+
+
+def submission(message: bytes, user: str, owns: Callable[[str], bool], hostname: str,
+               now: float) -> bytes:
+    """
+    C{message} (LF line endings) as submitted by C{user}: refused unless
+    every From: and Sender: address is the user's own (C{owns}), with the
+    Date: and Message-ID: it lacks added (RFC 6409 8.2, 8.3).
+
+    @raise Refusal: the message names someone else, or cannot be checked.
+    """
+    facts = scan(header_section(message))
+    check_senders(facts, owns, user)
+    added = b""
+    if not facts.has_date:
+        added += b"Date: " + rfc822date(time.localtime(now)) + b"\n"
+    if not facts.has_message_id:
+        added += f"Message-ID: <{int(now)}.{secrets.token_hex(8)}@{hostname}>\n".encode()
+    return added + message
 
 
 def header_section(message: bytes) -> bytes:
@@ -118,12 +142,14 @@ def check_senders(facts: HeaderFacts, owns: Callable[[str], bool], user: str) ->
 
 def mailboxes(value: str, label: str = "From") -> list[str]:
     """
-    The addresses of a From or Sender value, when every reader agrees on
-    them: the strict RFC 5322 parser and the lenient one find the same
-    addresses, without a defect, a group (From and Sender take mailboxes
-    only, RFC 5322 3.6.2) or, once encoded words are decoded, another address.
+    Every address a reader could take from a From or Sender value: what
+    the strict RFC 5322 parser finds, and what C{getaddresses} finds once
+    encoded words are decoded. A value the strict parser finds a defect
+    in (lenient parsers guess differently there: C{a@x <b@y>} is a@x to
+    one, both to another) or a group in (From and Sender take mailboxes
+    only, RFC 5322 3.6.2) is refused.
 
-    @raise Refusal: for anything else.
+    @raise Refusal: for such a value.
     """
     if len(value) > MAX_VALUE:
         raise Refusal(550, "5.7.1", f"{label}: header field too long")
@@ -131,20 +157,16 @@ def mailboxes(value: str, label: str = "From") -> list[str]:
         parsed = _registry(label, value)
     except Exception:  # the parser's recursion on nested comments, among others
         raise Refusal(550, "5.7.1", f"{label}: header field is not a valid address list")
-    defects = [d for d in parsed.defects if type(d).__name__ != "ObsoleteHeaderDefect"]
+    defects = [d for d in parsed.defects if not isinstance(d, ObsoleteHeaderDefect)]
     if defects or any(g.display_name is not None for g in parsed.groups):
         raise Refusal(550, "5.7.1", f"{label}: header field is not a plain list of mailboxes "
                       "(RFC 5322 3.6.2)")
-    strict = [a.addr_spec for a in parsed.addresses]
-    lenient = [a for _, a in getaddresses([value]) if a]
-    decoded = lenient
+    found = [a.addr_spec for a in parsed.addresses]
     if "=?" in value:
+        # What a reader that decodes before it parses would find.
         try:
             text = str(email.header.make_header(email.header.decode_header(value)))
         except (ValueError, LookupError, UnicodeError):
             raise Refusal(550, "5.7.1", f"{label}: header field has a malformed encoded word")
-        decoded = [a for _, a in getaddresses([text]) if a]
-    if {a.lower() for a in strict} != {a.lower() for a in lenient}:
-        raise Refusal(550, "5.7.1", f"{label}: header field is ambiguous: readers would "
-                      "not agree on its addresses")
-    return list(dict.fromkeys(strict + decoded))
+        found += [a for _, a in getaddresses([text]) if a]
+    return list(dict.fromkeys(found))

@@ -38,6 +38,7 @@ from twisted.application.service import Service
 from twisted.logger import Logger
 
 from twisted_mail_screen.atomic import fsync_directory, write_and_fsync
+from twisted_mail_screen.dirsync import DirectorySync
 
 SUBDIRS = ("cur", "new", "tmp")
 STALE_TMP_SECONDS = 36 * 3600
@@ -186,44 +187,6 @@ class UniqueNames:
         return f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{n}.{self._host}"
 
 
-class _DirectorySync:
-    """
-    Group commit of one directory's fsync. L{sync} returns once an fsync
-    that began after the call has completed, sharing it with every other
-    caller that arrived meanwhile.
-    """
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._cond = threading.Condition(threading.Lock())
-        self._requested = 0  # links announced so far
-        self._synced = 0  # links known durable
-        self._in_flight = False
-
-    def sync(self) -> None:
-        with self._cond:
-            self._requested += 1
-            mine = self._requested
-            while self._synced < mine:
-                if self._in_flight:
-                    self._cond.wait()
-                    continue
-                self._in_flight = True
-                covers = self._requested
-                self._cond.release()
-                try:
-                    fsync_directory(self.path)
-                except BaseException:
-                    self._cond.acquire()
-                    self._in_flight = False
-                    self._cond.notify_all()  # a waiter retries with its own fsync
-                    raise
-                self._cond.acquire()
-                self._in_flight = False
-                self._synced = max(self._synced, covers)
-                self._cond.notify_all()
-
-
 class MailStore:
     """
     Where each local mailbox lives: C{<root>/<domain>/<local part>}, with
@@ -233,7 +196,7 @@ class MailStore:
     def __init__(self, root: str, names: UniqueNames | None = None) -> None:
         self.root = root
         self._names = names or UniqueNames()
-        self._syncs: dict[str, _DirectorySync] = {}
+        self._syncs: dict[str, DirectorySync] = {}
         self._syncs_lock = threading.Lock()
         # Maildirs known to exist, so a delivery does not stat each one
         # first; one removed behind our back is noticed by ENOENT (L{_Vanished}).
@@ -369,7 +332,7 @@ class MailStore:
             if sync is None:
                 if len(self._syncs) > 4096:
                     self._syncs.clear()  # a waiter keeps its own reference
-                sync = self._syncs[path] = _DirectorySync(path)
+                sync = self._syncs[path] = DirectorySync(path)
         sync.sync()
 
     def _write(self, path: str, data: bytes) -> None:

@@ -44,6 +44,14 @@ STREAM_CHUNK = 256 * 1024
 
 
 _DOT_LINE = re.compile(rb"\n\.")
+#: A command's number argument: ASCII digits only (int() also takes "²"-like
+#: Unicode digits, "1_0" and thousands of digits, the last with a ValueError).
+_NUMBER = re.compile(r"[0-9]{1,20}")
+
+
+def _number(text: str) -> int | None:
+    """C{text} as a non-negative number, or C{None} when it is not one."""
+    return int(text) if _NUMBER.fullmatch(text) else None
 
 
 def to_wire(data: bytes) -> bytes:
@@ -433,11 +441,12 @@ class POP3Server(CommandProtocol):
     def _message(self, arg: str) -> int | None:
         """The 0-based index of a live message named by C{arg}, else reply."""
         assert self.drop is not None
-        try:
-            n = int(arg.split()[0]) - 1
-        except (ValueError, IndexError):
+        words = arg.split()
+        n = _number(words[0]) if words else None
+        if n is None:
             self.err("Syntax error: message number expected")
             return None
+        n -= 1
         if not 0 <= n < len(self.drop.messages) or n in self.drop.deleted:
             self.err("No such message")
             return None
@@ -635,10 +644,11 @@ class POP3Server(CommandProtocol):
 
     def TRANSACTION_TOP(self, arg: str) -> Deferred | None:
         parts = arg.split()
-        if len(parts) != 2 or not parts[1].isdigit():
+        lines = _number(parts[1]) if len(parts) == 2 else None
+        if lines is None:
             return self.err("Syntax: TOP msg lines")
         n = self._message(parts[0])
-        return None if n is None else self._send_message(n, int(parts[1]))
+        return None if n is None else self._send_message(n, lines)
 
     def TRANSACTION_DELE(self, arg: str) -> None:
         n = self._message(arg)

@@ -12,7 +12,7 @@ service, the freeze store and the authenticator.
 
 from __future__ import annotations
 
-import secrets
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,18 +23,27 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.mail.smtp import rfc822date
 
-from twisted_mail_screen.addresses import AddressError, parse_params, parse_path
+from twisted_mail_screen.addresses import (AddressError, parse_params, parse_path,
+                                           valid_sender_path)
 from twisted_mail_screen.auth import Authenticator, SASLError, decode_base64, parse_sasl_plain
 from twisted_mail_screen.config import Config
 from twisted_mail_screen.delivery import Delivery
+from twisted_mail_screen.headercheck import Refusal, submission
 from twisted_mail_screen.interfaces import ClientScreen, FreezeStore, Screening
 from twisted_mail_screen.lineproto import CommandProtocol
 from twisted_mail_screen.maildir import DeliveryError
 from twisted_mail_screen.routing import FORWARDING_DISABLED, Route, Router
+from twisted_mail_screen.smtp_data import BARE, LINE, SIZE, DataReader
 
 #: RFC 4954 section 4: AUTH lines may be up to 12288 octets.
 COMMAND_LINE_LIMIT = 12288
-TERMINATOR = b"\r\n.\r\n"
+#: Control characters: never part of an SMTP command (RFC 5321 4.1.2 has no
+#: HTAB either, only SP). A bare CR in a HELO name or a path would become a
+#: line break in our Received:/Return-Path: headers and in the commands the
+#: relay sends on.
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+#: RFC 1870: size-value ::= 1*20DIGIT, ASCII digits only.
+_SIZE_VALUE = re.compile(r"[0-9]{1,20}")
 
 
 @dataclass
@@ -43,18 +52,6 @@ class Envelope:
 
     sender: str
     recipients: list[Route] = field(default_factory=list)
-
-
-@dataclass
-class _DataState:
-    """
-    DATA being received. The buffer starts with a CRLF sentinel so that a
-    dot on the very first line is found like any other; once the message
-    is known to be refused (C{error}), only a short tail is kept.
-    """
-
-    buffer: bytearray
-    error: str | None = None
 
 
 class SMTPServer(CommandProtocol):
@@ -74,7 +71,7 @@ class SMTPServer(CommandProtocol):
         self.screen: ClientScreen | None = None
         self._commands = 0
         self._sasl: Any = None
-        self._data: _DataState | None = None
+        self._data: DataReader | None = None
 
     # session life
 
@@ -127,14 +124,17 @@ class SMTPServer(CommandProtocol):
     # commands
 
     def line_received(self, line: bytes) -> Deferred | None:
-        if self._sasl is not None:
-            step, self._sasl = self._sasl, None
+        bad = _CONTROL.search(line) is not None
+        step, self._sasl = self._sasl, None  # a SASL response with control characters ends it
+        if step is not None and not bad:
             return step(line)
         self._commands += 1
         if self._commands > self.factory.config.smtp.max_commands:
             self.reply(421, "4.7.0", f"{self.factory.config.hostname} Too many commands, closing")
             self.close()
             return None
+        if bad:
+            return self.reply(501, "5.5.2", "Control character (bare CR, NUL, TAB...) in command line")
         try:
             text = line.decode("ascii")
         except UnicodeDecodeError:
@@ -305,13 +305,16 @@ class SMTPServer(CommandProtocol):
             sender, params = parse_path(arg[5:])
         except AddressError as e:
             return self.reply(501, "5.1.7", f"Bad sender address syntax: {e}")
-        options = parse_params(params) if self.esmtp else {}
         if params and not self.esmtp:
             return self.reply(555, "5.5.4", "MAIL parameters need EHLO")
+        try:
+            options = parse_params(params)
+        except AddressError as e:
+            return self.reply(501, "5.5.4", f"Bad MAIL parameters: {e}")
         for key, value in options.items():
             if key == "SIZE":
-                if not value.isdigit():
-                    return self.reply(501, "5.5.4", "Bad SIZE parameter")
+                if not _SIZE_VALUE.fullmatch(value):
+                    return self.reply(501, "5.5.4", "Bad SIZE parameter (RFC 1870: 1 to 20 digits)")
                 if int(value) > f.config.smtp.max_message_size:
                     return self.reply(552, "5.3.4", "Message size exceeds fixed limit")
             elif key == "BODY":
@@ -319,7 +322,7 @@ class SMTPServer(CommandProtocol):
                     return self.reply(501, "5.5.4", "Unsupported BODY type")
             else:
                 return self.reply(555, "5.5.4", f"Unsupported MAIL parameter {key}")
-        if sender and "@" not in sender:
+        if sender and not valid_sender_path(sender):
             return self.reply(501, "5.1.7", "Bad sender address syntax")
         if self._submitting() and not f.router.owns(self.user, sender):  # type: ignore[arg-type]
             return self.reply(553, "5.7.1", f"<{sender}>: Sender address not owned by user {self.user}")
@@ -363,50 +366,41 @@ class SMTPServer(CommandProtocol):
         if not self.envelope.recipients:
             return self.reply(554, "5.5.1", "No valid recipients")
         self.send(b"354 End data with <CR><LF>.<CR><LF>\r\n")
-        self._data = _DataState(bytearray(b"\r\n"))
+        smtp = self.factory.config.smtp
+        self._data = DataReader(smtp.max_line_length, smtp.max_message_size)
         self.set_raw_handler(self._data_received)
 
     def _data_received(self, buf: bytearray) -> bool:
         """Take DATA bytes from C{buf}; C{False} once the final dot is seen."""
-        state = self._data
-        assert state is not None
-        f = self.factory
-        search_from = max(0, len(state.buffer) - 4)
-        line_from = state.buffer.rfind(b"\n") + 1
-        state.buffer += buf
-        buf.clear()
-        end = state.buffer.find(TERMINATOR, search_from)
-        stop = len(state.buffer) if end < 0 else end + 2
-        if state.error is None:
-            if _longest_line(state.buffer, line_from, stop) >= f.config.smtp.max_line_length:
-                state.error = "line"
-            elif stop - 2 > f.config.smtp.max_message_size:
-                state.error = "size"
-        if end < 0:
-            if state.error is not None:
-                del state.buffer[:-4]  # enough to see a terminator split across reads
+        reader = self._data
+        assert reader is not None
+        message = reader.feed(buf)
+        if message is None:
             return True
-        buf += state.buffer[end + len(TERMINATOR):]
-        message = bytes(state.buffer[:end + 2])
         self._data = None
         self.set_raw_handler(None)
-        self._end_of_data(message, state.error)
+        self._end_of_data(message, reader.error)
         return False
 
     def _end_of_data(self, raw: bytes, error: str | None) -> None:
         env, self.envelope = self.envelope, None
         assert env is not None
-        if error == "size":
+        if error == SIZE:
             self.reply(552, "5.3.4", "Message size exceeds fixed limit")
             return
-        if error == "line":
+        if error == LINE:
             self.reply(500, "5.5.2", "Line too long (RFC 5321 4.5.3.1.6)")
             return
+        if error == BARE:  # see smtp_data: never stored, never relayed
+            self.reply(554, "5.5.2", "Bare CR or LF in message, see RFC 5321 2.3.8")
+            return
+        # No CR is left but in CRLF pairs: the stored message has LF endings only.
         body = raw.replace(b"\r\n..", b"\r\n.")[2:].replace(b"\r\n", b"\n")
         if self._submitting():
-            refusal, body = self._submission_headers(body)
-            if refusal is not None:
-                self.reply(553, "5.7.1", refusal)
+            try:
+                body = self._submission_headers(body)
+            except Refusal as e:
+                self.reply(e.code, e.status, e.text)
                 return
         mailboxes = tuple(dict.fromkeys(m for r in env.recipients for m in r.mailboxes))
         remote = tuple(dict.fromkeys(a for r in env.recipients for a in r.remote))
@@ -417,42 +411,18 @@ class SMTPServer(CommandProtocol):
         """An authenticated client in site mode: message submission (RFC 6409)."""
         return self.user is not None and not self.factory.config.test_host
 
-    def _submission_headers(self, body: bytes) -> tuple[str | None, bytes]:
-        """
-        Check that every From: address is the user's own, and add the
-        Date: and Message-ID: a submitted message lacks (RFC 6409 8.2, 8.3).
-        """
-        from email.parser import BytesHeaderParser
-        from email.utils import getaddresses
-
+    def _submission_headers(self, body: bytes) -> bytes:
+        """The message as submitted by C{self.user} (L{headercheck.submission})."""
         f = self.factory
-        end = body.find(b"\n\n")
-        headers = BytesHeaderParser().parsebytes(body if end < 0 else body[:end + 1])
-        for _, address in getaddresses([str(v) for v in headers.get_all("From", [])]):
-            if not f.router.owns(self.user, address):  # type: ignore[arg-type]
-                return f"From: <{address}> not owned by user {self.user}", body
-        added = b""
-        now = f.clock.seconds()
-        if headers.get("Date") is None:
-            added += b"Date: " + rfc822date(time.localtime(now)) + b"\n"
-        if headers.get("Message-ID") is None:
-            added += f"Message-ID: <{int(now)}.{secrets.token_hex(8)}@{f.config.hostname}>\n".encode()
-        return None, added + body
+        user = self.user
+        assert user is not None
+        return submission(body, user, lambda address: f.router.owns(user, address),
+                          f.config.hostname, f.clock.seconds())
 
     def _deliver(self, env: Envelope, body: bytes, mailboxes: tuple[str, ...],
                  remote: tuple[str, ...]) -> Deferred:
         f = self.factory
-        header = self.received_header(env)
-        results: list[Deferred] = []
-        if mailboxes:
-            local = f"Return-Path: <{env.sender}>\n".encode() + header + body
-            results.append(f.delivery.deliver_local(mailboxes, local))
-        if remote:
-            assert f.delivery.relay is not None
-            results.append(f.delivery.relay.enqueue(env.sender, remote, header + body))
-        d = results[0]
-        for more in results[1:]:
-            d.addCallback(lambda first, more=more: more.addCallback(lambda _: first))
+        d = f.delivery.deliver(env.sender, mailboxes, remote, self.received_header(env) + body)
 
         def ok(queue_id: str) -> None:
             self._commands = 0
@@ -498,14 +468,6 @@ def header_date(now: float) -> str:
         text = rfc822date(time.localtime(second)).decode()
         _date_cache = (second, text)
     return text
-
-
-def _longest_line(buf: bytearray, start: int, stop: int) -> int:
-    """
-    Length of the longest line (CR included, LF not) in C{buf[start:stop]}.
-    A C-level split keeps this linear; a regex like C{[^\n]{1000}} is not.
-    """
-    return max(map(len, buf[start:stop].split(b"\n")))
 
 
 class SMTPFactory(Factory):
