@@ -45,6 +45,7 @@ from twisted_mail_screen.imap_list import MAX_PATTERNS, ListPattern, list_lines
 from twisted_mail_screen.imap_parse import (Atom, BadCommand, SeqSet, Section, Token, astring,
                                             encode_mailbox, format_set, mailbox_name, mailbox_text,
                                             parse_datetime, parse_fetch_atts, parse_seqset, tokenize)
+from twisted_mail_screen.imap_registry import Registry
 from twisted_mail_screen.imap_search import parse_search
 from twisted_mail_screen.imap_searchplan import Snapshot, search_response
 from twisted_mail_screen.interfaces import ClientScreen, Screening
@@ -1140,7 +1141,7 @@ class IMAPFactory(Factory):
     """Builds IMAP sessions; every IMAP listener of one store shares one folder registry."""
 
     protocol = IMAPServer
-    _registries: "weakref.WeakKeyDictionary[MailStore, mb.Registry]" = weakref.WeakKeyDictionary()
+    _registries: "weakref.WeakKeyDictionary[MailStore, Registry]" = weakref.WeakKeyDictionary()
 
     def __init__(self, *, config: Config, store: MailStore, blocking: Blocking,
                  authenticator: Authenticator, screening: Screening, clock: IReactorTime,
@@ -1154,5 +1155,5 @@ class IMAPFactory(Factory):
         self.tls = tls
         registry = self._registries.get(store)
         if registry is None:
-            registry = self._registries[store] = mb.Registry(blocking, clock)
+            registry = self._registries[store] = Registry(blocking, clock)
         self.registry = registry
