@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from twisted.internet.task import Clock
 
 from tests.test_imap import Raw
 from twisted_mail_screen.config import load_config
@@ -267,6 +268,48 @@ def test_folder_deleted_and_made_again_while_another_session_has_it_selected(ser
     # and selecting it again shows the new folder
     again = b.command(b"s3", b"SELECT X")
     assert b"* 1 EXISTS" in again and uidvalidity(again) == uidvalidity(selected)
+
+
+def read_until(r: Raw, needle: bytes, timeout: float = 5) -> list[bytes]:
+    """Lines until one contains C{needle}: an answer due now, not after a poll (the clock is a Clock)."""
+    r.sock.settimeout(timeout)
+    lines = [r.line()]
+    while needle not in lines[-1]:
+        lines.append(r.line())
+    r.sock.settimeout(10)
+    return lines
+
+
+def test_delete_expunges_at_once_for_a_session_idling_in_the_folder(start_server):
+    server = start_server(kinds=KINDS, clock=Clock())  # no poll runs unless the test advances it
+    a = session(server, select=None)
+    assert last(a, b"a", b"CREATE X") == b"a OK CREATE completed"
+    assert append(a, b"X").startswith(b"p OK")
+    b = session(server, select=b"X")
+    b.send(b"i IDLE\r\n")
+    assert b.line().startswith(b"+ ")
+    assert last(a, b"b", b"DELETE X") == b"b OK DELETE completed"
+    assert read_until(b, b"EXPUNGE") == [b"* 1 EXPUNGE"]
+
+
+def test_the_old_index_of_a_deleted_folder_never_evicts_the_new_one(start_server):
+    server = start_server(kinds=KINDS, clock=Clock())
+    a = session(server, select=None)
+    for name in (b"X", b"f1", b"f2", b"f3"):
+        assert last(a, b"a", b"CREATE " + name) == b"a OK CREATE completed"
+    b = session(server, select=b"X")
+    assert last(a, b"b", b"DELETE X") == b"b OK DELETE completed"
+    assert last(a, b"c", b"CREATE X") == b"c OK CREATE completed"
+    assert last(a, b"d", b"SELECT X") == b"d OK [READ-WRITE] SELECT completed"
+    a.send(b"i IDLE\r\n")
+    assert a.line().startswith(b"+ ")
+    assert last(b, b"e", b"SELECT INBOX").startswith(b"e OK")  # B leaves the retired index
+    # more unattached folders than the registry keeps (KEEP_IDLE = 8)
+    for name in (b"Sent", b"Drafts", b"Trash", b"Junk", b"Archive", b"f1", b"f2", b"f3"):
+        assert last(b, b"s", b"STATUS " + name + b" (MESSAGES)") == b"s OK STATUS completed"
+    # one index for X: B's APPEND reaches A's IDLE at once
+    assert append(b, b"X").startswith(b"p OK")
+    assert read_until(a, b"EXISTS") == [b"* 1 EXISTS"]
 
 
 def test_folder_removed_behind_the_servers_back_and_made_again(server, inbox):
