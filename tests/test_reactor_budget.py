@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import poplib
+import smtplib
 import socket
 import threading
 import time
@@ -211,6 +212,37 @@ def test_text_search_of_a_large_folder(big):
     worst, (line, _) = measured(server.port("imap"), lambda: c.drain(b"s", b"SEARCH TEXT hello"))
     assert line == b"s OK SEARCH completed"
     check(worst, "SEARCH TEXT of 5000 messages")
+
+
+def deep_message(depth: int) -> bytes:
+    """A multipart nested C{depth} levels deep around one text part."""
+    out = [b"From: a@example.org\r\nTo: alice@example.test\r\nSubject: deep\r\n"]
+    for i in range(depth):
+        out.append(b'Content-Type: multipart/mixed; boundary="b%d"\r\n\r\n--b%d\r\n' % (i, i))
+    out.append(b"Content-Type: text/plain\r\n\r\nthe needle is here\r\n")
+    for i in reversed(range(depth)):
+        out.append(b"--b%d--\r\n" % i)
+    return b"".join(out)
+
+
+def test_deeply_nested_message_does_not_break_body_search(site, tmp_path):
+    server = site()
+    data = deep_message(3000)
+    assert len(data) > 150_000
+    with smtplib.SMTP("127.0.0.1", server.port("smtp")) as s:  # unauthenticated, as an attacker would
+        s.sendmail("a@example.org", [ALICE[0]], data)
+    fill(mailbox(tmp_path, ALICE[0]), 0)
+    c = Client(server.port("imap"))
+    c.command(b"s", b"SELECT INBOX")
+    assert c.command(b"t", b"SEARCH TEXT needle") == [b"* SEARCH 1", b"t OK SEARCH completed"]
+    assert c.command(b"b", b"SEARCH BODY needle") == [b"* SEARCH 1", b"b OK SEARCH completed"]
+    assert c.command(b"n", b"SEARCH BODY absent") == [b"* SEARCH", b"n OK SEARCH completed"]
+    lines = c.command(b"f", b"FETCH 1 (BODYSTRUCTURE)")
+    assert lines[-1] == b"f OK FETCH completed" and lines[0].count(b"MIXED") == 51  # 50 levels, then a leaf
+    lines = c.command(b"p", b"FETCH 1 (BODY.PEEK[" + b".".join([b"1"] * 3000) + b"])")
+    assert lines[-1] == b"p BAD section part path too long"
+    lines = c.command(b"q", b"FETCH 1 (BODY.PEEK[" + b".".join([b"1"] * 32) + b".MIME])")
+    assert lines[-1] == b"q OK FETCH completed" and b"multipart/mixed" in lines[1]
 
 
 # FETCH -------------------------------------------------------------------------------------

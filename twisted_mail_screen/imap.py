@@ -48,6 +48,7 @@ from twisted_mail_screen.imap_parse import (Atom, BadCommand, SeqSet, Section, T
 from twisted_mail_screen.imap_registry import Registry
 from twisted_mail_screen.imap_search import parse_search
 from twisted_mail_screen.imap_searchplan import Snapshot, search_response
+from twisted_mail_screen.imap_store import store_files
 from twisted_mail_screen.interfaces import ClientScreen, Screening
 from twisted_mail_screen.lineproto import CommandProtocol
 from twisted_mail_screen.maildir import Maildir, MailStore
@@ -58,6 +59,7 @@ HUGE_LITERAL = 10 ** 13  # stands for any size of more than 12 digits (all far o
 TAG_RE = re.compile(rb"^[!#$&'+,\-./0-9:;<=>?@A-Z\[^_`a-z|}~]+$")
 SMALL_LITERAL = 64 * 1024
 MAX_COMMAND = 1024 * 1024
+REACTOR_ROWS = 500  # FETCH rows of index-only items rendered without a thread hop
 
 ANY_STATE = {"CAPABILITY", "NOOP", "LOGOUT", "ID"}
 UNAUTH = {"STARTTLS", "AUTHENTICATE", "LOGIN"}
@@ -899,10 +901,12 @@ class IMAPServer(CommandProtocol):
 
         def render(chunk: list, items: list = atts, head: bool = True, tail: bool = True) -> Any:
             keywords = list(folder.keywords)
-            # Only the first chunk of index-only items is rendered here: the
-            # rest go through the worker, so a 100,000-message FETCH gives
-            # the reactor back between chunks even when output never pauses.
-            if first[0] and (not disk or cached_rows(chunk, items, cache)):
+            # Only a small first chunk of index-only items is rendered here
+            # (a few ms); the rest go through the worker, so a large FETCH
+            # gives the reactor back between chunks even when output never
+            # pauses.
+            if first[0] and len(chunk) <= REACTOR_ROWS and (not disk or
+                                                            cached_rows(chunk, items, cache)):
                 first[0] = False
                 return learnt(render_rows(folder.path, chunk, items, keywords, cache))
             first[0] = False
@@ -914,8 +918,9 @@ class IMAPServer(CommandProtocol):
             # budget (a message asked for once per item is sent once per item).
             chunk: list = []
             budget = 0
+            flat = row_cost(atts, 0) if not disk else None  # index-only items: no size to weigh
             for row in rows:
-                cost = row_cost(atts, row[3])
+                cost = flat if flat is not None else row_cost(atts, row[3])
                 if chunk and (len(chunk) >= per_chunk or budget + cost > PIECE_BYTES):
                     yield chunk, budget >= PIECE_BYTES // 2
                     chunk, budget = [], 0
@@ -1019,23 +1024,9 @@ class IMAPServer(CommandProtocol):
             keywords = mb.merge_keywords(folder.keywords, flags) if mode != "-" else folder.keywords
             if keywords is None:
                 raise No("Too many keywords in this mailbox", "LIMIT")
-            lowered = {f.lower() for f in flags}
-            renames = []
-            for u in uids:
-                rel = folder.name(u)
-                if rel is None:
-                    continue
-                current = mb.flag_names(rel, folder.keywords)
-                if mode == "+":
-                    new = current + flags
-                elif mode == "-":
-                    new = [f for f in current if f.lower() not in lowered]
-                else:
-                    new = list(flags)
-                target = mb.with_flags(rel, new, keywords)
-                if target != rel:
-                    renames.append((u, rel, target))
-            if not renames and keywords == folder.keywords:
+            names = folder.names
+            rows = [(u, names[i]) for u in uids if (i := folder.position(u)) is not None]
+            if not rows and keywords == folder.keywords:
                 return None
             changed_keywords = keywords if keywords != folder.keywords else None
 
@@ -1048,7 +1039,9 @@ class IMAPServer(CommandProtocol):
                         folder.record(mb.FLAGS, u, self)
                 folder.notify()
 
-            return self.factory.blocking.run(mb.rename_files, folder.path, renames,
+            # Which files change, and their renames, are the worker's job.
+            return self.factory.blocking.run(store_files, folder.path, rows, mode, flags,
+                                             list(folder.keywords), list(keywords),
                                              changed_keywords).addCallback(renamed)
 
         return folder.lock.run(locked)
