@@ -125,6 +125,12 @@ def test_overlong_literal_sizes_are_refused(server, size):
     assert last(r, b"b", b"NOOP").startswith(b"b OK")
 
 
+def test_a_refused_literal_is_answered_with_the_whole_tag(server):
+    r = session(server, select=None)
+    tag = b"t" * 1000
+    assert last(r, tag, b"SELECT {4294967296}") == tag + b" BAD Literal of 4294967296 octets is too large here"
+
+
 # folder names -------------------------------------------------------------------------------
 
 BAD_NAMES = [

@@ -177,8 +177,12 @@ class IMAPServer(CommandProtocol):
         self._discard_rest = False
 
     def _first_words(self) -> tuple[bytes, str]:
-        words = bytes(self._text[:200]).split(b" ", 3)
-        tag = words[0] if words and TAG_RE.match(words[0]) else b"*"
+        # The whole tag, however long (the line limit bounds it): a reply
+        # must carry the tag the client sent, not its first 200 bytes.
+        end = self._text.find(b" ")
+        end = len(self._text) if end < 0 else end
+        words = [bytes(self._text[:end])] + bytes(self._text[end + 1:end + 200]).split(b" ", 2)
+        tag = words[0] if TAG_RE.match(words[0]) else b"*"
         name = words[1].upper().decode("ascii", "replace") if len(words) > 1 else ""
         if name == "UID" and len(words) > 2:
             name = words[2].upper().decode("ascii", "replace")
