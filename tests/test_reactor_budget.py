@@ -263,6 +263,44 @@ def test_repeated_fetch_items_are_answered_once(site, tmp_path):
     assert lines[-1].startswith(b"g BAD"), lines[-1]
 
 
+def test_many_distinct_body_items_of_one_message_stream_in_pieces(site, tmp_path):
+    """Every item counts against the piece budget: 20 x 1 MB is never held at once."""
+    import tracemalloc
+
+    body = bytes(range(97, 123)) * 40330 + b"\n"
+    fill(mailbox(tmp_path, ALICE[0]), 1, body=body)
+    server = site()
+    c = Client(server.port("imap"))
+    c.command(b"s", b"SELECT INBOX")
+    items = [b"BODY.PEEK[]<%d.2000000>" % i for i in range(20)]
+    whole = (b"Subject: x\nFrom: a@example.org\nTo: b@example.test\n\n" + body).replace(b"\n", b"\r\n")
+    c.command(b"w", b"FETCH 1 (BODY.PEEK[]<0.10>)")  # warm up
+    tracemalloc.start()
+    try:
+        c.send(b"f UID FETCH 1 (UID " + b" ".join(items) + b" FLAGS)\r\n")
+        line = c.line()
+        assert line.startswith(b"* 1 FETCH (UID 1 BODY[]<0> {")
+        count = 0
+        while True:  # each literal (checked, not kept), then the text after it
+            size = int(line[line.rindex(b"{") + 1:-1])
+            while len(c.buf) < size:
+                c.buf += c.sock.recv(1 << 20)
+            assert c.buf[:size] == whole[count:count + 2000000]
+            c.buf = c.buf[size:]
+            count += 1
+            line = c.line()
+            if not line.endswith(b"}"):
+                break
+            assert line.startswith(b" BODY[]<%d> {" % count)  # one line, continued item by item
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert count == 20 and line == b" FLAGS ())"
+    assert c.line() == b"f OK UID FETCH completed"
+    print(f"20 x 1 MB items: peak {peak / 1e6:.1f} MB")
+    assert peak < 16_000_000
+
+
 def test_fetch_of_a_whole_folder_with_repeated_items(big):
     server, c = big
     worst, (line, size) = measured(server.port("imap"),
@@ -333,15 +371,21 @@ def test_lag_monitor_warns_of_a_late_tick(start_server, accounts):
         assert monitor.lag() == 0.0 and monitor.late_ticks == 0
         server.advance(0.5 + 0.35)  # one step: the tick runs 350 ms after it was due
         assert abs(monitor.lag() - 0.35) < 1e-6 and monitor.late_ticks == 1
-        server.advance(0.15)  # back on the grid: on time again
+        server.advance(0.35)  # the next tick was due on the grid (at 1.5), not 0.5 s after the late one
+        assert abs(monitor.lag() - 0.2) < 1e-6 and monitor.late_ticks == 2
+        server.advance(0.3)  # back on the grid: on time again
         assert monitor.lag() == 0.0 and abs(monitor.worst_lag - 0.35) < 1e-6
         server.advance(0.5 + 0.05)  # late, but under the 100 ms threshold
-        assert monitor.late_ticks == 1
+        assert monitor.late_ticks == 2 and abs(monitor.lag() - 0.05) < 1e-6
+        server.advance(0.45)
+        server.advance(0.5 + 1.2)  # three intervals in one step: late from the first one due
+        assert abs(monitor.lag() - 1.2) < 1e-6 and monitor.late_ticks == 3
     finally:
         globalLogPublisher.removeObserver(events.append)
     warnings = [formatEvent(e) for e in events if "reactor lag" in (e.get("log_format") or "")]
-    assert warnings == ["reactor lag: tick 350 ms late"]
+    assert warnings == ["reactor lag: tick 350 ms late", "reactor lag: tick 200 ms late",
+                        "reactor lag: tick 1200 ms late"]
     server.stop()
     assert not monitor.running
     server.advance(5)  # stopped with the service: no more ticks
-    assert monitor.late_ticks == 1 and abs(monitor.lag() - 0.05) < 1e-6
+    assert monitor.late_ticks == 3
