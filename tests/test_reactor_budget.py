@@ -259,6 +259,9 @@ def test_repeated_fetch_items_are_answered_once(site, tmp_path):
     assert line == b"f OK FETCH completed"
     assert 1024 * 1024 < size < 1.1 * 1024 * 1024
     check(worst, "FETCH 1 (BODY.PEEK[] x100)")
+    lines = c.command(b"d", b"FETCH 1 (BODY.PEEK[HEADER] BODY[HEADER] BODY.PEEK[HEADER] FLAGS)")
+    assert lines[0].startswith(b"* 1 FETCH (BODY[HEADER] {") and lines[-2] == b" FLAGS (\\Seen))"
+    assert len(lines) == 7 and lines[-1] == b"d OK FETCH completed"  # the header once
     lines = c.command(b"g", b"FETCH 1 (" + b" ".join(b"BODY.PEEK[]<%d.10>" % i for i in range(1000)) + b")")
     assert lines[-1].startswith(b"g BAD"), lines[-1]
 

@@ -45,12 +45,15 @@ def distinct_atts(atts: Sequence[Att]) -> list[Att]:
     C{atts} with each item kept once, as Dovecot answers them: RFC 3501
     asks for each data item, not each mention, and C{BODY.PEEK[]} x100
     would otherwise send a message 100 times from one command. Of two
-    spellings of one section (C{BODY[]}, C{BODY.PEEK[]}) the first is kept.
+    spellings of one section (C{BODY[]}, C{BODY.PEEK[]}) the one without
+    C{.PEEK} is kept, where the first stood: it sets C{\\Seen}.
     """
     seen: dict[object, Att] = {}
     for a in atts:
         key = ("section", a.label, a.partial) if isinstance(a, Section) else a
-        seen.setdefault(key, a)
+        had = seen.setdefault(key, a)
+        if isinstance(had, Section) and had.peek and not a.peek:  # type: ignore[union-attr]
+            seen[key] = a
     if len(seen) > MAX_FETCH_ITEMS:
         raise BadCommand(f"more than {MAX_FETCH_ITEMS} distinct FETCH items")
     return list(seen.values())
