@@ -392,3 +392,50 @@ def test_lag_monitor_warns_of_a_late_tick(start_server, accounts):
     assert not monitor.running
     server.advance(5)  # stopped with the service: no more ticks
     assert monitor.late_ticks == 3
+
+
+def test_set_evaluation_agrees_with_message_by_message_evaluation():
+    """The mask evaluator answers every key tree as evaluating each message would."""
+    import random
+    from array import array
+
+    from twisted_mail_screen.imap_mailbox import size_of_name
+    from twisted_mail_screen.imap_parse import tokenize
+    from twisted_mail_screen.imap_search import Candidate, evaluate, parse_search
+    from twisted_mail_screen.imap_searchplan import Search, Snapshot
+
+    keys = ["ALL", "SEEN", "UNSEEN", "FLAGGED", "UNFLAGGED", "DELETED", "ANSWERED", "DRAFT",
+            "RECENT", "OLD", "NEW", "KEYWORD foo", "UNKEYWORD foo", "KEYWORD bar", "LARGER 100",
+            "SMALLER 300", "UID 2:7,20:*", "UID *", "3:9", "1,5,*", "UID 1:3"]
+    rnd = random.Random(7)
+
+    def tree(depth: int = 0) -> str:
+        r = rnd.random()
+        if depth < 4 and r < 0.15:
+            return "NOT " + tree(depth + 1)
+        if depth < 4 and r < 0.3:
+            return f"OR {tree(depth + 1)} {tree(depth + 1)}"
+        if depth < 4 and r < 0.4:
+            return "(" + " ".join(tree(depth + 1) for _ in range(rnd.randint(1, 3))) + ")"
+        return rnd.choice(keys)
+
+    for _ in range(1000):
+        uids = sorted(rnd.sample(range(1, 60), rnd.randint(0, 30)))
+        names = [("new/" if rnd.random() < 0.2 else "cur/") +
+                 f"{u}.x,S={rnd.randint(50, 400)}:2,"
+                 + "".join(sorted(rnd.sample("DFRSTab", rnd.randint(0, 4)))) for u in uids]
+        view = array("L", [u for u in uids if rnd.random() < 0.9])
+        recent = {u for u in uids if rnd.random() < 0.3}
+        keywords = ["foo", "bar"][:rnd.randint(0, 2)]
+        query = " ".join(tree() for _ in range(rnd.randint(1, 4)))
+        node = parse_search(tokenize(query.encode(), []))
+        got = Search(Snapshot("/nonexistent", view, array("L", uids), names, {}, recent,
+                              keywords)).run(node)
+        where = {u: i for i, u in enumerate(uids)}
+        expected = []
+        for i, u in enumerate(view):
+            rel = names[where[u]]
+            c = Candidate("/nonexistent", i + 1, u, rel, size_of_name(rel) or 0, u in recent, keywords)
+            if evaluate(node, c, len(view), view[-1]):
+                expected.append((i + 1, u))
+        assert got == expected, query
