@@ -91,7 +91,13 @@ def accounts(tmp_path: Path) -> AccountStore:
 
 @pytest.fixture(scope="session")
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    """A self-signed certificate and key for 'mail.example.test' (PEM paths)."""
+    """
+    A self-signed certificate and key (PEM paths, key mode 600) for
+    'mail.example.test', 'localhost' and 127.0.0.1, so real clients that
+    verify it (mbsync, fetchmail, msmtp) can be pointed at it as their CA.
+    """
+    import ipaddress
+
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -104,7 +110,10 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(days=1))
             .not_valid_after(now + datetime.timedelta(days=30))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("mail.example.test")]), False)
+            .add_extension(x509.SubjectAlternativeName([
+                x509.DNSName("mail.example.test"), x509.DNSName("localhost"),
+                x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
             .sign(key, hashes.SHA256()))
     d = tmp_path_factory.mktemp("tls")
     cert_path, key_path = d / "cert.pem", d / "key.pem"
@@ -112,6 +121,7 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
                                            serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
+    key_path.chmod(0o600)
     return str(cert_path), str(key_path)
 
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import os
+import stat
 import sys
 from typing import Callable, Sequence
 
@@ -29,6 +31,7 @@ from twisted_mail_screen import control
 from twisted_mail_screen.accounts import AccountError, AccountStore
 from twisted_mail_screen.config import Config, load_config
 from twisted_mail_screen.configbase import ConfigError
+from twisted_mail_screen.tls import key_file_warning
 
 
 class CommandError(Exception):
@@ -181,8 +184,27 @@ def cmd_queue(args: argparse.Namespace, config: Config) -> None:
           + f": {queue_id}")
 
 
+def config_warnings(config: Config) -> list[str]:
+    """What is valid but unsafe: secrets and mail readable by other local users."""
+    warnings = []
+    if config.tls.key is not None:
+        warning = key_file_warning(config.tls.key)
+        if warning:
+            warnings.append(warning)
+    try:
+        mode = os.stat(config.data_dir).st_mode
+    except OSError:
+        mode = 0
+    if mode & stat.S_IROTH:
+        warnings.append(f"data_dir: {config.data_dir} is readable by others "
+                        f"(mode {stat.S_IMODE(mode):o}); chmod o-rwx it")
+    return warnings
+
+
 def cmd_check_config(args: argparse.Namespace, config: Config | None) -> None:
     checked = load_config(args.file)
+    for warning in config_warnings(checked):
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"{args.file}: ok (mode {checked.mode}, data_dir {checked.data_dir})")
 
 

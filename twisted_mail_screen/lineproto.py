@@ -34,7 +34,8 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import (IDelayedCall, IPushProducer, IReactorTime, ISSLTransport,
+                                         ITCPTransport)
 from twisted.internet.protocol import Protocol
 from twisted.internet.tcp import Server as _TCPServer
 from twisted.logger import Logger
@@ -48,6 +49,10 @@ PENDING_INPUT_LIMIT = 256 * 1024
 #: Replies gathered while one read's commands are answered are sent once this
 #: many octets are pending (Twisted's own write-buffer threshold).
 CORK_LIMIT = 64 * 1024
+
+#: Seconds a closed TLS session waits for the peer's close_notify before the
+#: TCP connection is dropped anyway (Dovecot and Postfix do not wait at all).
+TLS_CLOSE_GRACE = 2.0
 
 
 def send_now(transport: Any, data: bytes) -> None:
@@ -132,6 +137,10 @@ class CommandProtocol(Protocol):
         self._timer: IDelayedCall | None = None
         self._raw_handler: Callable[[bytearray], bool] | None = None
         self.output = OutputGate(self._output_changed)
+        #: Whether the session is encrypted: from the start on an implicit-TLS
+        #: (C{ssl:}) listener, after L{start_tls} otherwise. Capabilities and
+        #: the plaintext-password rule read it.
+        self.secure = False
 
     # hooks for subclasses
 
@@ -150,6 +159,7 @@ class CommandProtocol(Protocol):
     # plumbing
 
     def connectionMade(self) -> None:
+        self.secure = ISSLTransport.providedBy(self.transport)
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             try:
@@ -166,6 +176,7 @@ class CommandProtocol(Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        self.output.stopProducing()  # a reply streaming to a gone peer stops waiting
         self.session_ended()
 
     def _reset_timer(self) -> None:
@@ -228,14 +239,35 @@ class CommandProtocol(Protocol):
         self.discard_input()
         self.flush()
         self.transport.startTLS(context)
+        self.secure = True
 
     def close(self) -> None:
-        """Close after everything written so far has been sent."""
+        """
+        Close after everything written so far has been sent (RFC 3501 7.1.5,
+        RFC 1939 6, RFC 5321 4.1.1.10: the server closes after LOGOUT/QUIT).
+
+        Over TLS, Twisted sends close_notify only once no producer is
+        registered, and then waits for the peer's close_notify before it
+        closes TCP; a client that waits for the close instead (mbsync) would
+        wait for ever. So the session unregisters itself first, then closes
+        the TCP write side behind the close_notify (what Dovecot and Postfix
+        do), and drops the connection after L{TLS_CLOSE_GRACE} seconds if
+        the peer keeps its side open.
+        """
         if not self._closing:
             self.flush()
             self._closing = True
             self._buffer.clear()
-            self.transport.loseConnection()
+            if self._timer is not None and self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+            transport = self.transport
+            transport.unregisterProducer()
+            transport.loseConnection()
+            if self.secure:
+                if ITCPTransport.providedBy(transport):
+                    transport.loseWriteConnection()  # sent once the buffer, close_notify last, is out
+                self._timer = self.clock.callLater(TLS_CLOSE_GRACE, transport.abortConnection)
 
     def discard_input(self) -> None:
         """Forget buffered input (after STARTTLS, against injection)."""

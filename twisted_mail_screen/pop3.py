@@ -269,7 +269,6 @@ class POP3Server(CommandProtocol):
 
     def __init__(self) -> None:
         super().__init__()
-        self.secure = False
         self.peer_host = ""
         self.screen: ClientScreen | None = None
         self.drop: Drop | None = None
@@ -355,7 +354,6 @@ class POP3Server(CommandProtocol):
             return self.err("STLS not available")
         self.ok("Begin TLS negotiation")
         self.start_tls(self.factory.tls)
-        self.secure = True
         self._user = None
 
     def AUTHORIZATION_USER(self, arg: str) -> None:

@@ -275,16 +275,3 @@ class ProxiedEndpoint:
             log.warn("proxy: proxy.trusted is empty, so this haproxy: listener refuses every connection")
         return self._inner.listen(_HeaderFirstFactory(factory, self._clock, self._timeout, self._trusted))
 
-
-def server_endpoint(reactor: Any, description: str, clock: IReactorTime,
-                    trusted: tuple[Network, ...] = ()) -> IStreamServerEndpoint:
-    """
-    C{serverFromString}, with C{haproxy:} prefixes handled as above;
-    C{trusted} are the networks allowed to send PROXY headers.
-    """
-    from twisted.internet.endpoints import serverFromString
-
-    if description.startswith("haproxy:"):
-        inner = server_endpoint(reactor, description[len("haproxy:"):], clock)
-        return ProxiedEndpoint(inner, clock, trusted)
-    return serverFromString(reactor, description)

@@ -23,7 +23,7 @@ from twisted_mail_screen.imap import IMAPFactory
 from twisted_mail_screen.lagmonitor import LagMonitor
 from twisted_mail_screen.control import ControlFactory, endpoint_description, socket_path
 from twisted_mail_screen.notify import PostmasterNotifier
-from twisted_mail_screen.proxyproto import server_endpoint
+from twisted_mail_screen.endpoints import server_endpoint
 from twisted_mail_screen.screening import ScreeningService
 from twisted_mail_screen.screening_admin import register_screening_commands
 from twisted_mail_screen.maildir import MailStore, TmpCleaner, UniqueNames
@@ -186,7 +186,7 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
             continue
         for description in descriptions:
             try:
-                endpoint = server_endpoint(reactor, description, clock, config.proxy.trusted)
+                endpoint = server_endpoint(reactor, description, clock, config.proxy.trusted, tls)
             except Exception as e:
                 raise ConfigError(f"listen.{kind}", description, f"unusable endpoint: {e}") from e
             listener = Listener(kind, description, endpoint, factories[kind]())

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime, ISSLTransport
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.mail.smtp import rfc822date
@@ -64,7 +64,6 @@ class SMTPServer(CommandProtocol):
         super().__init__()
         self.helo: str | None = None
         self.esmtp = False
-        self.secure = False
         self.user: str | None = None
         self.envelope: Envelope | None = None
         self.peer_host = ""
@@ -81,8 +80,6 @@ class SMTPServer(CommandProtocol):
         self.idle_timeout = f.config.smtp.idle_timeout
         self.max_line_length = COMMAND_LINE_LIMIT
         super().connectionMade()
-        # An implicit-TLS listener (RFC 8314, an ssl: endpoint) is secure from the start.
-        self.secure = ISSLTransport.providedBy(self.transport)
         peer = self.transport.getPeer()
         self.peer_host = getattr(peer, "host", "") or ""
         self.screen = f.screening.open(self.peer_host, f.protocol_name)
@@ -200,7 +197,6 @@ class SMTPServer(CommandProtocol):
             return self.reply(501, "5.5.4", "Syntax: STARTTLS")
         self.reply(220, "2.0.0", "Ready to start TLS")
         self.start_tls(self.factory.tls)  # RFC 3207 4.2: pre-TLS pipelined input is void
-        self.secure = True
         self.helo, self.esmtp, self.envelope = None, False, None
 
     # AUTH (RFC 4954)
