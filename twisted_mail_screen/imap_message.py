@@ -12,12 +12,10 @@ Everything is pure and runs in worker threads.
 
 from __future__ import annotations
 
-import binascii
 import email
 import email.header
 import email.utils
 import functools
-import quopri
 import re
 from email.message import Message
 from email.parser import BytesHeaderParser
@@ -478,38 +476,3 @@ def decoded_header_values(msg: "Message | Headers", name: str) -> list[str]:
 
 def all_headers_text(msg: "Message | Headers") -> str:
     return "\n".join(f"{k}: {' '.join(decoded_header_values(msg, k))}" for k in set(msg.keys()))
-
-
-def body_text(data: bytes) -> str:
-    """
-    The body as text: raw, plus each text part decoded from its transfer
-    encoding. Parts are walked on L{Part}'s tree with a stack: its depth
-    is capped as BODYSTRUCTURE's is, so a message nested thousands of
-    levels deep is searched like any other (the stdlib parser recurses).
-    """
-    sep = data.find(b"\n\n")
-    chunks = [data[sep + 2:].decode("utf-8", "replace") if sep >= 0 else ""]
-    crlf = to_crlf(data)
-    stack = [Part(crlf, 0, len(crlf))]
-    while stack:
-        part = stack.pop()
-        if part.is_multipart:
-            stack.extend(reversed(part.children))
-            continue
-        if part.is_message:
-            stack.append(part.message)
-            continue
-        if part.maintype != "text":
-            continue
-        cte = (part.headers.get("Content-Transfer-Encoding") or "").strip().lower()
-        try:
-            if cte == "base64":
-                payload = binascii.a2b_base64(part.body_bytes())
-            elif cte == "quoted-printable":
-                payload = quopri.decodestring(part.body_bytes())
-            else:
-                continue
-            chunks.append(payload.decode(part.headers.get_content_charset() or "utf-8", "replace"))
-        except (binascii.Error, LookupError, ValueError):
-            continue
-    return "\n".join(chunks)

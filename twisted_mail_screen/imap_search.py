@@ -12,16 +12,18 @@ body both raw and decoded from its transfer encoding.
 
 from __future__ import annotations
 
+import binascii
 import datetime
 import email.utils
 import os
+import quopri
 import re
 from typing import Any
 
 from twisted_mail_screen.imap_fetch import find_file
 from twisted_mail_screen.imap_mailbox import flag_names
-from twisted_mail_screen.imap_message import (all_headers_text, body_text, decoded_header_values,
-                                              fast_headers)
+from twisted_mail_screen.imap_message import (Part, all_headers_text, decoded_header_values,
+                                              fast_headers, to_crlf)
 from twisted_mail_screen.imap_parse import (MAX_DEPTH, Atom, BadCommand, SeqSet, Token, astring,
                                             parse_date, parse_number, parse_seqset)
 
@@ -266,3 +268,38 @@ def evaluate(node: Node, c: Candidate, max_seq: int, max_uid: int) -> bool:
 
 def _in(seqset: SeqSet, value: int, star: int) -> bool:
     return seqset.contains(value, star)
+
+
+def body_text(data: bytes) -> str:
+    """
+    The body as text: raw, plus each text part decoded from its transfer
+    encoding. Parts are walked on L{Part}'s tree with a stack: its depth
+    is capped as BODYSTRUCTURE's is, so a message nested thousands of
+    levels deep is searched like any other (the stdlib parser recurses).
+    """
+    sep = data.find(b"\n\n")
+    chunks = [data[sep + 2:].decode("utf-8", "replace") if sep >= 0 else ""]
+    crlf = to_crlf(data)
+    stack = [Part(crlf, 0, len(crlf))]
+    while stack:
+        part = stack.pop()
+        if part.is_multipart:
+            stack.extend(reversed(part.children))
+            continue
+        if part.is_message:
+            stack.append(part.message)
+            continue
+        if part.maintype != "text":
+            continue
+        cte = (part.headers.get("Content-Transfer-Encoding") or "").strip().lower()
+        try:
+            if cte == "base64":
+                payload = binascii.a2b_base64(part.body_bytes())
+            elif cte == "quoted-printable":
+                payload = quopri.decodestring(part.body_bytes())
+            else:
+                continue
+            chunks.append(payload.decode(part.headers.get_content_charset() or "utf-8", "replace"))
+        except (binascii.Error, LookupError, ValueError):
+            continue
+    return "\n".join(chunks)
