@@ -39,10 +39,30 @@ def message(subject: str, body: str = "") -> bytes:
             f"{body or subject} body\r\n").encode()
 
 
+#: The transports each sync client runs over: SSLType for mbsync, (ssl, starttls) for offlineimap.
+TRANSPORTS = ("plain", "starttls", "implicit")
+IMPLICIT = "ssl:0:interface=127.0.0.1"
+
+
+def tls_server(start_server, certificate, transport: str):
+    """A test host with IMAP in plaintext and, for the TLS transports, STARTTLS and an ssl: listener."""
+    if transport == "plain":
+        return start_server(kinds=KINDS)
+    from twisted_mail_screen.testing import EPHEMERAL
+
+    cert, key = certificate
+    return start_server(kinds=KINDS, tls__certificate=cert, tls__key=key, listen__imap=[EPHEMERAL, IMPLICIT])
+
+
 class Sync:
     """An mbsync channel between C{local} and the server's account C{USER}."""
 
-    def __init__(self, tmp: Path, port: int) -> None:
+    def __init__(self, tmp: Path, port: int, transport: str = "plain", ca: str = "",
+                 server: object = None) -> None:
+        if transport == "implicit":
+            port = server.service.ports("imap")[1]  # type: ignore[attr-defined]
+        self.transport, self.port, self.ca = transport, port, ca
+        self.host = "127.0.0.1" if transport == "plain" else "localhost"  # the certificate's name
         self.home = tmp / "home"
         self.local = tmp / "local"
         self.home.mkdir()
@@ -50,11 +70,12 @@ class Sync:
         self.rc = self.home / "mbsyncrc"
         self.rc.write_text(f"""\
 IMAPAccount server
-Host 127.0.0.1
+Host {self.host}
 Port {port}
 User {USER}
 Pass secret
-SSLType None
+SSLType {dict(plain="None", starttls="STARTTLS", implicit="IMAPS")[transport]}
+{f"CertificateFile {ca}" if ca else "# plaintext: no certificate"}
 AuthMechs PLAIN
 Timeout 30
 
@@ -125,8 +146,10 @@ CopyArrivalDate yes
 class OfflineIMAP(Sync):
     """The same with offlineimap: local folders nested as C{a/b}, state in C{home}."""
 
-    def __init__(self, tmp: Path, port: int) -> None:
-        super().__init__(tmp, port)
+    def __init__(self, tmp: Path, port: int, transport: str = "plain", ca: str = "",
+                 server: object = None) -> None:
+        super().__init__(tmp, port, transport, ca, server)
+        port = self.port
         self.rc = self.home / "offlineimaprc"
         self.rc.write_text(f"""\
 [general]
@@ -141,12 +164,13 @@ localfolders = {self.local}
 sep = /
 [Repository far]
 type = IMAP
-remotehost = 127.0.0.1
+remotehost = {self.host}
 remoteport = {port}
 remoteuser = {USER}
 remotepass = secret
-ssl = no
-starttls = no
+ssl = {"yes" if transport == "implicit" else "no"}
+starttls = {"yes" if transport == "starttls" else "no"}
+{f"sslcacertfile = {ca}" if ca else ""}
 """)
 
     def command(self) -> list[str]:
@@ -234,8 +258,10 @@ def subjects(state: dict[str, list[tuple[bytes, str]]], name: str) -> dict[str, 
 
 
 @pytest.mark.tool("mbsync")
-def test_two_way_sync_with_mbsync(start_server, tmp_path):
-    mbsync_scenario(start_server(kinds=KINDS), tmp_path)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_two_way_sync_with_mbsync(start_server, certificate, tmp_path, transport):
+    server = tls_server(start_server, certificate, transport)
+    mbsync_scenario(server, tmp_path, transport, certificate[0])
 
 
 class Twistd:
@@ -276,9 +302,9 @@ def test_two_way_sync_with_mbsync_against_twistd(tmp_path):
         server.stop()
 
 
-def mbsync_scenario(server, tmp_path: Path) -> None:
+def mbsync_scenario(server, tmp_path: Path, transport: str = "plain", ca: str = "") -> None:
     port = server.port("imap")
-    sync = Sync(tmp_path, port)
+    sync = Sync(tmp_path, port, transport, ca if transport != "plain" else "", server)
 
     # The server side: mail delivered by SMTP, a nested folder with flagged mail.
     for subject in ("m1", "m2", "m3", "m4", "m6"):
@@ -379,10 +405,11 @@ def mbsync_scenario(server, tmp_path: Path) -> None:
 
 
 @pytest.mark.tool("offlineimap")
-def test_two_way_sync_with_offlineimap(start_server, tmp_path):
-    server = start_server(kinds=KINDS)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_two_way_sync_with_offlineimap(start_server, certificate, tmp_path, transport):
+    server = tls_server(start_server, certificate, transport)
     port = server.port("imap")
-    sync = OfflineIMAP(tmp_path, port)
+    sync = OfflineIMAP(tmp_path, port, transport, certificate[0] if transport != "plain" else "", server)
     for subject in ("m1", "m2", "m3", "m4"):
         send(server, to=USER, subject=subject, body=f"{subject} body\r\n")
     m = imaplib.IMAP4("127.0.0.1", port)
@@ -427,3 +454,24 @@ def test_two_way_sync_with_offlineimap(start_server, tmp_path):
     assert subjects(state, "Local") == {"l3": ""}
     assert subjects(state, "Remote") == {"r1": "S"}
     assert subjects(state, "NewLocal") == {"l4": "D"}
+
+
+@pytest.mark.tool("offlineimap")
+def test_offlineimap_starttls_connection_repeated(start_server, certificate, tmp_path):
+    """
+    Twenty offlineimap runs over STARTTLS, each under a hard timeout: none may
+    hang at connection set-up (before the ticket hold in lineproto, 6 of 60
+    runs hung there).
+    """
+    server = tls_server(start_server, certificate, "starttls")
+    for subject in ("m1", "m2"):
+        send(server, to=USER, subject=subject, body=f"{subject} body\r\n")
+    sync = OfflineIMAP(tmp_path, server.port("imap"), "starttls", certificate[0], server)
+    env = dict(os.environ, HOME=str(sync.home))
+    for attempt in range(20):
+        try:
+            p = subprocess.run(sync.command(), env=env, capture_output=True, text=True, timeout=20)
+        except subprocess.TimeoutExpired as e:
+            raise AssertionError(f"run {attempt + 1} of 20 hung:\n{e.stdout}\n{e.stderr}") from None
+        assert p.returncode == 0, p.stdout + p.stderr
+    assert subjects(local_state(sync.local), "INBOX") == {"m1": "", "m2": ""}

@@ -218,6 +218,23 @@ def test_tls_profile_has_forward_secrecy_only(tls_server, certificate, mode):
     assert handshake(version=ssl.TLSVersion.TLSv1_1)[0] is None
 
 
+@pytest.mark.parametrize("kind", ["smtp", "pop3", "imap"])
+def test_nothing_arrives_after_starttls_until_the_client_speaks(tls_server, certificate, kind):
+    """
+    After a STARTTLS handshake the server holds its TLS 1.3 session tickets
+    until the client's first command has arrived (see
+    CommandProtocol.handshakeCompleted): a client reading in one thread
+    while its other thread writes that command must not see them first.
+    """
+    s = Session(tls_server, kind, "starttls", certificate)
+    assert s.sock.version() == "TLSv1.3"
+    readable, _, _ = select.select([s.sock], [], [], 0.1)  # the kernel would release a hold at 0.2 s
+    assert not readable and s.sock.pending() == 0
+    s.send({"smtp": b"NOOP\r\n", "pop3": b"NOOP\r\n", "imap": b"n NOOP\r\n"}[kind])
+    assert s.until({"smtp": b"250 ", "pop3": b"-ERR", "imap": b"n OK"}[kind])
+    s.close()
+
+
 # pipelining over every transport --------------------------------------------------------
 
 @pytest.mark.parametrize("mode", MODES)

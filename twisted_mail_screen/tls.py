@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import stat
+from typing import Any
 
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
@@ -82,3 +84,20 @@ def key_file_warning(key: str) -> str | None:
         return (f"tls.key: {key} is readable by group or others (mode {stat.S_IMODE(mode):o}); "
                 f"chmod 600 it")
     return None
+
+
+def hold_output(transport: Any, hold: bool) -> bool:
+    """
+    Hold back (C{TCP_CORK}) or release what the kernel sends on
+    C{transport}'s socket; C{False} where that cannot be done. The kernel
+    sends held data after 200 ms anyway, so a hold cannot stall a session.
+    """
+    cork = getattr(socket, "TCP_CORK", None)
+    if cork is None:
+        return False
+    try:
+        with socket.socket(fileno=os.dup(transport.fileno())) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, cork, int(hold))
+    except (OSError, AttributeError, ValueError):
+        return False
+    return True
