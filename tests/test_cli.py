@@ -67,3 +67,28 @@ def test_check_config(site_config, tmp_path):
     bad.write_text('mode = "site"\ndomains = ["example.test"]\n[smtp]\nmax_recipients = "ten"\n')
     result = run(["check-config", str(bad)])
     assert result.returncode == 1 and "smtp.max_recipients" in result.stderr
+
+
+def test_check_config_warns_about_readable_secrets(tmp_path, certificate):
+    """A TLS key readable by group or others, and a data_dir readable by others, are warned about."""
+    import os
+    import shutil
+
+    cert, key = certificate
+    loose_key = tmp_path / "key.pem"
+    shutil.copy(key, loose_key)
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    os.chmod(data, 0o700)
+    config = tmp_path / "site.toml"
+    config.write_text(f'mode = "site"\ndomains = ["example.test"]\ndata_dir = "{data}"\n'
+                      f'[tls]\ncertificate = "{cert}"\nkey = "{loose_key}"\n')
+    os.chmod(loose_key, 0o600)
+    quiet = run(["check-config", str(config)])
+    assert quiet.returncode == 0 and "warning" not in quiet.stderr
+    os.chmod(loose_key, 0o640)
+    os.chmod(data, 0o755)
+    loud = run(["check-config", str(config)])
+    assert loud.returncode == 0, loud.stderr
+    assert f"warning: tls.key: {loose_key} is readable by group or others (mode 640)" in loud.stderr
+    assert f"warning: data_dir: {data} is readable by others (mode 755)" in loud.stderr
