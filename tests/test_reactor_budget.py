@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import poplib
 import smtplib
-import socket
 import threading
 import time
 from pathlib import Path
@@ -56,21 +55,29 @@ class Probe(threading.Thread):
         self.stop = threading.Event()
         self.worst = 0.0
         self.count = 0
+        self.error: BaseException | None = None
 
     def run(self) -> None:
-        while not self.stop.is_set():
-            t = time.perf_counter()
-            lines = self.raw.command(b"n", b"NOOP")
-            took = time.perf_counter() - t
-            assert lines[-1].startswith(b"n OK")
-            self.worst = max(self.worst, took)
-            self.count += 1
-            time.sleep(0.01)
+        try:
+            while not self.stop.is_set():
+                t = time.perf_counter()
+                lines = self.raw.command(b"n", b"NOOP")
+                took = time.perf_counter() - t
+                if lines != [b"n OK NOOP completed"]:
+                    raise AssertionError(lines)
+                self.worst = max(self.worst, took)
+                self.count += 1
+                time.sleep(0.01)
+        except BaseException as e:  # reported by finish(), in the test's thread
+            self.error = e
 
     def finish(self) -> float:
         self.stop.set()
         self.join(30)
         self.raw.close()
+        assert not self.is_alive(), "the probe's NOOP never came back"
+        if self.error is not None:
+            raise self.error
         return self.worst
 
 
@@ -205,6 +212,22 @@ def test_search_with_a_huge_sequence_set(big):
     worst, (line, size) = measured(server.port("imap"), lambda: c.drain(b"f", b"UID FETCH " + uids + b" FLAGS"))
     assert line == b"f OK UID FETCH completed"
     check(worst, "UID FETCH 1,3,5,... FLAGS")
+    ones = b",".join([b"1"] * 32000)  # 64 KB of ranges that all merge into one
+    for what, tag, text, lines in (
+            ("UID FETCH 1,1,1,...", b"g", b"UID FETCH " + ones + b" FLAGS", 1),
+            ("FETCH 1,1,1,...", b"h", b"FETCH " + ones + b" UID", 1),
+            ("UID SEARCH UID 1,1,1,...", b"i", b"UID SEARCH UID " + ones, 1),
+            ("UID STORE 1,1,1,...", b"j", b"UID STORE " + ones + b" +FLAGS (\\Deleted)", 1),
+            ("UID EXPUNGE 1,1,1,...", b"k", b"UID EXPUNGE " + ones, 1),
+            ("UID COPY 1,1,1,...", b"l", b"UID COPY " + ones + b" INBOX", 0)):
+        worst, (line, size) = measured(server.port("imap"), lambda: c.drain(tag, text))
+        assert line.startswith(tag + b" OK"), line
+        check(worst, what)
+    assert c.command(b"m", b"UID FETCH 1" + b",x" * 30000 + b" FLAGS")[-1].startswith(b"m BAD bad sequence set")
+    assert c.command(b"n", b"UID SEARCH UID 1" + b",x" * 30000)[-1].startswith(b"n BAD bad sequence set")
+    assert c.command(b"o", b"UID STORE 1" + b",x" * 30000 + b" +FLAGS (\\Seen)")[-1].startswith(b"o BAD")
+    assert c.command(b"p", b"UID FETCH 2 FLAGS") == [b"* 1 FETCH (UID 2 FLAGS (\\Seen))",
+                                                      b"p OK UID FETCH completed"]
 
 
 def test_text_search_of_a_large_folder(big):

@@ -46,9 +46,8 @@ from twisted_mail_screen.imap_parse import (Atom, BadCommand, SeqSet, Section, T
                                             encode_mailbox, format_set, mailbox_name, mailbox_text,
                                             parse_datetime, parse_fetch_atts, parse_seqset, tokenize)
 from twisted_mail_screen.imap_registry import Registry
-from twisted_mail_screen.imap_search import parse_search
-from twisted_mail_screen.imap_searchplan import Snapshot, search_response
-from twisted_mail_screen.imap_store import store_files
+from twisted_mail_screen.imap_searchplan import Snapshot, search_command
+from twisted_mail_screen.imap_store import LONG_SET, expunge_files, set_positions, store_files
 from twisted_mail_screen.interfaces import ClientScreen, Screening
 from twisted_mail_screen.lineproto import CommandProtocol
 from twisted_mail_screen.maildir import Maildir, MailStore
@@ -103,6 +102,7 @@ class IMAPServer(CommandProtocol):
         self.folders: AccountFolders | None = None
         self.folder: mb.Folder | None = None
         self.folder_name = ""
+        self.ended = False  # the connection is gone; commands still in the worker pool must not attach
         self.writable = False
         self.view: array[int] = array("L")
         self.recent: set[int] = set()
@@ -129,6 +129,7 @@ class IMAPServer(CommandProtocol):
                       f"{f.config.hostname} IMAP4rev1 ready")
 
     def session_ended(self) -> None:
+        self.ended = True
         self._deselect()
         if self.screen is not None:
             self.screen.closed()
@@ -542,7 +543,11 @@ class IMAPServer(CommandProtocol):
         self.recent = set()
         d = registry.open(self.folders.inbox, path, claim_for=self if self.writable else None)
 
-        def selected(folder: mb.Folder) -> str:
+        def selected(folder: mb.Folder) -> str | None:
+            if self.ended:  # the client left while the folder was scanned: never attach a gone session
+                if not folder.sessions:
+                    registry.idle(folder)
+                return None
             if not folder.loaded or not Maildir(path).exists():
                 registry.idle(folder)
                 raise No("No such mailbox", "NONEXISTENT")
@@ -782,55 +787,49 @@ class IMAPServer(CommandProtocol):
         return "OK UNSELECT completed"
 
     def do_EXPUNGE(self, tag: bytes, args: list, uid: bool = False) -> Deferred:
-        uids = None
+        uids: SeqSet | Token | None = None
         if uid:
             if len(args) != 1:
                 raise BadCommand("UID EXPUNGE needs a UID set")
-            uids = parse_seqset(args[0])
+            uids = self._seqset(args[0])
         elif args:
             raise BadCommand("unexpected arguments")
         if not self.writable:
             raise No("Mailbox is read-only", "READ-ONLY")
         return self._expunge(uids).addCallback(lambda _: "OK EXPUNGE completed")
 
-    def _expunge(self, uids: SeqSet | None) -> Deferred:
+    def _expunge(self, uids: SeqSet | Token | None) -> Deferred:
         folder = self.folder
         assert folder is not None
-        star = self.view[-1] if self.view else 0
-        view = set(self.view)
+        view = array("L", self.view)
 
         def locked() -> Deferred:
-            doomed = [(u, n) for u, n in zip(folder.uids, folder.names)
-                      if "T" in mb.info_of(n) and u in view
-                      and (uids is None or uids.contains(u, star))]
-
             def unlinked(gone: list[int]) -> None:
                 folder.remove(gone, self)
                 folder.notify()
 
-            return self.factory.blocking.run(mb.unlink_files, folder.path, doomed).addCallback(unlinked)
+            # Choosing the victims (and resolving a long UID set) is the worker's.
+            return self.factory.blocking.run(expunge_files, folder.path, array("L", folder.uids),
+                                             list(folder.names), view, uids).addCallback(unlinked)
 
         return folder.lock.run(locked)
 
+    @staticmethod
+    def _seqset(tok: Token) -> SeqSet | Token:
+        """A short set parsed now (syntax errors answered first); a long one left for the worker."""
+        if isinstance(tok, Atom) and len(tok) > LONG_SET:
+            return tok
+        return parse_seqset(tok)
+
+    def _ranges(self, seqset: SeqSet | Token, uid: bool) -> Deferred:
+        """The view's position ranges a set names (a long set's are found in the worker)."""
+        if isinstance(seqset, SeqSet):
+            return succeed(self._positions(seqset, uid))
+        return self.factory.blocking.run(set_positions, seqset, array("L", self.view), uid)
+
     def _positions(self, seqset: SeqSet, uid: bool) -> list[tuple[int, int]]:
         """0-based [start, stop) position ranges of the view that a set names."""
-        view = self.view
-        n = len(view)
-        out = []
-        if uid:
-            if not n:
-                return []
-            for a, b in seqset.resolve(view[-1]):
-                lo, hi = bisect.bisect_left(view, a), bisect.bisect_right(view, b)
-                if lo < hi:
-                    out.append((lo, hi))
-        else:
-            for a, b in seqset.resolve(n):
-                a = max(a, 1)
-                if a > n:
-                    continue
-                out.append((a - 1, min(b, n)))
-        return out
+        return set_positions(seqset, self.view, uid)
 
     @staticmethod
     def _iter_positions(ranges: list[tuple[int, int]]) -> Iterator[int]:
@@ -860,20 +859,23 @@ class IMAPServer(CommandProtocol):
     def do_FETCH(self, tag: bytes, args: list, uid: bool = False) -> Deferred:
         if len(args) != 2:
             raise BadCommand("FETCH needs a sequence set and attributes")
-        seqset = parse_seqset(args[0])
+        seqset = self._seqset(args[0])
         atts = distinct_atts(parse_fetch_atts(args[1]))
         if uid and "UID" not in atts:
             atts.insert(0, "UID")
-        ranges = self._positions(seqset, uid)
         marks_seen = self.writable and any(
             (isinstance(a, Section) and not a.peek) or a in ("RFC822", "RFC822.TEXT") for a in atts)
-        d: Deferred = succeed(None)
-        if marks_seen:
-            if "FLAGS" not in atts:
-                atts.append("FLAGS")
-            uids = [self.view[i] for i in self._iter_positions(ranges)]
-            d = self._store_flags(uids, "+", ["\\Seen"])
-        return d.addCallback(lambda _: self._stream_fetch(ranges, atts)).addCallback(
+        if marks_seen and "FLAGS" not in atts:
+            atts.append("FLAGS")
+
+        def fetch(ranges: list[tuple[int, int]]) -> Deferred:
+            d: Deferred = succeed(None)
+            if marks_seen:
+                uids = [self.view[i] for i in self._iter_positions(ranges)]
+                d = self._store_flags(uids, "+", ["\\Seen"])
+            return d.addCallback(lambda _: self._stream_fetch(ranges, atts))
+
+        return self._ranges(seqset, uid).addCallback(fetch).addCallback(
             lambda _: ("OK UID FETCH completed" if uid else "OK FETCH completed"))
 
     def _rows(self, positions: Iterator[int]) -> Iterator[tuple[int, int, str, int, bool]]:
@@ -1000,7 +1002,7 @@ class IMAPServer(CommandProtocol):
     def do_STORE(self, tag: bytes, args: list, uid: bool = False) -> Deferred:
         if len(args) != 3:
             raise BadCommand("STORE needs a sequence set, an item and flags")
-        seqset = parse_seqset(args[0])
+        seqset = self._seqset(args[0])
         item = str(args[1]).upper() if isinstance(args[1], Atom) else ""
         m = re.match(r"^([+-]?)FLAGS(\.SILENT)?$", item)
         if not m:
@@ -1008,17 +1010,16 @@ class IMAPServer(CommandProtocol):
         flags = [f for f in self._flag_list(args[2]) if f != "\\Recent"]
         if not self.writable:
             raise No("Mailbox is read-only", "READ-ONLY")
-        ranges = self._positions(seqset, uid)
-        uids = [self.view[i] for i in self._iter_positions(ranges)]
-        d = self._store_flags(uids, m.group(1) or "=", flags)
-        if m.group(2):
-            return d.addCallback(lambda _: "OK STORE completed")
-
-        def report(_: object) -> Deferred:
+        def store(ranges: list[tuple[int, int]]) -> Deferred:
+            uids = [self.view[i] for i in self._iter_positions(ranges)]
+            d = self._store_flags(uids, m.group(1) or "=", flags)
+            if m.group(2):
+                return d
             atts = ["UID", "FLAGS"] if uid else ["FLAGS"]
-            return self._stream_fetch(ranges, atts)
+            return d.addCallback(lambda _: self._stream_fetch(ranges, atts))
 
-        return d.addCallback(report).addCallback(lambda _: "OK STORE completed")
+        return self._ranges(seqset, uid).addCallback(store).addCallback(
+            lambda _: "OK STORE completed")
 
     def _store_flags(self, uids: list[int], mode: str, flags: list[str]) -> Deferred:
         folder = self.folder
@@ -1053,7 +1054,7 @@ class IMAPServer(CommandProtocol):
     def do_COPY(self, tag: bytes, args: list, uid: bool = False, move: bool = False) -> Deferred:
         if len(args) != 2:
             raise BadCommand("COPY needs a sequence set and a mailbox")
-        seqset = parse_seqset(args[0])
+        seqset = self._seqset(args[0])
         name = mailbox_name(args[1])
         if move and not self.writable:
             raise No("Mailbox is read-only", "READ-ONLY")
@@ -1064,7 +1065,7 @@ class IMAPServer(CommandProtocol):
             raise No("Cannot move messages into the same mailbox", "CANNOT")
         registry = self.factory.registry
         target = registry.folder(self.folders.inbox, path)
-        wanted = [self.view[i] for i in self._iter_positions(self._positions(seqset, uid))]
+        wanted: list[int] = []
         hostname = self.factory.config.hostname
 
         def locked() -> Deferred:
@@ -1103,7 +1104,11 @@ class IMAPServer(CommandProtocol):
                 return f"OK {word} completed"
             return f"OK [{code}] {word} completed"
 
-        return source.lock.run(locked).addCallback(answer)
+        def chosen(ranges: list[tuple[int, int]]) -> Deferred:
+            wanted.extend(self.view[i] for i in self._iter_positions(ranges))
+            return source.lock.run(locked)
+
+        return self._ranges(seqset, uid).addCallback(chosen).addCallback(answer)
 
     def do_MOVE(self, tag: bytes, args: list, uid: bool = False) -> Deferred:
         return self.do_COPY(tag, args, uid, move=True)
@@ -1118,14 +1123,13 @@ class IMAPServer(CommandProtocol):
             if cs not in ("utf-8", "us-ascii", "utf8"):
                 raise No("Unsupported charset", "BADCHARSET (US-ASCII UTF-8)")
             args = args[2:]
-        node = parse_search(args, charset)
         folder = self.folder
         assert folder is not None
-        # Only the copies are made here; simplifying and evaluating the
-        # keys (set operations, file reads) is the worker's.
+        # Only the copies are made here; parsing, simplifying and evaluating
+        # the keys (set operations, file reads) is the worker's.
         snap = Snapshot(folder.path, self.view, folder.uids, folder.names, folder.sizes,
                         self.recent, folder.keywords)
-        d = self.factory.blocking.run(search_response, snap, node, uid)
+        d = self.factory.blocking.run(search_command, args, charset, snap, uid)
 
         def answer(line: bytes) -> str:
             self.send(line)

@@ -346,7 +346,7 @@ def render_rows(path: str, rows: Sequence[Row], atts: Sequence[Att], keywords: l
 def chunk_rows(rows: list[Row], atts: Sequence[Att]) -> int:
     """How many rows to render per chunk: bounded work and memory."""
     if not needs_disk(atts):
-        return 1000  # rows are gathered on the reactor: a few ms a chunk
+        return 500  # rows are gathered on the reactor: a few ms a chunk
     if not needs_body(atts):
         return 500
     return 200
