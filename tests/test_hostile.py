@@ -1,31 +1,26 @@
 """
 Hostile input against the SMTP, POP3 and IMAP protocol objects over
 in-memory transports: random and malformed command streams split at
-random places, near-valid commands drawn from each protocol's grammar
-(tests/hostile_grammar.py: huge numbers, Unicode digits, NUL, deep
-nesting, repeated items, overlong literals, bad base64), huge lines,
-floods of pipelined commands. Whatever comes in: no unhandled exception
-is logged, no reply is an internal error (C{421 4.3.0}, C{NO
-[SERVERBUG]}, C{* BYE Internal error}, C{-ERR [SYS/TEMP]}), every reply
-is well-formed, and memory stays bounded.
+random places, huge lines, floods of pipelined commands. Whatever comes
+in: no unhandled exception is logged, no reply is an internal error
+(C{421 4.3.0}, C{NO [SERVERBUG]}, C{* BYE Internal error}, C{-ERR
+[SYS/TEMP]}), every reply is well-formed, and memory stays bounded.
 
 The protocols are built by a real service object's listener factories
 (C{build_service}), with the blocking pool made synchronous so that
 deliveries and mailbox scans complete inside C{dataReceived}.
 
-Long run (documented in docs/performance.md, last result recorded there):
+The near-valid commands are in tests/test_hostile_grammar.py. Long run
+of both (documented in docs/performance.md, last result recorded there):
 
-    MAILSCREEN_FUZZ_LONG=1 python -m pytest tests/test_hostile.py -k fuzz
-    HOSTILE_EXAMPLES=1000000 python -m pytest tests/test_hostile.py -k fuzz
+    MAILSCREEN_FUZZ_LONG=1 python -m pytest tests/test_hostile.py tests/test_hostile_grammar.py -k fuzz
+    HOSTILE_EXAMPLES=1000000 python -m pytest tests/test_hostile.py tests/test_hostile_grammar.py -k fuzz
 """
 
 from __future__ import annotations
 
-import inspect
 import os
 import re
-import sys
-from contextlib import contextmanager
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -39,8 +34,6 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
-from tests.hostile_grammar import (imap_selected_command, imap_unauth_command, pop3_command,
-                                   smtp_command)
 from twisted_mail_screen.config import load_config
 from twisted_mail_screen.service import build_service
 from twisted_mail_screen.testing import ephemeral_overrides
@@ -51,12 +44,9 @@ from twisted_mail_screen.workers import Blocking
 # derandomized, so it is the same run every time.
 LONG = os.environ.get("MAILSCREEN_FUZZ_LONG", "") not in ("", "0")
 EXAMPLES = int(os.environ.get("HOSTILE_EXAMPLES", "20000" if LONG else "100"))
-GRAMMAR_EXAMPLES = int(os.environ.get("HOSTILE_EXAMPLES", "20000" if LONG else "400"))
 FIXED = not LONG and "HOSTILE_EXAMPLES" not in os.environ
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=FIXED or EXAMPLES <= 100,
                 suppress_health_check=list(HealthCheck))
-GRAMMAR = settings(max_examples=GRAMMAR_EXAMPLES, deadline=None, derandomize=FIXED,
-                   suppress_health_check=list(HealthCheck))
 
 # What each protocol answers when a command raised: never the answer to bad input.
 INTERNAL_ERROR = re.compile(rb"(?im)^(?:[0-9]{3}[ -]4\.3\.0\b.*|.*internal error.*|.*\[SERVERBUG\].*"
@@ -370,135 +360,3 @@ def test_imap_terabyte_literal_is_refused(server):
         assert len(proto2._buffer) < 1 << 20
     assert re.search(rb"a2 (NO|BAD)", transport2.value())
 
-
-# Near-valid commands from each protocol's grammar (tests/hostile_grammar.py)
-
-FUZZ_USER = "fz@x.test"
-
-
-def refill(service, address: str = FUZZ_USER) -> None:
-    """A few messages to work on (earlier examples may have expunged or moved them)."""
-    md = service.store.maildir(address)
-    if not md.exists() or len(md.scan()) < 3:
-        for i in range(3):
-            service.store.deliver([address], b"Subject: m%d\r\nFrom: a@x.test\r\n\r\nbody %d\r\n" % (i, i))
-
-
-def line_tags(stream: bytes) -> set[bytes]:
-    """Every first word of a line: inside a refused literal, data lines pass for commands."""
-    return {l.split(b" ")[0].strip(b"\r") for l in stream.split(b"\n")}
-
-
-@contextmanager
-def production_stack():
-    """
-    The stack a server has in production: hypothesis raises the recursion
-    limit while a test runs, which would hide a RecursionError (a NOT chain
-    1,100 deep) that a real server, with Python's default of 1000, meets.
-    """
-    depth = len(inspect.stack(0))
-    old = sys.getrecursionlimit()
-    sys.setrecursionlimit(depth + 1000)
-    try:
-        yield
-    finally:
-        sys.setrecursionlimit(old)
-
-
-def run(service, clock, kind: str, stream: bytes, cuts: list[int]) -> bytes:
-    proto, transport = connect(service, kind)
-    with production_stack():
-        feed(proto, transport, chunked(stream, cuts))
-        clock.advance(1)
-    out = transport.value()
-    proto.connectionLost(Failure(ConnectionDone()))
-    return out
-
-
-@GRAMMAR
-@given(commands=st.lists(imap_selected_command(), min_size=1, max_size=6), cuts=cuts)
-def test_imap_grammar_fuzz(server, commands, cuts):
-    service, clock, failures = server
-    before = len(failures.events)
-    refill(service)
-    stream = b"l LOGIN fz@x.test pw\r\ns SELECT INBOX\r\n" + \
-        b"".join(b"g%d " % i + c + b"\r\n" + (b"s SELECT INBOX\r\n" if c[:1] in b"SE" else b"")
-                 for i, c in enumerate(commands))
-    out = run(service, clock, "imap", stream, cuts)
-    no_internal_error(out)
-    check_imap(out, line_tags(stream))
-    assert len(failures.events) == before, [e.get("log_format") for e in failures.events[before:]]
-
-
-@GRAMMAR
-@given(commands=st.lists(imap_unauth_command(), min_size=1, max_size=6), cuts=cuts)
-def test_imap_unauthenticated_grammar_fuzz(server, commands, cuts):
-    service, clock, failures = server
-    before = len(failures.events)
-    stream = b"".join(b"u%d " % i + c + b"\r\n" for i, c in enumerate(commands))
-    out = run(service, clock, "imap", stream, cuts)
-    no_internal_error(out)
-    check_imap(out, line_tags(stream))
-    assert len(failures.events) == before, [e.get("log_format") for e in failures.events[before:]]
-
-
-@GRAMMAR
-@given(commands=st.lists(smtp_command(), min_size=1, max_size=8), cuts=cuts)
-def test_smtp_grammar_fuzz(server, commands, cuts):
-    service, clock, failures = server
-    before = len(failures.events)
-    stream = b"EHLO fz.example\r\n" + b"".join(c + b"\r\n" for c in commands)
-    out = run(service, clock, "smtp", stream, cuts)
-    no_internal_error(out)
-    check_smtp(out)
-    assert len(failures.events) == before, [e.get("log_format") for e in failures.events[before:]]
-
-
-@GRAMMAR
-@given(commands=st.lists(pop3_command(), min_size=1, max_size=8), cuts=cuts, login=st.booleans())
-def test_pop3_grammar_fuzz(server, commands, cuts, login):
-    service, clock, failures = server
-    before = len(failures.events)
-    refill(service)
-    stream = (b"USER fz@x.test\r\nPASS pw\r\n" if login else b"") + b"".join(c + b"\r\n" for c in commands)
-    out = run(service, clock, "pop3", stream, cuts)
-    no_internal_error(out)
-    check_pop3(out)
-    assert len(failures.events) == before, [e.get("log_format") for e in failures.events[before:]]
-
-
-# The inputs that once gave an internal error (issue 10), each on its own.
-DIGITS = b"9" * 5000
-KNOWN = [
-    ("imap", b"x SEARCH " + b"NOT " * 1100 + b"ALL"),
-    ("imap", b"x FETCH " + DIGITS + b" FLAGS"),
-    ("imap", b"x FETCH 1 BODY.PEEK[]<" + DIGITS + b".1>"),
-    ("imap", b"x SEARCH LARGER " + DIGITS),
-    ("imap", b"x SELECT \x00x"),
-    ("imap", b"x CREATE " + b"a" * 300),
-    ("imap", b"x CREATE " + b"/".join([b"a"] * 200)),
-    ("imap", b"x SELECT {" + DIGITS + b"+}"),
-    ("imap", b"x SEARCH BEFORE 0-Jan-0000"),
-    ("imap", b"x SEARCH SENTON 31-Feb-2020"),
-    ("imap", b'x APPEND INBOX "99-Jan-2020 99:99:99 +0000" {1+}\r\nx'),
-    ("smtp", b"MAIL FROM:<a@x.example> SIZE=" + DIGITS),
-    ("smtp", "MAIL FROM:<a@x.example> SIZE=²".encode()),
-    ("smtp", b"AUTH PLAIN ===="),
-    ("pop3", "TOP 1 ²".encode()),
-    ("pop3", "RETR ٣".encode()),
-    ("pop3", b"LIST " + DIGITS),
-]
-
-
-@pytest.mark.parametrize("kind,command", KNOWN, ids=[f"{k}-{c[:30]!r}" for k, c in KNOWN])
-def test_known_hostile_inputs(server, kind, command):
-    service, clock, failures = server
-    before = len(failures.events)
-    refill(service)
-    prefix = {"imap": b"l LOGIN fz@x.test pw\r\ns SELECT INBOX\r\n", "smtp": b"EHLO fz.example\r\n",
-              "pop3": b"USER fz@x.test\r\nPASS pw\r\n"}[kind]
-    out = run(service, clock, kind, prefix + command + b"\r\n", [])
-    no_internal_error(out)
-    last = out.rstrip(b"\r\n").rsplit(b"\r\n", 1)[-1]
-    assert re.match({"imap": rb"x (BAD|NO) ", "smtp": rb"5\d\d ", "pop3": rb"-ERR "}[kind], last), last[:200]
-    assert len(failures.events) == before, [e.get("log_format") for e in failures.events[before:]]

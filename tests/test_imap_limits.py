@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
 from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
 
 from tests.test_imap import Raw
 from twisted_mail_screen.config import load_config
 from twisted_mail_screen.configbase import ConfigError
+from twisted_mail_screen.testing import in_reactor
 
 KINDS = ("smtp", "imap")
 USER = b"bob@localhost"
@@ -338,3 +341,36 @@ def test_max_folders_is_validated(tmp_path):
         load_config(None, {"data_dir": str(tmp_path), "imap.max_folders": 5})
     with pytest.raises(ConfigError, match=r"imap\.max_folders"):
         load_config(None, {"data_dir": str(tmp_path), "imap.max_folders": "many"})
+
+
+# a client that leaves in the middle of a command ----------------------------------------------
+
+def test_client_leaving_mid_command_leaves_no_traceback_and_no_session(server, inbox):
+    failures: list[dict] = []
+
+    def observe(event: dict) -> None:
+        if "log_failure" in event:
+            failures.append(event)
+
+    r = session(server, select=None)
+    body = b"Subject: x\r\n\r\nbody\r\n"
+    r.send(b"".join(b"p%d APPEND INBOX {%d+}\r\n%s\r\n" % (i, len(body), body) for i in range(40)))
+    assert r.until(b"p39")[-1].startswith(b"p39 OK")
+    r.close()
+    globalLogPublisher.addObserver(observe)
+    try:
+        for command in [b"f FETCH 1:* (BODY[] FLAGS)", b"t SELECT Sent", b"x EXAMINE Drafts"] * 10:
+            # a command whose answer needs the worker pool, and the connection is gone
+            gone = session(server)
+            # unseen again, so that FETCH BODY[] has flags to set in the worker before it answers
+            assert last(gone, b"u", b"STORE 1:* -FLAGS.SILENT (\\Seen)").startswith(b"u OK")
+            gone.send(command + b"\r\n")
+            gone.close()
+        r = session(server)  # everything before it is answered in order, so they are all over
+        assert last(r, b"n", b"NOOP").startswith(b"n OK")
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert not failures, [e["log_failure"].getTraceback()[-600:] for e in failures]
+    registry = next(l.factory for l in server.service.listeners if l.kind == "imap").registry
+    attached = in_reactor(lambda: {p: len(f.sessions) for p, f in registry.folders.items() if f.sessions})
+    assert attached == {str(inbox): 1}  # only the session above; no session that left stays attached

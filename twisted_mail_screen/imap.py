@@ -890,6 +890,8 @@ class IMAPServer(CommandProtocol):
             yield (i + 1, uid, rel, folder.size(uid, rel), uid in self.recent)
 
     def _stream_fetch(self, ranges: list[tuple[int, int]], atts: list) -> Deferred:
+        if self.ended:  # the client left while flags were stored or the set resolved
+            return succeed(None)
         folder = self.folder
         assert folder is not None
         rows = self._rows(self._iter_positions(ranges))
