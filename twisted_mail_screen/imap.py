@@ -1013,6 +1013,8 @@ class IMAPServer(CommandProtocol):
         if not self.writable:
             raise No("Mailbox is read-only", "READ-ONLY")
         def store(ranges: list[tuple[int, int]]) -> Deferred:
+            if self.ended:  # the client left while a long set was resolved in the worker
+                return succeed(None)
             uids = [self.view[i] for i in self._iter_positions(ranges)]
             d = self._store_flags(uids, m.group(1) or "=", flags)
             if m.group(2):
