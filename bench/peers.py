@@ -53,8 +53,8 @@ def _stop(proc: subprocess.Popen | None, sig: int = signal.SIGTERM) -> None:
 OURS = r"""
 import json, os, sys
 from twisted.internet import reactor
-from twisted_mail_screen.config import load_config
-from twisted_mail_screen.service import build_service
+from twisted_mail_screen.config.settings import load_config
+from twisted_mail_screen.runtime.service import build_service
 config = load_config(None, json.loads(sys.argv[1]))
 svc = build_service(config, reactor)
 svc.privilegedStartService()

@@ -48,9 +48,9 @@ def run_one(n: int) -> dict[str, float]:
     from twisted.internet.task import Clock
     from twisted.logger import Logger
 
-    from twisted_mail_screen.blocklist import BlockList
-    from twisted_mail_screen.screening import ScreeningService
-    from twisted_mail_screen.screening_config import ScreeningConfig
+    from twisted_mail_screen.screening.blocklist import BlockList
+    from twisted_mail_screen.screening.service import ScreeningService
+    from twisted_mail_screen.screening.config import ScreeningConfig
 
     clock = Clock()
     clock.advance(1_800_000_000)

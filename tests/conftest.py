@@ -15,8 +15,8 @@ from typing import Any, Callable
 
 import pytest
 
-from twisted_mail_screen.accounts import AccountStore
-from twisted_mail_screen.config import load_config
+from twisted_mail_screen.store.accounts import AccountStore
+from twisted_mail_screen.config.settings import load_config
 from twisted_mail_screen.testing import RunningServer, ephemeral_overrides, in_reactor
 
 #: The Debian package of each external client tool the tests run.

@@ -271,5 +271,5 @@ def make_ca_and_leaf(directory, names=("mail.example.test",)) -> dict[str, str]:
 
 
 def server_tls(cert: str, key: str) -> Any:
-    from twisted_mail_screen.tls import load_server_context
+    from twisted_mail_screen.runtime.tls import load_server_context
     return load_server_context(cert, key)

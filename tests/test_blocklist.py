@@ -1,5 +1,5 @@
 """
-Tests for L{twisted_mail_screen.blocklist}: the block list file format,
+Tests for L{twisted_mail_screen.screening.blocklist}: the block list file format,
 hand edits, reloads and restarts.
 """
 
@@ -11,7 +11,7 @@ from pathlib import Path
 from twisted.internet.task import Clock
 from twisted.logger import Logger, formatEvent
 
-from twisted_mail_screen.blocklist import (
+from twisted_mail_screen.screening.blocklist import (
     BlockList, WhitelistFile, format_expiry, parse_expiry, split_comment)
 
 START = 1_800_000_000.0  # 2027-01-15T08:00:00Z

@@ -7,11 +7,11 @@ import sys
 
 import pytest
 
-from twisted_mail_screen.accounts import AccountStore
+from twisted_mail_screen.store.accounts import AccountStore
 
 
 def run(args: list[str], stdin: str = "") -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "twisted_mail_screen.cli", *args],
+    return subprocess.run([sys.executable, "-m", "twisted_mail_screen.admin.cli", *args],
                           input=stdin, capture_output=True, text=True, timeout=60)
 
 

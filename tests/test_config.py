@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from twisted_mail_screen.config import load_config, parse_config
-from twisted_mail_screen.configbase import ConfigError
+from twisted_mail_screen.config.settings import load_config, parse_config
+from twisted_mail_screen.config.base import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 

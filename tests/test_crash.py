@@ -31,9 +31,9 @@ MAILBOXES = [f"box{i}@crash.test" for i in range(4)]
 SERVER = r"""
 import json, sys
 from twisted.internet import reactor
-from twisted_mail_screen.config import load_config
-from twisted_mail_screen.maildir import TmpCleaner
-from twisted_mail_screen.service import build_service
+from twisted_mail_screen.config.settings import load_config
+from twisted_mail_screen.store.maildir import TmpCleaner
+from twisted_mail_screen.runtime.service import build_service
 svc = build_service(load_config(None, json.loads(sys.argv[1])), reactor)
 svc.privilegedStartService()
 svc.startService()

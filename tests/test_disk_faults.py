@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from twisted_mail_screen.config import load_config
-from twisted_mail_screen.maildir import MailStore
-from twisted_mail_screen.service import build_service
+from twisted_mail_screen.config.settings import load_config
+from twisted_mail_screen.store.maildir import MailStore
+from twisted_mail_screen.runtime.service import build_service
 from twisted_mail_screen.testing import ephemeral_overrides, in_reactor, reactor_thread
 
 

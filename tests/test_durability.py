@@ -43,8 +43,8 @@ import pytest
 from conftest import require_tool
 from strace_order import (MOVES, SENDS, SYNCS, Event, atomic_replacements, parse_strace, published,
                           reply, uidlist_durable)
-from twisted_mail_screen import control
-from twisted_mail_screen.accounts import AccountStore
+from twisted_mail_screen.runtime import control
+from twisted_mail_screen.store.accounts import AccountStore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.tool("strace")
@@ -54,8 +54,8 @@ SERVER = r"""
 import json, os, sys
 from twisted.internet import reactor
 import twisted_mail_screen
-from twisted_mail_screen.config import load_config
-from twisted_mail_screen.service import build_service
+from twisted_mail_screen.config.settings import load_config
+from twisted_mail_screen.runtime.service import build_service
 svc = build_service(load_config(None, json.loads(sys.argv[1])), reactor)
 svc.privilegedStartService()
 svc.startService()

@@ -319,9 +319,9 @@ def test_flood_blocks_attackers_and_serves_the_legitimate_client(
     """
     from twisted.internet.task import Clock
 
-    from twisted_mail_screen import accounts as accounts_module
-    from twisted_mail_screen import passwords
-    from twisted_mail_screen.accounts import AccountStore
+    from twisted_mail_screen.store import accounts as accounts_module
+    from twisted_mail_screen.store import passwords
+    from twisted_mail_screen.store.accounts import AccountStore
     from conftest import maildir_files
 
     monkeypatch.setattr(passwords, "_N", 16)

@@ -1,5 +1,5 @@
 """
-Tests for L{twisted_mail_screen.freeze}: one conformance mixin run against
+Tests for L{twisted_mail_screen.screening.freeze}: one conformance mixin run against
 both stores (the txacme pattern), plus the file store's own behaviour.
 """
 
@@ -13,8 +13,8 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.logger import Logger
 
-from twisted_mail_screen.freeze import FileFreezeStore, MemoryFreezeStore
-from twisted_mail_screen.interfaces import FreezeStore
+from twisted_mail_screen.screening.freeze import FileFreezeStore, MemoryFreezeStore
+from twisted_mail_screen.screening.interfaces import FreezeStore
 
 START = 1_800_000_000.0
 QUIET = Logger(observer=lambda e: None)

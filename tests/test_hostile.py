@@ -34,10 +34,10 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
-from twisted_mail_screen.config import load_config
-from twisted_mail_screen.service import build_service
+from twisted_mail_screen.config.settings import load_config
+from twisted_mail_screen.runtime.service import build_service
 from twisted_mail_screen.testing import ephemeral_overrides
-from twisted_mail_screen.workers import Blocking
+from twisted_mail_screen.runtime.workers import Blocking
 
 # MAILSCREEN_FUZZ_LONG=1: 20,000 random examples per fuzz test (about half an hour
 # in all); HOSTILE_EXAMPLES=N sets the count. The default run is short and

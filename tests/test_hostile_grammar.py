@@ -37,7 +37,7 @@ from tests.hostile_grammar import (imap_selected_command, imap_unauth_command, p
                                    smtp_command)
 from tests.test_hostile import (FIXED, LONG, Failures, check_imap, check_pop3, check_smtp, chunked,
                                 connect, cuts, feed, no_internal_error, server)
-from twisted_mail_screen.config import load_config
+from twisted_mail_screen.config.settings import load_config
 from twisted_mail_screen.testing import RunningServer, ephemeral_overrides
 
 __all__ = ["server"]  # the in-memory server fixture, shared with tests/test_hostile.py

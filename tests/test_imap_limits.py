@@ -18,8 +18,8 @@ from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
 from tests.test_imap import Raw
-from twisted_mail_screen.config import load_config
-from twisted_mail_screen.configbase import ConfigError
+from twisted_mail_screen.config.settings import load_config
+from twisted_mail_screen.config.base import ConfigError
 from twisted_mail_screen.testing import in_reactor
 
 KINDS = ("smtp", "imap")

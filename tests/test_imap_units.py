@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, strategies as st
 
-from twisted_mail_screen.imap_account import dir_name, folder_dir, list_entries, pattern_regex
-from twisted_mail_screen.imap_mailbox import flag_names, merge_keywords, with_flags
-from twisted_mail_screen.imap_message import Part, filter_headers, section_bytes, to_crlf
-from twisted_mail_screen.imap_parse import (Atom, BadCommand, format_set, parse_fetch_atts,
+from twisted_mail_screen.protocols.imap.account import dir_name, folder_dir, list_entries, pattern_regex
+from twisted_mail_screen.protocols.imap.mailbox import flag_names, merge_keywords, with_flags
+from twisted_mail_screen.protocols.imap.message import Part, filter_headers, section_bytes, to_crlf
+from twisted_mail_screen.protocols.imap.parse import (Atom, BadCommand, format_set, parse_fetch_atts,
                                             parse_section, parse_seqset, quote, tokenize)
 
 
@@ -159,7 +159,7 @@ def test_fast_headers_samples(block):
 
 
 def _same_headers(block: bytes) -> None:
-    from twisted_mail_screen.imap_message import _header_parser, envelope, fast_headers
+    from twisted_mail_screen.protocols.imap.message import _header_parser, envelope, fast_headers
 
     fast, slow = fast_headers(block), _header_parser.parsebytes(block)
     assert fast is not None
@@ -170,7 +170,7 @@ def _same_headers(block: bytes) -> None:
 
 
 def test_8bit_headers_go_back_as_stored():
-    from twisted_mail_screen.imap_message import decoded_header_values, envelope, fast_headers
+    from twisted_mail_screen.protocols.imap.message import decoded_header_values, envelope, fast_headers
 
     utf8 = fast_headers("Subject: Caf\u00e9\r\nFrom: J\u00fcrgen <j@x.de>\r\n\r\n".encode())
     assert b"{5}\r\nCaf\xc3\xa9 " in envelope(utf8) and b"{7}\r\nJ\xc3\xbcrgen NIL" in envelope(utf8)
@@ -180,7 +180,7 @@ def test_8bit_headers_go_back_as_stored():
 
 
 def test_fetch_cache_is_bounded_and_forgets_expunged():
-    from twisted_mail_screen.imap_fetch import Budget
+    from twisted_mail_screen.protocols.imap.fetch import Budget
 
     budget = Budget(100_000)
     a, b = budget.cache(), budget.cache()

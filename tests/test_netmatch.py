@@ -1,5 +1,5 @@
 """
-Tests for L{twisted_mail_screen.netmatch}: screening keys and white lists.
+Tests for L{twisted_mail_screen.screening.netmatch}: screening keys and white lists.
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import random
 
 import pytest
 
-from twisted_mail_screen.configbase import ConfigError
-from twisted_mail_screen.netmatch import (
+from twisted_mail_screen.config.base import ConfigError
+from twisted_mail_screen.screening.netmatch import (
     NetMatcher, NetworkIndex, client_key, format_network, parse_host, parse_network)
 
 

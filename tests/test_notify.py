@@ -1,5 +1,5 @@
 """
-Tests for L{twisted_mail_screen.notify}: the postmaster notices and their
+Tests for L{twisted_mail_screen.screening.notify}: the postmaster notices and their
 own rate limit.
 """
 
@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.logger import Logger, formatEvent
 
-from twisted_mail_screen.notify import PostmasterNotifier
+from twisted_mail_screen.screening.notify import PostmasterNotifier
 
 START = 1_800_000_000.0
 

@@ -197,8 +197,8 @@ def test_bad_input_gets_err(start_server):
 
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
-from twisted_mail_screen import pop3 as pop3_module  # noqa: E402
-from twisted_mail_screen.pop3 import WireStream, lf_to_wire, to_wire, top_of  # noqa: E402
+from twisted_mail_screen.protocols import pop3 as pop3_module  # noqa: E402
+from twisted_mail_screen.protocols.pop3 import WireStream, lf_to_wire, to_wire, top_of  # noqa: E402
 
 
 def raw_session(server, commands: bytes, replies: int) -> list[bytes]:
@@ -224,7 +224,7 @@ def raw_session(server, commands: bytes, replies: int) -> list[bytes]:
 
 def stored(tmp_path) -> list[bytes]:
     """The mailbox's files in delivery order."""
-    from twisted_mail_screen.maildir import Maildir
+    from twisted_mail_screen.store.maildir import Maildir
     md = Maildir(str(tmp_path / "data" / "mail" / "x.test" / "u"))
     return [open(md.file_path(m), "rb").read() for m in md.scan()]
 
@@ -247,7 +247,7 @@ def test_dele_between_pipelined_retrs_and_removed_files(start_server, tmp_path):
     server = start_server()
     deliver(server, "u@x.test", *(b"Subject: %d\r\n\r\nx\r\n" % i for i in range(20)))
     files = stored(tmp_path)
-    from twisted_mail_screen.maildir import Maildir
+    from twisted_mail_screen.store.maildir import Maildir
     md = Maildir(str(tmp_path / "data" / "mail" / "x.test" / "u"))
     pop = login(server)
     os.unlink(md.file_path(md.scan()[0]))  # after the login's scan, before any RETR

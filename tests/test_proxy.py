@@ -23,10 +23,10 @@ from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 
 from conftest import maildir_files
-from twisted_mail_screen.auth import is_loopback
-from twisted_mail_screen.config import load_config
-from twisted_mail_screen.configbase import ConfigError
-from twisted_mail_screen.proxyproto import V2_SIGNATURE, BadHeader, HeaderReader
+from twisted_mail_screen.store.auth import is_loopback
+from twisted_mail_screen.config.settings import load_config
+from twisted_mail_screen.config.base import ConfigError
+from twisted_mail_screen.runtime.proxyproto import V2_SIGNATURE, BadHeader, HeaderReader
 from twisted_mail_screen.testing import in_reactor
 
 PROXY, STRANGER = "127.0.0.2", "127.0.0.3"

@@ -14,13 +14,13 @@ from twisted.internet.task import Clock
 
 from conftest import queue_settled, queued
 from relay_sink import Sink, wait_for
-from twisted_mail_screen import cli
-from twisted_mail_screen.config import parse_config
-from twisted_mail_screen.configbase import ConfigError
-from twisted_mail_screen.dsn import Failed, build_dsn
-from twisted_mail_screen.outqueue import QueueDirectory, QueuedMessage, Recipient
-from twisted_mail_screen.relay_config import RelayConfig, split_endpoint
-from twisted_mail_screen.smtpclient import Reply, to_wire
+from twisted_mail_screen.admin import cli
+from twisted_mail_screen.config.settings import parse_config
+from twisted_mail_screen.config.base import ConfigError
+from twisted_mail_screen.relay.dsn import Failed, build_dsn
+from twisted_mail_screen.relay.queue import QueueDirectory, QueuedMessage, Recipient
+from twisted_mail_screen.relay.config import RelayConfig, split_endpoint
+from twisted_mail_screen.relay.client import Reply, to_wire
 
 SITE = {"mode": "site", "hostname": "mail.example.test", "domains": ["example.test"]}
 

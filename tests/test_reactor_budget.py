@@ -422,10 +422,10 @@ def test_set_evaluation_agrees_with_message_by_message_evaluation():
     import random
     from array import array
 
-    from twisted_mail_screen.imap_mailbox import size_of_name
-    from twisted_mail_screen.imap_parse import tokenize
-    from twisted_mail_screen.imap_search import Candidate, evaluate, parse_search
-    from twisted_mail_screen.imap_searchplan import Search, Snapshot
+    from twisted_mail_screen.protocols.imap.mailbox import size_of_name
+    from twisted_mail_screen.protocols.imap.parse import tokenize
+    from twisted_mail_screen.protocols.imap.search import Candidate, evaluate, parse_search
+    from twisted_mail_screen.protocols.imap.searchplan import Search, Snapshot
 
     keys = ["ALL", "SEEN", "UNSEEN", "FLAGGED", "UNFLAGGED", "DELETED", "ANSWERED", "DRAFT",
             "RECENT", "OLD", "NEW", "KEYWORD foo", "UNKEYWORD foo", "KEYWORD bar", "LARGER 100",

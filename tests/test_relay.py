@@ -717,8 +717,8 @@ def test_implicit_tls_smarthost(start_server, accounts, sink, tmp_path, pki):
 SERVER_PROCESS = r"""
 import json, sys
 from twisted.internet import reactor
-from twisted_mail_screen.config import load_config
-from twisted_mail_screen.service import build_service
+from twisted_mail_screen.config.settings import load_config
+from twisted_mail_screen.runtime.service import build_service
 svc = build_service(load_config(None, json.loads(sys.argv[1])), reactor)
 svc.privilegedStartService()
 svc.startService()
@@ -762,7 +762,7 @@ def test_kill_9_mid_queue_delivers_each_recipient_exactly_once(accounts, sink, t
     two.example recipients are sent: each recipient exactly once.
     """
     import signal
-    from twisted_mail_screen import cli
+    from twisted_mail_screen.admin import cli
     stall = {"on": True}
     s = sink(policy=lambda stage, arg, s: STALL if stall["on"] and stage == "rcpt"
              and arg.endswith("@two.example") else None)

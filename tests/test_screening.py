@@ -1,5 +1,5 @@
 """
-Tests for L{twisted_mail_screen.screening}: every rule at N-1, at N and
+Tests for L{twisted_mail_screen.screening.service}: every rule at N-1, at N and
 after expiry, with L{Clock} as the only time.
 """
 
@@ -14,12 +14,12 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.logger import Logger, formatEvent
 
-from twisted_mail_screen.blocklist import BlockList, WhitelistFile, format_expiry
-from twisted_mail_screen.freeze import MemoryFreezeStore
-from twisted_mail_screen.interfaces import ClientScreen, Screening
-from twisted_mail_screen.notify import PostmasterNotifier
-from twisted_mail_screen.screening import ScreeningService
-from twisted_mail_screen.screening_config import (
+from twisted_mail_screen.screening.blocklist import BlockList, WhitelistFile, format_expiry
+from twisted_mail_screen.screening.freeze import MemoryFreezeStore
+from twisted_mail_screen.screening.interfaces import ClientScreen, Screening
+from twisted_mail_screen.screening.notify import PostmasterNotifier
+from twisted_mail_screen.screening.service import ScreeningService
+from twisted_mail_screen.screening.config import (
     FreezeConfig, ScreeningConfig, SessionAuthConfig)
 
 START = 1_800_000_000.0
@@ -797,7 +797,7 @@ def test_blocking_costs_the_same_with_a_long_list(tmp: Path, monkeypatch: pytest
     Adding, finding and lifting one block does a constant amount of work
     however many blocks exist (no index rebuild per block).
     """
-    from twisted_mail_screen import blocklist as blocklist_module
+    from twisted_mail_screen.screening import blocklist as blocklist_module
 
     h = Harness(tmp, max_connections=1)
     for i in range(5000):

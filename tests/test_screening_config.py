@@ -1,5 +1,5 @@
 """
-Tests for L{twisted_mail_screen.screening_config}: the C{[screening]},
+Tests for L{twisted_mail_screen.screening.config}: the C{[screening]},
 C{[screening.session_auth]} and C{[freeze]} sections.
 """
 
@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from twisted_mail_screen.configbase import ConfigError, Section
-from twisted_mail_screen.screening_config import (
+from twisted_mail_screen.config.base import ConfigError, Section
+from twisted_mail_screen.screening.config import (
     FreezeConfig, ScreeningConfig, SessionAuthConfig, parse_freeze, parse_screening)
 
 

@@ -215,7 +215,7 @@ def test_restart_keeps_blocks_and_frozen_accounts(start_server, accounts, tmp_pa
 
 
 def mailscreen(data_dir, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "twisted_mail_screen.cli", "--data-dir", str(data_dir),
+    return subprocess.run([sys.executable, "-m", "twisted_mail_screen.admin.cli", "--data-dir", str(data_dir),
                            *args], capture_output=True, text=True, timeout=60)
 
 

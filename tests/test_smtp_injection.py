@@ -288,10 +288,10 @@ def test_bare_cr_refused_wherever_the_reads_split(tmp_path):
     from twisted.internet import reactor
     from twisted.internet.defer import maybeDeferred
     from twisted.internet.task import Clock
-    from twisted_mail_screen.config import load_config
-    from twisted_mail_screen.service import build_service
+    from twisted_mail_screen.config.settings import load_config
+    from twisted_mail_screen.runtime.service import build_service
     from twisted_mail_screen.testing import ephemeral_overrides
-    from twisted_mail_screen.workers import Blocking
+    from twisted_mail_screen.runtime.workers import Blocking
 
     config = load_config(None, ephemeral_overrides(str(tmp_path / "data"), ("smtp",)))
     service = build_service(config, reactor, Clock())

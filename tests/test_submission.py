@@ -13,8 +13,8 @@ import pytest
 
 from conftest import maildir_files
 from relay_sink import Sink, wait_for
-from twisted_mail_screen.config import load_config
-from twisted_mail_screen.configbase import ConfigError
+from twisted_mail_screen.config.settings import load_config
+from twisted_mail_screen.config.base import ConfigError
 
 
 @pytest.fixture
@@ -97,7 +97,7 @@ def test_message_id_and_date_are_added(start_server, accounts, tmp_path):
 
 def test_frozen_account_cannot_authenticate(start_server, accounts, tmp_path):
     """An account in frozen.txt gets 535 5.7.8 like a wrong password."""
-    freeze = pytest.importorskip("twisted_mail_screen.freeze")
+    freeze = pytest.importorskip("twisted_mail_screen.screening.freeze")
     from twisted.internet.task import Clock
     store = freeze.FileFreezeStore(str(tmp_path / "data" / "frozen.txt"), Clock())
     store.freeze("alice@example.test", None, "test")

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import maildir_files, require_tool
-from twisted_mail_screen.lineproto import PENDING_INPUT_LIMIT, TLS_CLOSE_GRACE
+from twisted_mail_screen.protocols.lineproto import PENDING_INPUT_LIMIT, TLS_CLOSE_GRACE
 from twisted_mail_screen.testing import EPHEMERAL
 
 IMPLICIT = "ssl:0:interface=127.0.0.1"  # the certificate and key come from [tls]
@@ -168,7 +168,7 @@ def capabilities(s: Session, kind: str) -> list[bytes]:
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("kind", ["submission", "pop3", "imap"])
 def test_encrypted_sessions_offer_passwords_and_no_starttls(tls_server, certificate, kind, mode):
-    """Implicit TLS is as secure as STARTTLS: no STARTTLS/STLS, no LOGINDISABLED, AUTH offered."""
+    """Implicit TLS is as STARTTLS: no STARTTLS/STLS, no LOGINDISABLED, AUTH offered."""
     s = Session(tls_server, kind, mode, certificate)
     words = b" ".join(capabilities(s, kind)).split()
     if kind == "imap" and mode != "starttls":  # the greeting before STARTTLS offers it, rightly

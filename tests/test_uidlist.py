@@ -8,7 +8,7 @@ from array import array
 import pytest
 from hypothesis import given, strategies as st
 
-from twisted_mail_screen import uidlist
+from twisted_mail_screen.store import uidlist
 
 
 def test_round_trip(tmp_path):

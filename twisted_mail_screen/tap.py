@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_tap -*-
+# -*- test-case-name: tests.test_twistd -*-
 """
 The C{twistd mailscreen} command: options parsing and L{makeService}.
 
@@ -13,9 +13,9 @@ from typing import Any
 
 from twisted.python import usage
 
-from twisted_mail_screen.config import Config, load_config
-from twisted_mail_screen.configbase import ConfigError
-from twisted_mail_screen.service import ListenError, MailService, build_service
+from twisted_mail_screen.config.settings import Config, load_config
+from twisted_mail_screen.config.base import ConfigError
+from twisted_mail_screen.runtime.service import ListenError, MailService, build_service
 
 
 class Options(usage.Options):

@@ -18,8 +18,8 @@ from typing import Any, Callable, TypeVar
 
 from twisted.internet.interfaces import IReactorTime
 
-from twisted_mail_screen.config import Config
-from twisted_mail_screen.service import MailService, build_service
+from twisted_mail_screen.config.settings import Config
+from twisted_mail_screen.runtime.service import MailService, build_service
 
 T = TypeVar("T")
 

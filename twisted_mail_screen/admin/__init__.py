@@ -1,0 +1,1 @@
+"""The mailscreen administration command."""

@@ -1,0 +1,1 @@
+"""Configuration: the TOML file parsed once into frozen, typed settings."""

@@ -1,0 +1,1 @@
+"""The mail protocols on one shared command loop: SMTP, POP3, IMAP."""

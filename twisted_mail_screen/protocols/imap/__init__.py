@@ -1,0 +1,1 @@
+"""IMAP4rev1 sessions over the store's Maildir folders."""

@@ -1,0 +1,492 @@
+# -*- test-case-name: tests.test_smtp -*-
+"""
+The SMTP server (RFC 5321) for port 25 and for submission (RFC 6409).
+
+It is written on L{CommandProtocol} rather than Twisted's C{ESMTP} because
+it must answer pipelined commands in order while deliveries are pending
+(Twisted ticket 8126), put an enhanced status code (RFC 3463) on every
+reply, and take DATA as bulk bytes instead of line by line. Policy comes
+from the collaborators the factory holds: the router, the screening
+service, the freeze store and the authenticator.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.mail.smtp import rfc822date
+
+from twisted_mail_screen.store.addresses import (AddressError, parse_params, parse_path,
+                                           valid_sender_path)
+from twisted_mail_screen.store.auth import Authenticator, SASLError, decode_base64, parse_sasl_plain
+from twisted_mail_screen.config.settings import Config
+from twisted_mail_screen.store.delivery import Delivery
+from twisted_mail_screen.protocols.headercheck import Refusal, submission
+from twisted_mail_screen.screening.interfaces import ClientScreen, FreezeStore, Screening
+from twisted_mail_screen.protocols.lineproto import CommandProtocol
+from twisted_mail_screen.store.maildir import DeliveryError
+from twisted_mail_screen.store.routing import FORWARDING_DISABLED, Route, Router
+from twisted_mail_screen.protocols.smtp_data import BARE, LINE, SIZE, DataReader
+
+#: RFC 4954 section 4: AUTH lines may be up to 12288 octets.
+COMMAND_LINE_LIMIT = 12288
+#: Control characters: never part of an SMTP command (RFC 5321 4.1.2 has no
+#: HTAB either, only SP). A bare CR in a HELO name or a path would become a
+#: line break in our Received:/Return-Path: headers and in the commands the
+#: relay sends on.
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+#: RFC 1870: size-value ::= 1*20DIGIT, ASCII digits only.
+_SIZE_VALUE = re.compile(r"[0-9]{1,20}")
+
+
+@dataclass
+class Envelope:
+    """One mail transaction: from MAIL to the end of DATA or RSET."""
+
+    sender: str
+    recipients: list[Route] = field(default_factory=list)
+
+
+class SMTPServer(CommandProtocol):
+    """One SMTP session."""
+
+    log = Logger()
+    factory: "SMTPFactory"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.helo: str | None = None
+        self.esmtp = False
+        self.user: str | None = None
+        self.envelope: Envelope | None = None
+        self.peer_host = ""
+        self.screen: ClientScreen | None = None
+        self._commands = 0
+        self._sasl: Any = None
+        self._data: DataReader | None = None
+
+    # session life
+
+    def connectionMade(self) -> None:
+        f = self.factory
+        self.clock = f.clock
+        self.idle_timeout = f.config.smtp.idle_timeout
+        self.max_line_length = COMMAND_LINE_LIMIT
+        super().connectionMade()
+        peer = self.transport.getPeer()
+        self.peer_host = getattr(peer, "host", "") or ""
+        self.screen = f.screening.open(self.peer_host, f.protocol_name)
+        if self.screen.refusal is not None:
+            self.reply(421, "4.7.0", f"{f.config.hostname} {self.screen.refusal}")
+            self.close()
+            return
+        self.send(f"220 {f.config.hostname} ESMTP twisted-mail-screen ready\r\n".encode())
+
+    def session_ended(self) -> None:
+        if self.screen is not None:
+            self.screen.closed()
+            self.screen = None
+
+    def timed_out(self) -> None:
+        self.reply(421, "4.4.2", f"{self.factory.config.hostname} Error: timeout exceeded")
+        self.close()
+
+    def line_too_long(self) -> None:
+        self.reply(500, "5.5.2", "Line too long")
+
+    def internal_error(self) -> None:
+        self.reply(421, "4.3.0", f"{self.factory.config.hostname} internal error, closing")
+        self.close()
+
+    def reply(self, code: int, status: str, text: str, greet: bool = False) -> None:
+        """Send one reply line; every reply carries its enhanced code."""
+        if greet or not status:
+            self.send(f"{code} {text}\r\n".encode())
+        else:
+            self.send(f"{code} {status} {text}\r\n".encode())
+
+    def close_for_block(self) -> None:
+        blocked = self.screen is not None and self.screen.blocked
+        self.reply(421, "4.7.0", f"{self.factory.config.hostname} Too many errors from "
+                   f"{self.peer_host or 'you'}: {'blocked, ' if blocked else ''}closing")
+        self.close()
+
+    # commands
+
+    def line_received(self, line: bytes) -> Deferred | None:
+        bad = _CONTROL.search(line) is not None
+        step, self._sasl = self._sasl, None  # a SASL response with control characters ends it
+        if step is not None and not bad:
+            return step(line)
+        self._commands += 1
+        if self._commands > self.factory.config.smtp.max_commands:
+            self.reply(421, "4.7.0", f"{self.factory.config.hostname} Too many commands, closing")
+            self.close()
+            return None
+        if bad:
+            return self.reply(501, "5.5.2", "Control character (bare CR, NUL, TAB...) in command line")
+        try:
+            text = line.decode("ascii")
+        except UnicodeDecodeError:
+            self.reply(500, "5.5.2", "Command contains non-ASCII bytes")
+            return None
+        verb, _, arg = text.partition(" ")
+        handler = getattr(self, "do_" + verb.upper(), None) if verb.isalpha() else None
+        if handler is None:
+            self.reply(500, "5.5.1", "Command unrecognized")
+            return None
+        return handler(arg.strip())
+
+    def do_HELO(self, arg: str) -> None:
+        if not arg:
+            return self.reply(501, "5.5.4", "Syntax: HELO hostname")
+        self.helo, self.esmtp, self.envelope = arg, False, None
+        self.send(f"250 {self.factory.config.hostname}\r\n".encode())
+
+    def do_EHLO(self, arg: str) -> None:
+        if not arg:
+            return self.reply(501, "5.5.4", "Syntax: EHLO hostname")
+        self.helo, self.esmtp, self.envelope = arg, True, None
+        f = self.factory
+        lines = [f"{f.config.hostname} greets {arg}", "PIPELINING",
+                 f"SIZE {f.config.smtp.max_message_size}", "8BITMIME",
+                 "ENHANCEDSTATUSCODES"]
+        if f.tls is not None and not self.secure:
+            lines.append("STARTTLS")
+        if self.user is None and f.authenticator.plaintext_allowed(self.peer_host, self.secure):
+            lines.append("AUTH PLAIN LOGIN")
+        out = [f"250-{x}" for x in lines[:-1]] + [f"250 {lines[-1]}"]
+        self.send(("\r\n".join(out) + "\r\n").encode())
+
+    def do_NOOP(self, arg: str) -> None:
+        self.reply(250, "2.0.0", "Ok")
+
+    def do_RSET(self, arg: str) -> None:
+        self.envelope = None
+        self.reply(250, "2.0.0", "Ok")
+        if self.screen is not None and self.screen.rset():
+            self.close_for_block()
+
+    def do_QUIT(self, arg: str) -> None:
+        self.reply(221, "2.0.0", "Bye")
+        self.close()
+
+    def do_VRFY(self, arg: str) -> None:
+        self.reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
+
+    def do_EXPN(self, arg: str) -> None:
+        # Lists are not disclosed (RFC 5321 7.3): a harvester learns nothing.
+        self.reply(502, "5.5.1", "EXPN not available")
+
+    def do_HELP(self, arg: str) -> None:
+        self.reply(214, "2.0.0", "See RFC 5321")
+
+    def do_STARTTLS(self, arg: str) -> None:
+        if self.factory.tls is None:
+            return self.reply(454, "4.7.0", "TLS not available")
+        if self.secure:
+            return self.reply(503, "5.5.1", "TLS already active")
+        if arg:
+            return self.reply(501, "5.5.4", "Syntax: STARTTLS")
+        self.reply(220, "2.0.0", "Ready to start TLS")
+        self.start_tls(self.factory.tls)  # RFC 3207 4.2: pre-TLS pipelined input is void
+        self.helo, self.esmtp, self.envelope = None, False, None
+
+    # AUTH (RFC 4954)
+
+    def do_AUTH(self, arg: str) -> Deferred | None:
+        f = self.factory
+        if self.user is not None:
+            return self.reply(503, "5.5.1", "Already authenticated")
+        if self.envelope is not None:
+            return self.reply(503, "5.5.1", "AUTH not allowed during a mail transaction")
+        if not self.esmtp:
+            return self.reply(503, "5.5.1", "Send EHLO first")
+        if not f.authenticator.plaintext_allowed(self.peer_host, self.secure):
+            return self.reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+        mechanism, _, initial = arg.partition(" ")
+        mechanism = mechanism.upper()
+        if mechanism == "PLAIN":
+            if initial:
+                return self._auth_plain(initial.encode())
+            self._sasl = self._auth_plain
+            self.send(b"334 \r\n")
+            return None
+        if mechanism == "LOGIN":
+            if initial:
+                return self._login_user(initial.encode())
+            self._sasl = self._login_user
+            self.send(b"334 VXNlcm5hbWU6\r\n")
+            return None
+        return self.reply(504, "5.5.4", "Unrecognized authentication mechanism")
+
+    def _sasl_cancelled(self, line: bytes) -> bool:
+        if line.strip() == b"*":
+            self.reply(501, "5.7.0", "Authentication cancelled")
+            return True
+        return False
+
+    def _auth_plain(self, line: bytes) -> Deferred | None:
+        if self._sasl_cancelled(line):
+            return None
+        try:
+            username, password = parse_sasl_plain(decode_base64(line.strip()))
+        except SASLError as e:
+            return self.reply(501, "5.5.2", f"Cannot decode response: {e}")
+        return self._check(username, password)
+
+    def _login_user(self, line: bytes) -> None:
+        if self._sasl_cancelled(line):
+            return None
+        try:
+            username = decode_base64(line.strip()).decode("utf-8")
+        except (SASLError, UnicodeDecodeError):
+            return self.reply(501, "5.5.2", "Cannot decode response")
+        self._sasl = lambda l: self._login_password(username, l)
+        self.send(b"334 UGFzc3dvcmQ6\r\n")
+        return None
+
+    def _login_password(self, username: str, line: bytes) -> Deferred | None:
+        if self._sasl_cancelled(line):
+            return None
+        try:
+            password = decode_base64(line.strip()).decode("utf-8")
+        except (SASLError, UnicodeDecodeError):
+            return self.reply(501, "5.5.2", "Cannot decode response")
+        return self._check(username, password)
+
+    def _check(self, username: str, password: str) -> Deferred:
+        f = self.factory
+        d = f.authenticator.authenticate(username, password)
+
+        def answer(address: str | None) -> None:
+            if address is not None and not f.freeze.is_frozen(address):
+                self.user = address
+                if self.screen is not None:
+                    self.screen.auth_succeeded(address)
+                self.log.info("smtp: {peer} authenticated as {user}", peer=self.peer_host, user=address)
+                return self.reply(235, "2.7.0", "Authentication successful")
+            # A frozen account gets the same answer as a wrong password.
+            self.reply(535, "5.7.8", "Authentication credentials invalid")
+            if address is None and self.screen is not None and \
+                    self.screen.auth_failed(username, password.encode("utf-8")):
+                self.close_for_block()
+
+        return d.addCallback(answer)
+
+    # the transaction
+
+    def do_MAIL(self, arg: str) -> None:
+        f = self.factory
+        if self.helo is None:
+            return self.reply(503, "5.5.1", "Send HELO/EHLO first")
+        if self.envelope is not None:
+            return self.reply(503, "5.5.1", "Nested MAIL command")
+        if f.require_auth and self.user is None:
+            return self.reply(530, "5.7.0", "Authentication required")
+        if self.user is not None and f.freeze.is_frozen(self.user):
+            # Frozen after this session authenticated (by the administrator,
+            # or by screening from another session): it sends nothing more.
+            return self.reply(554, "5.7.1", f"Account {self.user} is frozen: sending is disabled")
+        if not arg.upper().startswith("FROM:"):
+            return self.reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
+        try:
+            sender, params = parse_path(arg[5:])
+        except AddressError as e:
+            return self.reply(501, "5.1.7", f"Bad sender address syntax: {e}")
+        if params and not self.esmtp:
+            return self.reply(555, "5.5.4", "MAIL parameters need EHLO")
+        try:
+            options = parse_params(params)
+        except AddressError as e:
+            return self.reply(501, "5.5.4", f"Bad MAIL parameters: {e}")
+        for key, value in options.items():
+            if key == "SIZE":
+                if not _SIZE_VALUE.fullmatch(value):
+                    return self.reply(501, "5.5.4", "Bad SIZE parameter (RFC 1870: 1 to 20 digits)")
+                if int(value) > f.config.smtp.max_message_size:
+                    return self.reply(552, "5.3.4", "Message size exceeds fixed limit")
+            elif key == "BODY":
+                if value.upper() not in ("7BIT", "8BITMIME"):
+                    return self.reply(501, "5.5.4", "Unsupported BODY type")
+            else:
+                return self.reply(555, "5.5.4", f"Unsupported MAIL parameter {key}")
+        if sender and not valid_sender_path(sender):
+            return self.reply(501, "5.1.7", "Bad sender address syntax")
+        if self._submitting() and not f.router.owns(self.user, sender):  # type: ignore[arg-type]
+            return self.reply(553, "5.7.1", f"<{sender}>: Sender address not owned by user {self.user}")
+        self.envelope = Envelope(sender)
+        self.reply(250, "2.1.0", "Ok")
+
+    def do_RCPT(self, arg: str) -> None:
+        f = self.factory
+        env = self.envelope
+        if env is None:
+            return self.reply(503, "5.5.1", "Need MAIL before RCPT")
+        if not arg.upper().startswith("TO:"):
+            return self.reply(501, "5.5.4", "Syntax: RCPT TO:<address>")
+        if len(env.recipients) >= f.config.smtp.max_recipients:
+            return self.reply(452, "4.5.3", "Too many recipients")
+        try:
+            path, params = parse_path(arg[3:])
+        except AddressError as e:
+            return self.reply(501, "5.1.3", f"Bad recipient address syntax: {e}")
+        if params:
+            return self.reply(555, "5.5.4", "Unsupported RCPT parameter")
+        relay = f.delivery.relay is not None
+        route = f.router.resolve(path, may_relay=self.user is not None and relay, may_forward=relay)
+        if route.refusal == "syntax":
+            return self.reply(501, "5.1.3", f"Bad recipient address syntax: {route.reason}")
+        if route.refusal == "relay":
+            if route.reason == FORWARDING_DISABLED:
+                return self.reply(554, "5.7.1", f"<{path}>: {route.reason}")
+            return self.reply(554, "5.7.1", f"<{path}>: Relay access denied")
+        if route.refusal == "unknown":
+            self.reply(550, "5.1.1", f"<{path}>: Recipient address rejected: User unknown")
+            if self.screen is not None and self.screen.rcpt_unknown():
+                self.close_for_block()
+            return None
+        env.recipients.append(route)
+        self.reply(250, "2.1.5", "Ok")
+
+    def do_DATA(self, arg: str) -> None:
+        if self.envelope is None:
+            return self.reply(503, "5.5.1", "Need MAIL command")
+        if not self.envelope.recipients:
+            return self.reply(554, "5.5.1", "No valid recipients")
+        self.send(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+        smtp = self.factory.config.smtp
+        self._data = DataReader(smtp.max_line_length, smtp.max_message_size)
+        self.set_raw_handler(self._data_received)
+
+    def _data_received(self, buf: bytearray) -> bool:
+        """Take DATA bytes from C{buf}; C{False} once the final dot is seen."""
+        reader = self._data
+        assert reader is not None
+        message = reader.feed(buf)
+        if message is None:
+            return True
+        self._data = None
+        self.set_raw_handler(None)
+        self._end_of_data(message, reader.error)
+        return False
+
+    def _end_of_data(self, raw: bytes, error: str | None) -> None:
+        env, self.envelope = self.envelope, None
+        assert env is not None
+        if error == SIZE:
+            self.reply(552, "5.3.4", "Message size exceeds fixed limit")
+            return
+        if error == LINE:
+            self.reply(500, "5.5.2", "Line too long (RFC 5321 4.5.3.1.6)")
+            return
+        if error == BARE:  # see smtp_data: never stored, never relayed
+            self.reply(554, "5.5.2", "Bare CR or LF in message, see RFC 5321 2.3.8")
+            return
+        # No CR is left but in CRLF pairs: the stored message has LF endings only.
+        body = raw.replace(b"\r\n..", b"\r\n.")[2:].replace(b"\r\n", b"\n")
+        if self._submitting():
+            try:
+                body = self._submission_headers(body)
+            except Refusal as e:
+                self.reply(e.code, e.status, e.text)
+                return
+        mailboxes = tuple(dict.fromkeys(m for r in env.recipients for m in r.mailboxes))
+        remote = tuple(dict.fromkeys(a for r in env.recipients for a in r.remote))
+        # Later pipelined commands wait until this delivery has answered.
+        self.wait_for(self._deliver(env, body, mailboxes, remote))
+
+    def _submitting(self) -> bool:
+        """An authenticated client in site mode: message submission (RFC 6409)."""
+        return self.user is not None and not self.factory.config.test_host
+
+    def _submission_headers(self, body: bytes) -> bytes:
+        """The message as submitted by C{self.user} (L{headercheck.submission})."""
+        f = self.factory
+        user = self.user
+        assert user is not None
+        return submission(body, user, lambda address: f.router.owns(user, address),
+                          f.config.hostname, f.clock.seconds())
+
+    def _deliver(self, env: Envelope, body: bytes, mailboxes: tuple[str, ...],
+                 remote: tuple[str, ...]) -> Deferred:
+        f = self.factory
+        d = f.delivery.deliver(env.sender, mailboxes, remote, self.received_header(env) + body)
+
+        def ok(queue_id: str) -> None:
+            self._commands = 0
+            self.log.info("smtp: {peer} from=<{sender}> to={rcpts} size={size} id={id}",
+                          peer=self.peer_host, sender=env.sender,
+                          rcpts=",".join(mailboxes + remote), size=len(body), id=queue_id)
+            self.reply(250, "2.0.0", f"Ok: queued as {queue_id.split(',')[0]}")
+
+        def failed(reason: Any) -> None:
+            if not reason.check(DeliveryError):
+                self.log.failure("smtp: delivery failed", reason)
+            else:
+                self.log.error("smtp: delivery failed: {error}", error=reason.value)
+            self.reply(451, "4.3.0", "Requested action aborted: local error in processing")
+
+        return d.addCallbacks(ok, failed)
+
+    def received_header(self, env: Envelope) -> bytes:
+        f = self.factory
+        with_ = ("ESMTP" if self.esmtp else "SMTP") + ("S" if self.secure else "") + \
+            ("A" if self.user else "")
+        rcpts = [r.address for r in env.recipients]
+        for_ = f"\n\tfor <{rcpts[0]}>" if len(rcpts) == 1 else ""
+        peer = f" ([{self.peer_host}])" if self.peer_host else ""  # a UNIX socket has no address
+        return (f"Received: from {self.helo}{peer}\n\tby {f.config.hostname} "
+                f"(twisted-mail-screen) with {with_}{for_};\n\t{header_date(f.clock.seconds())}\n"
+                ).encode()
+
+
+_date_cache: tuple[int, str] = (-1, "")
+
+
+def header_date(now: float) -> str:
+    """
+    C{rfc822date(time.localtime(now))} as text, computed once per second:
+    the Received header of every message needs it, and formatting a date
+    costs more than the rest of the header.
+    """
+    global _date_cache
+    second = int(now)
+    cached_second, text = _date_cache
+    if cached_second != second:
+        text = rfc822date(time.localtime(second)).decode()
+        _date_cache = (second, text)
+    return text
+
+
+class SMTPFactory(Factory):
+    """
+    Builds SMTP sessions for one kind of listener, holding everything they
+    ask for policy and storage. C{protocol_name} is C{"smtp"} (port 25) or
+    C{"submission"}; submission sessions must authenticate before MAIL.
+    """
+
+    protocol = SMTPServer
+    noisy = False
+
+    def __init__(self, *, config: Config, router: Router, delivery: Delivery,
+                 authenticator: Authenticator, screening: Screening, freeze: FreezeStore,
+                 clock: IReactorTime, tls: Any = None, protocol_name: str = "smtp",
+                 require_auth: bool = False) -> None:
+        self.config = config
+        self.router = router
+        self.delivery = delivery
+        self.authenticator = authenticator
+        self.screening = screening
+        self.freeze = freeze
+        self.clock = clock
+        self.tls = tls
+        self.protocol_name = protocol_name
+        self.require_auth = require_auth

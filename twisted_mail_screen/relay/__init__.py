@@ -1,0 +1,1 @@
+"""Outbound mail: the queue, the SMTP client and delivery status notices."""

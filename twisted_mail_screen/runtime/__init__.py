@@ -1,0 +1,1 @@
+"""The process: composition root, worker pools, TLS, listeners, control socket."""

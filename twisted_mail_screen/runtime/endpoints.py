@@ -1,0 +1,102 @@
+# -*- test-case-name: tests.test_tls_clients -*-
+"""
+Listening endpoints from the configuration's endpoint strings.
+
+Plain strings go to Twisted's C{serverFromString}. Two prefixes are ours:
+
+- C{haproxy:} (L{proxyproto}): connections from trusted load balancers
+  that start with a PROXY header;
+- C{ssl:} (implicit TLS, RFC 8314): built here rather than by Twisted's
+  own C{ssl:} parser, so that every TLS listener uses the server's TLS
+  profile (L{tls.load_server_context}: TLS 1.2+ with ECDHE and AEAD only;
+  Twisted's default also accepts CBC suites), takes its certificate from
+  C{[tls]} when the string names none, and, behind a proxy
+  (C{haproxy:ssl:...}), reads the PROXY header in the clear before the TLS
+  handshake, where HAProxy sends it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from zope.interface import implementer
+
+from twisted_mail_screen.screening.netmatch import Network
+from twisted_mail_screen.runtime.proxyproto import ProxiedEndpoint
+from twisted_mail_screen.runtime.tls import load_server_context
+
+#: The C{ssl:} options passed on to the TCP listener; C{privateKey} and
+#: C{certKey} are read here; any other option is refused.
+_TCP_OPTIONS = ("interface", "backlog")
+
+_UNESCAPED_COLON = re.compile(r"(?<!\\):")
+
+
+class EndpointError(ValueError):
+    pass
+
+
+@implementer(IStreamServerEndpoint)
+class TLSEndpoint:
+    """Connections to C{inner} start with a TLS handshake under C{options}."""
+
+    def __init__(self, inner: IStreamServerEndpoint, options: Any) -> None:
+        self._inner = inner
+        self._options = options
+
+    def listen(self, factory: Any) -> Any:
+        return self._inner.listen(TLSMemoryBIOFactory(self._options, False, factory))
+
+
+def _split_ssl(description: str) -> tuple[str, str | None, str | None]:
+    """C{ssl:PORT:k=v...} -> (the C{tcp:} string, certKey, privateKey)."""
+    fields = _UNESCAPED_COLON.split(description)[1:]
+    if not fields or "=" in fields[0]:
+        raise EndpointError("ssl: needs a port first (ssl:993:interface=...)")
+    tcp = ["tcp", fields[0]]
+    files: dict[str, str] = {}
+    for option in fields[1:]:
+        name, eq, value = option.partition("=")
+        if not eq:
+            raise EndpointError(f"ssl: option {option!r} is not name=value")
+        if name in ("certKey", "privateKey"):
+            files[name] = value.replace("\\:", ":")
+        elif name in _TCP_OPTIONS:
+            tcp.append(option)
+        else:
+            raise EndpointError(f"ssl: option {name!r} is not supported "
+                                f"(use privateKey, certKey, {', '.join(_TCP_OPTIONS)})")
+    return ":".join(tcp), files.get("certKey"), files.get("privateKey")
+
+
+def server_endpoint(reactor: Any, description: str, clock: IReactorTime,
+                    trusted: tuple[Network, ...] = (), tls: Any = None) -> IStreamServerEndpoint:
+    """
+    The endpoint for one C{listen.*} string. C{trusted} are the networks
+    allowed to send PROXY headers; C{tls} the C{[tls]} options, used by
+    C{ssl:} strings that name no files of their own.
+
+    @raise EndpointError: or Twisted's own errors, for an unusable string.
+    """
+    proxied = description.startswith("haproxy:")
+    if proxied:
+        description = description[len("haproxy:"):]
+    options = None
+    if description.startswith("ssl:"):
+        description, certificate, key = _split_ssl(description)
+        if certificate or key:
+            options = load_server_context(certificate or key or "", key or certificate or "")
+        elif tls is not None:
+            options = tls
+        else:
+            raise EndpointError("ssl: needs [tls] certificate and key, or certKey= and privateKey=")
+    endpoint = serverFromString(reactor, description)
+    if proxied:
+        endpoint = ProxiedEndpoint(endpoint, clock, trusted)
+    if options is not None:
+        endpoint = TLSEndpoint(endpoint, options)
+    return endpoint

@@ -1,0 +1,211 @@
+# -*- test-case-name: tests.test_twistd -*-
+"""
+The composition root: builds every shared service once from a L{Config}
+and hands each protocol factory exactly what it needs.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.internet import endpoints
+from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.logger import Logger
+
+from twisted_mail_screen.store.accounts import AccountStore
+from twisted_mail_screen.store.auth import Authenticator
+from twisted_mail_screen.config.settings import Config
+from twisted_mail_screen.config.base import ConfigError
+from twisted_mail_screen.store.delivery import Delivery
+from twisted_mail_screen.protocols.imap.server import IMAPFactory
+from twisted_mail_screen.runtime.lagmonitor import LagMonitor
+from twisted_mail_screen.runtime.control import ControlFactory, endpoint_description, socket_path
+from twisted_mail_screen.screening.notify import PostmasterNotifier
+from twisted_mail_screen.runtime.endpoints import server_endpoint
+from twisted_mail_screen.screening.service import ScreeningService
+from twisted_mail_screen.screening.admin import register_screening_commands
+from twisted_mail_screen.store.maildir import MailStore, TmpCleaner, UniqueNames
+from twisted_mail_screen.relay.queue import OutboundQueue
+from twisted_mail_screen.protocols.pop3 import POP3Factory
+from twisted_mail_screen.store.routing import Router
+from twisted_mail_screen.protocols.smtp import SMTPFactory
+from twisted_mail_screen.runtime.tls import load_server_context
+from twisted_mail_screen.runtime.workers import Blocking
+
+PROTOCOL_TITLES = {"smtp": "SMTP", "submission": "Submission", "pop3": "POP3", "imap": "IMAP",
+                   "control": "Control"}
+
+
+class ListenError(Exception):
+    """A configured endpoint could not be bound."""
+
+
+class Listener(Service):
+    """
+    One listening endpoint. It binds in C{privilegedStartService} so that a
+    port that cannot be bound stops the server before it runs, and logs
+    what a client should connect to.
+    """
+
+    log = Logger()
+
+    def __init__(self, kind: str, description: str, endpoint: Any, factory: Any) -> None:
+        self.kind = kind
+        self.description = description
+        self.endpoint = endpoint
+        self.factory = factory
+        self.port: IListeningPort | None = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        failures: list[Any] = []
+        d = self.endpoint.listen(self.factory)
+        d.addCallbacks(self._listening, failures.append)
+        if failures:
+            raise ListenError(f"listen.{self.kind}: cannot listen on {self.description!r}: "
+                              f"{failures[0].getErrorMessage()}")
+
+    def _listening(self, port: IListeningPort) -> None:
+        self.port = port
+        self.log.info("{title} listening: {where} ({description})",
+                      title=PROTOCOL_TITLES[self.kind], where=_where(port), description=self.description)
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+        return None
+
+
+def _where(port: IListeningPort) -> str:
+    host = port.getHost()
+    if hasattr(host, "port"):
+        return f"connect to {host.host}:{host.port}"
+    name = getattr(host, "name", host)
+    return f"connect to UNIX socket {name.decode() if isinstance(name, bytes) else name}"
+
+
+class MailService(MultiService):
+    """Everything one mailscreen server runs, with handles for tests and tools."""
+
+    accounts: AccountStore
+    store: MailStore
+    delivery: Delivery
+    screening: ScreeningService
+    control: ControlFactory
+    lag: LagMonitor
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.listeners: list[Listener] = []
+
+    def ports(self, kind: str) -> list[int]:
+        """Bound TCP port numbers of one kind of listener (after start)."""
+        return [l.port.getHost().port for l in self.listeners  # type: ignore[union-attr]
+                if l.kind == kind and l.port is not None and hasattr(l.port.getHost(), "port")]
+
+
+def build_service(config: Config, reactor: Any, clock: IReactorTime | None = None,
+                  service_class: type[MailService] = MailService,
+                  store: MailStore | None = None) -> MailService:
+    """
+    Build the server. C{clock} is the time source for timeouts and
+    screening (the reactor unless a test drives a C{Clock}). C{store}
+    replaces the Maildir store (tests inject disk faults through it).
+
+    @raise ConfigError: for an endpoint string the reactor cannot use.
+    """
+    clock = clock or reactor
+    service = service_class(config)
+    os.makedirs(config.data_dir, mode=0o750, exist_ok=True)
+
+    # How late the reactor runs timers: the warning says when some work
+    # held the reactor thread (every session waits behind it).
+    service.lag = LagMonitor(clock)
+    service.lag.setServiceParent(service)
+    blocking = Blocking(reactor, config.storage.threads)
+    blocking.setServiceParent(service)
+    accounts = AccountStore(config.data_dir)
+    if store is None:
+        store = MailStore(os.path.join(config.data_dir, "mail"), UniqueNames(config.hostname))
+    TmpCleaner(store, blocking.run, clock).setServiceParent(service)
+    # The outbound queue (docs/relay.md): only when relaying is enabled.
+    relay_config = config.extra.get("relay")
+    queue = None
+    if relay_config is not None and relay_config.enabled:
+        queue = OutboundQueue(config, relay_config, Router(config, accounts), reactor, clock)
+        queue.setServiceParent(service)
+    delivery = Delivery(store, blocking, relay=queue)
+    if queue is not None:
+        queue.delivery = delivery
+    service.queue = queue  # type: ignore[attr-defined]
+    # Password checks get a pool of their own, one thread per core (scrypt is
+    # CPU-bound): under a guessing attack they queue there, and deliveries'
+    # fsyncs in the storage pool do not wait behind them.
+    hashing = Blocking(reactor, os.cpu_count() or 1, name="mailscreen-auth")
+    hashing.setServiceParent(service)
+    authenticator = Authenticator(config, accounts, hashing)
+    router = Router(config, accounts)
+    screening = _build_screening(config, clock, accounts, router, delivery)
+    screening.write_files_with(blocking.run)
+    screening.setServiceParent(service)
+    freeze = screening.freeze_store
+    control = ControlFactory()
+    register_screening_commands(control, screening, clock, config.extra["freeze"].minutes)
+    tls = load_server_context(config.tls.certificate, config.tls.key) if config.tls.enabled else None  # type: ignore[arg-type]
+    pop3_locks: set[str] = set()
+
+    service.accounts = accounts
+    service.store = store
+    service.delivery = delivery
+    service.screening = screening
+    service.control = control
+
+    def smtp_factory(kind: str) -> SMTPFactory:
+        return SMTPFactory(config=config, router=router, delivery=delivery,
+                           authenticator=authenticator, screening=screening, freeze=freeze,
+                           clock=clock, tls=tls, protocol_name=kind,
+                           require_auth=kind == "submission")
+
+    factories = {
+        "smtp": lambda: smtp_factory("smtp"),
+        "submission": lambda: smtp_factory("submission"),
+        "pop3": lambda: POP3Factory(config=config, store=store, blocking=blocking,
+                                    authenticator=authenticator, screening=screening,
+                                    clock=clock, locks=pop3_locks, tls=tls),
+        "imap": lambda: IMAPFactory(config=config, store=store, blocking=blocking,
+                                    authenticator=authenticator, screening=screening,
+                                    clock=clock, tls=tls),
+    }
+    for kind, descriptions in config.listen.items():
+        if kind not in factories:
+            continue
+        for description in descriptions:
+            try:
+                endpoint = server_endpoint(reactor, description, clock, config.proxy.trusted, tls)
+            except Exception as e:
+                raise ConfigError(f"listen.{kind}", description, f"unusable endpoint: {e}") from e
+            listener = Listener(kind, description, endpoint, factories[kind]())
+            listener.setServiceParent(service)
+            service.listeners.append(listener)
+    control_endpoint = endpoints.serverFromString(reactor, endpoint_description(config.data_dir))
+    Listener("control", socket_path(config.data_dir), control_endpoint, control).setServiceParent(service)
+    return service
+
+
+def _build_screening(config: Config, clock: IReactorTime, accounts: AccountStore,
+                     router: Router, delivery: Delivery) -> ScreeningService:
+    """The screening service, its state files, and its postmaster notifier."""
+
+    def to_postmaster(message: bytes) -> Any:
+        mailboxes = router.resolve(config.postmaster, may_relay=False).mailboxes
+        return delivery.deliver_local(mailboxes or (config.postmaster,), message)
+
+    notifier = PostmasterNotifier(clock, to_postmaster, config.hostname, config.postmaster)
+    return ScreeningService.in_directory(
+        config.extra["screening"], config.extra["freeze"], clock, config.data_dir, notifier,
+        known_account=accounts.exists if not config.test_host else None)

@@ -1,0 +1,1 @@
+"""Dynamic screening of abusive clients: rules, lists, freezes, notices."""

@@ -1,0 +1,1 @@
+"""Where mail and accounts live: Maildir, UID lists, accounts, routing, delivery."""

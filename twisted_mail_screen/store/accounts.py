@@ -1,0 +1,182 @@
+# -*- test-case-name: tests.test_cli -*-
+"""
+Accounts and aliases, kept in two small text files in the data directory so
+an administrator can read them and the C{mailscreen} command can edit them
+while the server runs:
+
+  - C{users}: one C{address:hash} per line (see L{passwords}).
+  - C{aliases}: one C{address: target, target} per line, aliases(5) style;
+    C{@domain: target} is that domain's catch-all.
+
+The server re-reads a file when its modification time or size changes, so
+an edit takes effect at the next lookup without a restart.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+
+from twisted.logger import Logger
+
+from twisted_mail_screen.store.addresses import AddressError, normalise_address
+from twisted_mail_screen.runtime.atomic import write_atomically
+from twisted_mail_screen.store.passwords import hash_password, verify_password
+
+
+class AccountError(ValueError):
+    """An administrative change that cannot be made, with the reason."""
+
+
+@dataclass
+class _Watched:
+    """A file's parsed contents, kept until the file changes."""
+
+    path: str
+    stamp: tuple[int, int] | None = None
+    value: dict[str, object] | None = None
+
+
+class AccountStore:
+    """
+    Users (address → password hash) and aliases (address → targets).
+
+    Lookups are cheap (one C{stat} per file) and safe from any thread.
+    """
+
+    log = Logger()
+
+    def __init__(self, data_dir: str) -> None:
+        self._users = _Watched(os.path.join(data_dir, "users"))
+        self._aliases = _Watched(os.path.join(data_dir, "aliases"))
+        self._lock = threading.Lock()
+
+    # reading
+
+    def _load(self, watched: _Watched, parse) -> dict:
+        try:
+            st = os.stat(watched.path)
+            stamp = (st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            stamp = None
+        with self._lock:
+            if watched.value is None or stamp != watched.stamp:
+                watched.value = parse(watched.path) if stamp else {}
+                watched.stamp = stamp
+            return watched.value
+
+    def _parse_users(self, path: str) -> dict[str, str]:
+        users: dict[str, str] = {}
+        for number, line in _lines(path):
+            address, sep, hashed = line.partition(":")
+            if not sep:
+                self.log.warn("{path}:{number}: no ':' in user line, skipped",
+                              path=path, number=number)
+                continue
+            users[address.strip().lower()] = hashed.strip()
+        return users
+
+    def _parse_aliases(self, path: str) -> dict[str, tuple[str, ...]]:
+        aliases: dict[str, tuple[str, ...]] = {}
+        for number, line in _lines(path):
+            name, sep, targets = line.partition(":")
+            if not sep:
+                self.log.warn("{path}:{number}: no ':' in alias line, skipped",
+                              path=path, number=number)
+                continue
+            aliases[name.strip().lower()] = tuple(
+                t.strip().lower() for t in targets.split(",") if t.strip())
+        return aliases
+
+    def users(self) -> dict[str, str]:
+        return dict(self._load(self._users, self._parse_users))
+
+    def aliases(self) -> dict[str, tuple[str, ...]]:
+        return dict(self._load(self._aliases, self._parse_aliases))
+
+    def exists(self, address: str) -> bool:
+        return address.lower() in self._load(self._users, self._parse_users)
+
+    def alias_targets(self, address: str) -> tuple[str, ...] | None:
+        return self._load(self._aliases, self._parse_aliases).get(address.lower())
+
+    def check_password(self, address: str, password: str) -> bool:
+        """Slow by design (scrypt): call it off the reactor thread."""
+        stored = self._load(self._users, self._parse_users).get(address.lower())
+        if stored is None:
+            # Same work for unknown users, so timing does not reveal them.
+            verify_password(password, _DUMMY_HASH)
+            return False
+        return verify_password(password, stored)
+
+    # administration (the mailscreen command)
+
+    def add_user(self, address: str, password: str) -> str:
+        address = _checked(address)
+        users = self.users()
+        if address in users:
+            raise AccountError(f"{address} already exists")
+        users[address] = hash_password(password)
+        self._write_users(users)
+        return address
+
+    def set_password(self, address: str, password: str) -> None:
+        address = _checked(address)
+        users = self.users()
+        if address not in users:
+            raise AccountError(f"{address} does not exist")
+        users[address] = hash_password(password)
+        self._write_users(users)
+
+    def delete_user(self, address: str) -> None:
+        address = address.lower()
+        users = self.users()
+        if users.pop(address, None) is None:
+            raise AccountError(f"{address} does not exist")
+        self._write_users(users)
+
+    def set_alias(self, name: str, targets: list[str]) -> None:
+        if name.startswith("@"):
+            key = "@" + _checked("x" + name)[2:]
+        else:
+            key = _checked(name)
+        if not targets:
+            raise AccountError("an alias needs at least one target")
+        aliases = self.aliases()
+        aliases[key] = tuple(_checked(t) for t in targets)
+        self._write_aliases(aliases)
+
+    def delete_alias(self, name: str) -> None:
+        aliases = self.aliases()
+        if aliases.pop(name.lower(), None) is None:
+            raise AccountError(f"{name} is not an alias")
+        self._write_aliases(aliases)
+
+    def _write_users(self, users: dict[str, str]) -> None:
+        body = "".join(f"{a}:{h}\n" for a, h in sorted(users.items()))
+        os.makedirs(os.path.dirname(self._users.path), mode=0o750, exist_ok=True)
+        write_atomically(self._users.path, body.encode(), 0o600)
+
+    def _write_aliases(self, aliases: dict[str, tuple[str, ...]]) -> None:
+        body = "".join(f"{a}: {', '.join(t)}\n" for a, t in sorted(aliases.items()))
+        os.makedirs(os.path.dirname(self._aliases.path), mode=0o750, exist_ok=True)
+        write_atomically(self._aliases.path, body.encode(), 0o644)
+
+
+_DUMMY_HASH = hash_password("not a password anyone has")
+
+
+def _checked(address: str) -> str:
+    try:
+        return normalise_address(address)
+    except AddressError as e:
+        raise AccountError(f"{address!r}: {e}") from e
+
+
+def _lines(path: str):
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            line = line.strip()
+            if line and not line.startswith("#"):
+                yield number, line
