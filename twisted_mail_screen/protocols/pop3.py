@@ -23,11 +23,12 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twisted_mail_screen.store.auth import Authenticator, SASLError, decode_base64, parse_sasl_plain
+from twisted_mail_screen.store.auth import Authenticator
 from twisted_mail_screen.config.settings import Config
-from twisted_mail_screen.screening.interfaces import ClientScreen, Screening
-from twisted_mail_screen.protocols.lineproto import CommandProtocol
+from twisted_mail_screen.screening.interfaces import Screening
+from twisted_mail_screen.protocols.session import SASLError, ScreenedSession, sasl_plain
 from twisted_mail_screen.store.maildir import Maildir, MailStore, MessageFile
+from twisted_mail_screen.store.maildir_names import unique_of
 from twisted_mail_screen.runtime.workers import Blocking
 
 
@@ -198,7 +199,7 @@ def uidl_of(message: MessageFile) -> str:
     A UIDL that never changes for this file: its Maildir unique name, or a
     hash of it where that would break RFC 1939's 70-character limit.
     """
-    unique = message.base.split(",", 1)[0]
+    unique = unique_of(message.name)
     if len(unique) <= 70 and all(0x21 <= ord(c) <= 0x7E for c in unique):
         return unique
     return hashlib.sha256(unique.encode("utf-8", "surrogateescape")).hexdigest()[:40]
@@ -260,7 +261,7 @@ class ReadAhead:
         self.bytes = 0
 
 
-class POP3Server(CommandProtocol):
+class POP3Server(ScreenedSession):
     """One POP3 session."""
 
     log = Logger()
@@ -269,8 +270,6 @@ class POP3Server(CommandProtocol):
 
     def __init__(self) -> None:
         super().__init__()
-        self.peer_host = ""
-        self.screen: ClientScreen | None = None
         self.drop: Drop | None = None
         self._user: str | None = None
         self._sasl: Callable[[bytes], Any] | None = None
@@ -282,22 +281,18 @@ class POP3Server(CommandProtocol):
         self.clock = f.clock
         self.idle_timeout = f.config.pop3.idle_timeout
         super().connectionMade()
-        self.peer_host = getattr(self.transport.getPeer(), "host", "") or ""
-        self.screen = f.screening.open(self.peer_host, "pop3")
-        if self.screen.refusal is not None:
-            self.send(f"-ERR [SYS/TEMP] {self.screen.refusal}\r\n".encode())
-            self.close()
-            return
-        self.ok("twisted-mail-screen POP3 ready")
+        if self.open_screen(f.screening, "pop3"):
+            self.ok("twisted-mail-screen POP3 ready")
+
+    def refuse(self, reason: str) -> None:
+        self.err(f"[SYS/TEMP] {reason}")
 
     def session_ended(self) -> None:
         self._ahead.clear()
         if self.drop is not None:
             self.factory.locks.discard(self.drop.address)
             self.drop = None
-        if self.screen is not None:
-            self.screen.closed()
-            self.screen = None
+        self.close_screen()
 
     def ok(self, text: str = "") -> None:
         self.send(f"+OK {text}\r\n".encode() if text else b"+OK\r\n")
@@ -386,13 +381,13 @@ class POP3Server(CommandProtocol):
         return None
 
     def _auth_plain(self, line: bytes) -> Deferred | None:
-        if line.strip() == b"*":
-            return self.err("Authentication cancelled")
         try:
-            username, password = parse_sasl_plain(decode_base64(line.strip()))
+            credentials = sasl_plain(line)
         except SASLError as e:
             return self.err(f"Cannot decode response: {e}")
-        return self._login(username, password)
+        if credentials is None:
+            return self.err("Authentication cancelled")
+        return self._login(*credentials)
 
     def AUTHORIZATION_QUIT(self, arg: str) -> None:
         self.ok("Bye")
@@ -408,11 +403,10 @@ class POP3Server(CommandProtocol):
         def checked(address: str | None) -> Deferred | None:
             if address is None:
                 self.err("[AUTH] Authentication failed")
-                if self.screen is not None and self.screen.auth_failed(username, password.encode()):
+                if self.auth_failed(username, password):
                     self.close()
                 return None
-            if self.screen is not None:
-                self.screen.auth_succeeded(address)
+            self.auth_succeeded(address)
             if address in f.locks:
                 self.err("[IN-USE] Mailbox is locked by another POP3 session")
                 return None

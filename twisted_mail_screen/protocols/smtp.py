@@ -25,12 +25,12 @@ from twisted.mail.smtp import rfc822date
 
 from twisted_mail_screen.store.addresses import (AddressError, parse_params, parse_path,
                                            valid_sender_path)
-from twisted_mail_screen.store.auth import Authenticator, SASLError, decode_base64, parse_sasl_plain
+from twisted_mail_screen.store.auth import Authenticator, decode_base64
 from twisted_mail_screen.config.settings import Config
 from twisted_mail_screen.store.delivery import Delivery
 from twisted_mail_screen.protocols.headercheck import Refusal, submission
-from twisted_mail_screen.screening.interfaces import ClientScreen, FreezeStore, Screening
-from twisted_mail_screen.protocols.lineproto import CommandProtocol
+from twisted_mail_screen.screening.interfaces import FreezeStore, Screening
+from twisted_mail_screen.protocols.session import SASLError, ScreenedSession, sasl_plain
 from twisted_mail_screen.store.maildir import DeliveryError
 from twisted_mail_screen.store.routing import FORWARDING_DISABLED, Route, Router
 from twisted_mail_screen.protocols.smtp_data import BARE, LINE, SIZE, DataReader
@@ -54,7 +54,7 @@ class Envelope:
     recipients: list[Route] = field(default_factory=list)
 
 
-class SMTPServer(CommandProtocol):
+class SMTPServer(ScreenedSession):
     """One SMTP session."""
 
     log = Logger()
@@ -66,8 +66,6 @@ class SMTPServer(CommandProtocol):
         self.esmtp = False
         self.user: str | None = None
         self.envelope: Envelope | None = None
-        self.peer_host = ""
-        self.screen: ClientScreen | None = None
         self._commands = 0
         self._sasl: Any = None
         self._data: DataReader | None = None
@@ -80,19 +78,14 @@ class SMTPServer(CommandProtocol):
         self.idle_timeout = f.config.smtp.idle_timeout
         self.max_line_length = COMMAND_LINE_LIMIT
         super().connectionMade()
-        peer = self.transport.getPeer()
-        self.peer_host = getattr(peer, "host", "") or ""
-        self.screen = f.screening.open(self.peer_host, f.protocol_name)
-        if self.screen.refusal is not None:
-            self.reply(421, "4.7.0", f"{f.config.hostname} {self.screen.refusal}")
-            self.close()
-            return
-        self.send(f"220 {f.config.hostname} ESMTP twisted-mail-screen ready\r\n".encode())
+        if self.open_screen(f.screening, f.protocol_name):
+            self.send(f"220 {f.config.hostname} ESMTP twisted-mail-screen ready\r\n".encode())
+
+    def refuse(self, reason: str) -> None:
+        self.reply(421, "4.7.0", f"{self.factory.config.hostname} {reason}")
 
     def session_ended(self) -> None:
-        if self.screen is not None:
-            self.screen.closed()
-            self.screen = None
+        self.close_screen()
 
     def timed_out(self) -> None:
         self.reply(421, "4.4.2", f"{self.factory.config.hostname} Error: timeout exceeded")
@@ -227,20 +220,23 @@ class SMTPServer(CommandProtocol):
             return None
         return self.reply(504, "5.5.4", "Unrecognized authentication mechanism")
 
+    def _cancelled(self) -> None:
+        self.reply(501, "5.7.0", "Authentication cancelled")
+
     def _sasl_cancelled(self, line: bytes) -> bool:
         if line.strip() == b"*":
-            self.reply(501, "5.7.0", "Authentication cancelled")
+            self._cancelled()
             return True
         return False
 
     def _auth_plain(self, line: bytes) -> Deferred | None:
-        if self._sasl_cancelled(line):
-            return None
         try:
-            username, password = parse_sasl_plain(decode_base64(line.strip()))
+            credentials = sasl_plain(line)
         except SASLError as e:
             return self.reply(501, "5.5.2", f"Cannot decode response: {e}")
-        return self._check(username, password)
+        if credentials is None:
+            return self._cancelled()
+        return self._check(*credentials)
 
     def _login_user(self, line: bytes) -> None:
         if self._sasl_cancelled(line):
@@ -269,14 +265,12 @@ class SMTPServer(CommandProtocol):
         def answer(address: str | None) -> None:
             if address is not None and not f.freeze.is_frozen(address):
                 self.user = address
-                if self.screen is not None:
-                    self.screen.auth_succeeded(address)
+                self.auth_succeeded(address)
                 self.log.info("smtp: {peer} authenticated as {user}", peer=self.peer_host, user=address)
                 return self.reply(235, "2.7.0", "Authentication successful")
             # A frozen account gets the same answer as a wrong password.
             self.reply(535, "5.7.8", "Authentication credentials invalid")
-            if address is None and self.screen is not None and \
-                    self.screen.auth_failed(username, password.encode("utf-8")):
+            if address is None and self.auth_failed(username, password):
                 self.close_for_block()
 
         return d.addCallback(answer)
