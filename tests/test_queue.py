@@ -29,7 +29,7 @@ SITE = {"mode": "site", "hostname": "mail.example.test", "domains": ["example.te
 
 def relay(tmp_path, **keys) -> RelayConfig:
     table = dict(SITE, data_dir=str(tmp_path), relay=keys)
-    return parse_config(table).extra["relay"]
+    return parse_config(table).relay
 
 
 def test_relay_defaults_in_site_mode(tmp_path):

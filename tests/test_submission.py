@@ -159,7 +159,7 @@ def test_test_host_mode_never_relays(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(None, {"data_dir": str(tmp_path), "relay.enabled": True})
     assert e.value.key == "relay.enabled"
-    assert load_config(None, {"data_dir": str(tmp_path)}).extra["relay"].enabled is False
+    assert load_config(None, {"data_dir": str(tmp_path)}).relay.enabled is False
 
 
 def test_starttls_required_before_auth_on_submission(start_server, accounts, certificate):

@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from twisted_mail_screen.store.addresses import AddressError, normalise_address, valid_domain
 from twisted_mail_screen.config.base import ConfigError, Section
+from twisted_mail_screen.relay.config import RelayConfig, parse_relay
+from twisted_mail_screen.screening.config import (
+    FreezeConfig, ScreeningConfig, parse_freeze, parse_screening)
 from twisted_mail_screen.screening.netmatch import Network, parse_network
 
 MODES = ("test-host", "site")
@@ -92,7 +97,9 @@ class Config:
     imap: IMAPConfig = field(default_factory=IMAPConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    screening: ScreeningConfig = field(default_factory=ScreeningConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    relay: RelayConfig = field(default_factory=RelayConfig)
 
     @property
     def test_host(self) -> bool:
@@ -102,19 +109,19 @@ class Config:
         return domain.lower() in self.domains
 
 
-TEST_HOST_LISTEN = {
-    "smtp": ["tcp:2525:interface=127.0.0.1"],
-    "submission": [],
-    "pop3": ["tcp:2110:interface=127.0.0.1"],
-    "imap": ["tcp:2143:interface=127.0.0.1"],
-}
+TEST_HOST_LISTEN: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "smtp": ("tcp:2525:interface=127.0.0.1",),
+    "submission": (),
+    "pop3": ("tcp:2110:interface=127.0.0.1",),
+    "imap": ("tcp:2143:interface=127.0.0.1",),
+})
 
-SITE_LISTEN = {
-    "smtp": ["tcp:25"],
-    "submission": ["tcp:587"],
-    "pop3": ["tcp:110"],
-    "imap": ["tcp:143"],
-}
+SITE_LISTEN: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "smtp": ("tcp:25",),
+    "submission": ("tcp:587",),
+    "pop3": ("tcp:110",),
+    "imap": ("tcp:143",),
+})
 
 
 def load_file(path: str) -> dict[str, Any]:
@@ -240,28 +247,16 @@ def parse_config(table: dict[str, Any], overrides: dict[str, Any] | None = None)
     storage = StorageConfig(threads=st.integer("threads", StorageConfig.threads, 1, 256))
     st.finish()
 
-    extra: dict[str, Any] = {}
-    for name, parser in _extra_sections().items():
-        extra[name] = parser(top, mode)
+    # Sections owned by the services that use them, each parsed by its own
+    # module so this one stays small.
+    screening = parse_screening(top.section("screening"), mode)
+    freeze = parse_freeze(top.section("freeze"))
+    relay = parse_relay(top.section("relay"), mode)
     top.finish()
     return Config(mode=mode, hostname=hostname, data_dir=data_dir, domains=domains,
                   postmaster=postmaster, plaintext_auth=plaintext, listen=listen, tls=tls,
-                  smtp=smtp, pop3=pop3, imap=imap, storage=storage, proxy=proxy, extra=extra)
-
-
-def _extra_sections() -> dict[str, Any]:
-    """
-    Sections owned by optional services (screening, freeze, relay), each
-    parsed by its own module so this one stays small.
-    """
-    from twisted_mail_screen.relay.config import parse_relay
-    from twisted_mail_screen.screening.config import parse_freeze, parse_screening
-
-    sections: dict[str, Any] = {}
-    sections["screening"] = lambda top, mode: parse_screening(top.section("screening"), mode)
-    sections["freeze"] = lambda top, mode: parse_freeze(top.section("freeze"))
-    sections["relay"] = lambda top, mode: parse_relay(top.section("relay"), mode)
-    return sections
+                  smtp=smtp, pop3=pop3, imap=imap, storage=storage, proxy=proxy,
+                  screening=screening, freeze=freeze, relay=relay)
 
 
 def _merge_overrides(table: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

@@ -134,10 +134,9 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
         store = MailStore(os.path.join(config.data_dir, "mail"), UniqueNames(config.hostname))
     TmpCleaner(store, blocking.run, clock).setServiceParent(service)
     # The outbound queue (docs/relay.md): only when relaying is enabled.
-    relay_config = config.extra.get("relay")
     queue = None
-    if relay_config is not None and relay_config.enabled:
-        queue = OutboundQueue(config, relay_config, Router(config, accounts), reactor, clock)
+    if config.relay.enabled:
+        queue = OutboundQueue(config, config.relay, Router(config, accounts), reactor, clock)
         queue.setServiceParent(service)
     delivery = Delivery(store, blocking, relay=queue)
     if queue is not None:
@@ -155,7 +154,7 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
     screening.setServiceParent(service)
     freeze = screening.freeze_store
     control = ControlFactory()
-    register_screening_commands(control, screening, clock, config.extra["freeze"].minutes)
+    register_screening_commands(control, screening, clock, config.freeze.minutes)
     tls = load_server_context(config.tls.certificate, config.tls.key) if config.tls.enabled else None  # type: ignore[arg-type]
     pop3_locks: set[str] = set()
 
@@ -207,5 +206,5 @@ def _build_screening(config: Config, clock: IReactorTime, accounts: AccountStore
 
     notifier = PostmasterNotifier(clock, to_postmaster, config.hostname, config.postmaster)
     return ScreeningService.in_directory(
-        config.extra["screening"], config.extra["freeze"], clock, config.data_dir, notifier,
+        config.screening, config.freeze, clock, config.data_dir, notifier,
         known_account=accounts.exists if not config.test_host else None)
