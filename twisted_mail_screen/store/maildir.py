@@ -25,20 +25,23 @@ after the grace period by L{TmpCleaner}, at startup and then hourly.
 from __future__ import annotations
 
 import errno
-import itertools
 import os
-import re
-import socket
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from twisted_mail_screen.runtime.atomic import fsync_directory, write_and_fsync
 from twisted_mail_screen.store.dirsync import DirectorySync
+from twisted_mail_screen.store.maildir_names import (
+    UniqueNames, base_of, delivery_order, flags_of, size_field, with_flags)
 
 SUBDIRS = ("cur", "new", "tmp")
 STALE_TMP_SECONDS = 36 * 3600
@@ -64,25 +67,14 @@ class MessageFile:
     @property
     def base(self) -> str:
         """The unique part of the name, unchanged by flag changes."""
-        return self.name.split(":", 1)[0]
+        return base_of(self.name)
 
     @property
     def flags(self) -> str:
-        _, sep, info = self.name.partition(":2,")
-        return info if sep else ""
+        return flags_of(self.name)
 
     def size_field(self, key: str) -> int | None:
-        for part in self.base.split(",")[1:]:
-            k, _, v = part.partition("=")
-            if k == key and v.isdigit():
-                return int(v)
-        return None
-
-
-def split_name(name: str) -> tuple[str, str]:
-    """A file name's (base, flags)."""
-    base, sep, info = name.partition(":2,")
-    return base, (info if sep else "")
+        return size_field(self.name, key)
 
 
 def crlf_size(data: bytes) -> int:
@@ -114,7 +106,7 @@ class Maildir:
                     found.extend(MessageFile(sub, e.name) for e in it if not e.name.startswith("."))
             except FileNotFoundError:
                 continue
-        found.sort(key=lambda m: _delivery_order(m.base))
+        found.sort(key=lambda m: delivery_order(m.base))
         return found
 
     def file_path(self, message: MessageFile) -> str:
@@ -155,38 +147,6 @@ class Maildir:
         return removed
 
 
-_UNIQUE = re.compile(r"(\d+)\.(?:M(\d+))?(?:P\d+)?(?:Q(\d+))?")
-
-
-def _delivery_order(base: str) -> tuple[int, int, int, str]:
-    """
-    Sort key of a unique name: its second, then its microsecond and
-    delivery counter as numbers (C{M999} comes before C{M1000}; compared as
-    text, two messages of the same second came out in random order).
-    """
-    m = _UNIQUE.match(base)
-    if m is None:
-        return (0, 0, 0, base)
-    sec, usec, q = m.groups()
-    return (int(sec), int(usec) if usec else 0, int(q) if q else 0, base)
-
-
-class UniqueNames:
-    """Maildir unique names: C{time.M<usec>P<pid>Q<n>.<host>}."""
-
-    def __init__(self, hostname: str | None = None) -> None:
-        host = hostname or socket.gethostname()
-        self._host = host.replace("/", "\\057").replace(":", "\\072")
-        self._counter = itertools.count(1)
-        self._lock = threading.Lock()
-
-    def new(self) -> str:
-        now = time.time()
-        with self._lock:
-            n = next(self._counter)
-        return f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{n}.{self._host}"
-
-
 class MailStore:
     """
     Where each local mailbox lives: C{<root>/<domain>/<local part>}, with
@@ -201,6 +161,11 @@ class MailStore:
         # Maildirs known to exist, so a delivery does not stat each one
         # first; one removed behind our back is noticed by ENOENT (L{_Vanished}).
         self._known: set[str] = set()
+
+    @property
+    def names(self) -> UniqueNames:
+        """The process's maker of unique names (IMAP COPY names its copies with it)."""
+        return self._names
 
     def maildir(self, address: str) -> Maildir:
         local, _, domain = address.lower().rpartition("@")
@@ -286,7 +251,7 @@ class MailStore:
 
     def _commit(self, staged: "Staged") -> str:
         """Link a staged message into every new/ (the last by rename), fsync each."""
-        name = f"{staged.base}:2,{staged.flags}" if staged.flags else staged.base
+        name = with_flags(staged.base, staged.flags) if staged.flags else staged.base
         target = "cur" if staged.flags else "new"
         temp = staged.temp
         placed: list[str] = []
@@ -390,27 +355,26 @@ class TmpCleaner(Service):
 
     log = Logger()
 
-    def __init__(self, store: MailStore, run: Callable[..., Any], clock: Any,
+    def __init__(self, store: MailStore, run: Callable[..., Any], clock: IReactorTime,
                  interval: float = CLEAN_INTERVAL_SECONDS) -> None:
         self._store = store
         self._run = run
-        self._clock = clock
         self._interval = interval
-        self._call: Any = None
+        # A sweep returns a Deferred: the loop waits for it, so sweeps never overlap.
+        self._loop = LoopingCall(self._sweep)
+        self._loop.clock = clock
         self.sweeps = 0
 
     def startService(self) -> None:
         super().startService()
-        self._call = self._clock.callLater(0, self._sweep)
+        self._loop.start(self._interval, now=True)
 
     def stopService(self) -> None:
         super().stopService()
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
+        if self._loop.running:
+            self._loop.stop()
 
-    def _sweep(self) -> None:
-        self._call = None
+    def _sweep(self) -> "Deferred[None]":
         # File ages are wall-clock times, so they are compared with the wall
         # clock; the injected clock only paces the sweeps.
         d = self._run(self._store.clean_all_tmp, time.time())
@@ -420,14 +384,11 @@ class TmpCleaner(Service):
             if removed:
                 self.log.info("maildir: removed {n} stale tmp/ files", n=removed)
 
-        def failed(reason: Any) -> None:
+        def failed(reason: Failure) -> None:
+            # Logged and swallowed: a failed sweep must not stop the loop.
             self.log.failure("maildir: tmp/ sweep failed", reason)
 
-        def again(_: object) -> None:
-            if self.running:
-                self._call = self._clock.callLater(self._interval, self._sweep)
-
-        d.addCallbacks(done, failed).addBoth(again)
+        return d.addCallbacks(done, failed)
 
 
 def _subdirs(path: str) -> list[str]:
