@@ -92,3 +92,29 @@ def test_check_config_warns_about_readable_secrets(tmp_path, certificate):
     assert loud.returncode == 0, loud.stderr
     assert f"warning: tls.key: {loose_key} is readable by group or others (mode 640)" in loud.stderr
     assert f"warning: data_dir: {data} is readable by others (mode 755)" in loud.stderr
+
+
+def test_unknown_users_password_is_checked_against_a_hash_of_todays_cost():
+    """
+    The stand-in hash an unknown user's password is checked against is a
+    constant (no scrypt at import) of the same cost as a new hash, so a
+    login as nobody takes as long as one as somebody.
+    """
+    from twisted_mail_screen.store import accounts
+    from twisted_mail_screen.store.passwords import hash_password, verify_password
+
+    assert accounts._DUMMY_HASH.split("$")[:4] == hash_password("x").split("$")[:4]
+    assert verify_password("not a password anyone has", accounts._DUMMY_HASH)
+
+
+def test_users_file_edited_by_hand_is_read_again(tmp_path):
+    """A hand edit of users or aliases takes effect at the next lookup, no restart."""
+    store = AccountStore(str(tmp_path))
+    assert not store.exists("a@example.test") and store.alias_targets("x@example.test") is None
+    (tmp_path / "users").write_text("a@example.test:scrypt$x\n")
+    (tmp_path / "aliases").write_text("x@example.test: a@example.test\n")
+    assert store.exists("a@example.test")
+    assert store.alias_targets("x@example.test") == ("a@example.test",)
+    # Another size: two writes within one mtime tick are told apart by size (or inode).
+    (tmp_path / "users").write_text("bob@example.test:scrypt$yy\n")
+    assert store.users() == {"bob@example.test": "scrypt$yy"}

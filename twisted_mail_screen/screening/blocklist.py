@@ -38,7 +38,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twisted_mail_screen.runtime.atomic import write_atomically
+from twisted_mail_screen.runtime.filewatch import FileWatch
 from twisted_mail_screen.config.base import ConfigError
 from twisted_mail_screen.screening.netmatch import (
     NetMatcher, Network, NetworkIndex, format_network, parse_host, parse_network)
@@ -102,49 +102,6 @@ class Entry:
         return self.expires is None or self.expires > now
 
 
-class _FileWatch:
-    """Remembers which version of a file was last read or written."""
-
-    def __init__(self, path: str | None) -> None:
-        self.path = path
-        self._signature: tuple[int, int, int] | None = None
-
-    def current(self) -> tuple[int, int, int] | None:
-        if self.path is None:
-            return None
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return None
-        return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-    def changed(self) -> bool:
-        return self.current() != self._signature
-
-    def remember(self) -> None:
-        self._signature = self.current()
-
-    def read(self) -> str:
-        assert self.path is not None
-        try:
-            with open(self.path, encoding="utf-8", errors="replace") as f:
-                text = f.read()
-        except FileNotFoundError:
-            text = ""
-        self.remember()
-        return text
-
-    def write(self, text: str) -> tuple[int, int, int] | None:
-        """Replace the file with C{text}; the new version's signature. Thread-safe."""
-        assert self.path is not None
-        write_atomically(self.path, text.encode("utf-8"), 0o640)
-        return self.current()
-
-    def written(self, signature: tuple[int, int, int] | None) -> None:
-        """The file is now the version L{write} returned C{signature} for."""
-        self._signature = signature
-
-
 class ExpiringFile:
     """
     An in-memory table of L{Entry} backed by a file of
@@ -167,7 +124,7 @@ class ExpiringFile:
         self._canonical = canonical
         self._log = log or Logger()
         self._what = what
-        self._watch = _FileWatch(path)
+        self._watch = FileWatch(path)
         self._entries: dict[str, Entry] = {}
         self._malformed: list[str] = []
         self._pending: dict[str, Entry | None] = {}

@@ -16,26 +16,18 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
+from typing import Callable, Iterator
 
 from twisted.logger import Logger
 
 from twisted_mail_screen.store.addresses import AddressError, normalise_address
 from twisted_mail_screen.runtime.atomic import write_atomically
+from twisted_mail_screen.runtime.filewatch import FileWatch
 from twisted_mail_screen.store.passwords import hash_password, verify_password
 
 
 class AccountError(ValueError):
     """An administrative change that cannot be made, with the reason."""
-
-
-@dataclass
-class _Watched:
-    """A file's parsed contents, kept until the file changes."""
-
-    path: str
-    stamp: tuple[int, int] | None = None
-    value: dict[str, object] | None = None
 
 
 class AccountStore:
@@ -48,23 +40,24 @@ class AccountStore:
     log = Logger()
 
     def __init__(self, data_dir: str) -> None:
-        self._users = _Watched(os.path.join(data_dir, "users"))
-        self._aliases = _Watched(os.path.join(data_dir, "aliases"))
+        self._users = FileWatch(os.path.join(data_dir, "users"))
+        self._aliases = FileWatch(os.path.join(data_dir, "aliases"))
+        # Each file's contents as last parsed, until its FileWatch says it changed.
+        self._parsed: dict[str, dict] = {}
         self._lock = threading.Lock()
 
     # reading
 
-    def _load(self, watched: _Watched, parse) -> dict:
-        try:
-            st = os.stat(watched.path)
-            stamp = (st.st_mtime_ns, st.st_size)
-        except FileNotFoundError:
-            stamp = None
+    def _load(self, watch: FileWatch, parse: Callable[[str], dict]) -> dict:
+        signature = watch.current()
+        path = watch.path
+        assert path is not None
         with self._lock:
-            if watched.value is None or stamp != watched.stamp:
-                watched.value = parse(watched.path) if stamp else {}
-                watched.stamp = stamp
-            return watched.value
+            value = self._parsed.get(path)
+            if value is None or signature != watch.signature:
+                value = self._parsed[path] = parse(path) if signature else {}
+                watch.written(signature)
+            return value
 
     def _parse_users(self, path: str) -> dict[str, str]:
         users: dict[str, str] = {}
@@ -164,7 +157,10 @@ class AccountStore:
         write_atomically(self._aliases.path, body.encode(), 0o644)
 
 
-_DUMMY_HASH = hash_password("not a password anyone has")
+#: A fixed hash (of "not a password anyone has", same cost as every new
+#: hash) that an unknown user's password is checked against; a constant, so
+#: importing this module runs no scrypt.
+_DUMMY_HASH = "scrypt$16384$8$1$vYXnW7It91wTAFCdgBf7mQ==$87yN1oO6oL5x2ya0qmvwPtVBTOLs+Pvpc4OyiKWMkqE="
 
 
 def _checked(address: str) -> str:
@@ -174,7 +170,7 @@ def _checked(address: str) -> str:
         raise AccountError(f"{address!r}: {e}") from e
 
 
-def _lines(path: str):
+def _lines(path: str) -> Iterator[tuple[int, str]]:
     with open(path, encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(f, 1):
             line = line.strip()

@@ -12,11 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 
-from twisted.cred.checkers import ICredentialsChecker
-from twisted.cred.credentials import IUsernamePassword
-from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, succeed
-from zope.interface import implementer
 
 from twisted_mail_screen.store.accounts import AccountStore
 from twisted_mail_screen.store.addresses import AddressError, normalise_address
@@ -96,29 +92,3 @@ class Authenticator:
         if secure or self._config.plaintext_auth == "always":
             return True
         return self._config.plaintext_auth == "loopback" and is_loopback(host)
-
-
-@implementer(ICredentialsChecker)
-class AccountChecker:
-    """L{Authenticator} as a cred checker, for Twisted's IMAP server."""
-
-    credentialInterfaces = (IUsernamePassword,)
-
-    def __init__(self, authenticator: Authenticator) -> None:
-        self._authenticator = authenticator
-
-    def requestAvatarId(self, credentials: IUsernamePassword) -> Deferred:
-        username = credentials.username
-        password = credentials.password
-        if isinstance(username, bytes):
-            username = username.decode("utf-8", "replace")
-        if isinstance(password, bytes):
-            password = password.decode("utf-8", "replace")
-        d = self._authenticator.authenticate(username, password)
-
-        def check(address: str | None) -> bytes:
-            if address is None:
-                raise UnauthorizedLogin()
-            return address.encode()
-
-        return d.addCallback(check)
