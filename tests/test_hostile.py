@@ -26,7 +26,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor
-from twisted.internet.defer import maybeDeferred
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
@@ -36,8 +35,7 @@ from twisted.python.failure import Failure
 
 from twisted_mail_screen.config.settings import load_config
 from twisted_mail_screen.runtime.service import build_service
-from twisted_mail_screen.testing import ephemeral_overrides
-from twisted_mail_screen.runtime.workers import Blocking
+from twisted_mail_screen.testing import InlineWorkers, ephemeral_overrides
 
 # MAILSCREEN_FUZZ_LONG=1: 20,000 random examples per fuzz test (about half an hour
 # in all); HOSTILE_EXAMPLES=N sets the count. The default run is short and
@@ -74,10 +72,7 @@ def server(tmp_path_factory):
     data = str(tmp_path_factory.mktemp("hostile") / "data")
     config = load_config(None, ephemeral_overrides(data, ("smtp", "pop3", "imap")))
     clock = Clock()
-    service = build_service(config, reactor, clock)
-    for child in service:
-        if isinstance(child, Blocking):
-            child.run = lambda f, *a, **kw: maybeDeferred(f, *a, **kw)  # type: ignore[method-assign]
+    service = build_service(config, reactor, clock, workers=InlineWorkers())
     # a few messages for POP3 and IMAP to read
     for i in range(3):
         service.store.deliver(["u@x.test"], b"Subject: m%d\nFrom: a@x.test\n\nbody %d\n.dot\n" % (i, i))

@@ -19,30 +19,12 @@ from twisted_mail_screen.screening.freeze import MemoryFreezeStore
 from twisted_mail_screen.screening.interfaces import ClientScreen, Screening
 from twisted_mail_screen.screening.notify import PostmasterNotifier
 from twisted_mail_screen.screening.service import ScreeningService
+from twisted_mail_screen.testing import RecordingNotifier
 from twisted_mail_screen.screening.config import (
     FreezeConfig, ScreeningConfig, SessionAuthConfig)
 
 START = 1_800_000_000.0
 IP = "192.0.2.7"
-
-
-class RecordingNotifier:
-    def __init__(self) -> None:
-        self.blocks: list[dict[str, Any]] = []
-        self.freezes: list[dict[str, Any]] = []
-
-    def notify_block(self, address: str, rule: str, count: int, limit: int,
-                     window_minutes: int | None, protocol: str, expires: float | None,
-                     minutes: int | None, events: Any = (), offence: int = 1) -> None:
-        self.blocks.append(dict(address=address, rule=rule, count=count, limit=limit,
-                                protocol=protocol, expires=expires, minutes=minutes,
-                                events=list(events), offence=offence))
-
-    def notify_freeze(self, username: str, address: str, protocol: str, failures: int,
-                      limit: int, frozen: bool, expires: float | None,
-                      events: Any = ()) -> None:
-        self.freezes.append(dict(username=username, address=address, frozen=frozen,
-                                 failures=failures))
 
 
 class Harness:

@@ -286,18 +286,13 @@ def test_bare_cr_refused_wherever_the_reads_split(tmp_path):
     from test_hostile import connect, feed
 
     from twisted.internet import reactor
-    from twisted.internet.defer import maybeDeferred
     from twisted.internet.task import Clock
     from twisted_mail_screen.config.settings import load_config
     from twisted_mail_screen.runtime.service import build_service
-    from twisted_mail_screen.testing import ephemeral_overrides
-    from twisted_mail_screen.runtime.workers import Blocking
+    from twisted_mail_screen.testing import InlineWorkers, ephemeral_overrides
 
     config = load_config(None, ephemeral_overrides(str(tmp_path / "data"), ("smtp",)))
-    service = build_service(config, reactor, Clock())
-    for child in service:
-        if isinstance(child, Blocking):
-            child.run = lambda f, *a, **kw: maybeDeferred(f, *a, **kw)  # type: ignore[method-assign]
+    service = build_service(config, reactor, Clock(), workers=InlineWorkers())
     head = b"EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<r@x.test>\r\nDATA\r\n"
     for body, last in ((b"Subject: s\r\n\r\nfine\r\nlines\r\n", b"250"),
                        (b"Subject: s\r\n\r\nbare\rcr\r\n", b"554"),

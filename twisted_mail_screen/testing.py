@@ -9,13 +9,21 @@ poplib, imaplib) from its own thread.
 
 Every listener binds 127.0.0.1 port 0 unless the config says otherwise,
 so tests never collide.
+
+For unit tests that need no socket, in-memory twins of three seams:
+L{InlineWorkers} (a L{Blocking} pool that runs each call at once),
+L{FakeScreening} and L{FakeScreen} (screening that records events and
+refuses or closes on demand) and L{RecordingNotifier} (postmaster notices
+recorded instead of mailed).
 """
 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 
 from twisted_mail_screen.config.settings import Config
@@ -23,22 +31,22 @@ from twisted_mail_screen.runtime.service import MailService, build_service
 
 T = TypeVar("T")
 
-_started = threading.Lock()
-_thread: threading.Thread | None = None
-
 EPHEMERAL = "tcp:0:interface=127.0.0.1"
+REACTOR_THREAD = "reactor"
 
 
 def reactor_thread() -> Any:
-    """Start the global reactor in a daemon thread (once) and return it."""
-    global _thread
+    """
+    Start the global reactor in a daemon thread (once) and return it. The
+    thread is found by name rather than kept in a module global: the
+    reactor is the process's, and so is the thread that runs it. Call it
+    from the test's thread (one caller at a time).
+    """
     from twisted.internet import reactor
 
-    with _started:
-        if _thread is None:
-            _thread = threading.Thread(target=lambda: reactor.run(installSignalHandlers=False),
-                                       name="reactor", daemon=True)
-            _thread.start()
+    if not any(t.name == REACTOR_THREAD for t in threading.enumerate()):
+        threading.Thread(target=lambda: reactor.run(installSignalHandlers=False),
+                         name=REACTOR_THREAD, daemon=True).start()
     return reactor
 
 
@@ -96,3 +104,104 @@ class RunningServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class InlineWorkers:
+    """
+    A stand-in for L{Blocking}: C{run} calls the function at once on the
+    caller's thread and returns an already fired Deferred (its result, or
+    its exception as a failure), so a unit test needs no threads and no
+    reactor turn. C{calls} counts the calls.
+    """
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def run(self, f: Callable[..., T], *args: Any, **kwargs: Any) -> "Deferred[T]":
+        self.calls += 1
+        try:
+            result = f(*args, **kwargs)
+        except BaseException:
+            return fail()
+        return succeed(result)
+
+
+@dataclass
+class FakeScreen:
+    """
+    A L{ClientScreen} that records each event as C{(name, detail)} in
+    C{events} and answers "close the session" for the event names in
+    C{close_on}. C{refusal}, when set, refuses the connection.
+    """
+
+    host: str = ""
+    protocol: str = ""
+    refusal: str | None = None
+    close_on: frozenset[str] = frozenset()
+    blocked: bool = False
+    events: list[tuple[str, str]] = field(default_factory=list)
+
+    def _event(self, name: str, detail: str = "") -> bool:
+        self.events.append((name, detail))
+        return name in self.close_on
+
+    def auth_failed(self, username: str, secret: bytes) -> bool:
+        return self._event("auth_failed", username)
+
+    def auth_succeeded(self, username: str) -> None:
+        self._event("auth_succeeded", username)
+
+    def rcpt_unknown(self) -> bool:
+        return self._event("rcpt_unknown")
+
+    def rset(self) -> bool:
+        return self._event("rset")
+
+    def closed(self) -> None:
+        self._event("closed")
+
+
+class FakeScreening:
+    """
+    A L{Screening} that hands every connection a L{FakeScreen} (kept in
+    C{screens}, newest last), refusing with C{refusal} while it is set and
+    closing sessions on the event names in C{close_on}.
+    """
+
+    def __init__(self, refusal: str | None = None, close_on: frozenset[str] = frozenset()) -> None:
+        self.refusal = refusal
+        self.close_on = close_on
+        self.screens: list[FakeScreen] = []
+
+    def open(self, host: str, protocol: str) -> FakeScreen:
+        screen = FakeScreen(host, protocol, self.refusal, self.close_on)
+        self.screens.append(screen)
+        return screen
+
+
+class RecordingNotifier:
+    """
+    The screening service's notifier, recording each notice's facts (in
+    C{blocks} and C{freezes}) instead of mailing the postmaster.
+    """
+
+    def __init__(self) -> None:
+        self.blocks: list[dict[str, Any]] = []
+        self.freezes: list[dict[str, Any]] = []
+        self.flushes = 0
+
+    def notify_block(self, address: str, rule: str, count: int, limit: int,
+                     window_minutes: int | None, protocol: str, expires: float | None,
+                     minutes: int | None, events: Any = (), offence: int = 1) -> None:
+        self.blocks.append(dict(address=address, rule=rule, count=count, limit=limit,
+                                protocol=protocol, expires=expires, minutes=minutes,
+                                events=list(events), offence=offence))
+
+    def notify_freeze(self, username: str, address: str, protocol: str, failures: int,
+                      limit: int, frozen: bool, expires: float | None,
+                      events: Any = ()) -> None:
+        self.freezes.append(dict(username=username, address=address, frozen=frozen,
+                                 failures=failures))
+
+    def flush(self) -> None:
+        self.flushes += 1

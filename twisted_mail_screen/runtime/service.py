@@ -26,13 +26,14 @@ from twisted_mail_screen.screening.notify import PostmasterNotifier
 from twisted_mail_screen.runtime.endpoints import server_endpoint
 from twisted_mail_screen.screening.service import ScreeningService
 from twisted_mail_screen.screening.admin import register_screening_commands
-from twisted_mail_screen.store.maildir import MailStore, TmpCleaner, UniqueNames
+from twisted_mail_screen.store.maildir import MailStore, TmpCleaner
+from twisted_mail_screen.store.maildir_names import UniqueNames
 from twisted_mail_screen.relay.queue import OutboundQueue
 from twisted_mail_screen.protocols.pop3 import POP3Factory
 from twisted_mail_screen.store.routing import Router
 from twisted_mail_screen.protocols.smtp import SMTPFactory
 from twisted_mail_screen.runtime.tls import load_server_context
-from twisted_mail_screen.runtime.workers import Blocking
+from twisted_mail_screen.runtime.workers import Blocking, Workers
 
 PROTOCOL_TITLES = {"smtp": "SMTP", "submission": "Submission", "pop3": "POP3", "imap": "IMAP",
                    "control": "Control"}
@@ -111,11 +112,14 @@ class MailService(MultiService):
 
 def build_service(config: Config, reactor: Any, clock: IReactorTime | None = None,
                   service_class: type[MailService] = MailService,
-                  store: MailStore | None = None) -> MailService:
+                  store: MailStore | None = None, workers: Workers | None = None) -> MailService:
     """
     Build the server. C{clock} is the time source for timeouts and
     screening (the reactor unless a test drives a C{Clock}). C{store}
-    replaces the Maildir store (tests inject disk faults through it).
+    replaces the Maildir store (tests inject disk faults through it);
+    C{workers} replaces both thread pools (a unit test passes
+    L{twisted_mail_screen.testing.InlineWorkers} to run every blocking
+    call at once, on the reactor thread).
 
     @raise ConfigError: for an endpoint string the reactor cannot use.
     """
@@ -127,8 +131,9 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
     # held the reactor thread (every session waits behind it).
     service.lag = LagMonitor(clock)
     service.lag.setServiceParent(service)
-    blocking = Blocking(reactor, config.storage.threads)
-    blocking.setServiceParent(service)
+    blocking = workers or Blocking(reactor, config.storage.threads)
+    if workers is None:
+        blocking.setServiceParent(service)
     accounts = AccountStore(config.data_dir)
     if store is None:
         store = MailStore(os.path.join(config.data_dir, "mail"), UniqueNames(config.hostname))
@@ -145,8 +150,9 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
     # Password checks get a pool of their own, one thread per core (scrypt is
     # CPU-bound): under a guessing attack they queue there, and deliveries'
     # fsyncs in the storage pool do not wait behind them.
-    hashing = Blocking(reactor, os.cpu_count() or 1, name="mailscreen-auth")
-    hashing.setServiceParent(service)
+    hashing = workers or Blocking(reactor, os.cpu_count() or 1, name="mailscreen-auth")
+    if workers is None:
+        hashing.setServiceParent(service)
     authenticator = Authenticator(config, accounts, hashing)
     router = Router(config, accounts)
     screening = _build_screening(config, clock, accounts, router, delivery)

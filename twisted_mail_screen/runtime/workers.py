@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Protocol, TypeVar
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
@@ -29,6 +29,12 @@ from twisted.python.failure import Failure
 T = TypeVar("T")
 
 _STOP = object()
+
+
+class Workers(Protocol):
+    """What users of a pool call: L{Blocking}, or a test's C{testing.InlineWorkers}."""
+
+    def run(self, f: Callable[..., T], *args: Any, **kwargs: Any) -> "Deferred[T]": ...
 
 
 class Blocking(Service):
