@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, strategies as st
 
-from twisted_mail_screen.protocols.imap.account import dir_name, folder_dir, list_entries, pattern_regex
-from twisted_mail_screen.protocols.imap.mailbox import flag_names, merge_keywords, with_flags
+from twisted_mail_screen.protocols.imap.account import dir_name, folder_dir
+from twisted_mail_screen.protocols.imap.listing import ListPattern, list_entries
+from twisted_mail_screen.protocols.imap.flags import flag_names, merge_keywords, with_flags
 from twisted_mail_screen.protocols.imap.message import Part, filter_headers, section_bytes, to_crlf
 from twisted_mail_screen.protocols.imap.parse import (Atom, BadCommand, format_set, parse_fetch_atts,
                                             parse_section, parse_seqset, quote, tokenize)
@@ -121,11 +122,11 @@ def test_folder_names():
     assert folder_dir("/m", "a.b/Ü") == "/m/.a&AC4-b.&ANw-"
     assert dir_name(".a&AC4-b.&ANw-") == "a.b/Ü"
     assert dir_name(".#deleted-1") is None and dir_name("..") is None
-    entries = dict(list_entries(["INBOX", "x/y", "Sent"], pattern_regex("", "*")))
+    entries = dict(list_entries(["INBOX", "x/y", "Sent"], ListPattern("", "*")))
     assert entries["x"] == ["\\Noselect", "\\HasChildren"]
     assert entries["Sent"] == ["\\HasNoChildren", "\\Sent"]
-    assert [n for n, _ in list_entries(["INBOX", "x/y"], pattern_regex("", "%"))] == ["INBOX", "x"]
-    assert pattern_regex("", "inbox").match("INBOX")
+    assert [n for n, _ in list_entries(["INBOX", "x/y"], ListPattern("", "%"))] == ["INBOX", "x"]
+    assert ListPattern("", "inbox").match("INBOX")
 
 
 HEADER_SAMPLES = [

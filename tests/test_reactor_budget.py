@@ -422,7 +422,7 @@ def test_set_evaluation_agrees_with_message_by_message_evaluation():
     import random
     from array import array
 
-    from twisted_mail_screen.protocols.imap.mailbox import size_of_name
+    from twisted_mail_screen.protocols.imap.flags import size_of_name
     from twisted_mail_screen.protocols.imap.parse import tokenize
     from twisted_mail_screen.protocols.imap.search import Candidate, evaluate, parse_search
     from twisted_mail_screen.protocols.imap.searchplan import Search, Snapshot

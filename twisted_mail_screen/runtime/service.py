@@ -20,6 +20,7 @@ from twisted_mail_screen.config.settings import Config
 from twisted_mail_screen.config.base import ConfigError
 from twisted_mail_screen.store.delivery import Delivery
 from twisted_mail_screen.protocols.imap.server import IMAPFactory
+from twisted_mail_screen.protocols.imap.registry import Registry
 from twisted_mail_screen.runtime.lagmonitor import LagMonitor
 from twisted_mail_screen.runtime.control import ControlFactory, endpoint_description, socket_path
 from twisted_mail_screen.screening.notify import PostmasterNotifier
@@ -163,6 +164,7 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
     register_screening_commands(control, screening, clock, config.freeze.minutes)
     tls = load_server_context(config.tls.certificate, config.tls.key) if config.tls.enabled else None  # type: ignore[arg-type]
     pop3_locks: set[str] = set()
+    imap_registry = Registry(blocking, clock)  # every IMAP listener shares the folder indexes
 
     service.accounts = accounts
     service.store = store
@@ -184,7 +186,7 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
                                     clock=clock, locks=pop3_locks, tls=tls),
         "imap": lambda: IMAPFactory(config=config, store=store, blocking=blocking,
                                     authenticator=authenticator, screening=screening,
-                                    clock=clock, tls=tls),
+                                    clock=clock, registry=imap_registry, tls=tls),
     }
     for kind, descriptions in config.listen.items():
         if kind not in factories:

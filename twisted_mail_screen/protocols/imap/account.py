@@ -18,27 +18,22 @@ the account lock.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import time
-from typing import TYPE_CHECKING, Any
 
+from twisted_mail_screen.protocols.imap.flags import KEYWORDS_FILE
 from twisted_mail_screen.runtime.atomic import write_atomically
 from twisted_mail_screen.protocols.imap.names import (DELIMITER, FolderError, check_name, dir_name, folder_dir,
                                             name_problem)
 from twisted_mail_screen.store.maildir import Maildir
 
-if TYPE_CHECKING:
-    from twisted_mail_screen.protocols.imap.listing import ListPattern
-
 __all__ = ["DELIMITER", "FolderError", "AccountFolders", "check_name", "dir_name", "folder_dir",
-           "list_entries", "pattern_regex"]
+           "SPECIAL_USE"]
 
 SPECIAL_USE = {"Sent": "\\Sent", "Drafts": "\\Drafts", "Trash": "\\Trash",
                "Junk": "\\Junk", "Archive": "\\Archive"}
 SUBSCRIPTIONS = "subscriptions"
 INIT_MARKER = "mailscreen-imap"
-KEYWORDS_FILE = "dovecot-keywords"  # as in imap_mailbox
 DEFAULT_MAX_FOLDERS = 1000
 
 
@@ -239,33 +234,3 @@ class AccountFolders:
                 raise FolderError(f"Too many subscriptions (at most {self.max_folders})", "LIMIT")
         subs.append(name)
         self.save_subscriptions(subs)
-
-
-def pattern_regex(reference: str, pattern: str) -> "ListPattern":
-    """LIST's reference and mailbox pattern: a matcher that never backtracks (L{imap_list})."""
-    from twisted_mail_screen.protocols.imap.listing import ListPattern
-
-    return ListPattern(reference, pattern)
-
-
-def list_entries(names: list[str], regex: Any) -> list[tuple[str, list[str]]]:
-    """(name, attributes) for every existing or implied folder that matches."""
-    existing = set(names)
-    implied: set[str] = set()
-    for n in names:
-        parts = n.split(DELIMITER)
-        for i in range(1, len(parts)):
-            implied.add(DELIMITER.join(parts[:i]))
-    parents = set(implied)
-    out = []
-    for name in sorted(existing | implied, key=lambda n: (n != "INBOX", n)):
-        if not regex.match(name):
-            continue
-        attrs = []
-        if name not in existing:
-            attrs.append("\\Noselect")
-        attrs.append("\\HasChildren" if name in parents else "\\HasNoChildren")
-        if name in SPECIAL_USE:
-            attrs.append(SPECIAL_USE[name])
-        out.append((name, attrs))
-    return out

@@ -19,7 +19,7 @@ import os
 from typing import Any, Sequence, Union
 
 from twisted_mail_screen.protocols.imap.message import Part, envelope, literal, section_response, to_crlf
-from twisted_mail_screen.protocols.imap.mailbox import base_of, flag_names
+from twisted_mail_screen.protocols.imap.flags import base_of, find_file, flag_names
 from twisted_mail_screen.protocols.imap.parse import BadCommand, Section, format_datetime
 
 Row = tuple[int, int, str, int, bool]
@@ -118,20 +118,6 @@ def flags_item(rel: str, keywords: list[str], recent: bool) -> bytes:
     if recent:
         names.append("\\Recent")
     return ("FLAGS (" + " ".join(names) + ")").encode("utf-8", "surrogateescape")
-
-
-def find_file(path: str, rel: str) -> str | None:
-    """The current name of a message whose flags another session changed."""
-    base = base_of(rel)
-    for sub in ("cur", "new"):
-        try:
-            with os.scandir(os.path.join(path, sub)) as it:
-                for e in it:
-                    if e.name == base or e.name.startswith(base + ":"):
-                        return f"{sub}/{e.name}"
-        except FileNotFoundError:
-            continue
-    return None
 
 
 class Cache:
@@ -242,7 +228,7 @@ def cached_rows(rows: Sequence[Row], atts: Sequence[Att], cache: Cache | None) -
     return True
 
 
-def _read(path: str, rel: str, whole: bool, want_stat: bool) -> tuple[str, bytes | None, float | None]:
+def read_message(path: str, rel: str, whole: bool, want_stat: bool) -> tuple[str, bytes | None, float | None]:
     """Open a message (following a rename by another session): its name, data and mtime."""
     for attempt in range(2):
         try:
@@ -297,7 +283,7 @@ def render_rows(path: str, rows: Sequence[Row], atts: Sequence[Att], keywords: l
         data: bytes | None = None
         root: Part | None = None
         if whole or header or (want_env and env is None) or (want_date and mtime is None):
-            rel, data, got = _read(path, rel, whole, want_date and mtime is None)
+            rel, data, got = read_message(path, rel, whole, want_date and mtime is None)
             if data is None:
                 if head and tail:
                     continue
@@ -352,10 +338,6 @@ def chunk_rows(rows: list[Row], atts: Sequence[Att]) -> int:
     return 200
 
 
-def body_budget() -> int:
-    return 4 * 1024 * 1024
-
-
 __all__ = ["distinct_atts", "row_cost", "item_groups", "PIECE_BYTES", "MAX_FETCH_ITEMS",
            "render_rows", "needs_disk", "needs_body", "needs_header", "flags_item", "chunk_rows",
-           "body_budget", "find_file", "cached_rows", "Cache", "Budget", "Row"]
+           "find_file", "read_message", "cached_rows", "Cache", "Budget", "Row"]

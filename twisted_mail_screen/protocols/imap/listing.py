@@ -16,7 +16,7 @@ it needs, so a thousand folders cost the reactor only the writing.
 
 from __future__ import annotations
 
-from twisted_mail_screen.protocols.imap.account import SPECIAL_USE, list_entries
+from twisted_mail_screen.protocols.imap.account import SPECIAL_USE
 from twisted_mail_screen.protocols.imap.names import DELIMITER
 from twisted_mail_screen.protocols.imap.parse import BadCommand, encode_mailbox
 
@@ -103,6 +103,29 @@ class _Everything:
         return True
 
 
+def list_entries(names: list[str], regex: "ListPattern | _Everything") -> list[tuple[str, list[str]]]:
+    """(name, attributes) for every existing or implied folder that matches."""
+    existing = set(names)
+    implied: set[str] = set()
+    for n in names:
+        parts = n.split(DELIMITER)
+        for i in range(1, len(parts)):
+            implied.add(DELIMITER.join(parts[:i]))
+    parents = set(implied)
+    out = []
+    for name in sorted(existing | implied, key=lambda n: (n != "INBOX", n)):
+        if not regex.match(name):
+            continue
+        attrs = []
+        if name not in existing:
+            attrs.append("\\Noselect")
+        attrs.append("\\HasChildren" if name in parents else "\\HasNoChildren")
+        if name in SPECIAL_USE:
+            attrs.append(SPECIAL_USE[name])
+        out.append((name, attrs))
+    return out
+
+
 def list_lines(names: list[str], subs: list[str], patterns: list[ListPattern], lsub: bool,
                select_opts: set[str], return_opts: set[str]) -> list[bytes]:
     """The untagged LIST (or LSUB) lines, without the C{* }: blocking-free but long, for a worker."""
@@ -115,7 +138,7 @@ def list_lines(names: list[str], subs: list[str], patterns: list[ListPattern], l
     for pat in patterns:
         if lsub or "SUBSCRIBED" in select_opts:
             if existing is None and not lsub:
-                existing = dict(list_entries(names, _Everything()))  # type: ignore[arg-type]
+                existing = dict(list_entries(names, _Everything()))
             entries = []
             listed = set()
             for n in subs:
@@ -138,7 +161,7 @@ def list_lines(names: list[str], subs: list[str], patterns: list[ListPattern], l
                                 listed.add(parent)
                             break
         else:
-            entries = list_entries(names, pat)  # type: ignore[arg-type]
+            entries = list_entries(names, pat)
         for n, attrs in entries:
             if n in sent:
                 continue

@@ -22,7 +22,7 @@ import datetime
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Union
+from typing import Union
 
 import twisted.mail.imap4  # noqa: F401  (registers the "imap4-utf-7" codec)
 
@@ -395,14 +395,3 @@ def quote(value: bytes | None) -> bytes:
 
 def literal(value: bytes) -> bytes:
     return b"{%d}\r\n" % len(value) + value
-
-
-def quote_str(value: str | None) -> bytes:
-    return quote(None if value is None else value.encode("utf-8", "surrogateescape"))
-
-
-def iter_atoms(tokens: list[Token]) -> Iterator[str]:
-    for t in tokens:
-        if not isinstance(t, Atom):
-            raise BadCommand("atom expected")
-        yield t

@@ -14,12 +14,14 @@ of that name builds a new index (with the new folder's UIDVALIDITY).
 from __future__ import annotations
 
 from array import array
-from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, DeferredLock, succeed
+from twisted.internet.interfaces import IReactorTime
 
 from twisted_mail_screen.protocols.imap.fetch import Budget
-from twisted_mail_screen.protocols.imap.mailbox import Folder, scan_folder
+from twisted_mail_screen.protocols.imap.mailbox import Folder, FolderListener
+from twisted_mail_screen.protocols.imap.scan import scan_folder
+from twisted_mail_screen.runtime.workers import Blocking
 
 
 class Registry:
@@ -28,7 +30,7 @@ class Registry:
     KEEP_IDLE = 8
     CACHE_BYTES = 32 * 1024 * 1024
 
-    def __init__(self, blocking: Any, clock: Any) -> None:
+    def __init__(self, blocking: Blocking, clock: IReactorTime) -> None:
         self.blocking = blocking
         self.clock = clock
         self.budget = Budget(self.CACHE_BYTES)
@@ -97,11 +99,11 @@ class Registry:
                 if p in self._idle:
                     self._idle[self._idle.index(p)] = f.path
 
-    def sync(self, folder: Folder, claim_for: Any = None, force: bool = False) -> Deferred:
+    def sync(self, folder: Folder, claim_for: FolderListener | None = None, force: bool = False) -> Deferred:
         """Scan C{folder} (under its account lock); fires when applied."""
         return folder.lock.run(self.sync_locked, folder, claim_for, force)
 
-    def open(self, account_path: str, path: str, claim_for: Any = None) -> Deferred:
+    def open(self, account_path: str, path: str, claim_for: FolderListener | None = None) -> Deferred:
         """
         Scan the folder at C{path}; fires with its L{Folder}. When the scan
         finds the indexed folder deleted (and perhaps made again since), the
@@ -117,7 +119,8 @@ class Registry:
 
         return attempt(True)
 
-    def sync_locked(self, folder: Folder, claim_for: Any = None, force: bool = False) -> Deferred:
+    def sync_locked(self, folder: Folder, claim_for: FolderListener | None = None,
+                    force: bool = False) -> Deferred:
         if folder.retired:
             return succeed(None)  # never scanned again: a new folder at its path has its own index
         claimer = claim_for if claim_for is not None else folder.claimer()
@@ -135,7 +138,3 @@ class Registry:
         if folder.loaded:
             return succeed(None)
         return self.sync_locked(folder)
-
-    def run_locked(self, folder: Folder, f: Callable[..., Any], *args: Any) -> Deferred:
-        """Call C{f} (on the reactor; may return a Deferred) holding the account lock."""
-        return folder.lock.run(f, *args)

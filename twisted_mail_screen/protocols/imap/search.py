@@ -20,8 +20,8 @@ import quopri
 import re
 from typing import Any
 
-from twisted_mail_screen.protocols.imap.fetch import find_file
-from twisted_mail_screen.protocols.imap.mailbox import flag_names
+from twisted_mail_screen.protocols.imap.fetch import read_message
+from twisted_mail_screen.protocols.imap.flags import find_file, flag_names
 from twisted_mail_screen.protocols.imap.message import (Part, all_headers_text, decoded_header_values,
                                               fast_headers, to_crlf)
 from twisted_mail_screen.protocols.imap.parse import (MAX_DEPTH, Atom, BadCommand, SeqSet, Token, astring,
@@ -158,9 +158,7 @@ class Candidate:
         self._body: str | None = None
 
     def _read(self, whole: bool) -> bytes:
-        from twisted_mail_screen.protocols.imap.fetch import _read
-
-        rel, data, _ = _read(self.path, self.rel, whole, False)
+        rel, data, _ = read_message(self.path, self.rel, whole, False)
         self.rel = rel
         return data or b""
 

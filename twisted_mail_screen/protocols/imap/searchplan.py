@@ -23,7 +23,7 @@ import bisect
 from array import array
 from typing import Any, Iterable, Sequence
 
-from twisted_mail_screen.protocols.imap.mailbox import FLAG_LETTERS, info_of, size_of_name
+from twisted_mail_screen.protocols.imap.flags import FLAG_LETTERS, info_of, size_of_name
 from twisted_mail_screen.protocols.imap.parse import Token
 from twisted_mail_screen.protocols.imap.search import Candidate, Node, evaluate, needs, parse_search
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 import bisect
 from array import array
 
-from twisted_mail_screen.protocols.imap import mailbox as mb
+from twisted_mail_screen.protocols.imap.filejobs import rename_files, unlink_files
+from twisted_mail_screen.protocols.imap.flags import base_of, flag_names, info_of, with_flags
 from twisted_mail_screen.protocols.imap.parse import SeqSet, Token, parse_seqset
 
 
@@ -26,18 +27,18 @@ def plan_renames(rows: list[tuple[int, str]], mode: str, flags: list[str],
     infos: dict[str, str] = {}
     out = []
     for u, rel in rows:
-        info = mb.info_of(rel)
+        info = info_of(rel)
         new_info = infos.get(info)
         if new_info is None:
-            current = mb.flag_names(rel, old_keywords)
+            current = flag_names(rel, old_keywords)
             if mode == "+":
                 new = current + flags
             elif mode == "-":
                 new = [f for f in current if f.lower() not in lowered]
             else:
                 new = list(flags)
-            new_info = infos[info] = mb.info_of(mb.with_flags(rel, new, keywords))
-        target = f"cur/{mb.base_of(rel)}:2,{new_info}"
+            new_info = infos[info] = info_of(with_flags(rel, new, keywords))
+        target = f"cur/{base_of(rel)}:2,{new_info}"
         if target != rel:
             out.append((u, rel, target))
     return out
@@ -50,7 +51,7 @@ def store_files(path: str, rows: list[tuple[int, str]], mode: str, flags: list[s
     renames = plan_renames(rows, mode, flags, old_keywords, keywords)
     if not renames and changed_keywords is None:
         return []
-    return mb.rename_files(path, renames, changed_keywords)
+    return rename_files(path, renames, changed_keywords)
 
 
 #: A sequence set longer than this (characters) is parsed and resolved in
@@ -88,5 +89,5 @@ def expunge_files(path: str, uids: "array[int]", names: list[str], view: "array[
     star = view[-1] if len(view) else 0
     shown = set(view)
     doomed = [(u, n) for u, n in zip(uids, names)
-              if "T" in mb.info_of(n) and u in shown and (seqset is None or seqset.contains(u, star))]
-    return mb.unlink_files(path, doomed)
+              if "T" in info_of(n) and u in shown and (seqset is None or seqset.contains(u, star))]
+    return unlink_files(path, doomed)

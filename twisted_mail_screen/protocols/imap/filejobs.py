@@ -1,0 +1,146 @@
+# -*- test-case-name: tests.test_imap_concurrency -*-
+"""
+Jobs that change a folder's files: flag renames, expunge unlinks, COPY
+and MOVE between folders, APPEND, and the UID map writes that make new
+UIDs durable. Each runs in the worker thread under the account lock; the
+caller applies the result to the L{Folder} index on the reactor.
+"""
+
+from __future__ import annotations
+
+import os
+from array import array
+from typing import Any, Iterable
+
+from twisted_mail_screen.protocols.imap.flags import (base_of, find_file, flag_names, info_of,
+                                                      merge_keywords, save_keywords, with_flags)
+from twisted_mail_screen.runtime.atomic import fsync_directory
+from twisted_mail_screen.store import uidlist
+from twisted_mail_screen.store.maildir import Maildir, link_or_copy
+from twisted_mail_screen.store.maildir_names import UniqueNames
+
+
+def write_uidlist(path: str, uidvalidity: int, next_uid: int, uids: Iterable[int],
+                  names: Iterable[str]) -> None:
+    uidlist.UidList(uidvalidity, next_uid, array("L", uids), [base_of(n) for n in names]).save(path)
+
+
+def add_to_uidlist(path: str, uidvalidity: int, next_uid: int, uids: Iterable[int],
+                   names: Iterable[str], added: list[tuple[int, str]]) -> None:
+    """
+    Make new messages' UIDs durable: append their lines to the folder's map
+    (one small fsync'd write), or write the whole map (C{uids}/C{names}
+    already including C{added}) if there is no file to append to.
+    """
+    try:
+        uidlist.append_records(path, [(u, base_of(n)) for u, n in added])
+    except FileNotFoundError:
+        write_uidlist(path, uidvalidity, next_uid, uids, names)
+
+
+def rename_files(path: str, renames: list[tuple[int, str, str]],
+                 keywords: list[str] | None) -> list[tuple[int, str]]:
+    """Flag changes: rename each file; returns the (uid, new name) that were done."""
+    if keywords is not None:
+        save_keywords(path, keywords)
+    done = []
+    for uid, old, new in renames:
+        try:
+            os.rename(os.path.join(path, old), os.path.join(path, new))
+        except FileNotFoundError:
+            now = find_file(path, old)
+            if now is None:
+                continue
+            new = new.split(":", 1)[0] + ":2," + info_of(new)
+            new = "cur/" + new[4:]
+            try:
+                os.rename(os.path.join(path, now), os.path.join(path, new))
+            except FileNotFoundError:
+                continue
+        done.append((uid, new))
+    return done
+
+
+def unlink_files(path: str, doomed: list[tuple[int, str]]) -> list[int]:
+    gone = []
+    for uid, rel in doomed:
+        try:
+            os.unlink(os.path.join(path, rel))
+        except FileNotFoundError:
+            now = find_file(path, rel)
+            if now is not None:
+                try:
+                    os.unlink(os.path.join(path, now))
+                except FileNotFoundError:
+                    pass
+        gone.append(uid)
+    return gone
+
+
+def transfer_files(src: str, dst: str, rows: list[tuple[int, str]], src_keywords: list[str],
+                   dst_keywords: list[str], move: bool, names: UniqueNames,
+                   uidvalidity: int, next_uid: int, dst_uids: "array[int]",
+                   dst_names: list[str]) -> tuple[list[tuple[int, int, str]], int, list[str]]:
+    """
+    COPY (hard links) or MOVE (renames) of C{rows} into folder C{dst};
+    UIDs in C{dst} are given in the order of C{rows} and its uidlist is
+    written before returning. Returns ((src uid, dst uid, dst name), ...),
+    the new next UID and C{dst}'s keyword list.
+    """
+    wanted = []
+    for _, rel in rows:
+        wanted += [f for f in flag_names(rel, src_keywords) if not f.startswith("\\")]
+    keywords = merge_keywords(dst_keywords, wanted)
+    if keywords is None:
+        keywords = list(dst_keywords)  # keywords past the 26th are dropped
+    if keywords != dst_keywords:
+        save_keywords(dst, keywords)
+    done = []
+    for uid, rel in rows:
+        flags = flag_names(rel, src_keywords)
+        base = base_of(rel) if move else names.copy_of(base_of(rel))
+        target = with_flags(f"cur/{base}", flags, keywords)
+        source = os.path.join(src, rel)
+        for attempt in range(2):
+            try:
+                if move:
+                    os.rename(source, os.path.join(dst, target))
+                else:
+                    link_or_copy(source, os.path.join(dst, target))
+                break
+            except FileNotFoundError:
+                now = find_file(src, rel) if attempt == 0 else None
+                if now is None:
+                    target = ""
+                    break
+                source = os.path.join(src, now)
+        if not target:
+            continue
+        done.append((uid, next_uid, target))
+        next_uid += 1
+    if done:
+        fsync_directory(os.path.join(dst, "cur"))
+        if move:
+            fsync_directory(os.path.join(src, "cur"))
+        add_to_uidlist(dst, uidvalidity, next_uid, list(dst_uids) + [d for _, d, _ in done],
+                       list(dst_names) + [t for _, _, t in done], [(d, t) for _, d, t in done])
+    return done, next_uid, keywords
+
+
+def append_file(store: Any, path: str, data: bytes, flags: list[str], date: float | None,
+                keywords: list[str], uidvalidity: int, next_uid: int, uids: "array[int]",
+                names: list[str]) -> tuple[int, str, list[str]]:
+    """APPEND: deliver durably, set the internal date, give it the next UID."""
+    merged = merge_keywords(keywords, flags)
+    if merged is None:
+        raise ValueError("too many keywords")
+    if merged != keywords:
+        save_keywords(path, merged)
+    letters = info_of(with_flags("cur/x", flags, merged))
+    name = store.deliver_to([Maildir(path)], data.replace(b"\r\n", b"\n"), letters)
+    rel = ("cur/" if letters else "new/") + name
+    if date is not None:
+        os.utime(os.path.join(path, rel), (date, date))
+    add_to_uidlist(path, uidvalidity, next_uid + 1, list(uids) + [next_uid], list(names) + [rel],
+                   [(next_uid, rel)])
+    return next_uid, rel, merged
