@@ -88,7 +88,7 @@ def run_one(n: int) -> dict[str, float]:
     gc.enable()
     return {
         "n": n,
-        "tracked": service.stats()["tracked"],
+        "tracked": service.admin.stats()["tracked"],
         "insert_us": insert / n * 1e6,
         "decide_us": decide / len(sample) * 1e6,
         "auth_us": auth / len(sample) * 1e6,

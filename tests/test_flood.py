@@ -343,8 +343,8 @@ def test_flood_blocks_attackers_and_serves_the_legitimate_client(
     # lose one (MailStore.deliver_to creates cur/ first and another delivery
     # takes an existing cur/ to mean tmp/ exists too; reported separately).
     server.service.store.maildir("postmaster@example.test").create()
-    assert not screening.is_whitelisted("127.0.0.1")
-    assert not screening.is_whitelisted(attacker_address(0))
+    assert not screening.admin.is_whitelisted("127.0.0.1")
+    assert not screening.admin.is_whitelisted(attacker_address(0))
     ports = {kind: server.port(kind) for kind in PROTOCOLS}
 
     def spawn(role: str, *arguments: object) -> subprocess.Popen:
@@ -447,7 +447,7 @@ def test_flood_blocks_attackers_and_serves_the_legitimate_client(
     # Exactly at the limits: N failed logins, then refused; N connections, then refused.
     assert {r["attempts"] for r in results if r["login"]} == {MAX_AUTH_FAILURES}
     assert {r["attempts"] for r in results if not r["login"]} == {MAX_CONNECTIONS}
-    blocked = {name for name, _, _ in screening.blocks()}
+    blocked = {name for name, _, _ in screening.admin.blocks()}
     assert blocked == {r["address"] for r in results}
     assert "127.0.0.1" not in blocked
 

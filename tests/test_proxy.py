@@ -161,7 +161,7 @@ def test_trusted_header_sets_the_peer_for_screening_and_received(start_server, a
     server, _ = serve(start_server, listen__pop3=[HAPROXY], listen__imap=[HAPROXY])
     send_message(Peer(server.port("smtp"), PROXY, v1("203.0.113.7")))
     assert "([203.0.113.7])" in received_lines(tmp_path)[0]
-    in_reactor(server.service.screening.block, "203.0.113.7", 30, "test")
+    in_reactor(server.service.screening.admin.block, "203.0.113.7", 30, "test")
     for kind, refusal in (("smtp", b"421 4.7.0"), ("pop3", b"-ERR [SYS/TEMP]"),
                           ("imap", b"* BYE [UNAVAILABLE]")):
         blocked = Peer(server.port(kind), PROXY, v1("203.0.113.7"))
@@ -191,7 +191,7 @@ def test_empty_source_uses_the_proxys_address_and_is_screened(start_server, acco
         replies.append(peer.command(f"AUTH PLAIN {wrong}"))
         peer.close()
     assert all(r.startswith(b"535") or r.startswith(b"421") for r in replies)
-    assert [name for name, _, _ in in_reactor(server.service.screening.blocks)] == [PROXY]
+    assert [name for name, _, _ in in_reactor(server.service.screening.admin.blocks)] == [PROXY]
     refused = Peer(server.port("smtp"), PROXY, empty)
     assert refused.reply().startswith(b"421 4.7.0")
     refused.close()
@@ -211,7 +211,7 @@ def test_empty_source_uses_the_proxys_address_and_is_screened(start_server, acco
 def test_sources_without_a_client_address_use_the_proxys(start_server, accounts, header):
     """LOCAL, UNKNOWN, AF_UNIX, datagram and unparsable sources: screened as the proxy."""
     server, _ = serve(start_server)
-    in_reactor(server.service.screening.block, PROXY, 30, "test")
+    in_reactor(server.service.screening.admin.block, PROXY, 30, "test")
     peer = Peer(server.port("smtp"), PROXY, header)
     assert peer.reply().startswith(b"421 4.7.0")
     peer.close()
@@ -226,7 +226,7 @@ def test_sources_without_a_client_address_use_the_proxys(start_server, accounts,
 def test_v2_and_tcp6_headers_give_the_client(start_server, accounts, tmp_path, header, client):
     """v2 IPv4/IPv6 (with TLVs) and v1 TCP6 headers set the peer, and the proxy's block does not apply."""
     server, _ = serve(start_server)
-    in_reactor(server.service.screening.block, PROXY, 30, "test")
+    in_reactor(server.service.screening.admin.block, PROXY, 30, "test")
     send_message(Peer(server.port("smtp"), PROXY, header))
     assert f"([{client}])" in received_lines(tmp_path)[0]
 

@@ -92,7 +92,7 @@ def test_connections_below_limit(tmp: Path) -> None:
     """max_connections connections in the window are all served."""
     h = Harness(tmp, max_connections=3)
     assert [h.connect() for _ in range(3)] == [None, None, None]
-    assert h.service.blocks() == []
+    assert h.service.admin.blocks() == []
 
 
 def test_connection_over_limit_blocks(tmp: Path) -> None:
@@ -102,7 +102,7 @@ def test_connection_over_limit_blocks(tmp: Path) -> None:
         assert h.connect() is None
     refusal = h.connect()
     assert refusal == f"{IP} blocked until {format_expiry(START + 1800)} (connections)"
-    [(addr, expires, reason)] = h.service.blocks()
+    [(addr, expires, reason)] = h.service.admin.blocks()
     assert (addr, expires) == (IP, START + 1800)
     assert reason == "connections: 4/3 in 5m (smtp)"
     assert h.notifier.blocks[0]["rule"] == "connections"
@@ -160,11 +160,11 @@ def test_refused_connections_do_not_extend(tmp: Path) -> None:
     h.connect()
     h.connect()
     assert h.blocked()
-    [(_, expires, _)] = h.service.blocks()
+    [(_, expires, _)] = h.service.admin.blocks()
     for _ in range(100):
         h.clock.advance(5)
         assert h.blocked()
-    assert h.service.blocks()[0][1] == expires
+    assert h.service.admin.blocks()[0][1] == expires
     h.clock.advance(expires - h.clock.seconds())
     assert h.connect() is None
     assert h.connect() is None  # counters started afresh
@@ -181,7 +181,7 @@ def test_simultaneous_refused_not_blocked(tmp: Path) -> None:
     assert a.refusal is None and b.refusal is None
     c = h.open()
     assert c.refusal is not None and "simultaneous" in c.refusal
-    assert h.service.blocks() == []
+    assert h.service.admin.blocks() == []
     a.closed()
     d = h.open()
     assert d.refusal is None
@@ -196,7 +196,7 @@ def test_simultaneous_blocks_when_configured(tmp: Path) -> None:
     a.closed()
     b.closed()
     assert h.blocked()
-    assert h.service.blocks()[0][2] == "simultaneous: 3/2 at once (smtp)"
+    assert h.service.admin.blocks()[0][2] == "simultaneous: 3/2 at once (smtp)"
 
 
 # Authentication failures
@@ -267,7 +267,7 @@ def test_secret_never_stored(tmp: Path) -> None:
     h = Harness(tmp, max_auth_failures=10)
     screen = h.open()
     screen.auth_failed("bob@example.com", b"hunter2-secret")
-    record = h.service._clients[IP]  # type: ignore[attr-defined]
+    record = h.service.rules._clients[IP]  # type: ignore[attr-defined]
     [(_, digest)] = record.auth
     assert len(digest) == 8 and b"hunter2" not in digest
     assert not any("hunter2" in line for line in h.lines)
@@ -304,9 +304,9 @@ def test_failed_rcpts(tmp: Path) -> None:
     assert screen.rcpt_unknown() is False
     assert screen.rset() is False
     assert screen.rcpt_unknown() is False
-    assert not h.service.blocks()
+    assert not h.service.admin.blocks()
     assert screen.rcpt_unknown() is True
-    assert h.service.blocks()[0][2] == "failed_rcpts: 3/3 in one session (smtp)"
+    assert h.service.admin.blocks()[0][2] == "failed_rcpts: 3/3 in one session (smtp)"
     screen.closed()
     assert h.blocked()
 
@@ -343,7 +343,7 @@ def test_zero_disables_a_rule(tmp: Path) -> None:
         screen.rset()
         screen.rcpt_unknown()
         screen.auth_failed("a@b", os.urandom(8))
-    assert h.service.blocks() == []
+    assert h.service.admin.blocks() == []
 
 
 # Authenticated sessions
@@ -359,7 +359,7 @@ def test_exempt_authenticated(tmp: Path) -> None:
         assert screen.rset() is False
         assert screen.rcpt_unknown() is False
         assert screen.auth_failed("x@y", os.urandom(4)) is False
-    assert h.service.blocks() == []
+    assert h.service.admin.blocks() == []
 
 
 def test_not_exempt_when_configured(tmp: Path) -> None:
@@ -377,10 +377,10 @@ def test_not_exempt_when_configured(tmp: Path) -> None:
 def offend(h: Harness) -> float:
     """Trigger a block by RSETs and return its length in minutes."""
     screen = h.open()
-    while not h.service.blocks():
+    while not h.service.admin.blocks():
         screen.rset()
     screen.closed()
-    [(_, expires, _)] = h.service.blocks()
+    [(_, expires, _)] = h.service.admin.blocks()
     return (expires - h.clock.seconds()) / 60
 
 
@@ -410,7 +410,7 @@ def test_unblock_forgives(tmp: Path) -> None:
     """An administrator's unblock also forgets the offence history."""
     h = Harness(tmp, max_rsets=1, block_minutes=30)
     offend(h)
-    assert h.service.unblock(IP)
+    assert h.service.admin.unblock(IP)
     assert h.connect() is None
     assert offend(h) == 30
 
@@ -426,15 +426,15 @@ def test_whitelist_never_counted(tmp: Path) -> None:
     assert all(s.refusal is None for s in screens)
     for s in screens:
         assert s.rset() is False and s.auth_failed("a@b", b"x") is False
-    assert h.service.blocks() == []
-    assert h.service.stats()["tracked"] == 0
+    assert h.service.admin.blocks() == []
+    assert h.service.admin.stats()["tracked"] == 0
 
 
 def test_whitelist_wins_over_blocklist(tmp: Path) -> None:
     """A white-listed address is served even while it is on the block list."""
     h = Harness(tmp, whitelist=("192.168.*.*",))
-    h.service.block("192.168.1.0/24", None, "typo by admin")
-    h.service.block(IP, None, "")
+    h.service.admin.block("192.168.1.0/24", None, "typo by admin")
+    h.service.admin.block(IP, None, "")
     assert h.connect("192.168.1.5") is None
     assert h.connect(IP) is not None
 
@@ -442,14 +442,14 @@ def test_whitelist_wins_over_blocklist(tmp: Path) -> None:
 def test_runtime_whitelist_persists(tmp: Path) -> None:
     """whitelist_add is kept in whitelist.txt and survives a restart; remove works."""
     h = Harness(tmp, max_connections=1)
-    h.service.whitelist_add("192.0.2.0/28", "monitoring")
+    h.service.admin.whitelist_add("192.0.2.0/28", "monitoring")
     assert "192.0.2.0/28" in (tmp / "whitelist.txt").read_text()
     assert [h.connect() for _ in range(5)] == [None] * 5
     h2 = h.restart(max_connections=1, whitelist=("10.0.0.1",))
-    assert h2.service.whitelist_list() == [("10.0.0.1", "config"), ("192.0.2.0/28", "runtime")]
+    assert h2.service.admin.whitelist_list() == [("10.0.0.1", "config"), ("192.0.2.0/28", "runtime")]
     assert h2.connect() is None and h2.connect() is None
-    assert h2.service.whitelist_remove("192.0.2.0/28")
-    assert not h2.service.whitelist_remove("192.0.2.0/28")
+    assert h2.service.admin.whitelist_remove("192.0.2.0/28")
+    assert not h2.service.admin.whitelist_remove("192.0.2.0/28")
     h2.connect()
     assert h2.blocked()
 
@@ -480,7 +480,7 @@ def test_ipv6_aggregated_by_prefix(tmp: Path) -> None:
     assert refusal is not None and refusal.startswith("2001:db8:1:2::/64 blocked")
     assert h.blocked("2001:db8:1:2::abcd")
     assert not h.blocked("2001:db8:1:3::1")
-    assert h.service.blocks()[0][0] == "2001:db8:1:2::/64"
+    assert h.service.admin.blocks()[0][0] == "2001:db8:1:2::/64"
 
 
 def test_ipv4_mapped_is_ipv4(tmp: Path) -> None:
@@ -489,7 +489,7 @@ def test_ipv4_mapped_is_ipv4(tmp: Path) -> None:
     h.connect("::ffff:192.0.2.7")
     h.connect("192.0.2.7")
     assert h.connect("::ffff:192.0.2.7") is not None
-    assert h.service.blocks()[0][0] == "192.0.2.7"
+    assert h.service.admin.blocks()[0][0] == "192.0.2.7"
     assert h.blocked("192.0.2.7")
 
 
@@ -529,11 +529,11 @@ def test_restart_keeps_expiries(tmp: Path) -> None:
     """A new service on the same files refuses the same clients until the same second."""
     h = Harness(tmp, max_auth_failures=1)
     h.open().auth_failed("a@b", b"x")
-    h.service.block("2001:db8::/48", 60, "spam run")
-    before = h.service.blocks()
+    h.service.admin.block("2001:db8::/48", 60, "spam run")
+    before = h.service.admin.blocks()
     h.clock.advance(100)
     h2 = h.restart()
-    assert h2.service.blocks() == before
+    assert h2.service.admin.blocks() == before
     assert h2.blocked(IP) and h2.blocked("2001:db8:0:5::1")
     h2.clock.advance(before[0][1] - h2.clock.seconds())
     assert h2.connect() is None
@@ -573,7 +573,7 @@ def test_disabled_leaves_everything_alone(tmp: Path) -> None:
     assert path.read_text() == f"{IP}  +30  # hand\n"
     assert os.stat(path).st_mtime_ns == stat.st_mtime_ns
     assert h.clock.getDelayedCalls() == []
-    assert h.service.stats()["tracked"] == 0
+    assert h.service.admin.stats()["tracked"] == 0
 
 
 # Bounded state
@@ -585,11 +585,11 @@ def test_eviction_cap(tmp: Path) -> None:
     for i in range(1000):
         h.connect(f"10.0.{i // 256}.{i % 256}")
         h.clock.advance(0.01)
-    stats = h.service.stats()
+    stats = h.service.admin.stats()
     assert stats["tracked"] <= 100
     assert stats["evicted"] >= 900
-    assert "10.0.3.231" in h.service._clients  # type: ignore[attr-defined]
-    assert "10.0.0.0" not in h.service._clients  # type: ignore[attr-defined]
+    assert "10.0.3.231" in h.service.rules._clients  # type: ignore[attr-defined]
+    assert "10.0.0.0" not in h.service.rules._clients  # type: ignore[attr-defined]
     assert any("action=evict" in line for line in h.lines)
 
 
@@ -598,11 +598,11 @@ def test_idle_clients_pruned(tmp: Path) -> None:
     h = Harness(tmp, max_auth_failures=5)
     for i in range(50):
         h.open(f"10.0.0.{i}").auth_failed("a@b", b"x")
-    assert h.service.stats()["tracked"] == 50
+    assert h.service.admin.stats()["tracked"] == 50
     h.clock.pump([1] * 60)
-    assert h.service.stats()["tracked"] == 50
+    assert h.service.admin.stats()["tracked"] == 50
     h.clock.pump([1] * (15 * 60))
-    assert h.service.stats()["tracked"] == 0
+    assert h.service.admin.stats()["tracked"] == 0
 
 
 def test_recent_clients_survive_prune(tmp: Path) -> None:
@@ -626,7 +626,7 @@ def test_session_auth_closes(tmp: Path) -> None:
     assert screen.auth_failed("bob@example.com", b"1") is False
     assert screen.auth_failed("bob@example.com", b"2") is False
     assert screen.auth_failed("bob@example.com", b"3") is True
-    assert h.service.blocks() == []
+    assert h.service.admin.blocks() == []
     assert not h.freeze_store.is_frozen("bob@example.com")
     assert h.notifier.freezes == []
     assert any("action=close client=192.0.2.7 rule=session_auth count=3/3" in line
@@ -644,7 +644,7 @@ def test_session_auth_freezes_and_notifies(tmp: Path) -> None:
     assert h.freeze_store.entries()[0].expires == START + 3600
     assert h.notifier.freezes == [dict(username="bob@example.com", address=IP,
                                        frozen=True, failures=2)]
-    assert h.service.thaw("bob@example.com")
+    assert h.service.admin.thaw("bob@example.com")
     assert not h.freeze_store.is_frozen("bob@example.com")
 
 
@@ -670,17 +670,17 @@ def test_session_auth_unknown_accounts_not_frozen(tmp: Path) -> None:
 def test_admin_block_unblock(tmp: Path) -> None:
     """block/unblock/blocks act at once and are written at once."""
     h = Harness(tmp)
-    entry = h.service.block("198.51.100.0/24", 15, "spam run")
+    entry = h.service.admin.block("198.51.100.0/24", 15, "spam run")
     assert entry.reason == "manual: spam run"
     assert h.blocked("198.51.100.77")
     assert "198.51.100.0/24" in (tmp / "blocklist.txt").read_text()
-    assert h.service.blocks() == [("198.51.100.0/24", START + 900, "manual: spam run")]
+    assert h.service.admin.blocks() == [("198.51.100.0/24", START + 900, "manual: spam run")]
     refusal = h.connect("198.51.100.77")
     assert refusal == f"198.51.100.77 blocked until {format_expiry(START + 900)} (manual)"
-    assert h.service.unblock("198.51.100.77")
+    assert h.service.admin.unblock("198.51.100.77")
     assert not h.blocked("198.51.100.77")
-    assert not h.service.unblock("198.51.100.77")
-    forever = h.service.block(IP, None, "")
+    assert not h.service.admin.unblock("198.51.100.77")
+    forever = h.service.admin.block(IP, None, "")
     assert forever.expires is None
     assert h.connect() == f"{IP} blocked until removed (manual)"
 
@@ -701,7 +701,7 @@ def test_thousand_blocks_few_mails(tmp: Path) -> None:
         service.open(f"10.1.{i // 256}.{i % 256}", "smtp").auth_failed("a@b", b"x")
         clock.advance(0.1)
     clock.pump([1] * 700)
-    assert len(service.blocks()) == 1000
+    assert len(service.admin.blocks()) == 1000
     assert len(sent) == 6
     text = (tmp / "blocklist.txt").read_text()
     assert text.count("auth_failures: 1/1") == 1000
@@ -710,7 +710,7 @@ def test_thousand_blocks_few_mails(tmp: Path) -> None:
 def test_refusal_logged(tmp: Path) -> None:
     """A refused connection is one structured log line naming the entry and rule."""
     h = Harness(tmp)
-    h.service.block("192.0.2.0/24", 10, "x")
+    h.service.admin.block("192.0.2.0/24", 10, "x")
     h.connect(IP, "pop3")
     assert any(line.startswith("screening: action=refuse client=192.0.2.7 rule=manual "
                                "blocked=192.0.2.0/24 until=") and "protocol=pop3" in line
@@ -757,18 +757,18 @@ def test_one_log_line_per_decision(tmp: Path) -> None:
     [freeze] = decision_lines(h, "freeze")
     assert freeze.startswith("screening: action=freeze client=192.0.2.8 rule=session_auth "
                              "count=2/2 protocol=imap account=bob@example.com until=")
-    h.service.unblock(IP)
+    h.service.admin.unblock(IP)
     [unblock] = decision_lines(h, "unblock")
     assert unblock == "screening: action=unblock client=192.0.2.7 rule=connections"
-    h.service.whitelist_add("198.51.100.0/24", "lab")
-    h.service.whitelist_remove("198.51.100.0/24")
+    h.service.admin.whitelist_add("198.51.100.0/24", "lab")
+    h.service.admin.whitelist_remove("198.51.100.0/24")
     assert len(decision_lines(h, "whitelist-add")) == 1
     assert len(decision_lines(h, "whitelist-remove")) == 1
-    h.service.block("203.0.113.9", 1, "by hand")
+    h.service.admin.block("203.0.113.9", 1, "by hand")
     h.clock.advance(61)
     [expire] = decision_lines(h, "expire")
     assert expire.startswith("screening: action=expire client=203.0.113.9 reason=manual")
-    h.service.thaw("bob@example.com")
+    h.service.admin.thaw("bob@example.com")
     assert len(decision_lines(h, "thaw")) == 1
     actions = [line.split()[1] for line in h.lines if line.startswith("screening: action=")]
     assert len(actions) == 10, h.lines
@@ -783,8 +783,8 @@ def test_blocking_costs_the_same_with_a_long_list(tmp: Path, monkeypatch: pytest
 
     h = Harness(tmp, max_connections=1)
     for i in range(5000):
-        h.service._blocklist.add(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}",  # type: ignore[attr-defined]
-                                 START + 3600, "manual")
+        h.service.state.blocklist.add(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}",
+                                       START + 3600, "manual")
     calls = []
     real = blocklist_module.parse_network
     monkeypatch.setattr(blocklist_module, "parse_network",
@@ -792,7 +792,7 @@ def test_blocking_costs_the_same_with_a_long_list(tmp: Path, monkeypatch: pytest
     h.connect()
     assert h.blocked()  # an automatic block: the 5001st entry
     assert h.blocked("10.0.19.135")
-    assert h.service.unblock(IP)
+    assert h.service.admin.unblock(IP)
     assert not h.blocked("192.0.2.7")
     assert len(calls) <= 6, len(calls)
 

@@ -146,7 +146,7 @@ FAILURE = {"smtp": b"535 5.7.8 ", "submission": b"535 5.7.8 ", "pop3": b"-ERR [A
 def wait_active(server, count: int) -> None:
     """Wait until the server has seen the client's connections close (not a time window)."""
     deadline = time.monotonic() + 10
-    while in_reactor(server.service.screening.stats)["active"] != count:
+    while in_reactor(server.service.screening.admin.stats)["active"] != count:
         assert time.monotonic() < deadline, "the server never saw the close"
         time.sleep(0.01)
 
@@ -158,11 +158,11 @@ def wait_active(server, count: int) -> None:
 def test_refusal_reply_exactly_then_closed(start_server, accounts, kind):
     """A blocked address gets exactly the protocol's refusal line, then the server closes."""
     server = site(start_server)
-    in_reactor(server.service.screening.block, "127.0.0.1", 30, "test")
+    in_reactor(server.service.screening.admin.block, "127.0.0.1", 30, "test")
     assert re.fullmatch(REFUSAL[kind] + rf"127\.0\.0\.1 blocked until {EXPIRY} \(manual\)\r\n",
                         refusal(server, kind))
-    in_reactor(server.service.screening.unblock, "127.0.0.1")
-    in_reactor(server.service.screening.block, "127.0.0.0/8", None, "")
+    in_reactor(server.service.screening.admin.unblock, "127.0.0.1")
+    in_reactor(server.service.screening.admin.block, "127.0.0.0/8", None, "")
     assert re.fullmatch(REFUSAL[kind] + r"127\.0\.0\.1 blocked until removed \(manual\)\r\n",
                         refusal(server, kind))
 
@@ -209,7 +209,7 @@ def test_simultaneous_limit(start_server, accounts, kind):
     text = refusal(server, kind)
     assert re.fullmatch(REFUSAL[kind] + r"127\.0\.0\.1 has too many simultaneous connections "
                         r"\(2\) \(simultaneous\)\r\n", text), text
-    assert server.service.screening.blocks() == []
+    assert server.service.screening.admin.blocks() == []
     first.close()
     wait_active(server, 1)
     third = connect(server, kind)
@@ -254,7 +254,7 @@ def test_auth_failure_limit(start_server, accounts, kind):
     s.close()
     assert re.fullmatch(REFUSAL[kind] + rf"127\.0\.0\.1 blocked until {EXPIRY} \(auth_failures\)\r\n",
                         refusal(server, kind))
-    [(_, _, reason)] = server.service.screening.blocks()
+    [(_, _, reason)] = server.service.screening.admin.blocks()
     assert reason == f"auth_failures: 3/3 in 15m ({kind})"
     server.advance(10 * 60)
     assert served(server, kind)
@@ -273,7 +273,7 @@ def test_auth_failure_window_exact(start_server, accounts, kind):
     assert s.bad_login(1).startswith(FAILURE[kind])
     s.close()
     assert served(server, kind)
-    assert server.service.screening.blocks() == []
+    assert server.service.screening.admin.blocks() == []
 
 
 # Per-session authentication limit
@@ -290,7 +290,7 @@ def test_session_auth_limit(start_server, accounts, kind):
     assert s.bad_login(2).startswith(FAILURE[kind])
     s.closing()
     s.close()
-    assert server.service.screening.blocks() == []
+    assert server.service.screening.admin.blocks() == []
     assert served(server, kind)
 
 
@@ -372,7 +372,7 @@ def test_authenticated_smtp_session_cannot_block(start_server, accounts):
         assert s.command(f"RCPT TO:<nobody{i}@example.test>").startswith(b"550")
         assert s.command("RSET").startswith(b"250")
     s.close()
-    assert server.service.screening.blocks() == []
+    assert server.service.screening.admin.blocks() == []
     assert served(server, "smtp")
 
 
@@ -392,7 +392,7 @@ def test_whitelisted_never_blocked(start_server, accounts, kind):
     for s in held:
         s.close()
     assert served(server, kind)
-    assert server.service.screening.blocks() == []
+    assert server.service.screening.admin.blocks() == []
 
 
 # Frozen accounts
@@ -490,5 +490,5 @@ def test_authenticated_smtp_session_counts_when_not_exempt(start_server, account
     s.command("RCPT TO:<nobody1@example.test>")
     s.command("RCPT TO:<nobody2@example.test>")
     s.close()
-    assert [reason for _, _, reason in server.service.screening.blocks()] == [
+    assert [reason for _, _, reason in server.service.screening.admin.blocks()] == [
         "failed_rcpts: 2/2 in one session (smtp)"]

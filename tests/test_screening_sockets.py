@@ -54,13 +54,13 @@ def site(start_server, **overrides):
 def test_blocked_client_is_refused_by_every_protocol(start_server, accounts):
     """A blocked address gets SMTP 421 4.7.0, POP3 -ERR [SYS/TEMP] and is closed; unblock serves it again."""
     server, _ = site(start_server)
-    server.service.screening.block("127.0.0.1", 30, "test")
+    server.service.screening.admin.block("127.0.0.1", 30, "test")
     for kind in ("smtp", "submission"):
         reply = refused_reply(server.port(kind))
         assert reply.startswith(b"421 4.7.0 mail.example.test") and b"blocked" in reply
     assert refused_reply(server.port("pop3")).startswith(b"-ERR [SYS/TEMP]")
     assert refused_reply(server.port("imap")).startswith(b"* BYE [UNAVAILABLE]")
-    server.service.screening.unblock("127.0.0.1")
+    server.service.screening.admin.unblock("127.0.0.1")
     assert refused_reply(server.port("smtp")).startswith(b"220 ")
 
 
@@ -130,7 +130,7 @@ def test_rsets_block_and_authenticated_sessions_are_exempt(start_server, account
 def test_whitelisted_client_is_never_blocked(start_server, accounts):
     """A whitelisted address goes over every limit and is still served; it wins over the block list."""
     server, _ = site(start_server, screening__max_connections=2, screening__whitelist=["127.0.0.0/8"])
-    server.service.screening.block("127.0.0.1", 30, "test")
+    server.service.screening.admin.block("127.0.0.1", 30, "test")
     for _ in range(5):
         assert refused_reply(server.port("smtp")).startswith(b"220")
 
@@ -161,7 +161,7 @@ def test_frozen_account_receives_and_reads_but_cannot_send(start_server, account
     pop.pass_("alice-secret")
     assert pop.stat()[0] == 1
     pop.quit()
-    assert server.service.screening.thaw("alice@example.test")
+    assert server.service.screening.admin.thaw("alice@example.test")
     client = smtplib.SMTP("127.0.0.1", server.port("smtp"), timeout=10)
     client.login("alice@example.test", "alice-secret")
     client.quit()
@@ -204,12 +204,12 @@ def test_block_notification_reaches_the_postmaster(start_server, accounts, tmp_p
 def test_restart_keeps_blocks_and_frozen_accounts(start_server, accounts, tmp_path):
     """Blocks and freezes survive a restart with the same expiry."""
     server, clock = site(start_server)
-    server.service.screening.block("127.0.0.1", 30, "test")
+    server.service.screening.admin.block("127.0.0.1", 30, "test")
     server.service.screening.freeze_store.freeze("bob@example.test", 60, "test")
-    before = server.service.screening.blocks()
+    before = server.service.screening.admin.blocks()
     server.stop()
     server, _ = site(start_server)
-    assert server.service.screening.blocks() == before
+    assert server.service.screening.admin.blocks() == before
     assert refused_reply(server.port("smtp")).startswith(b"421")
     assert server.service.screening.freeze_store.is_frozen("bob@example.test")
 

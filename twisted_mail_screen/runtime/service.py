@@ -161,7 +161,7 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
     screening.setServiceParent(service)
     freeze = screening.freeze_store
     control = ControlFactory()
-    register_screening_commands(control, screening, clock, config.freeze.minutes)
+    register_screening_commands(control, screening.admin, clock, config.freeze.minutes)
     tls = load_server_context(config.tls.certificate, config.tls.key) if config.tls.enabled else None  # type: ignore[arg-type]
     pop3_locks: set[str] = set()
     imap_registry = Registry(blocking, clock)  # every IMAP listener shares the folder indexes

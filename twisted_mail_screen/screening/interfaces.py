@@ -7,12 +7,15 @@ connection it asks the screening service for a L{ClientScreen} and reports
 every protocol event to it; the answer says whether to go on or close. It
 asks the freeze store whether an account may send. These are plain typing
 protocols; the null implementations here are what a server runs with when
-screening is switched off.
+screening is switched off. L{AdminFreezeStore} and L{Notifier} are the
+seams the screening service itself needs.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
+
+from twisted_mail_screen.screening.blocklist import Entry, ExpiringFile
 
 
 class ClientScreen(Protocol):
@@ -72,6 +75,52 @@ class FreezeStore(Protocol):
 
     def is_frozen(self, username: str) -> bool:
         """Whether C{username} (a canonical address) is frozen now."""
+
+
+class AdminFreezeStore(FreezeStore, Protocol):
+    """
+    The freeze store as screening and the administrator use it
+    (L{twisted_mail_screen.screening.freeze.FileFreezeStore} and its
+    in-memory twin).
+    """
+
+    @property
+    def table(self) -> ExpiringFile:
+        """The in-memory table and its file (for writing it off the reactor thread)."""
+
+    def freeze(self, username: str, minutes: int | None, reason: str,
+               log: bool = True) -> Entry:
+        """Freeze C{username} for C{minutes} (C{None} or 0: until thawed)."""
+
+    def thaw(self, username: str) -> bool:
+        """Thaw C{username} at once; whether it was frozen."""
+
+    def entries(self) -> list[Entry]:
+        """The frozen accounts."""
+
+    def reload_if_changed(self) -> bool:
+        """Pick up hand edits of the backing file, if any; whether it was re-read."""
+
+
+class Notifier(Protocol):
+    """
+    Where screening reports blocks and freezes
+    (L{twisted_mail_screen.screening.notify.PostmasterNotifier}).
+    """
+
+    def notify_block(self, address: str, rule: str, count: int, limit: int,
+                     window_minutes: int | None, protocol: str,
+                     expires: float | None, minutes: int | None,
+                     events: Any = (), offence: int = 1) -> None:
+        """A client was blocked."""
+
+    def notify_freeze(self, username: str, address: str, protocol: str,
+                      failures: int, limit: int, frozen: bool,
+                      expires: float | None, events: Any = ()) -> None:
+        """A session hit its authentication limit (and maybe froze an account)."""
+
+    def flush(self) -> None:
+        """Send what is held back now (the service is stopping)."""
 
 
 class OpenScreen:

@@ -5,180 +5,31 @@ each client does and blocks the ones that misbehave.
 
 Protocol code calls L{ScreeningService.open} for each new connection and
 reports events to the L{ClientScreen} it gets back; the screen answers
-whether to go on. This module knows nothing of sockets or reply codes, and
-its only source of time is the injected clock, so every rule can be tested
-to the second with L{twisted.internet.task.Clock}.
-
-Rules (C{docs/screening.md} has the full statement):
-
-  - a blocked client is refused at connect; the refusal neither counts
-    nor extends the block; white-listed clients are never counted or
-    blocked, and the white list beats the block list;
-  - connection rate: more than C{max_connections} in a sliding window of
-    C{connection_window_minutes}, counted across all protocols;
-  - simultaneous connections above C{max_simultaneous} are refused (and
-    blocked with C{block_on_simultaneous});
-  - authentication failures: C{max_auth_failures} within a window, across
-    protocols, a repeated (user, password) pair counting once;
-  - unknown recipients and RSETs per connection;
-  - blocks grow for repeat offenders, up to a cap.
-
-Memory is bounded. A client seen once costs one float in a dict (about 130
-bytes with its key); a client that did more gets a small slotted record
-whose lists are capped by the limits themselves. Idle records are pruned
-from the front of the dict, which is kept in least-recently-seen order by
-re-inserting a key on every event, and the number of records is capped
-by evicting the idlest.
+whether to go on. The service is three parts with narrow seams, wired
+here: L{ScreeningRules} (the counters and decisions), L{StateFiles} (the
+block list, white list and freeze list on disk) and L{ScreeningAdmin}
+(what the administrator changes). This module owns their lifecycle: the
+once-a-second check and the last write at shutdown.
 """
 
 from __future__ import annotations
 
-import hmac
-import math
 import os
-from bisect import bisect_right
 from collections.abc import Callable
-from itertools import islice
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from twisted_mail_screen.screening.blocklist import BlockList, Entry, ExpiringFile, WhitelistFile, format_expiry
-from twisted_mail_screen.screening.freeze import FileFreezeStore
-from twisted_mail_screen.screening.interfaces import ClientScreen, OpenScreen
-from twisted_mail_screen.screening.netmatch import NetMatcher, key_for_parsed, parse_host
-from twisted_mail_screen.screening.notify import Event
+from twisted_mail_screen.screening.admin import ScreeningAdmin
+from twisted_mail_screen.screening.blocklist import BlockList, WhitelistFile
 from twisted_mail_screen.screening.config import FreezeConfig, ScreeningConfig
-
-RULES = ("connections", "simultaneous", "auth_failures", "failed_rcpts", "rsets",
-         "session_auth", "manual")
-SMTP_PROTOCOLS = frozenset(("smtp", "submission"))
-_EVENTS_KEPT = 6
-
-
-class Notifier(Protocol):
-    """What screening needs from L{twisted_mail_screen.screening.notify.PostmasterNotifier}."""
-
-    def notify_block(self, address: str, rule: str, count: int, limit: int,
-                     window_minutes: int | None, protocol: str,
-                     expires: float | None, minutes: int | None,
-                     events: Any = (), offence: int = 1) -> None: ...
-
-    def notify_freeze(self, username: str, address: str, protocol: str,
-                      failures: int, limit: int, frozen: bool,
-                      expires: float | None, events: Any = ()) -> None: ...
-
-
-class AdminFreezeStore(Protocol):
-    def is_frozen(self, username: str) -> bool: ...
-    def freeze(self, username: str, minutes: int | None, reason: str,
-               log: bool = True) -> Entry: ...
-    def thaw(self, username: str) -> bool: ...
-
-
-def rule_of(reason: str) -> str:
-    """The rule named at the start of a block reason, else C{manual}."""
-    head = reason.split(":", 1)[0].strip()
-    return head if head in RULES else "manual"
-
-
-def refusal_text(address: str, entry: Entry) -> str:
-    """The reason given to a blocked client (the protocol wraps it)."""
-    until = ("until removed" if entry.expires is None
-             else f"until {format_expiry(entry.expires)}")
-    return f"{address} blocked {until} ({rule_of(entry.reason)})"
-
-
-class _RefusedScreen(OpenScreen):
-    """A connection refused at connect: every event says close."""
-
-    __slots__ = ("refusal",)
-
-    def __init__(self, refusal: str) -> None:
-        self.refusal = refusal  # type: ignore[misc]
-
-    def auth_failed(self, username: str, secret: bytes) -> bool:
-        return True
-
-    def rcpt_unknown(self) -> bool:
-        return True
-
-    def rset(self) -> bool:
-        return True
-
-
-class _Client:
-    """
-    What is remembered about a client beyond its last connection time.
-
-    @ivar times: connection times inside the window, oldest first; never
-        longer than C{max_connections}.
-    @ivar last: when it was last seen (for pruning).
-    @ivar auth: C{[time, digest]} of distinct failed (user, secret) pairs
-        inside the window; never longer than C{max_auth_failures}.
-    @ivar events: the last few notable events, for the postmaster.
-    """
-
-    __slots__ = ("times", "last", "auth", "events")
-
-    def __init__(self, times: list[float], last: float) -> None:
-        self.times = times
-        self.last = last
-        self.auth: list[tuple[float, bytes]] | None = None
-        self.events: list[Event] | None = None
-
-    def note(self, now: float, protocol: str, what: str) -> None:
-        if self.events is None:
-            self.events = []
-        elif len(self.events) >= _EVENTS_KEPT:
-            del self.events[0]
-        self.events.append((now, protocol, what))
-
-
-class _Session:
-    """The L{ClientScreen} of one served connection."""
-
-    __slots__ = ("_service", "key", "host", "protocol", "refusal", "authenticated",
-                 "rcpts", "rsets", "auth_failures", "blocked", "_open")
-
-    def __init__(self, service: "ScreeningService", key: str, host: str,
-                 protocol: str) -> None:
-        self._service = service
-        self.key = key
-        self.host = host
-        self.protocol = protocol
-        self.refusal: str | None = None
-        self.blocked = False
-        self.authenticated = False
-        self.rcpts = 0
-        self.rsets = 0
-        self.auth_failures = 0
-        self._open = True
-
-    def auth_failed(self, username: str, secret: bytes) -> bool:
-        return self._service._auth_failed(self, username, secret)
-
-    def auth_succeeded(self, username: str) -> None:
-        self.authenticated = True
-
-    def rcpt_unknown(self) -> bool:
-        self.rcpts += 1
-        return self._service._session_count(
-            self, "failed_rcpts", self.rcpts, self._service.config.max_failed_rcpts,
-            "rcpt unknown")
-
-    def rset(self) -> bool:
-        self.rsets += 1
-        return self._service._session_count(
-            self, "rsets", self.rsets, self._service.config.max_rsets, "rset")
-
-    def closed(self) -> None:
-        if self._open:
-            self._open = False
-            self._service._closed(self.key)
+from twisted_mail_screen.screening.freeze import FileFreezeStore
+from twisted_mail_screen.screening.interfaces import AdminFreezeStore, ClientScreen, Notifier
+from twisted_mail_screen.screening.rules import ScreeningRules
+from twisted_mail_screen.screening.state import StateFiles
 
 
 class ScreeningService(Service):
@@ -193,6 +44,9 @@ class ScreeningService(Service):
     written at once.
 
     @ivar config: the settings.
+    @ivar rules: the counters and decisions.
+    @ivar state: the lists on disk.
+    @ivar admin: the administrator's changes (control channel and CLI).
     """
 
     tick_seconds = 1.0
@@ -206,30 +60,17 @@ class ScreeningService(Service):
                  known_account: Callable[[str], bool] | None = None) -> None:
         self.config = config
         self._clock = clock
-        self._blocklist = blocklist
-        self._freeze_store = freeze_store
         self._notifier = notifier
-        self._freeze_config = freeze_config
         self._log = log or Logger()
-        self._known_account = known_account
-        self._whitelist = NetMatcher(config.whitelist, "screening.whitelist")
-        self._runtime_whitelist = whitelist_file or WhitelistFile(None, clock, self._log)
-        self._open_screen = OpenScreen()
-        self._secret = os.urandom(32)
-        self._clients: dict[str, float | _Client] = {}
-        self._active: dict[str, int] = {}
-        self._offences: dict[str, tuple[float, int, int]] = {}
-        self._conn_window = config.connection_window_minutes * 60.0
-        self._auth_window = config.auth_failure_window_minutes * 60.0
-        self._horizon = max(self._conn_window, self._auth_window)
-        self._cap = config.max_tracked_clients
+        self.state = StateFiles(blocklist, whitelist_file or WhitelistFile(None, clock, self._log),
+                                freeze_store, self._log)
+        self.rules = ScreeningRules(config, clock, self.state, freeze_store, notifier,
+                                    freeze_config, self._log, known_account)
+        self.admin = ScreeningAdmin(self.rules, self.state, freeze_store, clock)
         self._call: IDelayedCall | None = None
         self._next_prune = 0.0
-        self.evicted = 0
         if config.enabled:
-            # Reading changes nothing on disk; rewrites wait for a flush.
-            self._blocklist.load()
-            self._runtime_whitelist.load()
+            self.state.load()
 
     @classmethod
     def in_directory(cls, config: ScreeningConfig, freeze_config: FreezeConfig,
@@ -252,7 +93,15 @@ class ScreeningService(Service):
 
     @property
     def freeze_store(self) -> AdminFreezeStore | None:
-        return self._freeze_store
+        return self.admin.freeze_store
+
+    def open(self, host: str, protocol: str) -> ClientScreen:
+        """Screen a new connection from C{host} to C{protocol}."""
+        return self.rules.open(host, protocol)
+
+    def write_files_with(self, run_blocking: Callable[..., Deferred]) -> None:
+        """Write the state files in a worker pool (L{StateFiles.write_files_with})."""
+        self.state.write_files_with(run_blocking)
 
     # The periodic check
 
@@ -261,23 +110,8 @@ class ScreeningService(Service):
         if self._call is not None or not self.config.enabled:
             return
         self._next_prune = self._clock.seconds() + self.prune_seconds
+        self.state.deferred_writes = True
         self._maintain()
-
-    def _state_files(self) -> list[ExpiringFile]:
-        files: list[ExpiringFile] = [self._blocklist, self._runtime_whitelist]
-        table = getattr(self._freeze_store, "table", None)
-        if table is not None:
-            files.append(table)
-        return files
-
-    def write_files_with(self, run_blocking: Callable[..., Deferred]) -> None:
-        """
-        Write the block list, whitelist and frozen-account files in a worker
-        pool (L{ExpiringFile.write_with}); a change made while a write is in
-        flight is written by the next once-a-second check.
-        """
-        for table in self._state_files():
-            table.write_with(run_blocking)
 
     def stop(self) -> Deferred:
         """Stop the check and write anything pending; fires once it is on disk."""
@@ -285,17 +119,12 @@ class ScreeningService(Service):
             if self._call.active():
                 self._call.cancel()
             self._call = None
-        flush = getattr(self._notifier, "flush", None)
-        if flush is not None:
-            flush()
-        tables = self._state_files() if self.config.enabled else []
-
-        def write_last(_: object) -> None:
-            for table in tables:
-                table.flush(wait=True)
-
-        # a write still in flight lands first, so the last one written is the newest
-        return gatherResults([t.settled() for t in tables]).addCallback(write_last)
+        self.state.deferred_writes = False
+        if self._notifier is not None:
+            self._notifier.flush()
+        if not self.config.enabled:
+            return succeed(None)
+        return self.state.write_last()
 
     def startService(self) -> None:
         super().startService()
@@ -308,365 +137,11 @@ class ScreeningService(Service):
     def _maintain(self) -> None:
         self._call = None
         try:
-            self.check_files()
+            self.state.check_files()
             now = self._clock.seconds()
             if now >= self._next_prune:
                 self._next_prune = now + self.prune_seconds
-                self.prune()
+                self.rules.prune()
         except Exception:
             self._log.failure("screening: periodic check failed")
         self._call = self._clock.callLater(self.tick_seconds, self._maintain)
-
-    def check_files(self) -> None:
-        """Pick up hand edits, let entries lapse, write what is pending."""
-        for table in (self._blocklist, self._runtime_whitelist):
-            table.reload_if_changed()
-            for entry in table.expire():
-                self._log.info("screening: action=expire client={client} reason={reason}",
-                               client=entry.name, reason=entry.reason)
-            table.flush()
-        reload = getattr(self._freeze_store, "reload_if_changed", None)
-        if reload is not None:
-            reload()
-
-    def prune(self) -> int:
-        """
-        Forget clients idle for longer than every window, and offences
-        older than the repeat memory.
-
-        @return: how many client records were dropped.
-        """
-        cutoff = self._clock.seconds() - self._horizon
-        clients = self._clients
-        stale = []
-        for key, record in clients.items():
-            last = record if type(record) is float else record.last  # type: ignore[union-attr]
-            if last > cutoff:
-                break
-            stale.append(key)
-        for key in stale:
-            del clients[key]
-        memory = self.config.repeat_memory_hours * 3600.0
-        now = self._clock.seconds()
-        for key in [k for k, (expires, _, _) in self._offences.items()
-                    if expires + memory <= now]:
-            del self._offences[key]
-        return len(stale)
-
-    # Screening
-
-    def open(self, host: str, protocol: str) -> ClientScreen:
-        """Screen a new connection from C{host} to C{protocol}."""
-        config = self.config
-        if not config.enabled:
-            return self._open_screen
-        parsed = parse_host(host)
-        if parsed is None:
-            return self._open_screen
-        version, value = parsed
-        runtime = self._runtime_whitelist.matcher
-        if ((self._whitelist.entries and self._whitelist.matches_parsed(version, value))
-                or (runtime.entries and runtime.matches_parsed(version, value))):
-            return self._open_screen
-        entry = self._blocklist.lookup_parsed(version, value)
-        if entry is not None:
-            return self._refuse(host, protocol, entry)
-        if version == 4 and ":" not in host:
-            key = host
-        else:
-            key = key_for_parsed(version, value, config.ipv6_prefix)
-        now = self._clock.seconds()
-        limit = config.max_connections
-        clients = self._clients
-        record = clients.pop(key, None)
-        if record is None or (type(record) is float
-                              and (not limit or record <= now - self._conn_window)):
-            clients[key] = now
-            if record is None and len(clients) > self._cap:
-                self._evict()
-        else:
-            if type(record) is float:
-                record = _Client([record], record)
-            clients[key] = record
-            record.last = now  # type: ignore[union-attr]
-            if limit:
-                times = record.times  # type: ignore[union-attr]
-                cutoff = now - self._conn_window
-                if times and times[0] <= cutoff:
-                    del times[:bisect_right(times, cutoff)]
-                if len(times) >= limit:
-                    entry = self._block(key, "connections", len(times) + 1, limit,
-                                        config.connection_window_minutes, protocol)
-                    return _RefusedScreen(refusal_text(key, entry))
-                times.append(now)
-        active = self._active.get(key, 0)
-        most = config.max_simultaneous
-        if most and active >= most:
-            if config.block_on_simultaneous:
-                entry = self._block(key, "simultaneous", active + 1, most, None, protocol)
-                return _RefusedScreen(refusal_text(key, entry))
-            self._decision("refuse", key, "simultaneous", count=f"{active + 1}/{most}",
-                           protocol=protocol)
-            self._note(key, now, protocol, f"refused: simultaneous {active + 1}/{most}")
-            return _RefusedScreen(
-                f"{key} has too many simultaneous connections ({most}) (simultaneous)")
-        self._active[key] = active + 1
-        return _Session(self, key, host, protocol)
-
-    def _refuse(self, host: str, protocol: str, entry: Entry) -> ClientScreen:
-        self._decision("refuse", host, rule_of(entry.reason), blocked=entry.name,
-                       until=format_expiry(entry.expires), protocol=protocol)
-        return _RefusedScreen(refusal_text(host, entry))
-
-    def _closed(self, key: str) -> None:
-        active = self._active.get(key, 0) - 1
-        if active > 0:
-            self._active[key] = active
-        else:
-            self._active.pop(key, None)
-
-    def _evict(self) -> None:
-        clients = self._clients
-        count = max(1, len(clients) - self._cap + self._cap // 100)
-        for key in list(islice(clients, count)):
-            del clients[key]
-        self.evicted += count
-        self._log.info("screening: action=evict count={count} tracked={tracked} "
-                       "cap={cap}", count=count, tracked=len(clients), cap=self._cap)
-
-    def _record(self, key: str, now: float) -> _Client:
-        """The full record of C{key}, created or upgraded, marked as seen now."""
-        record = self._clients.pop(key, None)
-        if record is None:
-            record = _Client([], now)
-            self._clients[key] = record
-            if len(self._clients) > self._cap:
-                self._evict()
-        else:
-            if type(record) is float:
-                record = _Client([record] if record > now - self._conn_window else [],
-                                 record)
-            self._clients[key] = record
-        record.last = now  # type: ignore[union-attr]
-        return record  # type: ignore[return-value]
-
-    def _note(self, key: str, now: float, protocol: str, what: str) -> None:
-        self._record(key, now).note(now, protocol, what)
-
-    def _counting(self, session: _Session) -> bool:
-        """Whether events of C{session} may still lead to a block."""
-        if session.authenticated and self.config.exempt_authenticated:
-            return False
-        return self._blocklist.get(session.key) is None
-
-    def _closes_on_block(self, session: _Session) -> bool:
-        return session.protocol not in SMTP_PROTOCOLS or self.config.close_smtp_after_block
-
-    def _digest(self, username: str, secret: bytes) -> bytes:
-        """A keyed, truncated hash of the pair; the secret is never stored."""
-        message = username.encode("utf-8", "surrogatepass") + b"\0" + secret
-        return hmac.digest(self._secret, message, "sha256")[:8]
-
-    def _auth_failed(self, session: _Session, username: str, secret: bytes) -> bool:
-        config = self.config
-        session.auth_failures += 1
-        close = False
-        limit = config.max_auth_failures
-        if limit and self._counting(session):
-            now = self._clock.seconds()
-            record = self._record(session.key, now)
-            record.note(now, session.protocol, f"auth failed user={username}")
-            digest = self._digest(username, secret)
-            failures = record.auth if record.auth is not None else []
-            cutoff = now - self._auth_window
-            while failures and failures[0][0] <= cutoff:
-                del failures[0]
-            if any(d == digest for _, d in failures):
-                self._decision("ignore", session.key, "auth_failures", count=f"{len(failures)}/{limit}",
-                               protocol=session.protocol, repeat="same-credentials")
-            else:
-                failures.append((now, digest))
-                if len(failures) >= limit:
-                    self._block(session.key, "auth_failures", len(failures), limit,
-                                config.auth_failure_window_minutes, session.protocol)
-                    session.blocked = True
-                    close = self._closes_on_block(session)
-            record.auth = failures or None
-        per_session = config.session_auth
-        if (per_session.max_failures and session.protocol in per_session.protocols
-                and session.auth_failures >= per_session.max_failures):
-            close = True
-            if session.auth_failures == per_session.max_failures:
-                self._session_auth_limit(session, username)
-        return close
-
-    def _session_count(self, session: _Session, rule: str, count: int, limit: int,
-                       what: str) -> bool:
-        if not limit or not self._counting(session):
-            return False
-        now = self._clock.seconds()
-        self._note(session.key, now, session.protocol, f"{what} ({count} in this session)")
-        if count < limit:
-            return False
-        self._block(session.key, rule, count, limit, None, session.protocol)
-        session.blocked = True
-        return self._closes_on_block(session)
-
-    def _session_auth_limit(self, session: _Session, username: str) -> None:
-        per_session = self.config.session_auth
-        failures = session.auth_failures
-        frozen = False
-        expires: float | None = None
-        if (per_session.freeze_account and self._freeze_store is not None
-                and (self._known_account is None or self._known_account(username))):
-            try:
-                entry = self._freeze_store.freeze(
-                    username, self._freeze_config.minutes or None,
-                    f"session_auth: {failures}/{per_session.max_failures} failures in one "
-                    f"{session.protocol} session from {session.host}", log=False)
-            except ValueError:
-                pass
-            else:
-                frozen, expires = True, entry.expires
-        if frozen:
-            self._decision("freeze", session.key, "session_auth",
-                           count=f"{failures}/{per_session.max_failures}",
-                           protocol=session.protocol, account=username,
-                           until=format_expiry(expires))
-        else:
-            self._decision("close", session.key, "session_auth",
-                           count=f"{failures}/{per_session.max_failures}",
-                           protocol=session.protocol, account=username)
-        if per_session.notify_postmaster and self._notifier is not None:
-            self._notifier.notify_freeze(username, session.host, session.protocol,
-                                         failures, per_session.max_failures, frozen,
-                                         expires, self._events(session.key))
-
-    # Blocking
-
-    def _duration(self, key: str, now: float) -> tuple[int, int]:
-        """The block length for a new offence of C{key}, and its number."""
-        config = self.config
-        previous = self._offences.get(key)
-        if previous is None or now >= previous[0] + config.repeat_memory_hours * 3600.0:
-            return config.block_minutes, 1
-        minutes = round(previous[1] * config.repeat_multiplier)
-        return min(config.max_block_minutes, max(config.block_minutes, minutes)), previous[2] + 1
-
-    def _block(self, key: str, rule: str, count: int, limit: int,
-               window_minutes: int | None, protocol: str) -> Entry:
-        now = self._clock.seconds()
-        minutes, offence = self._duration(key, now)
-        expires = float(math.ceil(now + minutes * 60))
-        scope = f" in {window_minutes}m" if window_minutes else (
-            " at once" if rule == "simultaneous" else " in one session")
-        entry = self._blocklist.add(key, expires, f"{rule}: {count}/{limit}{scope} ({protocol})")
-        self._offences.pop(key, None)
-        self._offences[key] = (expires, minutes, offence)
-        if len(self._offences) > self._cap:
-            del self._offences[next(iter(self._offences))]
-        events = self._events(key)
-        self._clients.pop(key, None)
-        if self._call is None:
-            self._blocklist.flush()
-        self._decision("block", key, rule, count=f"{count}/{limit}",
-                       window=f"{window_minutes}m" if window_minutes else "session",
-                       minutes=minutes, offence=offence, protocol=protocol,
-                       until=format_expiry(expires))
-        if self.config.notify_on_block and self._notifier is not None:
-            self._notifier.notify_block(key, rule, count, limit, window_minutes, protocol,
-                                        expires, minutes, events, offence)
-        return entry
-
-    def _events(self, key: str) -> list[Event]:
-        record = self._clients.get(key)
-        if record is None:
-            return []
-        if type(record) is float:
-            return [(record, "-", "connect")]
-        events: list[Event] = [(t, "-", "connect") for t in record.times[-_EVENTS_KEPT:]]  # type: ignore[union-attr]
-        events += record.events or []  # type: ignore[union-attr]
-        events.sort(key=lambda e: e[0])
-        return events[-2 * _EVENTS_KEPT:]
-
-    def _decision(self, action: str, client: str, rule: str, **fields: object) -> None:
-        """One structured log line per decision (who, rule, counts, action)."""
-        text = "screening: action={action} client={client} rule={rule}" + "".join(
-            f" {name}={{{name}}}" for name in fields)
-        self._log.info(text, action=action, client=client, rule=rule, **fields)
-
-    # Administration (control channel and CLI)
-
-    def block(self, address: str, minutes: int | None, reason: str = "") -> Entry:
-        """
-        Block an address or network for C{minutes} (C{None}/0: until
-        removed), written at once.
-
-        @raise twisted_mail_screen.config.base.ConfigError: not an address.
-        """
-        expires = (None if not minutes
-                   else float(math.ceil(self._clock.seconds() + minutes * 60)))
-        text = reason if reason.startswith("manual") else (
-            f"manual: {reason}" if reason else "manual")
-        entry = self._blocklist.add(address, expires, text)
-        self._blocklist.flush()
-        self._decision("block", entry.name, "manual", minutes=minutes or "never",
-                       until=format_expiry(expires), reason=reason)
-        return entry
-
-    def unblock(self, address: str) -> bool:
-        """Lift the block on C{address} (or the network holding it) now."""
-        entry = self._blocklist.remove(address)
-        if entry is None:
-            return False
-        self._blocklist.flush()
-        self._offences.pop(entry.name, None)
-        self._clients.pop(entry.name, None)
-        self._decision("unblock", entry.name, rule_of(entry.reason))
-        return True
-
-    def blocks(self) -> list[tuple[str, float | None, str]]:
-        """The active blocks: C{(address or network, expiry or None, reason)}."""
-        return [(e.name, e.expires, e.reason) for e in self._blocklist.entries()]
-
-    def is_whitelisted(self, host: str) -> bool:
-        parsed = parse_host(host)
-        return parsed is not None and (
-            self._whitelist.matches_parsed(*parsed)
-            or self._runtime_whitelist.matches_parsed(*parsed))
-
-    def whitelist_add(self, entry: str, comment: str = "") -> None:
-        """
-        Add a run-time white list entry (kept in C{whitelist.txt}).
-
-        @raise twisted_mail_screen.config.base.ConfigError: unparseable.
-        """
-        NetMatcher([entry], "whitelist")
-        self._runtime_whitelist.put(Entry(entry.strip(), None, comment))
-        self._runtime_whitelist.flush()
-        self._decision("whitelist-add", entry.strip(), "manual", comment=comment)
-
-    def whitelist_remove(self, entry: str) -> bool:
-        """Remove a run-time white list entry (configured ones stay)."""
-        removed = self._runtime_whitelist.delete(entry.strip())
-        if removed:
-            self._runtime_whitelist.flush()
-            self._decision("whitelist-remove", entry.strip(), "manual")
-        return removed
-
-    def whitelist_list(self) -> list[tuple[str, str]]:
-        """Every white list entry with its origin: C{config} or C{runtime}."""
-        return ([(e, "config") for e in self._whitelist.entries]
-                + [(e.name, "runtime") for e in self._runtime_whitelist.entries()])
-
-    def thaw(self, user: str) -> bool:
-        """Thaw a frozen account now."""
-        if self._freeze_store is None:
-            return False
-        return self._freeze_store.thaw(user)
-
-    def stats(self) -> dict[str, int]:
-        """Sizes for the control channel: tracked, active, blocked, evicted."""
-        return {"tracked": len(self._clients), "active": sum(self._active.values()),
-                "blocked": len(self._blocklist.entries()), "offences": len(self._offences),
-                "evicted": self.evicted}
