@@ -154,12 +154,9 @@ def queue_settled(server: RunningServer, timeout: float = 10.0) -> None:
     """
     queue = server.service.queue
 
-    def idle() -> bool:
-        # Read in the reactor thread, where these change, so the three are consistent.
-        return not (queue._polling or queue._poll_again or queue._in_flight)
-
     deadline = time.monotonic() + timeout
-    while not in_reactor(idle):
+    # Read in the reactor thread, where the queue's state changes.
+    while not in_reactor(queue.idle):
         if time.monotonic() > deadline:
             raise AssertionError("the outbound queue did not become idle")
         time.sleep(0.02)

@@ -18,7 +18,7 @@ from twisted_mail_screen.admin import cli
 from twisted_mail_screen.config.settings import parse_config
 from twisted_mail_screen.config.base import ConfigError
 from twisted_mail_screen.relay.dsn import Failed, build_dsn
-from twisted_mail_screen.relay.queue import QueueDirectory, QueuedMessage, Recipient
+from twisted_mail_screen.relay.spool import QueueDirectory, QueuedMessage, Recipient
 from twisted_mail_screen.relay.config import RelayConfig, split_endpoint
 from twisted_mail_screen.relay.client import Reply, to_wire
 

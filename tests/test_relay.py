@@ -467,7 +467,7 @@ def test_several_messages_per_connection_and_connection_limit(start_server, acco
     queue = server.service.queue
     server.advance(301)
     wait_for(lambda: in_reactor(lambda: sum(len(d.jobs) + d.active
-                                            for d in queue._destinations.values())) == 4)
+                                            for d in queue.pool.destinations.values())) == 4)
     s.open_gate()
     wait_for(lambda: queue_empty(tmp_path))
     assert len(s.messages) == 4

@@ -164,7 +164,8 @@ def cmd_queue(args: argparse.Namespace, config: Config) -> None:
     import os
     import time
 
-    from twisted_mail_screen.relay.queue import QueueDirectory, format_queue
+    from twisted_mail_screen.relay.admin import format_queue
+    from twisted_mail_screen.relay.spool import QueueDirectory
 
     queue = QueueDirectory(os.path.join(config.data_dir, "queue"))
     if args.action == "list":

@@ -99,6 +99,7 @@ class MailService(MultiService):
     screening: ScreeningService
     control: ControlFactory
     lag: LagMonitor
+    queue: OutboundQueue | None
 
     def __init__(self, config: Config) -> None:
         super().__init__()
@@ -139,15 +140,17 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
     if store is None:
         store = MailStore(os.path.join(config.data_dir, "mail"), UniqueNames(config.hostname))
     TmpCleaner(store, blocking.run, clock).setServiceParent(service)
+    router = Router(config, accounts)
     # The outbound queue (docs/relay.md): only when relaying is enabled.
     queue = None
     if config.relay.enabled:
-        queue = OutboundQueue(config, config.relay, Router(config, accounts), reactor, clock)
+        # The queue's DSNs go through Delivery, which queues through the
+        # queue: the callable reaches Delivery, built next, when a DSN is sent.
+        queue = OutboundQueue(config, config.relay, router, reactor, clock,
+                              deliver=lambda *message: delivery.deliver(*message))
         queue.setServiceParent(service)
     delivery = Delivery(store, blocking, relay=queue)
-    if queue is not None:
-        queue.delivery = delivery
-    service.queue = queue  # type: ignore[attr-defined]
+    service.queue = queue
     # Password checks get a pool of their own, one thread per core (scrypt is
     # CPU-bound): under a guessing attack they queue there, and deliveries'
     # fsyncs in the storage pool do not wait behind them.
@@ -155,7 +158,6 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
     if workers is None:
         hashing.setServiceParent(service)
     authenticator = Authenticator(config, accounts, hashing)
-    router = Router(config, accounts)
     screening = _build_screening(config, clock, accounts, router, delivery)
     screening.write_files_with(blocking.run)
     screening.setServiceParent(service)
