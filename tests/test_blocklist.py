@@ -1,6 +1,7 @@
 """
-Tests for L{twisted_mail_screen.screening.blocklist}: the block list file format,
-hand edits, reloads and restarts.
+Tests for L{twisted_mail_screen.screening.blocklist} and
+L{twisted_mail_screen.screening.listfile}: the list file format, hand
+edits, reloads and restarts.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from pathlib import Path
 from twisted.internet.task import Clock
 from twisted.logger import Logger, formatEvent
 
-from twisted_mail_screen.screening.blocklist import (
-    BlockList, WhitelistFile, format_expiry, parse_expiry, split_comment)
+from twisted_mail_screen.screening.blocklist import BlockList, WhitelistFile
+from twisted_mail_screen.screening.listfile import format_expiry, parse_expiry, split_comment
 
 START = 1_800_000_000.0  # 2027-01-15T08:00:00Z
 START_ISO = "2027-01-15T08:00:00Z"

@@ -14,7 +14,8 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.logger import Logger, formatEvent
 
-from twisted_mail_screen.screening.blocklist import BlockList, WhitelistFile, format_expiry
+from twisted_mail_screen.screening.blocklist import BlockList, WhitelistFile
+from twisted_mail_screen.screening.listfile import format_expiry
 from twisted_mail_screen.screening.freeze import MemoryFreezeStore
 from twisted_mail_screen.screening.interfaces import ClientScreen, Screening
 from twisted_mail_screen.screening.notify import PostmasterNotifier

@@ -13,10 +13,10 @@ from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 
-from twisted_mail_screen.screening.blocklist import Entry, format_expiry
 from twisted_mail_screen.config.base import ConfigError
 from twisted_mail_screen.runtime.control import CommandError, ControlFactory
 from twisted_mail_screen.screening.interfaces import AdminFreezeStore
+from twisted_mail_screen.screening.listfile import Entry, format_expiry
 from twisted_mail_screen.screening.netmatch import NetMatcher
 from twisted_mail_screen.screening.rules import ScreeningRules, rule_of
 from twisted_mail_screen.screening.state import StateFiles

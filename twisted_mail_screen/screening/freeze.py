@@ -21,7 +21,7 @@ import math
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from twisted_mail_screen.screening.blocklist import Entry, ExpiringFile, format_expiry
+from twisted_mail_screen.screening.listfile import Entry, ExpiringFile, format_expiry
 
 
 def canonical_account(username: str) -> str:

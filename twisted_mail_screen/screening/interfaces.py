@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from twisted_mail_screen.screening.blocklist import Entry, ExpiringFile
+from twisted_mail_screen.screening.listfile import Entry, ExpiringFile
 
 
 class ClientScreen(Protocol):

@@ -30,7 +30,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from twisted_mail_screen.screening.blocklist import format_expiry
+from twisted_mail_screen.screening.listfile import format_expiry
 
 # (time, protocol, description) of something a client did.
 Event = tuple[float, str, str]

@@ -44,10 +44,10 @@ from itertools import islice
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from twisted_mail_screen.screening.blocklist import Entry, format_expiry
 from twisted_mail_screen.screening.config import FreezeConfig, ScreeningConfig
 from twisted_mail_screen.screening.interfaces import (
     AdminFreezeStore, ClientScreen, Notifier, OpenScreen)
+from twisted_mail_screen.screening.listfile import Entry, format_expiry
 from twisted_mail_screen.screening.netmatch import NetMatcher, key_for_parsed, parse_host
 from twisted_mail_screen.screening.notify import Event
 from twisted_mail_screen.screening.state import StateFiles

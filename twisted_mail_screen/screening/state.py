@@ -17,8 +17,9 @@ from collections.abc import Callable
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 
-from twisted_mail_screen.screening.blocklist import BlockList, ExpiringFile, WhitelistFile
+from twisted_mail_screen.screening.blocklist import BlockList, WhitelistFile
 from twisted_mail_screen.screening.interfaces import AdminFreezeStore
+from twisted_mail_screen.screening.listfile import ExpiringFile
 
 
 class StateFiles:
