@@ -438,26 +438,27 @@ class SMTPServer(ScreenedSession):
         for_ = f"\n\tfor <{rcpts[0]}>" if len(rcpts) == 1 else ""
         peer = f" ([{self.peer_host}])" if self.peer_host else ""  # a UNIX socket has no address
         return (f"Received: from {self.helo}{peer}\n\tby {f.config.hostname} "
-                f"(twisted-mail-screen) with {with_}{for_};\n\t{header_date(f.clock.seconds())}\n"
+                f"(twisted-mail-screen) with {with_}{for_};\n\t{f.header_date(f.clock.seconds())}\n"
                 ).encode()
 
 
-_date_cache: tuple[int, str] = (-1, "")
-
-
-def header_date(now: float) -> str:
+class HeaderDate:
     """
     C{rfc822date(time.localtime(now))} as text, computed once per second:
     the Received header of every message needs it, and formatting a date
-    costs more than the rest of the header.
+    costs more than the rest of the header. One per factory (reactor thread).
     """
-    global _date_cache
-    second = int(now)
-    cached_second, text = _date_cache
-    if cached_second != second:
-        text = rfc822date(time.localtime(second)).decode()
-        _date_cache = (second, text)
-    return text
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._text = ""
+
+    def __call__(self, now: float) -> str:
+        second = int(now)
+        if second != self._second:
+            self._text = rfc822date(time.localtime(second)).decode()
+            self._second = second
+        return self._text
 
 
 class SMTPFactory(Factory):
@@ -484,3 +485,4 @@ class SMTPFactory(Factory):
         self.tls = tls
         self.protocol_name = protocol_name
         self.require_auth = require_auth
+        self.header_date = HeaderDate()
