@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_crash -*-
+# -*- test-case-name: tests.test_maildir_names -*-
 """
 Maildir file names: the one parser and the one maker of unique names.
 
