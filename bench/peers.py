@@ -56,6 +56,9 @@ from twisted.internet import reactor
 from twisted_mail_screen.config.settings import load_config
 from twisted_mail_screen.runtime.service import build_service
 config = load_config(None, json.loads(sys.argv[1]))
+if "--no-direct-send" in sys.argv[2:]:  # every reply through transport.write (lineproto.DirectSend)
+    from twisted_mail_screen.protocols.lineproto import CommandProtocol
+    CommandProtocol.direct_send = False
 svc = build_service(config, reactor)
 svc.privilegedStartService()
 svc.startService()
@@ -79,8 +82,9 @@ class Ours:
     kind = "ours"
 
     def __init__(self, workdir: str, name: str = "ours", screening: bool | None = None,
-                 threads: int = 16) -> None:
+                 threads: int = 16, direct_send: bool = True) -> None:
         self.name = name
+        self.direct_send = direct_send
         self.data = os.path.join(workdir, name)
         self.ports = {k: free_port() for k in ("smtp", "pop3", "imap")}
         self.screening = screening
@@ -107,7 +111,8 @@ class Ours:
     def start(self) -> bool:
         os.makedirs(self.data, exist_ok=True)
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        self.proc = subprocess.Popen([sys.executable, "-c", OURS, json.dumps(self.overrides())],
+        flags = [] if self.direct_send else ["--no-direct-send"]
+        self.proc = subprocess.Popen([sys.executable, "-c", OURS, json.dumps(self.overrides())] + flags,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
                                      text=True)
         line = self.proc.stdout.readline()  # type: ignore[union-attr]

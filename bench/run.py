@@ -118,6 +118,8 @@ def main() -> int:
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--workdir", default=None, help="data directories (default: a temp dir)")
     ap.add_argument("--only", default="", help="comma list: smtp,accept,pop3,imap,core,ceiling")
+    ap.add_argument("--no-direct-send", action="store_true",
+                    help="also run ours with every reply through transport.write (SMTP, POP3)")
     ap.add_argument("--cells", default="",
                     help="SMTP cells to run, comma list of CONCURRENCY:SIZE:PER_CONN "
                          "(e.g. 16:2048:1); default: the full grid (--quick: a subset)")
@@ -154,6 +156,9 @@ def main() -> int:
         print(f"our server did not start: {ours.error}", file=sys.stderr)
         return 1
     smtp_servers = [ours] + [p for p in smtp_peers if start(p)]
+    no_direct = peers.Ours(workdir, "ours-no-direct-send", direct_send=False)
+    if args.no_direct_send and start(no_direct):
+        smtp_servers.insert(1, no_direct)
     have_dovecot = start(dovecot) if {"pop3", "imap"} & only else False
 
     # the grid
@@ -256,6 +261,9 @@ def main() -> int:
                 dovecot.chown()
         pop_servers = [(ours, ours.ports["pop3"])] + ([(dovecot, dovecot.ports["pop3"])]
                                                       if have_dovecot else [])
+        if no_direct in smtp_servers and "pop3" in only:
+            populate(no_direct.maildir("pop@bench.test"), args.messages, 2048)
+            pop_servers.insert(1, (no_direct, no_direct.ports["pop3"]))
         if "pop3" in only:
             for server, port in pop_servers:  # warm-up: indexes, page cache
                 clients.pop3_list_retr(port, "pop@bench.test", args.messages)

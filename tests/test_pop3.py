@@ -197,8 +197,8 @@ def test_bad_input_gets_err(start_server):
 
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
-from twisted_mail_screen.protocols import pop3 as pop3_module  # noqa: E402
-from twisted_mail_screen.protocols.pop3 import WireStream, lf_to_wire, to_wire, top_of  # noqa: E402
+from twisted_mail_screen.protocols import pop3_drop as pop3_module  # noqa: E402
+from twisted_mail_screen.protocols.pop3_wire import WireStream, lf_to_wire, to_wire, top_of  # noqa: E402
 
 
 def raw_session(server, commands: bytes, replies: int) -> list[bytes]:

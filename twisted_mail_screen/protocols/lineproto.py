@@ -17,7 +17,7 @@ producer of their own.
 
 Replies are gathered while one read's pipelined commands are answered and
 sent in one piece at the end of that read (or whenever C{CORK_LIMIT} octets
-are pending), with L{send_now}: straight to the socket when nothing is
+are pending), with L{DirectSend}: straight to the socket when nothing is
 queued before it. A lock-step client costs one C{send} per reply and no
 C{epoll_ctl}; 64 pipelined RETRs cost a few sends, not 64. Gathered replies
 are flushed before the connection is closed and before TLS starts, so
@@ -30,6 +30,7 @@ dribbled into a command that never ends do not keep a session open.
 
 from __future__ import annotations
 
+import socket
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -37,7 +38,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (IDelayedCall, IHandshakeListener, IPushProducer, IReactorTime,
                                          ISSLTransport, ITCPTransport)
 from twisted.internet.protocol import Protocol
-from twisted.internet.tcp import Server as _TCPServer
+from twisted.internet.tcp import Server as TCPServer
 from twisted.logger import Logger
 
 from twisted_mail_screen.runtime.tls import hold_output
@@ -57,30 +58,56 @@ CORK_LIMIT = 64 * 1024
 TLS_CLOSE_GRACE = 2.0
 
 
-def send_now(transport: Any, data: bytes) -> None:
+class DirectSend:
     """
-    C{transport.write(data)}, but sent on the socket at once when nothing is
+    C{transport.write}, but sent on the socket at once while nothing can be
     queued before it. Twisted's C{write} only buffers: the reactor then
     registers the socket for writability, sends on the next loop and
     unregisters it, two C{epoll_ctl} calls and a loop turn for every reply
-    of a lock-step SMTP or POP3 dialogue. Only a plain TCP transport with an
-    empty buffer qualifies (not TLS, not a wrapper, not closing); whatever
-    the socket does not take, and any error, goes through C{write} as
-    before, so ordering, back-pressure and connection loss are unchanged.
+    of a lock-step SMTP or POP3 dialogue.
+
+    Only public APIs: the socket comes from C{getHandle()} (C{ISystemHandle})
+    of a plain C{tcp.Server}, and the session is that transport's only
+    writer, so Twisted's buffer is empty until the first time this object
+    hands it something. From then on (the socket did not take a whole reply,
+    or an error) every write goes through C{transport.write}: there is no
+    public way to learn that the buffer has drained, and ordering matters
+    more than the saved system calls. TLS (L{stop}) and a wrapped, UNIX or
+    TLS transport also use C{write}, so back-pressure, ordering and
+    connection loss are Twisted's as before.
     """
-    if (type(transport) is not _TCPServer or transport.TLS or transport.dataBuffer
-            or transport._tempDataBuffer or not transport.connected or transport.disconnecting
-            or transport._writeDisconnected):
-        transport.write(data)
-        return
-    try:
-        sent = transport.socket.send(data)
-    except (BlockingIOError, InterruptedError):
-        sent = 0
-    except OSError:
-        sent = 0  # the reactor's own write path notices and reports the loss
-    if sent < len(data):
-        transport.write(data[sent:] if sent else data)
+
+    def __init__(self, sock: socket.socket | None) -> None:
+        self._socket = sock
+
+    @classmethod
+    def of(cls, transport: Any, enabled: bool = True) -> "DirectSend":
+        """The writer for C{transport}: direct only on a plain TCP server connection."""
+        handle = transport.getHandle() if enabled and type(transport) is TCPServer \
+            and not ISSLTransport.providedBy(transport) else None
+        return cls(handle if isinstance(handle, socket.socket) else None)
+
+    @property
+    def direct(self) -> bool:
+        """Whether the next write may go straight to the socket."""
+        return self._socket is not None
+
+    def stop(self) -> None:
+        """Write through C{transport.write} from now on (TLS is starting)."""
+        self._socket = None
+
+    def write(self, transport: Any, data: bytes) -> None:
+        sock = self._socket
+        if sock is None:
+            transport.write(data)
+            return
+        try:
+            sent = sock.send(data)
+        except OSError:  # EAGAIN, EINTR or a lost peer: the reactor's own write path deals with it
+            sent = 0
+        if sent < len(data):
+            self._socket = None  # Twisted's buffer now holds data: nothing may overtake it
+            transport.write(data[sent:] if sent else data)
 
 
 @implementer(IPushProducer)
@@ -129,6 +156,9 @@ class CommandProtocol(Protocol):
     max_line_length = 512
     idle_timeout: float = 300.0
     clock: IReactorTime
+    #: Replies straight to the socket while nothing is queued (L{DirectSend});
+    #: C{False} sends every reply through C{transport.write}.
+    direct_send = True
 
     def __init__(self) -> None:
         self._buffer = bytearray()
@@ -140,6 +170,7 @@ class CommandProtocol(Protocol):
         self._timer: IDelayedCall | None = None
         self._raw_handler: Callable[[bytearray], bool] | None = None
         self.output = OutputGate(self._output_changed)
+        self._writer = DirectSend(None)
         #: Whether the session is encrypted: from the start on an implicit-TLS
         #: (C{ssl:}) listener, after L{start_tls} otherwise. Capabilities and
         #: the plaintext-password rule read it.
@@ -163,6 +194,7 @@ class CommandProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.secure = ISSLTransport.providedBy(self.transport)
+        self._writer = DirectSend.of(self.transport, self.direct_send)
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             try:
@@ -203,7 +235,7 @@ class CommandProtocol(Protocol):
             return
         cork = self._cork
         if cork is None:
-            send_now(self.transport, data)
+            self._writer.write(self.transport, data)
             return
         cork.append(data)
         self._cork_len += len(data)
@@ -218,7 +250,7 @@ class CommandProtocol(Protocol):
             cork.clear()
             self._cork_len = 0
             if not self._closing:
-                send_now(self.transport, data)
+                self._writer.write(self.transport, data)
 
     @contextmanager
     def corked(self) -> Iterator[None]:
@@ -241,6 +273,7 @@ class CommandProtocol(Protocol):
         """
         self.discard_input()
         self.flush()
+        self._writer.stop()
         self.transport.startTLS(context)
         self.secure = True
         self._upgrading = True
@@ -290,6 +323,15 @@ class CommandProtocol(Protocol):
                 if ITCPTransport.providedBy(transport):
                     transport.loseWriteConnection()  # sent once the buffer, close_notify last, is out
                 self._timer = self.clock.callLater(TLS_CLOSE_GRACE, transport.abortConnection)
+
+    @property
+    def closing(self) -> bool:
+        """Whether the session is closing or gone: send nothing more, start nothing new."""
+        return self._closing
+
+    def keep_alive(self) -> None:
+        """Restart the idle deadline: a long answer in progress is not idleness."""
+        self._reset_timer()
 
     def discard_input(self) -> None:
         """Forget buffered input (after STARTTLS, against injection)."""
