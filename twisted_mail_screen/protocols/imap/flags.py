@@ -57,7 +57,7 @@ def with_flags(rel: str, flags: Iterable[str], keywords: list[str]) -> str:
         elif f.lower() in lowered:
             letters.add(chr(97 + lowered[f.lower()]))
     base = base_of(rel)
-    return f"cur/{base}:2,{''.join(sorted(letters))}"
+    return "cur/" + maildir_names.with_flags(base, "".join(sorted(letters)))
 
 
 def size_of_name(rel: str) -> int | None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from twisted.logger import Logger
 
 from twisted_mail_screen.protocols.imap.flags import base_of, load_keywords, size_of_name
-from twisted_mail_screen.store import uidlist
+from twisted_mail_screen.store import maildir_names, uidlist
 from twisted_mail_screen.store.maildir import crlf_size
 from twisted_mail_screen.store.maildir_names import delivery_order
 
@@ -30,7 +30,7 @@ def _listing(path: str) -> dict[str, str] | None:
             with os.scandir(os.path.join(path, sub)) as it:
                 for e in it:
                     if not e.name.startswith("."):
-                        found[e.name.split(":", 1)[0]] = f"{sub}/{e.name}"
+                        found[maildir_names.base_of(e.name)] = f"{sub}/{e.name}"
         except FileNotFoundError:
             if sub == "cur":
                 return None

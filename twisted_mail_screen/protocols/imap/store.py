@@ -18,6 +18,7 @@ from array import array
 from twisted_mail_screen.protocols.imap.filejobs import rename_files, unlink_files
 from twisted_mail_screen.protocols.imap.flags import base_of, flag_names, info_of, with_flags
 from twisted_mail_screen.protocols.imap.parse import SeqSet, Token, parse_seqset
+from twisted_mail_screen.store import maildir_names
 
 
 def plan_renames(rows: list[tuple[int, str]], mode: str, flags: list[str],
@@ -38,7 +39,7 @@ def plan_renames(rows: list[tuple[int, str]], mode: str, flags: list[str],
             else:
                 new = list(flags)
             new_info = infos[info] = info_of(with_flags(rel, new, keywords))
-        target = f"cur/{base_of(rel)}:2,{new_info}"
+        target = "cur/" + maildir_names.with_flags(base_of(rel), new_info)
         if target != rel:
             out.append((u, rel, target))
     return out
