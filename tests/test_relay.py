@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import email
 import json
+import shutil
 import smtplib
 from pathlib import Path
 
@@ -911,3 +912,49 @@ def test_alias_to_a_remote_address_is_refused_without_a_relay(start_server, acco
     code, reply = client.rcpt("sales@example.test")
     assert code == 554 and b"relaying is not enabled" in reply
     client.quit()
+
+
+def test_bounce_to_a_local_and_remote_sender_is_stored_all_or_nothing(start_server, accounts, sink,
+                                                                      tmp_path, relay_log):
+    """
+    A bounce whose sender is an alias for a local mailbox and a remote
+    address reaches both, once; when the queue cannot take the remote
+    copy, the local copy is not kept either.
+    """
+    accounts.set_alias("sales@example.test", ["bob@example.test", "carol@remote.example"])
+
+    def policy(stage, arg, s):
+        if stage == "rcpt" and arg.startswith("nobody"):
+            return "550 5.1.1 no such user"
+        if stage == "rcpt" and arg.startswith("later"):
+            return "451 4.3.0 busy"
+        return None
+
+    s = sink(policy=policy)
+    server = start_server(site=True, clock=Clock(), **smarthost(s))
+    data = tmp_path / "data"
+    in_reactor(server.service.queue.enqueue, "sales@example.test", ("nobody@remote.example",),
+               b"Subject: first\n\nx\n")
+    [dsn] = wait_for(lambda: s.messages, what="the DSN to the remote target")
+    assert dsn.sender == "" and dsn.recipients == ["carol@remote.example"]
+    [local] = maildir_files(data, "bob@example.test")
+    assert local.read_bytes().startswith(b"Return-Path: <>\n")
+    queue_settled(server)
+
+    s.hold_greeting()
+    in_reactor(server.service.queue.enqueue, "sales@example.test",
+               ("nobody2@remote.example", "later@remote.example"), b"Subject: second\n\nx\n")
+    wait_for(lambda: len(queued(tmp_path)) == 1)
+    msg_dir = data / "queue" / "msg"  # the queue can store no new message
+    shutil.rmtree(msg_dir)
+    msg_dir.write_text("not a directory")
+    try:
+        s.open_gate()
+        wait_for(lambda: any("bounce to <sales@example.test> failed" in l for l in relay_log))
+        queue_settled(server)
+        assert maildir_files(data, "bob@example.test") == [local]
+        assert list((data / "mail" / "example.test" / "bob" / "tmp").iterdir()) == []
+        assert len(queued(tmp_path)) == 1 and len(s.messages) == 1
+    finally:
+        msg_dir.unlink()
+        msg_dir.mkdir()

@@ -3,7 +3,7 @@
 What the queue does after an attempt: retry when, bounce whom, warn
 whom, or forget the message. Pure functions of the attempt's replies,
 the envelope's age and attempt count and the C{[relay]} settings; no
-clock, no files, no sockets (docs/relay.md, "Retries, bounces, warnings").
+clock, no files, no sockets (docs/relay.md, "Retries" and "Bounces").
 """
 
 from __future__ import annotations

@@ -147,7 +147,7 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
         # The queue's DSNs go through Delivery, which queues through the
         # queue: the callable reaches Delivery, built next, when a DSN is sent.
         queue = OutboundQueue(config, config.relay, router, reactor, clock,
-                              deliver=lambda *message: delivery.deliver(*message))
+                              deliver=lambda *dsn: delivery.deliver(*dsn))
         queue.setServiceParent(service)
     delivery = Delivery(store, blocking, relay=queue)
     service.queue = queue
