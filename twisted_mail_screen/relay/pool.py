@@ -20,7 +20,7 @@ from twisted_mail_screen.relay.config import RelayConfig
 from twisted_mail_screen.relay.resolver import PermanentDestinationError, Target
 
 #: recipient -> (Reply, remote host); a reply code 0 means "not tried"
-Outcome = dict
+Outcome = dict[str, tuple[Reply, str]]
 
 
 @dataclass

@@ -33,9 +33,9 @@ from twisted_mail_screen.config.settings import Config
 from twisted_mail_screen.relay.attempt import Connector, attempt_message, smarthost_tls
 from twisted_mail_screen.relay.config import RelayConfig
 from twisted_mail_screen.relay.notices import Deliver, Notices
-from twisted_mail_screen.relay.policy import (decide, due_after_load, expiry_reply,
-                                              retry_after_error, EXPIRED_STATUS)
-from twisted_mail_screen.relay.pool import Pool
+from twisted_mail_screen.relay.policy import (EXPIRED_STATUS, decide, due_after_load,
+                                              expiry_reply, retry_after_error)
+from twisted_mail_screen.relay.pool import Outcome, Pool
 from twisted_mail_screen.relay.resolver import Targets
 from twisted_mail_screen.relay.spool import (BOUNCED, FAILED, PENDING, SENT, QueueDirectory,
                                              QueuedMessage, Recipient, iso)
@@ -367,7 +367,7 @@ class OutboundQueue(MultiService):
         elif failed or decision.delay_notice:
             await self._blocking.run(self.directory.update, queued)
 
-    def _log_outcomes(self, queued: QueuedMessage, outcomes: list[Any]) -> None:
+    def _log_outcomes(self, queued: QueuedMessage, outcomes: list[Outcome]) -> None:
         by_address = {r.address: r for r in queued.recipients}
         for outcome in outcomes:
             for address, (reply, host) in outcome.items():
