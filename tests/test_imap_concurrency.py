@@ -188,3 +188,30 @@ def test_session_drop_mid_fetch_does_not_hurt_others(server):
     b = session(server)
     assert b.command(b"n", b"FETCH 1:* (UID)")[-1].startswith(b"n OK")
     b.close()
+
+
+def test_folder_existence_checks_run_in_the_worker_pool(server, monkeypatch):
+    """SELECT, EXAMINE, STATUS, APPEND and COPY stat the Maildir, never on the reactor thread."""
+    import threading
+
+    from twisted_mail_screen.store.maildir import Maildir
+    from twisted_mail_screen.testing import REACTOR_THREAD
+
+    threads: list[str] = []
+    exists = Maildir.exists
+
+    def recording(self: Maildir) -> bool:
+        threads.append(threading.current_thread().name)
+        return exists(self)
+
+    send(server, "m")
+    monkeypatch.setattr(Maildir, "exists", recording)
+    r = Raw(server.port("imap"))
+    assert r.command(b"l", b"LOGIN bob@localhost x")[-1].startswith(b"l OK")
+    for tag, command in [(b"e", b"EXAMINE INBOX"), (b"s", b"SELECT INBOX"),
+                         (b"t", b"STATUS INBOX (MESSAGES)"), (b"c", b"COPY 1 INBOX"),
+                         (b"a", b"APPEND INBOX {1+}\r\nx")]:
+        before = len(threads)
+        assert r.command(tag, command)[-1].startswith(tag + b" OK"), command
+        assert len(threads) > before, command
+    assert REACTOR_THREAD not in threads

@@ -374,3 +374,25 @@ def test_client_leaving_mid_command_leaves_no_traceback_and_no_session(server, i
     registry = next(l.factory for l in server.service.listeners if l.kind == "imap").registry
     attached = in_reactor(lambda: {p: len(f.sessions) for p, f in registry.folders.items() if f.sessions})
     assert attached == {str(inbox): 1}  # only the session above; no session that left stays attached
+
+
+def test_authenticate_plain_cancel_and_bad_responses(server):
+    """SASL PLAIN (protocols/session.py): "*" after "+" cancels; "*" or bad base64 up front is BAD."""
+    import base64
+
+    r = Raw(server.port("imap"))
+    r.send(b"a1 AUTHENTICATE PLAIN\r\n")
+    assert r.line() == b"+ "
+    r.send(b"*\r\n")
+    assert r.line() == b"a1 BAD Authentication cancelled"
+    r.send(b"a2 AUTHENTICATE PLAIN\r\n")
+    assert r.line() == b"+ "
+    r.send(b"!!notbase64\r\n")
+    assert r.line().startswith(b"a2 BAD Cannot decode response")
+    assert r.command(b"a3", b"AUTHENTICATE PLAIN *") == [b"a3 BAD Cannot decode response: invalid base64"]
+    token = base64.b64encode(b"\0bob@localhost\0pw")
+    r.send(b"a4 AUTHENTICATE PLAIN\r\n")
+    assert r.line() == b"+ "
+    r.send(token + b"\r\n")
+    assert r.until(b"a4")[-1].startswith(b"a4 OK")
+    r.close()

@@ -24,9 +24,9 @@ from twisted_mail_screen.protocols.imap.flags import SYSTEM_FLAGS
 from twisted_mail_screen.protocols.imap.mailbox import Folder
 from twisted_mail_screen.protocols.imap.parse import Atom, BadCommand, Token
 from twisted_mail_screen.protocols.imap.registry import Registry
-from twisted_mail_screen.protocols.lineproto import CommandProtocol
+from twisted_mail_screen.protocols.session import ScreenedSession
 from twisted_mail_screen.runtime.workers import Blocking
-from twisted_mail_screen.screening.interfaces import ClientScreen, Screening
+from twisted_mail_screen.screening.interfaces import Screening
 from twisted_mail_screen.store.auth import Authenticator
 from twisted_mail_screen.store.maildir import Maildir, MailStore
 
@@ -52,7 +52,7 @@ class Services(Protocol):
     tls: Any
 
 
-class SessionCore(CommandProtocol):
+class SessionCore(ScreenedSession):
     """
     One IMAP session's state, and its reply primitives.
 
@@ -70,8 +70,6 @@ class SessionCore(CommandProtocol):
 
     def __init__(self) -> None:
         super().__init__()
-        self.peer_host = ""
-        self.screen: ClientScreen | None = None
         self.state = "unauth"
         self.address: str | None = None
         self.folders: AccountFolders | None = None

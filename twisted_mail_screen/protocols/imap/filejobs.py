@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 from array import array
-from typing import Any, Iterable
+from typing import Iterable
 
 from twisted_mail_screen.protocols.imap.flags import (base_of, find_file, flag_names, info_of,
                                                       merge_keywords, save_keywords, with_flags)
 from twisted_mail_screen.runtime.atomic import fsync_directory
-from twisted_mail_screen.store import uidlist
-from twisted_mail_screen.store.maildir import Maildir, link_or_copy
+from twisted_mail_screen.store import maildir_names, uidlist
+from twisted_mail_screen.store.maildir import Maildir, MailStore, link_or_copy
 from twisted_mail_screen.store.maildir_names import UniqueNames
 
 
@@ -51,8 +51,7 @@ def rename_files(path: str, renames: list[tuple[int, str, str]],
             now = find_file(path, old)
             if now is None:
                 continue
-            new = new.split(":", 1)[0] + ":2," + info_of(new)
-            new = "cur/" + new[4:]
+            new = "cur/" + maildir_names.with_flags(base_of(new), info_of(new))
             try:
                 os.rename(os.path.join(path, now), os.path.join(path, new))
             except FileNotFoundError:
@@ -127,7 +126,7 @@ def transfer_files(src: str, dst: str, rows: list[tuple[int, str]], src_keywords
     return done, next_uid, keywords
 
 
-def append_file(store: Any, path: str, data: bytes, flags: list[str], date: float | None,
+def append_file(store: MailStore, path: str, data: bytes, flags: list[str], date: float | None,
                 keywords: list[str], uidvalidity: int, next_uid: int, uids: "array[int]",
                 names: list[str]) -> tuple[int, str, list[str]]:
     """APPEND: deliver durably, set the internal date, give it the next UID."""

@@ -38,9 +38,10 @@ from twisted_mail_screen.protocols.imap.core import No
 from twisted_mail_screen.protocols.imap.message_commands import MessageCommands
 from twisted_mail_screen.protocols.imap.parse import Atom, BadCommand, Token, astring, tokenize
 from twisted_mail_screen.protocols.imap.registry import Registry
+from twisted_mail_screen.protocols.session import SASLError, sasl_plain
 from twisted_mail_screen.runtime.workers import Blocking
 from twisted_mail_screen.screening.interfaces import Screening
-from twisted_mail_screen.store.auth import Authenticator, SASLError, decode_base64, parse_sasl_plain
+from twisted_mail_screen.store.auth import Authenticator
 from twisted_mail_screen.store.maildir import MailStore
 
 __all__ = ["IMAPFactory", "IMAPServer", "No"]
@@ -89,21 +90,18 @@ class IMAPServer(AccountCommands, MessageCommands):
         self.clock = f.clock
         self.idle_timeout = f.config.imap.idle_timeout
         super().connectionMade()
-        self.peer_host = getattr(self.transport.getPeer(), "host", "") or ""
-        self.screen = f.screening.open(self.peer_host, "imap")
-        if self.screen.refusal is not None:
-            self.send(f"* BYE [UNAVAILABLE] {self.screen.refusal}\r\n".encode())
-            self.close()
+        if not self.open_screen(f.screening, "imap"):
             return
         self.untagged(f"OK [CAPABILITY {' '.join(self.capabilities())}] "
                       f"{f.config.hostname} IMAP4rev1 ready")
 
+    def refuse(self, reason: str) -> None:
+        self.send(f"* BYE [UNAVAILABLE] {reason}\r\n".encode())
+
     def session_ended(self) -> None:
         self.ended = True
         self._deselect()
-        if self.screen is not None:
-            self.screen.closed()
-            self.screen = None
+        self.close_screen()
 
     def timed_out(self) -> None:
         self.untagged("BYE Autologout; idle for too long")
@@ -341,10 +339,7 @@ class IMAPServer(AccountCommands, MessageCommands):
             return self._auth_plain(tag, b"" if args[1] == "=" else args[1].encode())
 
         def response(line: bytes) -> Deferred | None:
-            if line.strip() == b"*":
-                self.tagged(tag, "BAD Authentication cancelled")
-                return None
-            d = maybeDeferred(self._auth_plain, tag, line.strip())
+            d = maybeDeferred(self._auth_plain, tag, line, True)
             d.addCallbacks(self._completed, self._failed, callbackArgs=(tag, True),
                            errbackArgs=(tag,))
             return _pending(d)
@@ -353,12 +348,16 @@ class IMAPServer(AccountCommands, MessageCommands):
         self.send(b"+ \r\n")
         return None
 
-    def _auth_plain(self, tag: bytes, encoded: bytes) -> Any:
+    def _auth_plain(self, tag: bytes, response: bytes, continued: bool = False) -> Any:
         try:
-            username, password = parse_sasl_plain(decode_base64(encoded))
+            credentials = sasl_plain(response)
         except SASLError as e:
             raise BadCommand(f"Cannot decode response: {e}") from None
-        return self._login(tag, username, password)
+        if credentials is None:  # "*": a cancellation in answer to "+", not base64 as an initial response
+            if continued:
+                return "BAD Authentication cancelled"
+            raise BadCommand("Cannot decode response: invalid base64")
+        return self._login(tag, *credentials)
 
     def _login(self, tag: bytes, username: str, password: str) -> Deferred:
         f = self.factory
@@ -366,14 +365,13 @@ class IMAPServer(AccountCommands, MessageCommands):
 
         def checked(address: str | None) -> Any:
             if address is None:
-                if self.screen is not None and self.screen.auth_failed(username, password.encode()):
+                if self.auth_failed(username, password):
                     self.tagged(tag, "NO [AUTHENTICATIONFAILED] Authentication failed")
                     self.untagged("BYE Too many failures")
                     self.close()
                     return None
                 raise No("Authentication failed", "AUTHENTICATIONFAILED")
-            if self.screen is not None:
-                self.screen.auth_succeeded(address)
+            self.auth_succeeded(address)
             folders = AccountFolders(f.store.maildir(address).path, f.config.imap.max_folders)
             lock = f.registry.lock(folders.inbox)
             return lock.run(f.blocking.run, folders.setup).addCallback(self._logged_in, address, folders)
