@@ -13,7 +13,9 @@ from twisted.internet.task import Clock
 from twisted.logger import Logger, formatEvent
 
 from twisted_mail_screen.screening.blocklist import BlockList, WhitelistFile
+from twisted_mail_screen.screening.config import ScreeningConfig
 from twisted_mail_screen.screening.listfile import format_expiry, parse_expiry, split_comment
+from twisted_mail_screen.screening.service import ScreeningService
 
 START = 1_800_000_000.0  # 2027-01-15T08:00:00Z
 START_ISO = "2027-01-15T08:00:00Z"
@@ -262,3 +264,22 @@ def test_write_in_a_pool_waits_for_its_own_write(tmp_path: Path) -> None:
     assert blocks.dirty and any("cannot write" in line for line in log)
     assert blocks.flush(wait=True)  # e.g. at shutdown: in this thread
     assert [l.split()[0] for l in body_lines(tmp_path / "blocklist.txt")] == ["192.0.2.7", "192.0.2.8"]
+
+
+def test_running_service_writes_blocks_on_its_tick(tmp_path: Path) -> None:
+    """
+    While the screening service runs, automatic blocks wait for its
+    once-a-second check, so a storm of blocks is one write a second.
+    """
+    blocks, clock, _ = make(tmp_path)
+    quiet = Logger(observer=lambda e: None)
+    service = ScreeningService(ScreeningConfig(max_auth_failures=1), clock, blocks, log=quiet)
+    service.start()
+    for i in range(3):
+        service.open(f"192.0.2.{i}", "imap").auth_failed("bob@example.com", b"x")
+    path = tmp_path / "blocklist.txt"
+    assert not path.exists() or "192.0.2.0" not in path.read_text()
+    clock.advance(1)
+    assert [line.split()[0] for line in body_lines(path)] == ["192.0.2.0", "192.0.2.1",
+                                                               "192.0.2.2"]
+    service.stop()

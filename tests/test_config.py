@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -38,6 +39,27 @@ def test_overrides_win_over_the_file(tmp_path):
     assert config.hostname == "b.test" and config.listen.smtp == ("tcp:2600",)
 
 
+def test_service_sections_are_typed_and_frozen(tmp_path):
+    """[screening], [freeze] and [relay] are parsed once into frozen objects on Config."""
+    config = parse_config({"mode": "site", "domains": ["example.test"],
+                           "data_dir": str(tmp_path),
+                           "screening": {"max_connections": 7,
+                                         "session_auth": {"max_failures": 3}},
+                           "freeze": {"minutes": 5},
+                           "relay": {"queue_lifetime_hours": 48}})
+    assert config.screening.max_connections == 7
+    assert config.screening.session_auth.max_failures == 3
+    assert config.screening.whitelist == ()  # a site trusts nobody by default
+    assert config.freeze.minutes == 5
+    assert config.relay.enabled and config.relay.queue_lifetime_hours == 48
+    assert not hasattr(config, "extra")
+    for section in (config, config.screening, config.freeze, config.relay):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            section.enabled = False  # type: ignore[misc]
+    assert parse_config({"data_dir": str(tmp_path)}).screening.whitelist == (
+        "127.0.0.0/8", "::1")
+
+
 @pytest.mark.parametrize("text, key, words", [
     ('colour = "blue"', "colour", "unknown key"),
     ('mode = "production"', "mode", "must be one of"),
@@ -51,6 +73,11 @@ def test_overrides_win_over_the_file(tmp_path):
     ('mode = "site"', "domains", "at least one local domain"),
     ('domains = ["bad domain"]', "domains", "not a valid domain"),
     ('this is not toml', "--config", "not valid TOML"),
+    ('[screening]\nblock_minutes = 0', "screening.block_minutes", "at least 1"),
+    ('[screening.session_auth]\nprotocols = ["x"]', "screening.session_auth.protocols",
+     "unknown protocol"),
+    ('[freeze]\nminutes = -1', "freeze.minutes", "at least 0"),
+    ('[relay]\nenabled = true', "relay.enabled", "never relays"),
 ])
 def test_bad_values_name_the_key(tmp_path, text, key, words):
     """Each kind of mistake raises ConfigError naming the key and the problem."""

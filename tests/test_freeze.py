@@ -13,8 +13,10 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.logger import Logger
 
+from twisted_mail_screen.screening.config import FreezeConfig, ScreeningConfig
 from twisted_mail_screen.screening.freeze import FileFreezeStore, MemoryFreezeStore
-from twisted_mail_screen.screening.interfaces import FreezeStore
+from twisted_mail_screen.screening.interfaces import AdminFreezeStore, FreezeStore
+from twisted_mail_screen.screening.service import ScreeningService
 
 START = 1_800_000_000.0
 QUIET = Logger(observer=lambda e: None)
@@ -138,3 +140,31 @@ class TestFileFreezeStore(FreezeStoreTests):
         text = path.read_text()
         assert "+30" not in text and "2027-01-15T08:30:01Z" in text
         assert "# malformed (ignored): broken line here" in text
+
+
+def test_stores_satisfy_the_admin_seam(tmp_path: Path) -> None:
+    """Both stores are what the screening service and its admin API use."""
+    clock = Clock()
+    stores: list[AdminFreezeStore] = [
+        MemoryFreezeStore(clock, QUIET), FileFreezeStore(str(tmp_path / "frozen.txt"), clock, QUIET)]
+    for store in stores:
+        assert store.reload_if_changed() in (True, False)
+        assert store.table.entries() == []
+
+
+def test_service_check_rewrites_hand_edits(tmp_path: Path) -> None:
+    """
+    The screening service's once-a-second check picks up a hand edit of
+    frozen.txt and makes +MINUTES absolute, with no account looked up.
+    """
+    clock = Clock()
+    clock.advance(START)
+    service = ScreeningService.in_directory(ScreeningConfig(), FreezeConfig(), clock,
+                                            str(tmp_path), None, QUIET)
+    service.start()
+    path = tmp_path / "frozen.txt"
+    path.write_text("carol@example.com +30 # by hand\n")
+    clock.advance(1)
+    text = path.read_text()
+    assert "+30" not in text and "carol@example.com" in text
+    service.stop()

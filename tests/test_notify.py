@@ -13,7 +13,10 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.logger import Logger, formatEvent
 
+from twisted_mail_screen.screening.blocklist import BlockList
+from twisted_mail_screen.screening.config import ScreeningConfig
 from twisted_mail_screen.screening.notify import PostmasterNotifier
+from twisted_mail_screen.screening.service import ScreeningService
 
 START = 1_800_000_000.0
 
@@ -136,6 +139,20 @@ def test_flush_sends_pending() -> None:
     notifier.flush()
     assert len(sent) == 2 and "digest" in parse(sent[1])["Subject"]
     assert clock.getDelayedCalls() == []
+
+
+def test_service_stop_flushes_notices() -> None:
+    """Stopping the screening service sends the notices its notifier still holds."""
+    notifier, clock, sent, _ = make(max_messages=1)
+    quiet = Logger(observer=lambda e: None)
+    service = ScreeningService(ScreeningConfig(max_auth_failures=1), clock,
+                               BlockList(None, clock, quiet), None, notifier, log=quiet)
+    service.start()
+    service.open("192.0.2.7", "imap").auth_failed("bob@example.com", b"x")
+    service.open("192.0.2.8", "imap").auth_failed("bob@example.com", b"x")
+    assert len(sent) == 1
+    service.stop()
+    assert len(sent) == 2 and "digest" in parse(sent[1])["Subject"]
 
 
 def test_delivery_failures_are_logged() -> None:
