@@ -189,7 +189,7 @@ class ExpiringFile:
                 self._log.warn(
                     "screening: {what} {path} line {number} ignored: {line!r} ({problem})",
                     what=self._what, path=self._watch.path, number=number,
-                    line=line, problem=getattr(e, "problem", str(e)))
+                    line=line, problem=e.problem if isinstance(e, ConfigError) else str(e))
                 malformed.append("# malformed (ignored): " + line.strip())
                 rewrite = True
                 continue
