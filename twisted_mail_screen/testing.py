@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_smtp -*-
+# -*- test-case-name: tests.test_testing -*-
 """
 Run a real server inside a test suite: the reactor runs in a background
 thread, the test talks to real sockets with blocking clients (smtplib,
