@@ -160,6 +160,23 @@ def test_capa_and_auth_plain(start_server, accounts):
     pop.quit()
 
 
+def test_auth_plain_cancel_and_decoding_errors(start_server, accounts):
+    """AUTH PLAIN: '*' (with spaces around it) cancels; undecodable responses get -ERR naming why."""
+    import base64
+    server = start_server(site=True)
+    with socket.create_connection(("127.0.0.1", server.port("pop3")), timeout=10) as s:
+        f = s.makefile("rb")
+        f.readline()
+        s.sendall(b"AUTH PLAIN\r\n *  \r\nAUTH PLAIN !!!\r\n"
+                  b"AUTH PLAIN " + base64.b64encode(b"\0\xff\0x") + b"\r\n"
+                  b"AUTH PLAIN\r\n " + base64.b64encode(b"\0alice@example.test\0alice-secret") + b" \r\n")
+        assert [f.readline() for _ in range(6)] == [
+            b"+ \r\n", b"-ERR Authentication cancelled\r\n",
+            b"-ERR Cannot decode response: invalid base64\r\n",
+            b"-ERR Cannot decode response: PLAIN response is not UTF-8\r\n",
+            b"+ \r\n", b"+OK Logged in, 0 messages (0 octets)\r\n"]
+
+
 def test_stls_with_certificate(start_server, accounts, certificate):
     """With a certificate, CAPA offers STLS; plaintext login is refused until STLS."""
     cert, key = certificate

@@ -295,6 +295,33 @@ def test_bad_base64_gets_501(start_server):
     assert lines[-2].startswith(b"501") and lines[-1].startswith(b"250")
 
 
+def test_auth_plain_cancel_and_decoding_errors(start_server, accounts):
+    """
+    AUTH PLAIN (protocols/session.sasl_plain): '*' cancels (501 5.7.0), with
+    spaces around it too; a response that is not three NUL-separated
+    fields, not UTF-8, or names another authorization identity gets 501
+    5.5.2 naming the problem; a padded valid response logs in.
+    """
+    import base64
+    server = start_server(site=True)
+
+    def b64(raw: bytes) -> bytes:
+        return base64.b64encode(raw)
+
+    lines = converse(server.port("smtp"), b"EHLO c\r\nAUTH PLAIN\r\n *  \r\n"
+                     b"AUTH PLAIN " + b64(b"alice@example.test\0alice-secret") + b"\r\n"
+                     b"AUTH PLAIN " + b64(b"\0\xff\0x") + b"\r\n"
+                     b"AUTH PLAIN " + b64(b"bob@example.test\0alice@example.test\0alice-secret") + b"\r\n"
+                     b"AUTH PLAIN\r\n  " + b64(b"\0alice@example.test\0alice-secret") + b"  \r\n", 8)
+    assert [l for l in lines if not l.startswith(b"250")] == [b"334 ", b"501 5.7.0 Authentication cancelled",
+                         b"501 5.5.2 Cannot decode response: PLAIN response must have three "
+                         b"NUL-separated fields",
+                         b"501 5.5.2 Cannot decode response: PLAIN response is not UTF-8",
+                         b"501 5.5.2 Cannot decode response: authorization identity differs "
+                         b"from the username",
+                         b"334 ", b"235 2.7.0 Authentication successful"]
+
+
 def test_auth_refused_before_tls_unless_configured(start_server, accounts, certificate):
     """With plaintext_auth = 'never', AUTH is not offered and refused (538) until STARTTLS."""
     cert, key = certificate
