@@ -40,10 +40,10 @@ from twisted.internet.interfaces import (IDelayedCall, IHandshakeListener, IPush
 from twisted.internet.protocol import Protocol
 from twisted.internet.tcp import Server as TCPServer
 from twisted.logger import Logger
-
-from twisted_mail_screen.runtime.tls import hold_output
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from twisted_mail_screen.runtime.tls import hold_output
 
 #: Bytes of unprocessed input kept while a command is pending, before the
 #: socket is paused.
