@@ -9,6 +9,7 @@ import datetime
 import json
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -160,3 +161,34 @@ def queue_settled(server: RunningServer, timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("the outbound queue did not become idle")
         time.sleep(0.02)
+
+
+class LineReader:
+    """CRLF lines read off C{self.sock} (plain or TLS) into C{self.buf}: the raw clients' reader."""
+
+    sock: socket.socket
+    buf: bytes = b""
+
+    def line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError(self.buf)
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line
+
+
+@pytest.fixture
+def sink():
+    """A capture smarthost (tests/relay_sink.py) on a loopback port."""
+    from relay_sink import Sink
+
+    s = Sink().start()
+    yield s
+    s.stop()
+
+
+def relay_to(s: Any) -> dict:
+    """Server overrides that relay everything to the sink C{s}, without TLS."""
+    return {"relay__smarthost": f"tcp:host=127.0.0.1:port={s.port}", "relay__starttls": "none"}

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require_tool
+from conftest import LineReader, require_tool
 from strace_order import (MOVES, SENDS, SYNCS, Event, atomic_replacements, parse_strace, published,
                           reply, uidlist_durable)
 from twisted_mail_screen.runtime import control
@@ -127,22 +127,13 @@ class Run:
     module: str = ""
 
 
-class IMAP:
+class IMAP(LineReader):
     """A raw IMAP client: exact tags, so each tagged reply is found in the trace."""
 
     def __init__(self, port: int) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
         self.buf = b""
         self.line()
-
-    def line(self) -> bytes:
-        while b"\r\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError(self.buf)
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\r\n", 1)
-        return line
 
     def command(self, tag: str, text: str, literal: bytes | None = None) -> list[bytes]:
         if literal is None:

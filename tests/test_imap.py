@@ -15,6 +15,8 @@ from email.mime.text import MIMEText
 
 import pytest
 
+from tests.conftest import LineReader
+
 KINDS = ("smtp", "pop3", "imap")
 USER = "bob@localhost"
 
@@ -38,22 +40,13 @@ def send(server, to: str = USER, subject: str = "hello", body: str = "body text\
     s.quit()
 
 
-class Raw:
+class Raw(LineReader):
     """A bare socket client for exact protocol checks."""
 
     def __init__(self, port: int) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         self.buf = b""
         self.greeting = self.line()
-
-    def line(self) -> bytes:
-        while b"\r\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError(self.buf)
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\r\n", 1)
-        return line
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)

@@ -25,13 +25,6 @@ MESSAGE = b"From: alice@example.test\r\nSubject: once\r\n\r\nhello\r\n"
 
 
 @pytest.fixture
-def sink():
-    s = Sink().start()
-    yield s
-    s.stop()
-
-
-@pytest.fixture
 def queue_log():
     lines: list[str] = []
 

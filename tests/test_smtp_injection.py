@@ -18,9 +18,10 @@ import smtplib
 import socket
 
 import pytest
+
 from twisted.logger import globalLogPublisher
 
-from conftest import maildir_files
+from conftest import maildir_files, relay_to
 from relay_sink import Sink, wait_for
 
 CONTROL_REPLY = b"501 5.5.2 Control character (bare CR, NUL, TAB...) in command line"
@@ -39,17 +40,6 @@ def failures():
     globalLogPublisher.addObserver(observe)
     yield events
     globalLogPublisher.removeObserver(observe)
-
-
-@pytest.fixture
-def sink():
-    s = Sink().start()
-    yield s
-    s.stop()
-
-
-def relay_to(s: Sink) -> dict:
-    return {"relay__smarthost": f"tcp:host=127.0.0.1:port={s.port}", "relay__starttls": "none"}
 
 
 def converse(port: int, data: bytes, replies: int) -> list[bytes]:

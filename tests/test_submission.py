@@ -11,21 +11,11 @@ import ssl
 
 import pytest
 
-from conftest import maildir_files
+
+from conftest import maildir_files, relay_to
 from relay_sink import Sink, wait_for
 from twisted_mail_screen.config.settings import load_config
 from twisted_mail_screen.config.base import ConfigError
-
-
-@pytest.fixture
-def sink():
-    s = Sink().start()
-    yield s
-    s.stop()
-
-
-def relay_to(s: Sink) -> dict:
-    return {"relay__smarthost": f"tcp:host=127.0.0.1:port={s.port}", "relay__starttls": "none"}
 
 
 def login(server, kind="submission", user="alice@example.test", password="alice-secret"):

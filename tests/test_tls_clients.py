@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import maildir_files, require_tool
+from tests.conftest import LineReader, maildir_files
 from twisted_mail_screen.protocols.lineproto import PENDING_INPUT_LIMIT, TLS_CLOSE_GRACE
 from twisted_mail_screen.testing import EPHEMERAL
 
@@ -52,7 +52,7 @@ def port(server, kind: str, mode: str) -> int:
     return ports[1] if mode == "implicit" else ports[0]
 
 
-class Session:
+class Session(LineReader):
     """A raw client of one protocol over plaintext, STARTTLS or implicit TLS."""
 
     def __init__(self, server, kind: str, mode: str, certificate: tuple[str, str]) -> None:
@@ -69,15 +69,6 @@ class Session:
             assert not self.buf  # nothing may follow the invitation in the clear
             self.sock = context.wrap_socket(sock, server_hostname="localhost")
         self.tls = mode != "plain"
-
-    def line(self) -> bytes:
-        while b"\r\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError(self.buf)
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\r\n", 1)
-        return line
 
     def until(self, start: bytes) -> list[bytes]:
         lines = []
