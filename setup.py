@@ -13,5 +13,6 @@ setup(
     package_data={"twisted.plugins": ["mailscreen_plugin.py"]},
     install_requires=["twisted", "zope.interface", "service-identity", "pyOpenSSL"],
     extras_require={"test": ["pytest", "hypothesis"]},
-    entry_points={"console_scripts": ["mailscreen = twisted_mail_screen.admin.cli:main"]},
+    entry_points={"console_scripts": ["mailscreen = twisted_mail_screen.admin.cli:main"],
+                  "pytest11": ["mailscreen = twisted_mail_screen.pytest_plugin"]},
 )

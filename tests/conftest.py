@@ -5,7 +5,6 @@ temp-dir data directory, stopped after each test.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import shutil
@@ -18,6 +17,7 @@ import pytest
 
 from twisted_mail_screen.store.accounts import AccountStore
 from twisted_mail_screen.config.settings import load_config
+from twisted_mail_screen.testcert import make_certificate
 from twisted_mail_screen.testing import RunningServer, ephemeral_overrides, in_reactor
 
 #: The Debian package of each external client tool the tests run.
@@ -97,33 +97,7 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     'mail.example.test', 'localhost' and 127.0.0.1, so real clients that
     verify it (mbsync, fetchmail, msmtp) can be pointed at it as their CA.
     """
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mail.example.test")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=30))
-            .add_extension(x509.SubjectAlternativeName([
-                x509.DNSName("mail.example.test"), x509.DNSName("localhost"),
-                x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-            .sign(key, hashes.SHA256()))
-    d = tmp_path_factory.mktemp("tls")
-    cert_path, key_path = d / "cert.pem", d / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    key_path.chmod(0o600)
-    return str(cert_path), str(key_path)
+    return make_certificate(str(tmp_path_factory.mktemp("tls")))
 
 
 def maildir_files(data: Path, address: str) -> list[Path]:

@@ -1,0 +1,102 @@
+# -*- test-case-name: tests.test_pytest_plugin -*-
+"""
+The pytest plugin (entry point C{pytest11: mailscreen}): C{mailserver}
+and C{mailserver_session} fixtures, the C{mailserver} marker and the
+C{--mailscreen-*} options. docs/testing.md shows them in use.
+
+pytest imports this module in every session of every project that has
+the package installed, so it imports nothing heavy: no Twisted, no
+reactor. The server module is imported by the first fixture that runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import pytest
+
+MODES = ("test-host", "site")
+DEFAULT_TIMEOUT = 5.0
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("mailscreen", "twisted-mail-screen test mail server")
+    group.addoption("--mailscreen-mode", choices=MODES, default=None,
+                    help="default mode of the mailserver fixtures (ini: mailscreen_mode)")
+    group.addoption("--mailscreen-timeout", type=float, default=None,
+                    help="default wait_for timeout in seconds (ini: mailscreen_timeout)")
+    parser.addini("mailscreen_mode", "default mode of the mailserver fixtures: test-host or site",
+                  default="test-host")
+    parser.addini("mailscreen_timeout", "default mailserver.wait_for timeout in seconds",
+                  default=str(DEFAULT_TIMEOUT))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "mailserver(site=False, tls=False, **config): how the test's mailserver "
+                   "fixture is configured (docs/testing.md)")
+
+
+def _mode(config: pytest.Config) -> str:
+    mode = config.getoption("--mailscreen-mode") or config.getini("mailscreen_mode")
+    if mode not in MODES:
+        raise pytest.UsageError(f"mailscreen_mode: {mode!r} is not one of {', '.join(MODES)}")
+    return mode
+
+
+def _timeout(config: pytest.Config) -> float:
+    value = config.getoption("--mailscreen-timeout")
+    if value is None:
+        raw = config.getini("mailscreen_timeout")
+        try:
+            value = float(raw)
+        except ValueError:
+            raise pytest.UsageError(f"mailscreen_timeout: {raw!r} is not a number of seconds")
+    return value
+
+
+@pytest.fixture(scope="session")
+def mailserver_certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """A self-signed certificate and key (PEM paths) for the servers started with tls=True."""
+    from twisted_mail_screen.testcert import make_certificate
+
+    return make_certificate(str(tmp_path_factory.mktemp("mailscreen-tls")))
+
+
+@pytest.fixture
+def mailserver_config() -> dict[str, Any]:
+    """
+    Override to configure every C{mailserver} of a module or directory:
+    C{site}, C{tls} and server config keys (C{"screening__enabled": False}).
+    A C{mailserver} marker on the test wins over it.
+    """
+    return {}
+
+
+@pytest.fixture
+def mailserver(request: pytest.FixtureRequest, tmp_path: Any,
+               mailserver_config: dict[str, Any]) -> Iterator[Any]:
+    """A mail server of the test's own, stopped when the test ends."""
+    from twisted_mail_screen.pytest_plugin.server import build
+
+    options: dict[str, Any] = {"site": _mode(request.config) == "site"}
+    options.update(mailserver_config)
+    for mark in reversed(list(request.node.iter_markers("mailserver"))):
+        options.update(mark.kwargs)
+    server = build(str(tmp_path / "mailscreen"), options, _timeout(request.config),
+                   lambda: request.getfixturevalue("mailserver_certificate"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def mailserver_session(request: pytest.FixtureRequest,
+                       tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One mail server for the whole session (call C{purge()} between tests that count)."""
+    from twisted_mail_screen.pytest_plugin.server import build
+
+    server = build(str(tmp_path_factory.mktemp("mailscreen")),
+                   {"site": _mode(request.config) == "site"}, _timeout(request.config),
+                   lambda: request.getfixturevalue("mailserver_certificate"))
+    yield server
+    server.stop()

@@ -1,0 +1,155 @@
+# -*- test-case-name: tests.test_pytest_plugin -*-
+"""
+The object the C{mailserver} fixtures hand a test: a started
+L{RunningServer} on loopback ports, plus what a test asks of a mail host
+(which messages arrived, wait for one, forget them all, add an account,
+settings for the code under test).
+
+Imported only when a fixture is used: this is where Twisted comes in.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from email.message import EmailMessage
+from typing import Any, Callable
+
+from twisted_mail_screen.config.settings import load_config
+from twisted_mail_screen.pytest_plugin import mailbox
+from twisted_mail_screen.testing import RunningServer, ephemeral_overrides, in_reactor
+
+KINDS = ("smtp", "submission", "pop3", "imap")
+SITE = {"mode": "site", "hostname": "mail.example.test", "domains": ["example.test"],
+        "postmaster": "postmaster@example.test"}
+POLL = 0.02  # seconds between two looks at the Maildirs in wait_for
+
+
+class MailServer:
+    """
+    A test host (or, with C{site=True}, a site for C{example.test}) on
+    127.0.0.1, SMTP, submission, POP3 and IMAP on ports the OS chose.
+    """
+
+    host = "127.0.0.1"
+    web_url: str | None = None  # no web interface yet
+
+    def __init__(self, data_dir: str, site: bool = False, certificate: tuple[str, str] | None = None,
+                 timeout: float = 5.0, overrides: dict[str, Any] | None = None) -> None:
+        table: dict[str, Any] = dict(SITE) if site else {}
+        table.update(ephemeral_overrides(data_dir, KINDS))
+        if certificate is not None:
+            table["tls.certificate"], table["tls.key"] = certificate
+        table.update({k.replace("__", "."): v for k, v in (overrides or {}).items()})
+        self.data_dir = data_dir
+        self.site = site
+        self.certificate = certificate[0] if certificate else None
+        self.timeout = timeout
+        self.server = RunningServer(load_config(None, table))
+        self.faults = FaultsProxy(self)
+
+    def start(self) -> "MailServer":
+        self.server.start()
+        self.smtp_port, self.submission_port, self.pop3_port, self.imap_port = (
+            self.server.port(kind) for kind in KINDS)
+        return self
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    @property
+    def service(self) -> Any:
+        """The running L{MailService} (touch it only through L{in_reactor})."""
+        return self.server.service
+
+    @property
+    def mail_root(self) -> str:
+        return os.path.join(self.data_dir, "mail")
+
+    def messages(self, query: str | None = None) -> list[EmailMessage]:
+        """Delivered messages, oldest first, that match C{query} (docs/testing.md)."""
+        return mailbox.read_messages(self.mail_root, query)
+
+    def wait_for(self, query: str | None = None, count: int = 1,
+                 timeout: float | None = None) -> list[EmailMessage]:
+        """
+        Wait until at least C{count} messages match C{query}; return them.
+
+        @raise AssertionError: on timeout, listing what did arrive.
+        """
+        limit = self.timeout if timeout is None else timeout
+        mailbox.parse_query(query)  # a bad query fails now, not after the timeout
+        deadline = time.monotonic() + limit
+        while True:
+            found = self.messages(query)
+            if len(found) >= count:
+                return found
+            if time.monotonic() >= deadline:
+                raise AssertionError(
+                    f"wait_for({query!r}, count={count}): {len(found)} of {count} matching "
+                    f"message(s) within {limit:g} s; {mailbox.summary(self.messages())}")
+            time.sleep(POLL)
+
+    def purge(self) -> int:
+        """Delete every delivered message; the number deleted."""
+        return mailbox.purge(self.mail_root)
+
+    def add_user(self, address: str, password: str) -> None:
+        """Add an account (site mode: in test-host mode any password opens any mailbox)."""
+        if not self.site:
+            raise RuntimeError("mailserver.add_user needs site mode: mark the test with "
+                               "@pytest.mark.mailserver(site=True) (or --mailscreen-mode=site)")
+        from twisted_mail_screen.store.accounts import AccountStore
+
+        # In the test's thread: hashing is slow, and the server rereads the
+        # users file when it changes, as it does after `mailscreen user add`.
+        AccountStore(self.data_dir).add_user(address, password)
+
+    def smtp_settings(self, port: str = "smtp") -> dict[str, Any]:
+        """Settings for Django, Flask-Mail and smtplib, for the C{smtp} or C{submission} port."""
+        number = {"smtp": self.smtp_port, "submission": self.submission_port}[port]
+        tls = self.certificate is not None
+        return {"EMAIL_HOST": self.host, "EMAIL_PORT": number, "EMAIL_USE_TLS": tls,
+                "MAIL_SERVER": self.host, "MAIL_PORT": number, "MAIL_USE_TLS": tls,
+                "host": self.host, "port": number}
+
+
+class FaultsProxy:
+    """
+    C{service.faults}, each method called in the reactor thread. The
+    attribute is looked up at each use, so a server without fault
+    injection fails with a clear message only when a test asks for it.
+    """
+
+    def __init__(self, owner: MailServer) -> None:
+        self._owner = owner
+
+    def __getattr__(self, name: str) -> Any:
+        faults = getattr(self._owner.service, "faults", None)
+        if faults is None:
+            raise AttributeError(
+                f"mailserver.faults.{name}: this server has no fault injection "
+                "(service.faults is missing: it exists only in test-host mode, in a "
+                "version of twisted-mail-screen that has twisted_mail_screen.faults)")
+        value = getattr(faults, name)
+        if not callable(value):
+            return value
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return in_reactor(value, *args, **kwargs)
+
+        return call
+
+
+def build(data_dir: str, options: dict[str, Any], timeout: float,
+          certificate: Callable[[], tuple[str, str]]) -> MailServer:
+    """A started L{MailServer} for the marker/fixture C{options} (site, tls, overrides)."""
+    options = dict(options)
+    site = bool(options.pop("site", False))
+    tls = bool(options.pop("tls", False))
+    if options.pop("relay_sink", False):
+        raise NotImplementedError("mailserver(relay_sink=True) is not available yet "
+                                  "(docs/testing.md)")
+    return MailServer(data_dir, site=site, certificate=certificate() if tls else None,
+                      timeout=timeout, overrides=options).start()
+
