@@ -1,0 +1,99 @@
+"""The fault plan on its own: rules, counts, matching, listing and clearing."""
+
+from __future__ import annotations
+
+import pytest
+
+from twisted_mail_screen.faults.plan import END_OF_DATA, Decision, FaultPlan
+
+
+def test_reject_applies_exactly_times_then_is_gone() -> None:
+    plan = FaultPlan()
+    plan.reject("RCPT", match="*@bounce.test", reply="550 5.1.1 No such user", times=2)
+    assert plan.take("RCPT", "a@other.test") is None
+    assert plan.take("RCPT", "a@bounce.test") == Decision(reply="550 5.1.1 No such user")
+    assert plan.rules()[0].remaining == 1
+    assert plan.take("rcpt", "B@BOUNCE.TEST") == Decision(reply="550 5.1.1 No such user")
+    assert plan.take("RCPT", "a@bounce.test") is None
+    assert plan.rules() == []
+
+
+def test_defaults_and_times_none() -> None:
+    plan = FaultPlan()
+    plan.reject()
+    plan.tempfail("MAIL", times=None)
+    rules = plan.rules()
+    assert [(r.kind, r.command, r.match, r.reply, r.remaining) for r in rules] == [
+        ("reject", "RCPT", "*@bounce.test", "550 5.1.1 No such user", 1),
+        ("tempfail", "MAIL", None, "451 4.3.0 Temporary failure (injected)", None)]
+    for _ in range(5):
+        assert plan.take("MAIL", "x@y.test") == Decision(
+            reply="451 4.3.0 Temporary failure (injected)", temporary=True)
+    assert len(plan.rules()) == 2
+    plan.clear()
+    assert plan.rules() == [] and plan.take("MAIL", "x@y.test") is None
+
+
+def test_rules_are_copies() -> None:
+    plan = FaultPlan()
+    plan.reject(times=3)
+    plan.rules()[0].remaining = 0
+    assert plan.rules()[0].remaining == 3
+
+
+def test_delay_disconnect_and_reply_combine_once_each() -> None:
+    plan = FaultPlan()
+    plan.delay("DATA", 30)
+    plan.disconnect(after="DATA")
+    plan.tempfail("DATA", reply="421 4.3.2 Shutting down")
+    plan.tempfail("DATA", reply="452 4.3.1 Later")
+    assert plan.take("DATA", "") == Decision(reply="421 4.3.2 Shutting down", temporary=True,
+                                             delay=30.0, disconnect=True)
+    assert plan.take("DATA", "") == Decision(reply="452 4.3.1 Later", temporary=True)
+    assert plan.take("DATA", "") is None
+
+
+def test_mailbox_full_matches_rcpt() -> None:
+    plan = FaultPlan()
+    plan.mailbox_full("full@example.test", times=1)
+    assert plan.take("MAIL", "full@example.test") is None
+    assert plan.take("RCPT", "Full@Example.test") == Decision(reply="452 4.2.2 Mailbox full",
+                                                              temporary=True)
+    assert plan.take("RCPT", "full@example.test") is None
+
+
+def test_end_of_data_matches_any_recipient() -> None:
+    plan = FaultPlan()
+    plan.reject(END_OF_DATA, match="*@bounce.test", reply="554 5.6.0 Refused")
+    assert plan.take(END_OF_DATA, ["a@ok.test"]) is None
+    assert plan.take(END_OF_DATA, ["a@ok.test", "b@bounce.test"]) == Decision(reply="554 5.6.0 Refused")
+
+
+def test_fail_auth_and_fail_delivery() -> None:
+    plan = FaultPlan()
+    plan.fail_auth("bob*", times=2)
+    plan.fail_delivery("550 5.1.1 Gone", match="*@far.test")
+    assert not plan.auth_fails("alice@example.test")
+    assert plan.auth_fails("bob@example.test") and plan.auth_fails("bob")
+    assert not plan.auth_fails("bob")
+    assert plan.take("AUTH", "bob") is None  # fail_auth is asked through auth_fails only
+    assert plan.delivery_reply(["x@near.test"]) is None
+    assert plan.delivery_reply(["x@far.test"]) == "550 5.1.1 Gone"
+    assert plan.delivery_reply(["x@far.test"]) is None
+
+
+@pytest.mark.parametrize("call", [
+    lambda p: p.reject(reply="451 4.3.0 not permanent"),
+    lambda p: p.tempfail("RCPT", reply="550 5.0.0 not temporary"),
+    lambda p: p.reject(reply="550 5.1.1 two\r\nlines"),
+    lambda p: p.reject(command="RC PT"),
+    lambda p: p.reject(times=0),
+    lambda p: p.delay("DATA", -1),
+    lambda p: p.fail_auth(""),
+    lambda p: p.fail_delivery("250 2.0.0 ok"),
+])
+def test_bad_rules_are_refused(call) -> None:
+    plan = FaultPlan()
+    with pytest.raises(ValueError):
+        call(plan)
+    assert plan.rules() == []

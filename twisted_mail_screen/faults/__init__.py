@@ -1,0 +1,1 @@
+"""Deterministic fault injection for test-host mode (docs/faults.md)."""
