@@ -11,6 +11,7 @@ Imported only when a fixture is used: this is where Twisted comes in.
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from email.message import EmailMessage
 from typing import Any, Callable
@@ -37,7 +38,8 @@ class MailServer:
     def __init__(self, data_dir: str, site: bool = False, certificate: tuple[str, str] | None = None,
                  timeout: float = 5.0, overrides: dict[str, Any] | None = None) -> None:
         table: dict[str, Any] = dict(SITE) if site else {}
-        table.update(ephemeral_overrides(data_dir, KINDS))
+        self._link = _short_alias(data_dir)
+        table.update(ephemeral_overrides(self._link or data_dir, KINDS))
         if certificate is not None:
             table["tls.certificate"], table["tls.key"] = certificate
         table.update({k.replace("__", "."): v for k, v in (overrides or {}).items()})
@@ -55,7 +57,12 @@ class MailServer:
         return self
 
     def stop(self) -> None:
-        self.server.stop()
+        try:
+            self.server.stop()
+        finally:
+            if self._link is not None:
+                os.unlink(self._link)
+                os.rmdir(os.path.dirname(self._link))
 
     @property
     def service(self) -> Any:
@@ -112,6 +119,21 @@ class MailServer:
         return {"EMAIL_HOST": self.host, "EMAIL_PORT": number, "EMAIL_USE_TLS": tls,
                 "MAIL_SERVER": self.host, "MAIL_PORT": number, "MAIL_USE_TLS": tls,
                 "host": self.host, "port": number}
+
+
+def _short_alias(data_dir: str) -> str | None:
+    """
+    A short symlink to C{data_dir} when the control socket's path in it
+    would pass the AF_UNIX limit (about 104 bytes): pytest's tmp_path for a
+    long test name does. The data stays in C{data_dir}.
+    """
+    if len(os.path.join(os.path.abspath(data_dir), "control.sock")) < 100:
+        return None
+    os.makedirs(data_dir, exist_ok=True)
+    directory = tempfile.mkdtemp(prefix="mailscreen-")
+    link = os.path.join(directory, "d")
+    os.symlink(os.path.abspath(data_dir), link)
+    return link
 
 
 class FaultsProxy:

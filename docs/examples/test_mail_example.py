@@ -1,0 +1,53 @@
+"""
+An example suite for the twisted-mail-screen pytest plugin: the code
+under test sends with its framework's settings, the test reads the mail
+back over IMAP. CI runs this file as written (tests/test_pytest_plugin.py).
+"""
+
+import imaplib
+import smtplib
+from email.message import EmailMessage
+
+
+def send_welcome(settings: dict, address: str) -> None:
+    """The application code: sends with Django-style settings."""
+    message = EmailMessage()
+    message["From"] = "shop@example.test"
+    message["To"] = address
+    message["Subject"] = "Welcome!"
+    message.set_content("Thanks for signing up.")
+    with smtplib.SMTP(settings["EMAIL_HOST"], settings["EMAIL_PORT"]) as smtp:
+        smtp.send_message(message)
+
+
+def test_welcome_mail(mailserver):
+    send_welcome(mailserver.smtp_settings(), "ann@example.test")
+
+    [mail] = mailserver.wait_for("to:ann@example.test subject:welcome")
+    assert mail.envelope_from == "shop@example.test"
+    assert mail.get_content().strip() == "Thanks for signing up."
+
+
+def test_plain_smtplib(mailserver):
+    settings = mailserver.smtp_settings()
+    with smtplib.SMTP(settings["host"], settings["port"]) as smtp:
+        smtp.sendmail("a@example.test", ["b@example.test", "c@example.test"],
+                      b"Subject: report\r\n\r\nnumbers\r\n")
+
+    [mail] = mailserver.wait_for("report")
+    assert mail.envelope_to == ["b@example.test", "c@example.test"]
+    mailserver.purge()
+    assert mailserver.messages() == []
+
+
+def test_read_back_over_imap(mailserver):
+    send_welcome(mailserver.smtp_settings(), "ann@example.test")
+    mailserver.wait_for("to:ann@example.test")
+
+    # A test host opens the mailbox named by the login, whatever the password.
+    imap = imaplib.IMAP4(mailserver.host, mailserver.imap_port)
+    imap.login("ann@example.test", "any password")
+    imap.select("INBOX")
+    _, data = imap.search(None, "SUBJECT", "Welcome")
+    assert data[0].split() == [b"1"]
+    imap.logout()

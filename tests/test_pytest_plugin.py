@@ -1,0 +1,211 @@
+"""
+The pytest plugin (twisted_mail_screen.pytest_plugin), run the way its
+users run it: pytester writes a test file that uses the fixtures, runs
+pytest on it in a subprocess (each run's server lives in that process's
+reactor thread, apart from this suite's) with the plugin loaded through
+its installed pytest11 entry point, and the outcome is checked.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def this_tree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The subprocesses import the package from this tree, not a stale installed copy."""
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+
+
+def run(pytester: pytest.Pytester, source: str, *args: str) -> pytest.RunResult:
+    pytester.makepyfile(source)
+    return pytester.runpytest_subprocess("-p", "no:cacheprovider", *args)
+
+
+def test_import_costs_nothing() -> None:
+    """Loading the plugin imports no Twisted: pytest loads it in every session."""
+    code = ("import sys, twisted_mail_screen.pytest_plugin; "
+            "print(sorted(m for m in sys.modules if m == 'twisted' or m.startswith('twisted.')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_registered_as_entry_point(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("def test_x(): pass")
+    result = pytester.runpytest_subprocess("--help")
+    result.stdout.fnmatch_lines(["*--mailscreen-mode*", "*--mailscreen-timeout*"])
+
+
+FIXTURES = '''
+import imaplib, poplib, smtplib, ssl
+import pytest
+
+def send(server, to, subject, sender="alice@example.test", port=None):
+    with smtplib.SMTP(server.host, port or server.smtp_port) as s:
+        s.sendmail(sender, to, f"From: {sender}\\r\\nTo: {', '.join(to)}\\r\\n"
+                               f"Subject: {subject}\\r\\n\\r\\nbody of {subject}\\r\\n")
+
+def test_messages_and_queries(mailserver):
+    assert mailserver.web_url is None
+    assert len({mailserver.smtp_port, mailserver.submission_port,
+                mailserver.pop3_port, mailserver.imap_port}) == 4
+    send(mailserver, ["bob@example.test", "carol@example.test"], "first")
+    send(mailserver, ["dave@example.test"], "second invoice", sender="eve@other.test")
+    mailserver.wait_for(count=2)
+    first, second = mailserver.messages()
+    assert first.envelope_from == "alice@example.test"
+    assert first.envelope_to == ["bob@example.test", "carol@example.test"]
+    assert first["Subject"] == "first"
+    assert [m["Subject"] for m in mailserver.messages("to:dave")] == ["second invoice"]
+    assert [m["Subject"] for m in mailserver.messages("from:eve@other.test")] == ["second invoice"]
+    assert [m["Subject"] for m in mailserver.messages('subject:"second invoice"')] == ["second invoice"]
+    assert [m["Subject"] for m in mailserver.messages("body of first")] == ["first"]
+    assert [m["Subject"] for m in mailserver.messages("-subject:first")] == ["second invoice"]
+    assert mailserver.messages("to:nobody") == []
+    with pytest.raises(ValueError, match="unknown field 'too:'"):
+        mailserver.messages("too:bob")
+
+def test_pop3_imap_and_purge(mailserver):
+    send(mailserver, ["bob@example.test"], "hello")
+    mailserver.wait_for("to:bob@example.test")
+    pop = poplib.POP3(mailserver.host, mailserver.pop3_port)
+    pop.user("bob@example.test"); pop.pass_("anything")
+    assert pop.stat()[0] == 1
+    assert b"Subject: hello" in pop.retr(1)[1]
+    pop.quit()
+    imap = imaplib.IMAP4(mailserver.host, mailserver.imap_port)
+    imap.login("bob@example.test", "anything")
+    assert imap.select("INBOX")[1] == [b"1"]
+    imap.logout()
+    assert mailserver.purge() == 1
+    assert mailserver.messages() == []
+
+def test_smtp_settings(mailserver):
+    settings = mailserver.smtp_settings()
+    assert settings["EMAIL_HOST"] == settings["MAIL_SERVER"] == settings["host"] == "127.0.0.1"
+    assert settings["EMAIL_PORT"] == settings["MAIL_PORT"] == settings["port"] == mailserver.smtp_port
+    assert settings["EMAIL_USE_TLS"] is False
+    assert mailserver.smtp_settings("submission")["port"] == mailserver.submission_port
+    with smtplib.SMTP(settings["host"], settings["port"]) as s:
+        s.sendmail("a@example.test", ["b@example.test"], b"Subject: s\\r\\n\\r\\nx\\r\\n")
+    mailserver.wait_for("subject:s")
+
+@pytest.mark.mailserver(site=True)
+def test_site_mode_and_add_user(mailserver):
+    mailserver.add_user("ann@example.test", "ann-secret")
+    send(mailserver, ["ann@example.test"], "for ann")
+    with pytest.raises(smtplib.SMTPRecipientsRefused):
+        send(mailserver, ["nobody@example.test"], "lost")
+    mailserver.wait_for("to:ann@example.test")
+    imap = imaplib.IMAP4(mailserver.host, mailserver.imap_port)
+    with pytest.raises(imaplib.IMAP4.error):
+        imap.login("ann@example.test", "wrong")
+    imap.login("ann@example.test", "ann-secret")
+    imap.logout()
+
+def test_add_user_needs_site_mode(mailserver):
+    with pytest.raises(RuntimeError, match="site mode"):
+        mailserver.add_user("ann@example.test", "x")
+
+@pytest.mark.mailserver(tls=True)
+def test_tls(mailserver):
+    assert mailserver.smtp_settings()["EMAIL_USE_TLS"] is True
+    context = ssl.create_default_context(cafile=mailserver.certificate)
+    with smtplib.SMTP(mailserver.host, mailserver.smtp_port) as s:
+        s.starttls(context=context)
+        s.sendmail("a@example.test", ["b@example.test"], b"Subject: secret\\r\\n\\r\\nx\\r\\n")
+    mailserver.wait_for("subject:secret")
+
+@pytest.mark.mailserver(hostname="mx.fixture.test")
+def test_marker_overrides(mailserver):
+    with smtplib.SMTP(mailserver.host, mailserver.smtp_port) as s:
+        assert b"mx.fixture.test" in s.ehlo()[1]
+
+def test_faults_without_fault_plan_says_so(mailserver):
+    if getattr(mailserver.service, "faults", None) is None:
+        with pytest.raises(AttributeError, match="no fault injection"):
+            mailserver.faults.reject
+
+def test_session_server(mailserver_session):
+    mailserver_session.purge()
+    send(mailserver_session, ["bob@example.test"], "session")
+    assert [m["Subject"] for m in mailserver_session.wait_for()] == ["session"]
+'''
+
+
+def test_fixtures(pytester: pytest.Pytester) -> None:
+    result = run(pytester, FIXTURES)
+    result.assert_outcomes(passed=9)
+
+
+CONFIG_FIXTURE = '''
+import pytest
+
+@pytest.fixture
+def mailserver_config():
+    return {"site": True}
+
+def test_site_from_fixture(mailserver):
+    mailserver.add_user("ann@example.test", "pw")
+
+@pytest.mark.mailserver(site=False)
+def test_marker_wins(mailserver):
+    assert not mailserver.site
+'''
+
+
+def test_config_fixture_and_marker(pytester: pytest.Pytester) -> None:
+    run(pytester, CONFIG_FIXTURE).assert_outcomes(passed=2)
+
+
+def test_mode_and_timeout_options(pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\nmailscreen_mode = site\nmailscreen_timeout = 0.2\n")
+    source = '''
+def test_options(mailserver):
+    assert mailserver.site and mailserver.timeout == 0.2
+'''
+    run(pytester, source).assert_outcomes(passed=1)
+    source_cli = '''
+def test_options(mailserver):
+    assert not mailserver.site and mailserver.timeout == 7
+'''
+    run(pytester, source_cli, "--mailscreen-mode=test-host",
+        "--mailscreen-timeout=7").assert_outcomes(passed=1)
+
+
+WRONG = '''
+import smtplib
+
+def test_expects_mail_never_sent(mailserver):
+    with smtplib.SMTP(mailserver.host, mailserver.smtp_port) as s:
+        s.sendmail("a@example.test", ["bob@example.test"], b"Subject: other\\r\\n\\r\\nx\\r\\n")
+    mailserver.wait_for("to:carol@example.test", timeout=0.3)
+'''
+
+
+def test_wrong_expectation_fails_readably(pytester: pytest.Pytester) -> None:
+    result = run(pytester, WRONG)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines([
+        "*AssertionError: wait_for('to:carol@example.test', count=1): 0 of 1 matching "
+        "message(s) within 0.3 s; 1 message(s) arrived:",
+        "*- from <a@example.test> to bob@example.test: Subject: other",
+    ])
+
+
+def test_docs_example_runs_as_written(pytester: pytest.Pytester) -> None:
+    example = ROOT / "docs" / "examples" / "test_mail_example.py"
+    docs = (ROOT / "docs" / "testing.md").read_text()
+    # The docs show the file itself, not a copy that could drift from it.
+    assert example.read_text() in docs
+    pytester.makepyfile(test_mail_example=example.read_text())
+    pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=3)
