@@ -23,6 +23,8 @@ from twisted.logger import Logger
 
 from twisted_mail_screen.store.auth import Authenticator
 from twisted_mail_screen.config.settings import Config
+from twisted_mail_screen.faults.plan import FaultPlan
+from twisted_mail_screen.faults.seam import guard, pop3_reply
 from twisted_mail_screen.screening.interfaces import Screening
 from twisted_mail_screen.protocols.session import SASLError, ScreenedSession, sasl_plain
 from twisted_mail_screen.protocols.pop3_drop import Drop, Retriever, open_drop, uidl_of
@@ -105,7 +107,8 @@ class POP3Server(ScreenedSession):
             self.err("Unknown command" if not hasattr(self, f"TRANSACTION_{verb}") and
                      not hasattr(self, f"AUTHORIZATION_{verb}") else f"{verb} not allowed now")
             return None
-        return handler(arg)
+        subject = (self._user or "") if verb == "PASS" else arg.strip()  # what a fault rule matches
+        return guard(self.factory.faults, self, verb, subject, lambda: handler(arg), pop3_reply)
 
     # AUTHORIZATION state
 
@@ -314,7 +317,7 @@ class POP3Factory(Factory):
 
     def __init__(self, *, config: Config, store: MailStore, blocking: Blocking,
                  authenticator: Authenticator, screening: Screening, clock: IReactorTime,
-                 locks: set[str], tls: Any = None) -> None:
+                 locks: set[str], tls: Any = None, faults: FaultPlan | None = None) -> None:
         self.config = config
         self.store = store
         self.blocking = blocking
@@ -323,3 +326,4 @@ class POP3Factory(Factory):
         self.clock = clock
         self.locks = locks
         self.tls = tls
+        self.faults = faults  # test host only: injected faults (docs/faults.md)

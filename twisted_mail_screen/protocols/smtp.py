@@ -27,6 +27,8 @@ from twisted_mail_screen.store.addresses import (AddressError, parse_params, par
                                            valid_sender_path)
 from twisted_mail_screen.store.auth import Authenticator, decode_base64
 from twisted_mail_screen.config.settings import Config
+from twisted_mail_screen.faults.plan import END_OF_DATA, FaultPlan
+from twisted_mail_screen.faults.seam import guard, smtp_reply, smtp_subject
 from twisted_mail_screen.store.delivery import Delivery
 from twisted_mail_screen.protocols.headercheck import Refusal, submission
 from twisted_mail_screen.screening.interfaces import FreezeStore, Screening
@@ -135,7 +137,9 @@ class SMTPServer(ScreenedSession):
         if handler is None:
             self.reply(500, "5.5.1", "Command unrecognized")
             return None
-        return handler(arg.strip())
+        verb, arg = verb.upper(), arg.strip()  # the fault plan (test host) may answer instead
+        return guard(self.factory.faults, self, verb, smtp_subject(verb, arg),
+                     lambda: handler(arg), smtp_reply)
 
     def do_HELO(self, arg: str) -> None:
         if not arg:
@@ -369,33 +373,31 @@ class SMTPServer(ScreenedSession):
             return True
         self._data = None
         self.set_raw_handler(None)
-        self._end_of_data(message, reader.error)
-        return False
-
-    def _end_of_data(self, raw: bytes, error: str | None) -> None:
         env, self.envelope = self.envelope, None
         assert env is not None
+        result = guard(self.factory.faults, self, END_OF_DATA, [r.address for r in env.recipients],
+                       lambda: self._end_of_data(env, message, reader.error), smtp_reply)
+        if result is not None:
+            self.wait_for(result)  # later pipelined commands wait for this answer
+        return False
+
+    def _end_of_data(self, env: Envelope, raw: bytes, error: str | None) -> Deferred | None:
         if error == SIZE:
-            self.reply(552, "5.3.4", "Message size exceeds fixed limit")
-            return
+            return self.reply(552, "5.3.4", "Message size exceeds fixed limit")
         if error == LINE:
-            self.reply(500, "5.5.2", "Line too long (RFC 5321 4.5.3.1.6)")
-            return
+            return self.reply(500, "5.5.2", "Line too long (RFC 5321 4.5.3.1.6)")
         if error == BARE:  # see smtp_data: never stored, never relayed
-            self.reply(554, "5.5.2", "Bare CR or LF in message, see RFC 5321 2.3.8")
-            return
+            return self.reply(554, "5.5.2", "Bare CR or LF in message, see RFC 5321 2.3.8")
         # No CR is left but in CRLF pairs: the stored message has LF endings only.
         body = raw.replace(b"\r\n..", b"\r\n.")[2:].replace(b"\r\n", b"\n")
         if self._submitting():
             try:
                 body = self._submission_headers(body)
             except Refusal as e:
-                self.reply(e.code, e.status, e.text)
-                return
+                return self.reply(e.code, e.status, e.text)
         mailboxes = tuple(dict.fromkeys(m for r in env.recipients for m in r.mailboxes))
         remote = tuple(dict.fromkeys(a for r in env.recipients for a in r.remote))
-        # Later pipelined commands wait until this delivery has answered.
-        self.wait_for(self._deliver(env, body, mailboxes, remote))
+        return self._deliver(env, body, mailboxes, remote)
 
     def _submitting(self) -> bool:
         """An authenticated client in site mode: message submission (RFC 6409)."""
@@ -474,7 +476,7 @@ class SMTPFactory(Factory):
     def __init__(self, *, config: Config, router: Router, delivery: Delivery,
                  authenticator: Authenticator, screening: Screening, freeze: FreezeStore,
                  clock: IReactorTime, tls: Any = None, protocol_name: str = "smtp",
-                 require_auth: bool = False) -> None:
+                 require_auth: bool = False, faults: FaultPlan | None = None) -> None:
         self.config = config
         self.router = router
         self.delivery = delivery
@@ -485,4 +487,5 @@ class SMTPFactory(Factory):
         self.tls = tls
         self.protocol_name = protocol_name
         self.require_auth = require_auth
+        self.faults = faults  # test host only: injected faults (docs/faults.md)
         self.header_date = HeaderDate()

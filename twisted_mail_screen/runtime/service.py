@@ -19,6 +19,8 @@ from twisted_mail_screen.store.auth import Authenticator
 from twisted_mail_screen.config.settings import Config
 from twisted_mail_screen.config.base import ConfigError
 from twisted_mail_screen.store.delivery import Delivery
+from twisted_mail_screen.faults.auth import FaultyAuthenticator
+from twisted_mail_screen.faults.plan import FaultPlan
 from twisted_mail_screen.protocols.imap.server import IMAPFactory
 from twisted_mail_screen.protocols.imap.registry import Registry
 from twisted_mail_screen.runtime.lagmonitor import LagMonitor
@@ -100,6 +102,7 @@ class MailService(MultiService):
     control: ControlFactory
     lag: LagMonitor
     queue: OutboundQueue | None
+    faults: FaultPlan | None
 
     def __init__(self, config: Config) -> None:
         super().__init__()
@@ -157,7 +160,10 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
     hashing = workers or Blocking(reactor, os.cpu_count() or 1, name="mailscreen-auth")
     if workers is None:
         hashing.setServiceParent(service)
-    authenticator = Authenticator(config, accounts, hashing)
+    # Injected faults (docs/faults.md) exist only on a test host; in site mode nothing asks.
+    faults = service.faults = FaultPlan() if config.test_host else None
+    authenticator = Authenticator(config, accounts, hashing) if faults is None else \
+        FaultyAuthenticator(faults, config, accounts, hashing)
     screening = _build_screening(config, clock, accounts, router, delivery)
     screening.write_files_with(blocking.run)
     screening.setServiceParent(service)
@@ -178,17 +184,17 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
         return SMTPFactory(config=config, router=router, delivery=delivery,
                            authenticator=authenticator, screening=screening, freeze=freeze,
                            clock=clock, tls=tls, protocol_name=kind,
-                           require_auth=kind == "submission")
+                           require_auth=kind == "submission", faults=faults)
 
     factories = {
         "smtp": lambda: smtp_factory("smtp"),
         "submission": lambda: smtp_factory("submission"),
         "pop3": lambda: POP3Factory(config=config, store=store, blocking=blocking,
                                     authenticator=authenticator, screening=screening,
-                                    clock=clock, locks=pop3_locks, tls=tls),
+                                    clock=clock, locks=pop3_locks, tls=tls, faults=faults),
         "imap": lambda: IMAPFactory(config=config, store=store, blocking=blocking,
                                     authenticator=authenticator, screening=screening,
-                                    clock=clock, registry=imap_registry, tls=tls),
+                                    clock=clock, registry=imap_registry, tls=tls, faults=faults),
     }
     for kind, descriptions in config.listen.items():
         if kind not in factories:

@@ -32,6 +32,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twisted_mail_screen.config.settings import Config
+from twisted_mail_screen.faults.plan import FaultPlan
+from twisted_mail_screen.faults.seam import guard, imap_reply, imap_subject
 from twisted_mail_screen.protocols.imap.account import AccountFolders, FolderError
 from twisted_mail_screen.protocols.imap.account_commands import AccountCommands
 from twisted_mail_screen.protocols.imap.core import No
@@ -260,11 +262,15 @@ class IMAPServer(AccountCommands, MessageCommands):
             self.tagged(tag, f"BAD {e}")
             return None
         expunge_ok = uid or name not in NO_EXPUNGE
-        d = maybeDeferred(handler, tag, args, uid) if name in SELECTED - {"CHECK", "CLOSE", "UNSELECT"} \
-            else maybeDeferred(handler, tag, args)
-        d.addCallbacks(self._completed, self._failed, callbackArgs=(tag, expunge_ok),
-                       errbackArgs=(tag, expunge_ok))
-        return _pending(d)
+
+        def run() -> Deferred | None:
+            d = maybeDeferred(handler, tag, args, uid) if name in SELECTED - {"CHECK", "CLOSE", "UNSELECT"} \
+                else maybeDeferred(handler, tag, args)
+            d.addCallbacks(self._completed, self._failed, callbackArgs=(tag, expunge_ok),
+                           errbackArgs=(tag, expunge_ok))
+            return _pending(d)
+
+        return guard(self.factory.faults, self, name, imap_subject(args), run, imap_reply(tag))
 
     def _completed(self, text: str | None, tag: bytes, expunge_ok: bool) -> None:
         if text is None:
@@ -392,7 +398,7 @@ class IMAPFactory(Factory):
 
     def __init__(self, *, config: Config, store: MailStore, blocking: Blocking,
                  authenticator: Authenticator, screening: Screening, clock: IReactorTime,
-                 registry: Registry, tls: Any = None) -> None:
+                 registry: Registry, tls: Any = None, faults: FaultPlan | None = None) -> None:
         self.config = config
         self.store = store
         self.blocking = blocking
@@ -401,3 +407,4 @@ class IMAPFactory(Factory):
         self.clock = clock
         self.registry = registry
         self.tls = tls
+        self.faults = faults  # test host only: injected faults (docs/faults.md)
