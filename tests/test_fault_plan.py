@@ -97,3 +97,37 @@ def test_bad_rules_are_refused(call) -> None:
     with pytest.raises(ValueError):
         call(plan)
     assert plan.rules() == []
+
+
+def test_fail_delivery_ends_the_relay_attempt_with_its_reply() -> None:
+    """
+    The relay's attempt for a matching recipient ends with the injected
+    reply (here permanent: the recipient fails for good) and never reaches
+    the connection pool; other domains are sent as usual.
+    """
+    from twisted.internet.defer import ensureDeferred, succeed
+    from twisted.logger import Logger
+
+    from twisted_mail_screen.relay.attempt import attempt_message
+    from twisted_mail_screen.relay.client import Reply
+    from twisted_mail_screen.relay.spool import FAILED, SENT, QueuedMessage, Recipient
+
+    plan = FaultPlan()
+    plan.fail_delivery("550 5.1.1 Gone (injected)", match="*@far.test")
+    queued = QueuedMessage("q1", "a@example.test", 0.0, 0.0,
+                           recipients=[Recipient("x@far.test"), Recipient("y@near.test")])
+    submitted = []
+
+    def submit(job) -> None:  # the pool: the remote host accepts everything
+        submitted.append(job.domain)
+        job.result.callback({a: (Reply(250, "2.0.0 Ok"), "mx.near.test") for a in job.recipients})
+
+    results = []
+    ensureDeferred(attempt_message(queued, b"m", submit, lambda *_: succeed(None), Logger(),
+                                   plan)).addCallback(results.append)
+    assert results and results[0][0] is True
+    assert submitted == ["near.test"]
+    far, near = queued.recipients
+    assert (far.state, far.reply, far.status) == (FAILED, "550 5.1.1 Gone (injected)", "5.1.1")
+    assert near.state == SENT
+    assert plan.rules() == []

@@ -16,6 +16,7 @@ from twisted.internet.defer import Deferred, DeferredLock, gatherResults
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from twisted_mail_screen.faults.plan import FaultPlan
 from twisted_mail_screen.relay.client import (ClientFactory, Reply, Session, SMTPClient,
                                               SMTPFailure, local_failure, open_session, quit)
 from twisted_mail_screen.relay.config import RelayConfig, load_ca_certificates, read_password
@@ -101,7 +102,7 @@ class Connector:
 
 async def attempt_message(queued: QueuedMessage, message: bytes, submit: Callable[[Job], None],
                           write_envelope: Callable[[str, bytes], Deferred],
-                          log: Logger) -> tuple[bool, list[Outcome]]:
+                          log: Logger, faults: FaultPlan | None = None) -> tuple[bool, list[Outcome]]:
     """
     Send C{message} to the pending recipients of C{queued}, recording
     each reply in its L{Recipient}. Returns whether any recipient was
@@ -144,7 +145,12 @@ async def attempt_message(queued: QueuedMessage, message: bytes, submit: Callabl
 
     for job in jobs:
         job.result.addCallback(record)
-        submit(job)
+        injected = faults.delivery_reply(job.recipients) if faults is not None else None
+        if injected is None:
+            submit(job)
+        else:  # a fail_delivery rule: the attempt ends as if the remote host had answered this
+            reply = Reply(int(injected[:3]), injected[4:])
+            job.result.callback({a: (reply, "fault-injection") for a in job.recipients})
     outcomes = await gatherResults([job.result for job in jobs]) if jobs else []
     await writes.acquire()  # every per-group write is on disk
     writes.release()

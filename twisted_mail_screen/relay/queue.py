@@ -30,6 +30,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twisted_mail_screen.config.settings import Config
+from twisted_mail_screen.faults.plan import FaultPlan
 from twisted_mail_screen.relay.attempt import Connector, attempt_message, smarthost_tls
 from twisted_mail_screen.relay.config import RelayConfig
 from twisted_mail_screen.relay.notices import Deliver, Notices
@@ -65,12 +66,13 @@ class OutboundQueue(MultiService):
 
     def __init__(self, config: Config, relay: RelayConfig, router: Any, reactor: Any,
                  clock: IReactorTime, deliver: Deliver, resolver: Any = None,
-                 threads: int = 4) -> None:
+                 threads: int = 4, faults: FaultPlan | None = None) -> None:
         super().__init__()
         self.config = config
         self.relay = relay
         self.reactor = reactor
         self.clock = clock
+        self.faults = faults  # test host only: fail_delivery rules (docs/faults.md)
         self.directory = QueueDirectory(os.path.join(config.data_dir, "queue"))
         self._blocking = Blocking(reactor, threads, name="mailscreen-queue")
         self._blocking.setServiceParent(self)
@@ -328,7 +330,7 @@ class OutboundQueue(MultiService):
                 self.log.warn("queue: {id} has no message file; envelope removed", id=queued.id)
                 return
         tried, outcomes = await attempt_message(queued, message, self.pool.submit,
-                                                self._write_envelope, self.log)
+                                                self._write_envelope, self.log, self.faults)
         now = self.clock.seconds()
         by_address = {r.address: r for r in queued.recipients}
         decision = decide({r.address: r.state for r in queued.recipients}, tried=tried,

@@ -144,13 +144,15 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
         store = MailStore(os.path.join(config.data_dir, "mail"), UniqueNames(config.hostname))
     TmpCleaner(store, blocking.run, clock).setServiceParent(service)
     router = Router(config, accounts)
+    # Injected faults (docs/faults.md) exist only on a test host; in site mode nothing asks.
+    faults = service.faults = FaultPlan() if config.test_host else None
     # The outbound queue (docs/relay.md): only when relaying is enabled.
     queue = None
     if config.relay.enabled:
         # The queue's DSNs go through Delivery, which queues through the
         # queue: the callable reaches Delivery, built next, when a DSN is sent.
         queue = OutboundQueue(config, config.relay, router, reactor, clock,
-                              deliver=lambda *dsn: delivery.deliver(*dsn))
+                              deliver=lambda *dsn: delivery.deliver(*dsn), faults=faults)
         queue.setServiceParent(service)
     delivery = Delivery(store, blocking, relay=queue)
     service.queue = queue
@@ -160,8 +162,6 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
     hashing = workers or Blocking(reactor, os.cpu_count() or 1, name="mailscreen-auth")
     if workers is None:
         hashing.setServiceParent(service)
-    # Injected faults (docs/faults.md) exist only on a test host; in site mode nothing asks.
-    faults = service.faults = FaultPlan() if config.test_host else None
     authenticator = Authenticator(config, accounts, hashing) if faults is None else \
         FaultyAuthenticator(faults, config, accounts, hashing)
     screening = _build_screening(config, clock, accounts, router, delivery)
