@@ -240,6 +240,20 @@ def test_imap_faults(start_server):
     assert client.select("INBOX")[0] == "OK"
 
 
+def test_imap_authenticate_matches_the_user_of_an_initial_response(start_server):
+    server = start_server(kinds=("smtp", "imap"))
+    faults(server).reject("AUTHENTICATE", match="dave@*", reply="550 5.7.0 Not today")
+    dave = base64.b64encode(b"\0dave@example.test\0pw")
+    with socket.create_connection(("127.0.0.1", server.port("imap")), timeout=10) as s:
+        s.recv(1024)
+        s.sendall(b"a AUTHENTICATE PLAIN " + dave + b"\r\n")
+        assert s.recv(1024) == b"a NO Not today\r\n"
+        s.sendall(b"b AUTHENTICATE PLAIN " + dave + b"\r\n")
+        got = b""
+        while b"b OK" not in got:
+            got += s.recv(1024)
+
+
 def test_imap_disconnect_after_noop(start_server):
     server = start_server(kinds=("smtp", "imap"))
     faults(server).disconnect(after="NOOP")

@@ -115,8 +115,13 @@ def _sasl_user(arg: str) -> str:
     return decoded.decode("utf-8", "replace")
 
 
-def imap_subject(args: list[Any]) -> str:
-    """The first argument (the user of LOGIN), as text."""
+def imap_subject(name: str, args: list[Any]) -> str:
+    """
+    The user of LOGIN, or of AUTHENTICATE with an initial response (RFC
+    4959); else the first argument, as text.
+    """
+    if name == "AUTHENTICATE":
+        return _sasl_user(" ".join(str(a) for a in args))
     if not args:
         return ""
     value = args[0]

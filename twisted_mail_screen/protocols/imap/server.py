@@ -270,7 +270,7 @@ class IMAPServer(AccountCommands, MessageCommands):
                            errbackArgs=(tag, expunge_ok))
             return _pending(d)
 
-        return guard(self.factory.faults, self, name, imap_subject(args), run, imap_reply(tag))
+        return guard(self.factory.faults, self, name, imap_subject(name, args), run, imap_reply(tag))
 
     def _completed(self, text: str | None, tag: bytes, expunge_ok: bool) -> None:
         if text is None:
