@@ -84,6 +84,7 @@ class MailServer:
 
         @raise AssertionError: on timeout, listing what did arrive.
         """
+        __tracebackhide__ = True  # the failure is the test's, not this loop's
         limit = self.timeout if timeout is None else timeout
         mailbox.parse_query(query)  # a bad query fails now, not after the timeout
         deadline = time.monotonic() + limit
