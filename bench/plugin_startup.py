@@ -1,0 +1,102 @@
+#!/usr/bin/env python3
+"""
+What a function-scoped test mail server costs a pytest suite.
+
+1. In this process: start and stop a C{mailserver}-fixture server (four
+   listeners, fresh data directory) 50 times; the median.
+2. Two generated suites of 100 tests, each test with its own server,
+   sending one message with smtplib and checking it arrived: one uses our
+   C{mailserver} (SMTP, submission, POP3, IMAP), the other
+   pytest-localserver's C{smtpserver} (SMTP only, aiosmtpd). Each runs
+   in its own pytest subprocess, alternately, C{--reps} times; the median
+   wall times and their ratio (goal: at most 1.5).
+
+    pip install -r bench/requirements.txt     # pytest-localserver
+    python bench/plugin_startup.py [--reps 3]
+
+See docs/performance.md ("The pytest plugin's start-up cost").
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = 100
+
+OURS = '''
+import smtplib, pytest
+
+@pytest.mark.parametrize("n", range({n}))
+def test_send(mailserver, n):
+    with smtplib.SMTP(mailserver.host, mailserver.smtp_port) as s:
+        s.sendmail("a@example.test", ["b@example.test"], b"Subject: hi\\r\\n\\r\\nx\\r\\n")
+    assert len(mailserver.wait_for("to:b@example.test")) == 1
+'''
+
+THEIRS = '''
+import smtplib, pytest
+
+@pytest.mark.parametrize("n", range({n}))
+def test_send(smtpserver, n):
+    host, port = smtpserver.addr
+    with smtplib.SMTP(host, port) as s:
+        s.sendmail("a@example.test", ["b@example.test"], b"Subject: hi\\r\\n\\r\\nx\\r\\n")
+    assert len(smtpserver.outbox) == 1
+'''
+
+
+def start_stop(runs: int = 50) -> float:
+    """Median seconds for one function-scoped server's start and stop."""
+    sys.path.insert(0, ROOT)
+    from twisted_mail_screen.pytest_plugin.server import build
+
+    times = []
+    with tempfile.TemporaryDirectory() as d:
+        build(os.path.join(d, "warm"), {}, 5.0, lambda: ("", "")).stop()  # imports, reactor thread
+        for i in range(runs):
+            t = time.perf_counter()
+            build(os.path.join(d, str(i)), {}, 5.0, lambda: ("", "")).stop()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def run_suite(source: str) -> float:
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "test_suite.py"), "w") as f:
+            f.write(source.format(n=TESTS))
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        t = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                               "test_suite.py"], cwd=d, env=env, capture_output=True, text=True)
+        elapsed = time.perf_counter() - t
+    if done.returncode != 0 or f"{TESTS} passed" not in done.stdout:
+        raise SystemExit(f"suite failed:\n{done.stdout[-3000:]}\n{done.stderr[-2000:]}")
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--reps", type=int, default=3)
+    args = parser.parse_args()
+    median = start_stop()
+    print(f"start+stop of a function-scoped mailserver: median {median * 1000:.1f} ms over 50")
+    ours, theirs = [], []
+    for _ in range(args.reps):
+        ours.append(run_suite(OURS))
+        theirs.append(run_suite(THEIRS))
+    o, t = statistics.median(ours), statistics.median(theirs)
+    print(f"{TESTS} tests, each with its own server (median of {args.reps}, whole pytest run):")
+    print(f"  mailserver (SMTP+submission+POP3+IMAP): {o:.2f} s  ({', '.join(f'{x:.2f}' for x in ours)})")
+    print(f"  pytest-localserver smtpserver (SMTP):   {t:.2f} s  ({', '.join(f'{x:.2f}' for x in theirs)})")
+    print(f"  ratio: {o / t:.2f}x (goal <= 1.5x)")
+
+
+if __name__ == "__main__":
+    main()
