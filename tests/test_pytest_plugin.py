@@ -130,10 +130,22 @@ def test_marker_overrides(mailserver):
     with smtplib.SMTP(mailserver.host, mailserver.smtp_port) as s:
         assert b"mx.fixture.test" in s.ehlo()[1]
 
-def test_faults_without_fault_plan_says_so(mailserver):
-    if getattr(mailserver.service, "faults", None) is None:
-        with pytest.raises(AttributeError, match="no fault injection"):
-            mailserver.faults.reject
+def test_faults_in_the_reactor_thread(mailserver):
+    mailserver.faults.reject(command="RCPT", match="*@bounce.test",
+                             reply="550 5.1.1 no such user here", times=1)
+    assert [r.remaining for r in mailserver.faults.rules()] == [1]
+    with pytest.raises(smtplib.SMTPRecipientsRefused, match="no such user here"):
+        send(mailserver, ["x@bounce.test"], "bounced")
+    send(mailserver, ["x@bounce.test"], "accepted")
+    mailserver.faults.tempfail("MAIL", times=None)
+    mailserver.faults.clear()
+    assert mailserver.faults.rules() == []
+    assert [m["Subject"] for m in mailserver.wait_for()] == ["accepted"]
+
+@pytest.mark.mailserver(site=True)
+def test_no_faults_in_site_mode(mailserver):
+    with pytest.raises(AttributeError, match="no fault injection"):
+        mailserver.faults.reject()
 
 def test_session_server(mailserver_session):
     mailserver_session.purge()
@@ -144,7 +156,7 @@ def test_session_server(mailserver_session):
 
 def test_fixtures(pytester: pytest.Pytester) -> None:
     result = run(pytester, FIXTURES)
-    result.assert_outcomes(passed=9)
+    result.assert_outcomes(passed=10)
 
 
 CONFIG_FIXTURE = '''
@@ -208,4 +220,4 @@ def test_docs_example_runs_as_written(pytester: pytest.Pytester) -> None:
     # The docs show the file itself, not a copy that could drift from it.
     assert example.read_text() in docs
     pytester.makepyfile(test_mail_example=example.read_text())
-    pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=3)
+    pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=4)

@@ -51,3 +51,16 @@ def test_read_back_over_imap(mailserver):
     _, data = imap.search(None, "SUBJECT", "Welcome")
     assert data[0].split() == [b"1"]
     imap.logout()
+
+
+def test_a_refused_recipient(mailserver):
+    # Fault injection (docs/faults.md): the next RCPT to this address is refused.
+    mailserver.faults.reject(command="RCPT", match="ann@example.test",
+                             reply="550 5.1.1 No such user", times=1)
+    try:
+        send_welcome(mailserver.smtp_settings(), "ann@example.test")
+    except smtplib.SMTPRecipientsRefused:
+        pass
+    else:
+        raise AssertionError("the injected 550 did not reach the sender")
+    assert mailserver.messages() == []

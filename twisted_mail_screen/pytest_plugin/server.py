@@ -152,8 +152,7 @@ class FaultsProxy:
         if faults is None:
             raise AttributeError(
                 f"mailserver.faults.{name}: this server has no fault injection "
-                "(service.faults is missing: it exists only in test-host mode, in a "
-                "version of twisted-mail-screen that has twisted_mail_screen.faults)")
+                "(faults exist only in test-host mode: docs/faults.md)")
         value = getattr(faults, name)
         if not callable(value):
             return value
