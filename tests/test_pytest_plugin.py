@@ -60,8 +60,12 @@ def test_messages_and_queries(mailserver):
                 mailserver.pop3_port, mailserver.imap_port}) == 4
     send(mailserver, ["bob@example.test", "carol@example.test"], "first")
     send(mailserver, ["dave@example.test"], "second invoice", sender="eve@other.test")
-    mailserver.wait_for(count=2)
-    first, second = mailserver.messages()
+    with smtplib.SMTP(mailserver.host, mailserver.smtp_port) as s:
+        s.sendmail("x@example.test", ["hidden@example.test"],
+                   b"To: list@example.test\\r\\nSubject: bcc\\r\\n\\r\\nx\\r\\n")
+    mailserver.wait_for(count=3)
+    first, second, bcc = mailserver.messages()
+    assert [m["Subject"] for m in mailserver.messages("to:hidden@example.test")] == ["bcc"]
     assert first.envelope_from == "alice@example.test"
     assert first.envelope_to == ["bob@example.test", "carol@example.test"]
     assert first["Subject"] == "first"
@@ -69,7 +73,7 @@ def test_messages_and_queries(mailserver):
     assert [m["Subject"] for m in mailserver.messages("from:eve@other.test")] == ["second invoice"]
     assert [m["Subject"] for m in mailserver.messages('subject:"second invoice"')] == ["second invoice"]
     assert [m["Subject"] for m in mailserver.messages("body of first")] == ["first"]
-    assert [m["Subject"] for m in mailserver.messages("-subject:first")] == ["second invoice"]
+    assert [m["Subject"] for m in mailserver.messages("-subject:first")] == ["second invoice", "bcc"]
     assert mailserver.messages("to:nobody") == []
     with pytest.raises(ValueError, match="unknown field 'too:'"):
         mailserver.messages("too:bob")
