@@ -81,6 +81,8 @@ def test_messages_and_queries(mailserver):
 def test_pop3_imap_and_purge(mailserver):
     send(mailserver, ["bob@example.test"], "hello")
     mailserver.wait_for("to:bob@example.test")
+    with pytest.raises(AssertionError, match="1 of 2 matching"):
+        mailserver.wait_for("to:bob@example.test", count=2, timeout=0.1)
     pop = poplib.POP3(mailserver.host, mailserver.pop3_port)
     pop.user("bob@example.test"); pop.pass_("anything")
     assert pop.stat()[0] == 1
