@@ -167,7 +167,7 @@ class MessageCommands(SelectedView):
 
         def step() -> None:
             while True:
-                if self._closing or drain.stopped:
+                if self.closing or drain.stopped:
                     return finish()
                 if drain.paused:
                     drain.waiter = step
