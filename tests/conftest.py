@@ -10,10 +10,12 @@ import os
 import shutil
 import socket
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
+from twisted.logger import formatEvent, globalLogPublisher
 
 from twisted_mail_screen.store.accounts import AccountStore
 from twisted_mail_screen.config.settings import load_config
@@ -135,6 +137,45 @@ def queue_settled(server: RunningServer, timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("the outbound queue did not become idle")
         time.sleep(0.02)
+
+
+def converse(port: int, data: bytes, replies: int, *, finals_only: bool = False) -> list[bytes]:
+    """
+    A raw SMTP client: after the greeting, send C{data} in one write (a
+    pipeline) and read until C{replies} final reply lines have come. The
+    reply lines, empty ones dropped; with C{finals_only}, only the final
+    line of each reply.
+    """
+    def final(line: bytes) -> bool:
+        return line[3:4] == b" "
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.recv(1024)  # greeting
+        s.sendall(data)
+        got = b""
+        while sum(1 for l in got.split(b"\r\n") if final(l)) < replies:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+    return [l for l in got.split(b"\r\n") if l and (final(l) or not finals_only)]
+
+
+@contextmanager
+def log_lines(*words: str) -> Iterator[list[str]]:
+    """The formatted log lines containing any of C{words}, logged while the block runs."""
+    lines: list[str] = []
+
+    def observe(event: dict) -> None:
+        text = formatEvent(event)
+        if text and any(word in text for word in words):
+            lines.append(text)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        yield lines
+    finally:
+        globalLogPublisher.removeObserver(observe)
 
 
 class LineReader:

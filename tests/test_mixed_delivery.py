@@ -16,9 +16,8 @@ import smtplib
 from pathlib import Path
 
 import pytest
-from twisted.logger import formatEvent, globalLogPublisher
 
-from conftest import maildir_files, queued
+from conftest import log_lines, maildir_files, queued
 from relay_sink import Sink, wait_for
 
 MESSAGE = b"From: alice@example.test\r\nSubject: once\r\n\r\nhello\r\n"
@@ -26,16 +25,8 @@ MESSAGE = b"From: alice@example.test\r\nSubject: once\r\n\r\nhello\r\n"
 
 @pytest.fixture
 def queue_log():
-    lines: list[str] = []
-
-    def observe(event: dict) -> None:
-        text = formatEvent(event)
-        if text and ("queue:" in text or "delivery" in text):
-            lines.append(text)
-
-    globalLogPublisher.addObserver(observe)
-    yield lines
-    globalLogPublisher.removeObserver(observe)
+    with log_lines("queue:", "delivery") as lines:
+        yield lines
 
 
 def start(start_server, sink: Sink):

@@ -15,10 +15,9 @@ from pathlib import Path
 import pytest
 from twisted.internet.defer import fail, succeed
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher, formatEvent
 from twisted.names import dns, error
 
-from conftest import maildir_files, queue_settled, queued
+from conftest import log_lines, maildir_files, queue_settled, queued
 from relay_sink import BREAK, STALL, Sink, make_ca_and_leaf, server_tls, wait_for
 from twisted_mail_screen.testing import in_reactor
 
@@ -39,16 +38,8 @@ def sink():
 
 @pytest.fixture
 def relay_log():
-    lines: list[str] = []
-
-    def observe(event):
-        text = formatEvent(event)
-        if text and ("relay:" in text or "queue:" in text):
-            lines.append(text)
-
-    globalLogPublisher.addObserver(observe)
-    yield lines
-    globalLogPublisher.removeObserver(observe)
+    with log_lines("relay:", "queue:") as lines:
+        yield lines
 
 
 def smarthost(s: Sink, **more) -> dict:
