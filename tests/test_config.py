@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from pathlib import Path
 
 import pytest
 
-from twisted_mail_screen.config.settings import load_config, parse_config
+from twisted_mail_screen.config.settings import Config, load_config, parse_config
 from twisted_mail_screen.config.base import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,3 +117,39 @@ def test_data_dir_that_is_a_file(tmp_path):
     with pytest.raises(ConfigError) as e:
         parse_config({"data_dir": str(f)})
     assert e.value.key == "data_dir"
+
+
+def _config_keys(cls: type = Config, section: str = "") -> list[tuple[str, str]]:
+    """(section, key) for every key the parser reads: the fields of Config and its sections."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        kind = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(kind):
+            keys += _config_keys(kind, f"{section}.{f.name}".lstrip("."))
+        else:
+            keys.append((section, f.name))
+    return keys
+
+
+def _split(text: str, heading: str) -> dict[str, str]:
+    """Section name -> its text, split at lines matching C{heading} (group 1: the name)."""
+    parts: dict[str, str] = {}
+    name = ""
+    for line in text.splitlines():
+        m = re.match(heading, line)
+        if m:
+            name = m.group(1) or ""
+        parts[name] = parts.get(name, "") + line + "\n"
+    return parts
+
+
+def test_every_key_is_in_configuration_md_and_the_sample():
+    """Each key the parser reads has its row in its docs/configuration.md section and a line
+    (commented or not) in its etc/mailscreen.toml table."""
+    docs = _split((ROOT / "docs" / "configuration.md").read_text(), r"## (?:`\[(.+)\]`|Top level)")
+    sample = _split((ROOT / "etc" / "mailscreen.toml").read_text(), r"\[([\w.]+)\]$")
+    keys = _config_keys()
+    assert len(keys) > 60  # the walk over Config found the sections
+    assert [k for k in keys if f"| `{k[1]}` |" not in docs.get(k[0], "")] == []
+    assert [k for k in keys
+            if not re.search(rf"^#? ?{k[1]} = ", sample.get(k[0], ""), re.M)] == []
