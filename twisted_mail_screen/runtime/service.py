@@ -147,14 +147,13 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
     # Injected faults (docs/faults.md) exist only on a test host; in site mode nothing asks.
     faults = service.faults = FaultPlan() if config.test_host else None
     # The outbound queue (docs/relay.md): only when relaying is enabled.
+    delivery = Delivery(store, blocking)
     queue = None
     if config.relay.enabled:
-        # The queue's DSNs go through Delivery, which queues through the
-        # queue: the callable reaches Delivery, built next, when a DSN is sent.
-        queue = OutboundQueue(config, config.relay, router, reactor, clock,
-                              deliver=lambda *dsn: delivery.deliver(*dsn), faults=faults)
+        # The queue's DSNs go through Delivery, which queues through the queue.
+        queue = delivery.relay = OutboundQueue(config, config.relay, router, reactor, clock,
+                                               deliver=delivery.deliver, faults=faults)
         queue.setServiceParent(service)
-    delivery = Delivery(store, blocking, relay=queue)
     service.queue = queue
     # Password checks get a pool of their own, one thread per core (scrypt is
     # CPU-bound): under a guessing attack they queue there, and deliveries'
