@@ -5,33 +5,18 @@ from __future__ import annotations
 import base64
 import os
 import smtplib
-import socket
 import ssl
 
 import pytest
 from twisted.internet.task import Clock
 
-from conftest import maildir_files
+from conftest import converse, maildir_files
 
 
 def smtp(server, kind: str = "smtp") -> smtplib.SMTP:
     client = smtplib.SMTP("127.0.0.1", server.port(kind), timeout=10)
     client.ehlo("client.example")
     return client
-
-
-def converse(port: int, data: bytes, replies: int) -> list[bytes]:
-    """Send C{data} in one write; read until C{replies} final reply lines."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.recv(1024)  # greeting
-        s.sendall(data)
-        got = b""
-        while sum(1 for l in got.split(b"\r\n") if l[3:4] == b" ") < replies:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            got += chunk
-    return [l for l in got.split(b"\r\n") if l]
 
 
 def test_ehlo_advertises_extensions(start_server):

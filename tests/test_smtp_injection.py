@@ -21,7 +21,7 @@ import pytest
 
 from twisted.logger import globalLogPublisher
 
-from conftest import maildir_files, relay_to
+from conftest import converse as shared_converse, maildir_files, relay_to
 from relay_sink import Sink, wait_for
 
 CONTROL_REPLY = b"501 5.5.2 Control character (bare CR, NUL, TAB...) in command line"
@@ -43,17 +43,8 @@ def failures():
 
 
 def converse(port: int, data: bytes, replies: int) -> list[bytes]:
-    """Send C{data} in one write; read until C{replies} final reply lines (greeting excluded)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.recv(1024)
-        s.sendall(data)
-        got = b""
-        while sum(1 for l in got.split(b"\r\n") if l[3:4] == b" ") < replies:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            got += chunk
-    return [l for l in got.split(b"\r\n") if l and l[3:4] == b" "]
+    """The final line of each reply to C{data} (greeting excluded)."""
+    return shared_converse(port, data, replies, finals_only=True)
 
 
 def submit_raw(server, message: bytes, rcpts=("bob@example.test",)) -> tuple[int, bytes]:
