@@ -359,7 +359,11 @@ def test_client_leaving_mid_command_leaves_no_traceback_and_no_session(server, i
     r.close()
     globalLogPublisher.addObserver(observe)
     try:
-        for command in [b"f FETCH 1:* (BODY[] FLAGS)", b"t SELECT Sent", b"x EXAMINE Drafts"] * 10:
+        # a set past store.LONG_SET is resolved in the worker: the client may leave meanwhile
+        long_set = b",".join([b"1:*"] * 700)
+        for command in [b"f FETCH 1:* (BODY[] FLAGS)", b"t SELECT Sent", b"x EXAMINE Drafts",
+                        b"g FETCH " + long_set + b" (BODY[] FLAGS)", b"c COPY " + long_set + b" Sent",
+                        b"s STORE " + long_set + b" +FLAGS (\\Seen)"] * 10:
             # a command whose answer needs the worker pool, and the connection is gone
             gone = session(server)
             # unseen again, so that FETCH BODY[] has flags to set in the worker before it answers

@@ -65,7 +65,7 @@ class AccountCommands(SelectedView):
         d = registry.open(self.folders.inbox, path, claim_for=self if self.writable else None)
 
         def selected(folder: mb.Folder, exists: bool) -> str | None:
-            if self.ended:  # the client left while the folder was scanned: never attach a gone session
+            if self.closing:  # the client left while the folder was scanned: never attach a gone session
                 if not folder.sessions:
                     registry.idle(folder)
                 return None

@@ -39,6 +39,10 @@ class No(Exception):
         self.code = code
 
 
+class Gone(Exception):
+    """The connection closed while the command waited on the worker pool: nothing more to do or answer."""
+
+
 class Services(Protocol):
     """What a session uses of its factory (L{IMAPFactory}): built once, shared by its sessions."""
 
@@ -62,8 +66,6 @@ class SessionCore(ScreenedSession):
         session's UIDs of it (hence its sequence numbers), C{recent} its
         \\Recent UIDs, C{doomed} UIDs expunged but not yet announced,
         C{seen} the position in the folder's change log caught up to.
-    @ivar ended: the connection is gone; commands still in the worker pool
-        must not attach.
     """
 
     factory: Services
@@ -75,7 +77,6 @@ class SessionCore(ScreenedSession):
         self.folders: AccountFolders | None = None
         self.folder: Folder | None = None
         self.folder_name = ""
-        self.ended = False  # the connection is gone; commands still in the worker pool must not attach
         self.writable = False
         self.view: array[int] = array("L")
         self.recent: set[int] = set()
@@ -90,6 +91,15 @@ class SessionCore(ScreenedSession):
         runs in the worker pool like all other disk work, never on the reactor.
         """
         return self.factory.blocking.run(Maildir(path).exists)
+
+    def still_here(self, result: Any) -> Any:
+        """
+        C{result}, after a hop through the worker pool, unless the session
+        closed meanwhile (its view is then gone): L{Gone} ends the command.
+        """
+        if self.closing:
+            raise Gone()
+        return result
 
     def untagged(self, text: str | bytes) -> None:
         data = text.encode("utf-8", "surrogateescape") if isinstance(text, str) else text

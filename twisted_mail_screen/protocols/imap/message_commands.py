@@ -78,8 +78,6 @@ class MessageCommands(SelectedView):
             yield (i + 1, uid, rel, folder.size(uid, rel), uid in self.recent)
 
     def _stream_fetch(self, ranges: list[tuple[int, int]], atts: list) -> Deferred:
-        if self.ended:  # the client left while flags were stored or the set resolved
-            return succeed(None)
         folder = self.folder
         assert folder is not None
         rows = self._rows(self._iter_positions(ranges))
@@ -201,8 +199,6 @@ class MessageCommands(SelectedView):
         if not self.writable:
             raise No("Mailbox is read-only", "READ-ONLY")
         def store(ranges: list[tuple[int, int]]) -> Deferred:
-            if self.ended:  # the client left while a long set was resolved in the worker
-                return succeed(None)
             uids = [self.view[i] for i in self._iter_positions(ranges)]
             d = self._store_flags(uids, m.group(1) or "=", flags)
             if m.group(2):
@@ -241,7 +237,8 @@ class MessageCommands(SelectedView):
                                              list(folder.keywords), list(keywords),
                                              changed_keywords).addCallback(renamed)
 
-        return folder.lock.run(locked)
+        # The folder has the change even if the session left meanwhile (it then answers nothing).
+        return folder.lock.run(locked).addCallback(self.still_here)
 
     def do_COPY(self, tag: bytes, args: list, uid: bool = False, move: bool = False) -> Deferred:
         if len(args) != 2:

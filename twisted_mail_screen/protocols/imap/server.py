@@ -36,7 +36,7 @@ from twisted_mail_screen.faults.plan import FaultPlan
 from twisted_mail_screen.faults.seam import guard, imap_reply, imap_subject
 from twisted_mail_screen.protocols.imap.account import AccountFolders, FolderError
 from twisted_mail_screen.protocols.imap.account_commands import AccountCommands
-from twisted_mail_screen.protocols.imap.core import No
+from twisted_mail_screen.protocols.imap.core import Gone, No
 from twisted_mail_screen.protocols.imap.message_commands import MessageCommands
 from twisted_mail_screen.protocols.imap.parse import Atom, BadCommand, Token, astring, tokenize
 from twisted_mail_screen.protocols.imap.registry import Registry
@@ -101,7 +101,6 @@ class IMAPServer(AccountCommands, MessageCommands):
         self.send(f"* BYE [UNAVAILABLE] {reason}\r\n".encode())
 
     def session_ended(self) -> None:
-        self.ended = True
         self._deselect()
         self.close_screen()
 
@@ -280,6 +279,8 @@ class IMAPServer(AccountCommands, MessageCommands):
         self.tagged(tag, text)
 
     def _failed(self, failure: Failure, tag: bytes, expunge_ok: bool = True) -> None:
+        if failure.check(Gone):
+            return
         if failure.check(BadCommand):
             self.tagged(tag, f"BAD {failure.value}")
         elif failure.check(No, FolderError):
