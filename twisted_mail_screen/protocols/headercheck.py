@@ -24,7 +24,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from email.errors import ObsoleteHeaderDefect
-from email.headerregistry import HeaderRegistry
+from email.policy import default as default_policy
 from email.utils import getaddresses
 from typing import Callable
 
@@ -45,8 +45,6 @@ MAX_SECTION = 1024 * 1024
 #: Longest From or Sender value checked (unfolded). A legitimate one is a few
 #: addresses; the parser used below is recursive and not linear.
 MAX_VALUE = 4096
-
-_registry = HeaderRegistry()
 
 
 class Refusal(Exception):
@@ -154,7 +152,8 @@ def mailboxes(value: str, label: str = "From") -> list[str]:
     if len(value) > MAX_VALUE:
         raise Refusal(550, "5.7.1", f"{label}: header field too long")
     try:
-        parsed = _registry(label, value)
+        # The strict parser, through the registry the standard library's default policy already holds.
+        parsed = default_policy.header_factory(label, value)
     except Exception:  # the parser's recursion on nested comments, among others
         raise Refusal(550, "5.7.1", f"{label}: header field is not a valid address list")
     defects = [d for d in parsed.defects if not isinstance(d, ObsoleteHeaderDefect)]
