@@ -25,6 +25,7 @@ import socket
 import sys
 import threading
 from contextlib import contextmanager
+from typing import Callable
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -94,56 +95,50 @@ def run(service, clock, kind: str, stream: bytes, cuts: list[int]) -> bytes:
     return out
 
 
+def replay(server, kind: str, stream: bytes, cuts: list[int], check: Callable[[bytes], object],
+           fill: bool = True) -> None:
+    """
+    Run C{stream} in memory (after L{refill} when C{fill}); fail on an
+    internal-error reply, on what C{check} finds wrong and on any logged failure.
+    """
+    service, clock, failures = server
+    before = len(failures.events)
+    if fill:
+        refill(service)
+    out = run(service, clock, kind, stream, cuts)
+    no_internal_error(out)
+    check(out)
+    assert len(failures.events) == before, [e.get("log_format") for e in failures.events[before:]]
+
+
 @GRAMMAR
 @given(commands=st.lists(imap_selected_command(), min_size=1, max_size=6), cuts=cuts)
 def test_imap_grammar_fuzz(server, commands, cuts):
-    service, clock, failures = server
-    before = len(failures.events)
-    refill(service)
     stream = b"l LOGIN fz@x.test pw\r\ns SELECT INBOX\r\n" + \
         b"".join(b"g%d " % i + c + b"\r\n" + (b"s SELECT INBOX\r\n" if c[:1] in b"SE" else b"")
                  for i, c in enumerate(commands))
-    out = run(service, clock, "imap", stream, cuts)
-    no_internal_error(out)
-    check_imap(out, line_tags(stream))
-    assert len(failures.events) == before, [e.get("log_format") for e in failures.events[before:]]
+    replay(server, "imap", stream, cuts, lambda out: check_imap(out, line_tags(stream)))
 
 
 @GRAMMAR
 @given(commands=st.lists(imap_unauth_command(), min_size=1, max_size=6), cuts=cuts)
 def test_imap_unauthenticated_grammar_fuzz(server, commands, cuts):
-    service, clock, failures = server
-    before = len(failures.events)
     stream = b"".join(b"u%d " % i + c + b"\r\n" for i, c in enumerate(commands))
-    out = run(service, clock, "imap", stream, cuts)
-    no_internal_error(out)
-    check_imap(out, line_tags(stream))
-    assert len(failures.events) == before, [e.get("log_format") for e in failures.events[before:]]
+    replay(server, "imap", stream, cuts, lambda out: check_imap(out, line_tags(stream)), fill=False)
 
 
 @GRAMMAR
 @given(commands=st.lists(smtp_command(), min_size=1, max_size=8), cuts=cuts)
 def test_smtp_grammar_fuzz(server, commands, cuts):
-    service, clock, failures = server
-    before = len(failures.events)
     stream = b"EHLO fz.example\r\n" + b"".join(c + b"\r\n" for c in commands)
-    out = run(service, clock, "smtp", stream, cuts)
-    no_internal_error(out)
-    check_smtp(out)
-    assert len(failures.events) == before, [e.get("log_format") for e in failures.events[before:]]
+    replay(server, "smtp", stream, cuts, check_smtp, fill=False)
 
 
 @GRAMMAR
 @given(commands=st.lists(pop3_command(), min_size=1, max_size=8), cuts=cuts, login=st.booleans())
 def test_pop3_grammar_fuzz(server, commands, cuts, login):
-    service, clock, failures = server
-    before = len(failures.events)
-    refill(service)
     stream = (b"USER fz@x.test\r\nPASS pw\r\n" if login else b"") + b"".join(c + b"\r\n" for c in commands)
-    out = run(service, clock, "pop3", stream, cuts)
-    no_internal_error(out)
-    check_pop3(out)
-    assert len(failures.events) == before, [e.get("log_format") for e in failures.events[before:]]
+    replay(server, "pop3", stream, cuts, check_pop3)
 
 
 # The inputs that once gave an internal error (issue 10), each on its own.
@@ -171,16 +166,14 @@ KNOWN = [
 
 @pytest.mark.parametrize("kind,command", KNOWN, ids=[f"{k}-{c[:30]!r}" for k, c in KNOWN])
 def test_known_hostile_inputs(server, kind, command):
-    service, clock, failures = server
-    before = len(failures.events)
-    refill(service)
     prefix = {"imap": b"l LOGIN fz@x.test pw\r\ns SELECT INBOX\r\n", "smtp": b"EHLO fz.example\r\n",
               "pop3": b"USER fz@x.test\r\nPASS pw\r\n"}[kind]
-    out = run(service, clock, kind, prefix + command + b"\r\n", [])
-    no_internal_error(out)
-    last = out.rstrip(b"\r\n").rsplit(b"\r\n", 1)[-1]
-    assert re.match({"imap": rb"x (BAD|NO) ", "smtp": rb"5\d\d ", "pop3": rb"-ERR "}[kind], last), last[:200]
-    assert len(failures.events) == before, [e.get("log_format") for e in failures.events[before:]]
+
+    def refused(out: bytes) -> None:
+        last = out.rstrip(b"\r\n").rsplit(b"\r\n", 1)[-1]
+        assert re.match({"imap": rb"x (BAD|NO) ", "smtp": rb"5\d\d ", "pop3": rb"-ERR "}[kind], last), last[:200]
+
+    replay(server, kind, prefix + command + b"\r\n", [], refused)
 
 
 # Over real sockets
