@@ -17,16 +17,10 @@ import re
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
-from twisted_mail_screen.store.auth import Authenticator
-from twisted_mail_screen.config.settings import Config
-from twisted_mail_screen.faults.plan import FaultPlan
 from twisted_mail_screen.faults.seam import guard, pop3_reply
-from twisted_mail_screen.screening.interfaces import Screening
-from twisted_mail_screen.protocols.session import SASLError, ScreenedSession, sasl_plain
+from twisted_mail_screen.protocols.session import SASLError, ScreenedSession, SessionFactory, sasl_plain
 from twisted_mail_screen.protocols.pop3_drop import Drop, Retriever, open_drop, uidl_of
 from twisted_mail_screen.store.maildir import MailStore
 from twisted_mail_screen.runtime.workers import Blocking
@@ -309,21 +303,13 @@ class POP3Server(ScreenedSession):
         return self.factory.blocking.run(update).addCallbacks(done, failed)
 
 
-class POP3Factory(Factory):
+class POP3Factory(SessionFactory):
     """Builds POP3 sessions; C{locks} is shared by every POP3 listener."""
 
     protocol = POP3Server
-    noisy = False
 
-    def __init__(self, *, config: Config, store: MailStore, blocking: Blocking,
-                 authenticator: Authenticator, screening: Screening, clock: IReactorTime,
-                 locks: set[str], tls: Any = None, faults: FaultPlan | None = None) -> None:
-        self.config = config
+    def __init__(self, *, store: MailStore, blocking: Blocking, locks: set[str], **services: Any) -> None:
+        super().__init__(**services)
         self.store = store
         self.blocking = blocking
-        self.authenticator = authenticator
-        self.screening = screening
-        self.clock = clock
         self.locks = locks
-        self.tls = tls
-        self.faults = faults  # test host only: injected faults (docs/faults.md)

@@ -30,11 +30,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory
+
+from twisted_mail_screen.config.settings import Config
+from twisted_mail_screen.faults.plan import FaultPlan
 from twisted_mail_screen.protocols.lineproto import CommandProtocol
 from twisted_mail_screen.screening.interfaces import ClientScreen, Screening
-from twisted_mail_screen.store.auth import SASLError, decode_base64, parse_sasl_plain
+from twisted_mail_screen.store.auth import Authenticator, SASLError, decode_base64, parse_sasl_plain
 
-__all__ = ["ScreenedSession", "SASLError", "peer_host", "sasl_plain"]
+__all__ = ["ScreenedSession", "SASLError", "SessionFactory", "peer_host", "sasl_plain"]
 
 
 def peer_host(transport: Any) -> str:
@@ -56,6 +61,27 @@ def sasl_plain(line: bytes) -> tuple[str, str] | None:
     if line == b"*":
         return None
     return parse_sasl_plain(decode_base64(line))
+
+
+class SessionFactory(Factory):
+    """
+    The services every protocol's factory holds for its sessions: the
+    settings, the login check, the screening service, the clock, the TLS
+    context (C{None}: no STARTTLS) and, on a test host only, the injected
+    faults (docs/faults.md). A protocol's factory takes its own services as
+    keywords and passes these on.
+    """
+
+    noisy = False
+
+    def __init__(self, *, config: Config, authenticator: Authenticator, screening: Screening,
+                 clock: IReactorTime, tls: Any = None, faults: FaultPlan | None = None) -> None:
+        self.config = config
+        self.authenticator = authenticator
+        self.screening = screening
+        self.clock = clock
+        self.tls = tls
+        self.faults = faults
 
 
 class ScreenedSession(CommandProtocol):

@@ -18,21 +18,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.mail.smtp import rfc822date
 
 from twisted_mail_screen.store.addresses import (AddressError, parse_params, parse_path,
                                            valid_sender_path)
-from twisted_mail_screen.store.auth import Authenticator, decode_base64
-from twisted_mail_screen.config.settings import Config
-from twisted_mail_screen.faults.plan import END_OF_DATA, FaultPlan
+from twisted_mail_screen.store.auth import decode_base64
+from twisted_mail_screen.faults.plan import END_OF_DATA
 from twisted_mail_screen.faults.seam import guard, smtp_reply, smtp_subject
 from twisted_mail_screen.store.delivery import Delivery
 from twisted_mail_screen.protocols.headercheck import Refusal, submission
-from twisted_mail_screen.screening.interfaces import FreezeStore, Screening
-from twisted_mail_screen.protocols.session import SASLError, ScreenedSession, sasl_plain
+from twisted_mail_screen.screening.interfaces import FreezeStore
+from twisted_mail_screen.protocols.session import SASLError, ScreenedSession, SessionFactory, sasl_plain
 from twisted_mail_screen.store.maildir import DeliveryError
 from twisted_mail_screen.store.routing import FORWARDING_DISABLED, Route, Router
 from twisted_mail_screen.protocols.smtp_data import BARE, LINE, SIZE, DataReader
@@ -463,7 +460,7 @@ class HeaderDate:
         return self._text
 
 
-class SMTPFactory(Factory):
+class SMTPFactory(SessionFactory):
     """
     Builds SMTP sessions for one kind of listener, holding everything they
     ask for policy and storage. C{protocol_name} is C{"smtp"} (port 25) or
@@ -471,21 +468,13 @@ class SMTPFactory(Factory):
     """
 
     protocol = SMTPServer
-    noisy = False
 
-    def __init__(self, *, config: Config, router: Router, delivery: Delivery,
-                 authenticator: Authenticator, screening: Screening, freeze: FreezeStore,
-                 clock: IReactorTime, tls: Any = None, protocol_name: str = "smtp",
-                 require_auth: bool = False, faults: FaultPlan | None = None) -> None:
-        self.config = config
+    def __init__(self, *, router: Router, delivery: Delivery, freeze: FreezeStore,
+                 protocol_name: str = "smtp", require_auth: bool = False, **services: Any) -> None:
+        super().__init__(**services)
         self.router = router
         self.delivery = delivery
-        self.authenticator = authenticator
-        self.screening = screening
         self.freeze = freeze
-        self.clock = clock
-        self.tls = tls
         self.protocol_name = protocol_name
         self.require_auth = require_auth
-        self.faults = faults  # test host only: injected faults (docs/faults.md)
         self.header_date = HeaderDate()

@@ -26,13 +26,9 @@ import re
 from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twisted_mail_screen.config.settings import Config
-from twisted_mail_screen.faults.plan import FaultPlan
 from twisted_mail_screen.faults.seam import guard, imap_reply, imap_subject
 from twisted_mail_screen.protocols.imap.account import AccountFolders, FolderError
 from twisted_mail_screen.protocols.imap.account_commands import AccountCommands
@@ -40,10 +36,8 @@ from twisted_mail_screen.protocols.imap.core import Gone, No
 from twisted_mail_screen.protocols.imap.message_commands import MessageCommands
 from twisted_mail_screen.protocols.imap.parse import Atom, BadCommand, Token, astring, tokenize
 from twisted_mail_screen.protocols.imap.registry import Registry
-from twisted_mail_screen.protocols.session import SASLError, sasl_plain
+from twisted_mail_screen.protocols.session import SASLError, SessionFactory, sasl_plain
 from twisted_mail_screen.runtime.workers import Blocking
-from twisted_mail_screen.screening.interfaces import Screening
-from twisted_mail_screen.store.auth import Authenticator
 from twisted_mail_screen.store.maildir import MailStore
 
 __all__ = ["IMAPFactory", "IMAPServer", "No"]
@@ -392,20 +386,13 @@ class IMAPServer(AccountCommands, MessageCommands):
         return f"OK [CAPABILITY {' '.join(self.capabilities())}] Logged in"
 
 
-class IMAPFactory(Factory):
+class IMAPFactory(SessionFactory):
     """Builds IMAP sessions; every IMAP listener of one store shares one folder L{Registry}."""
 
     protocol = IMAPServer
 
-    def __init__(self, *, config: Config, store: MailStore, blocking: Blocking,
-                 authenticator: Authenticator, screening: Screening, clock: IReactorTime,
-                 registry: Registry, tls: Any = None, faults: FaultPlan | None = None) -> None:
-        self.config = config
+    def __init__(self, *, store: MailStore, blocking: Blocking, registry: Registry, **services: Any) -> None:
+        super().__init__(**services)
         self.store = store
         self.blocking = blocking
-        self.authenticator = authenticator
-        self.screening = screening
-        self.clock = clock
         self.registry = registry
-        self.tls = tls
-        self.faults = faults  # test host only: injected faults (docs/faults.md)
