@@ -165,6 +165,29 @@ def test_fixtures(pytester: pytest.Pytester) -> None:
     result.assert_outcomes(passed=10)
 
 
+READ_BY_ONE = '''
+import imaplib, smtplib
+
+def test_one_recipient_read_it(mailserver):
+    with smtplib.SMTP(mailserver.host, mailserver.smtp_port) as s:
+        s.sendmail("a@example.test", ["bob@example.test", "carol@example.test"],
+                   b"Subject: shared\\r\\n\\r\\nx\\r\\n")
+    mailserver.wait_for()
+    imap = imaplib.IMAP4(mailserver.host, mailserver.imap_port)
+    imap.login("bob@example.test", "any")
+    imap.select("INBOX")
+    imap.store("1", "+FLAGS", "\\\\Seen")
+    imap.logout()
+    [mail] = mailserver.messages()
+    assert mail.envelope_to == ["bob@example.test", "carol@example.test"]
+'''
+
+
+def test_a_message_read_by_one_recipient_is_still_one_message(pytester: pytest.Pytester) -> None:
+    """bob's copy moved to cur/ with flags in its name; carol's is in new/: still one delivery."""
+    run(pytester, READ_BY_ONE).assert_outcomes(passed=1)
+
+
 CONFIG_FIXTURE = '''
 import pytest
 

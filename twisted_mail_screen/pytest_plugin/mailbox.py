@@ -23,6 +23,8 @@ from email.message import EmailMessage
 from email.parser import BytesParser
 from typing import Callable
 
+from twisted_mail_screen.store.maildir_names import base_of, delivery_order
+
 _parser = BytesParser(policy=email.policy.default)
 
 #: The query fields; any other "word:" is an error, so a typo does not match nothing quietly.
@@ -78,24 +80,17 @@ def matcher(query: str | None) -> Callable[[EmailMessage, bytes], bool]:
     return lambda message, raw: all(_matches(t, message, raw) for t in terms)
 
 
-def _inbox_files(mail_root: str) -> dict[str, tuple[float, list[str], list[str]]]:
-    """Base name -> (earliest mtime, recipient addresses, paths), over every INBOX."""
-    found: dict[str, tuple[float, list[str], list[str]]] = {}
+def _inbox_files(mail_root: str) -> dict[str, tuple[list[str], list[str]]]:
+    """Base name -> (recipient addresses, paths), over every INBOX."""
+    found: dict[str, tuple[list[str], list[str]]] = {}
     for domain in _listdir(mail_root):
         for local in _listdir(os.path.join(mail_root, domain)):
             for sub in ("new", "cur"):
                 directory = os.path.join(mail_root, domain, local, sub)
                 for name in _listdir(directory):
-                    path = os.path.join(directory, name)
-                    try:
-                        mtime = os.stat(path).st_mtime
-                    except FileNotFoundError:  # moved new/ -> cur/ or expunged meanwhile
-                        continue
-                    base = name.split(":", 1)[0]
-                    seen = found.setdefault(base, (mtime, [], []))
-                    seen[1].append(f"{local}@{domain}")
-                    seen[2].append(path)
-                    found[base] = (min(seen[0], mtime), seen[1], seen[2])
+                    recipients, paths = found.setdefault(base_of(name), ([], []))
+                    recipients.append(f"{local}@{domain}")
+                    paths.append(os.path.join(directory, name))
     return found
 
 
@@ -107,12 +102,14 @@ def _listdir(path: str) -> list[str]:
 
 
 def read_messages(mail_root: str, query: str | None = None) -> list[EmailMessage]:
-    """Every delivered message (oldest first) that matches C{query}."""
+    """Every delivered message (oldest first, by its unique name) that matches C{query}."""
     match = matcher(query)
-    out: list[tuple[float, str, EmailMessage]] = []
-    for base, (mtime, recipients, paths) in _inbox_files(mail_root).items():
+    out: list[EmailMessage] = []
+    files = _inbox_files(mail_root)
+    for base in sorted(files, key=delivery_order):
+        recipients, paths = files[base]
         raw = _read_any(paths)
-        if raw is None:
+        if raw is None:  # expunged meanwhile
             continue
         message = _parser.parsebytes(raw)
         assert isinstance(message, EmailMessage)
@@ -120,9 +117,8 @@ def read_messages(mail_root: str, query: str | None = None) -> list[EmailMessage
         message.envelope_from = sender[1:-1] if sender.startswith("<") else sender  # type: ignore[attr-defined]
         message.envelope_to = sorted(set(recipients))  # type: ignore[attr-defined]
         if match(message, raw):
-            out.append((mtime, base, message))
-    out.sort(key=lambda t: (t[0], t[1]))
-    return [m for _, _, m in out]
+            out.append(message)
+    return out
 
 
 def _read_any(paths: list[str]) -> bytes | None:
