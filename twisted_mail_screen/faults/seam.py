@@ -7,8 +7,6 @@ answer. A session without a plan (site mode) runs the handler directly.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import re
 from typing import Any, Callable, Iterable, Protocol
 
@@ -17,6 +15,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 
 from twisted_mail_screen.faults.plan import Decision, FaultPlan
+from twisted_mail_screen.store.auth import SASLError, decode_base64, parse_sasl_plain
 
 #: The SMTP code and enhanced status code POP3 and IMAP replies leave out.
 _SMTP_CODES = re.compile(r"[2-5][0-9]{2}(?: [245]\.[0-9]{1,3}\.[0-9]{1,3})? ?")
@@ -101,18 +100,19 @@ def smtp_subject(verb: str, arg: str) -> str:
 
 
 def _sasl_user(arg: str) -> str:
-    """The user in C{AUTH PLAIN <initial>} or C{AUTH LOGIN <initial>}; C{""} if none."""
+    """
+    The user in C{AUTH PLAIN <initial>} or C{AUTH LOGIN <initial>}, read
+    as the session reads it; C{""} if none.
+    """
     mechanism, _, initial = arg.partition(" ")
+    mechanism = mechanism.upper()
     try:
-        decoded = base64.b64decode(initial.strip(), validate=True)
-    except (binascii.Error, ValueError):
+        decoded = decode_base64(initial.strip())
+        if mechanism == "PLAIN":
+            return parse_sasl_plain(decoded)[0]
+    except SASLError:
         return ""
-    if mechanism.upper() == "PLAIN":
-        parts = decoded.split(b"\0")
-        decoded = parts[1] if len(parts) == 3 else b""
-    elif mechanism.upper() != "LOGIN":
-        return ""
-    return decoded.decode("utf-8", "replace")
+    return decoded.decode("utf-8", "replace") if mechanism == "LOGIN" else ""
 
 
 def imap_subject(name: str, args: list[Any]) -> str:
