@@ -97,12 +97,9 @@ class SMTPServer(ScreenedSession):
         self.reply(421, "4.3.0", f"{self.factory.config.hostname} internal error, closing")
         self.close()
 
-    def reply(self, code: int, status: str, text: str, greet: bool = False) -> None:
+    def reply(self, code: int, status: str, text: str) -> None:
         """Send one reply line; every reply carries its enhanced code."""
-        if greet or not status:
-            self.send(f"{code} {text}\r\n".encode())
-        else:
-            self.send(f"{code} {status} {text}\r\n".encode())
+        self.send(f"{code} {status} {text}\r\n".encode())
 
     def close_for_block(self) -> None:
         blocked = self.screen is not None and self.screen.blocked
