@@ -168,3 +168,29 @@ def test_service_check_rewrites_hand_edits(tmp_path: Path) -> None:
     text = path.read_text()
     assert "+30" not in text and "carol@example.com" in text
     service.stop()
+
+
+def test_service_check_drops_lapsed_freezes_from_the_file(tmp_path: Path) -> None:
+    """
+    A timed freeze lapses by itself, and the once-a-second check then takes
+    it out of frozen.txt (as it does for lapsed blocks), logging it once.
+    """
+    clock = Clock()
+    clock.advance(START)
+    lines: list[str] = []
+    log = Logger(observer=lambda e: lines.append(e["log_format"].format(**e)))
+    service = ScreeningService.in_directory(ScreeningConfig(), FreezeConfig(), clock,
+                                            str(tmp_path), None, log)
+    service.start()
+    assert service.freeze_store is not None
+    service.freeze_store.freeze("alice@example.com", 1, "manual")
+    service.freeze_store.freeze("bob@example.com", None, "manual")
+    path = tmp_path / "frozen.txt"
+    clock.advance(59)
+    assert "alice@example.com" in path.read_text()
+    clock.advance(1)
+    text = path.read_text()
+    assert "alice@example.com" not in text and "bob@example.com" in text
+    assert [l for l in lines if "action=expire" in l] == [
+        "screening: action=expire account=alice@example.com reason=manual"]
+    service.stop()

@@ -101,6 +101,9 @@ class AdminFreezeStore(FreezeStore, Protocol):
     def reload_if_changed(self) -> bool:
         """Pick up hand edits of the backing file, if any; whether it was re-read."""
 
+    def expire(self) -> list[Entry]:
+        """Drop lapsed freezes from the table and its file; the ones dropped."""
+
 
 class Notifier(Protocol):
     """

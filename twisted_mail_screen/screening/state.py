@@ -75,6 +75,11 @@ class StateFiles:
             table.flush()
         if self._freeze_store is not None:
             self._freeze_store.reload_if_changed()
+            # A lapsed freeze no longer counts, but frozen.txt is what the
+            # administrator reads: it must not go on listing it.
+            for entry in self._freeze_store.expire():
+                self._log.info("screening: action=expire account={account} reason={reason}",
+                               account=entry.name, reason=entry.reason)
 
     def write_last(self) -> Deferred:
         """Write anything pending; fires once it is on disk."""
