@@ -54,7 +54,7 @@ class ScreeningAdmin:
         entry = self._blocklist.add(address, expires, text)
         self._blocklist.flush()
         self._rules.decision("block", entry.name, "manual", minutes=minutes or "never",
-                       until=format_expiry(expires), reason=reason)
+                             until=format_expiry(expires), reason=reason)
         return entry
 
     def unblock(self, address: str) -> bool:
@@ -103,7 +103,6 @@ class ScreeningAdmin:
         if self._freeze_store is None:
             return False
         return self._freeze_store.thaw(user)
-
 
     def stats(self) -> dict[str, int]:
         """Sizes for the control channel: tracked, active, blocked, evicted."""
