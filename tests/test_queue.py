@@ -323,3 +323,30 @@ def test_envelope_without_message_file_is_removed(start_server, accounts, busy_s
     wait_for(lambda: queued(tmp_path) == [])
     queue_settled(server)
     assert busy_sink.messages == []
+
+
+def test_stop_waits_for_an_attempt_to_record_its_result(start_server, accounts, tmp_path):
+    """
+    Stopping the server while a message is being sent lets the attempt end
+    and record its result: the queue's file work still runs during the stop,
+    so the message is not sent a second time after the restart.
+    """
+    import threading
+
+    s = Sink().start()
+    try:
+        server = start_relaying(start_server, s, Clock())
+        s.hold_greeting()
+        send(server)
+        wait_for(lambda: s.connections == 1, what="the attempt connected")
+        service = server.service
+        stopping = threading.Thread(target=server.stop)
+        stopping.start()
+        wait_for(lambda: not service.running, what="the stop began")
+        s.open_gate()
+        stopping.join(20)
+        assert not stopping.is_alive()
+        assert s.recipients() == ["carol@remote.example"]
+        assert queued(tmp_path) == []
+    finally:
+        s.stop()

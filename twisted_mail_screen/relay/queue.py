@@ -40,7 +40,7 @@ from twisted_mail_screen.relay.pool import Outcome, Pool
 from twisted_mail_screen.relay.resolver import Targets
 from twisted_mail_screen.relay.spool import (BOUNCED, FAILED, PENDING, SENT, QueueDirectory,
                                              QueuedMessage, Recipient, iso)
-from twisted_mail_screen.runtime.workers import Blocking
+from twisted_mail_screen.runtime.workers import Workers
 
 POLL_SECONDS = 1.0
 SHUTDOWN_GRACE_SECONDS = 30
@@ -53,8 +53,10 @@ class OutboundQueue(MultiService):
     (RFC 3464) what fails for good.
 
     C{deliver} (C{Delivery.deliver}) stores DSNs for senders, all or
-    nothing; C{resolver} (an C{IResolver}, replaceable in tests) answers
-    MX and address queries.
+    nothing; C{blocking} runs the spool's file work, and must outlive
+    the queue's stop (which waits for attempts still writing envelopes):
+    the server makes it a child of the queue; C{resolver} (an
+    C{IResolver}, replaceable in tests) answers MX and address queries.
     """
 
     log = Logger()
@@ -65,8 +67,8 @@ class OutboundQueue(MultiService):
     max_attempts = 100
 
     def __init__(self, config: Config, relay: RelayConfig, router: Any, reactor: Any,
-                 clock: IReactorTime, deliver: Deliver, resolver: Any = None,
-                 threads: int = 4, faults: FaultPlan | None = None) -> None:
+                 clock: IReactorTime, deliver: Deliver, blocking: Workers, resolver: Any = None,
+                 faults: FaultPlan | None = None) -> None:
         super().__init__()
         self.config = config
         self.relay = relay
@@ -74,8 +76,7 @@ class OutboundQueue(MultiService):
         self.clock = clock
         self.faults = faults  # test host only: fail_delivery rules (docs/faults.md)
         self.directory = QueueDirectory(os.path.join(config.data_dir, "queue"))
-        self._blocking = Blocking(reactor, threads, name="mailscreen-queue")
-        self._blocking.setServiceParent(self)
+        self._blocking = blocking
         # One logger for the pieces: their lines keep the queue's namespace.
         log = self.log
         tls = smarthost_tls(relay)

@@ -122,7 +122,7 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
     Build the server. C{clock} is the time source for timeouts and
     screening (the reactor unless a test drives a C{Clock}). C{store}
     replaces the Maildir store (tests inject disk faults through it);
-    C{workers} replaces both thread pools (a unit test passes
+    C{workers} replaces every thread pool (a unit test passes
     L{twisted_mail_screen.testing.InlineWorkers} to run every blocking
     call at once, on the reactor thread).
 
@@ -150,9 +150,19 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
     delivery = Delivery(store, blocking)
     queue = None
     if config.relay.enabled:
+        # The queue's spool work has a small pool of its own: a backlog
+        # flushed after an outage (up to max_attempts messages read and
+        # rewritten at once) cannot take every storage thread from inbound
+        # deliveries.
+        spool = workers or Blocking(reactor, 4, name="mailscreen-queue")
         # The queue's DSNs go through Delivery, which queues through the queue.
         queue = delivery.relay = OutboundQueue(config, config.relay, router, reactor, clock,
-                                               deliver=delivery.deliver, faults=faults)
+                                               deliver=delivery.deliver, blocking=spool,
+                                               faults=faults)
+        if workers is None:
+            # A child of the queue: stopped only once the queue's attempts
+            # have settled (they still write envelopes).
+            spool.setServiceParent(queue)
         queue.setServiceParent(service)
     service.queue = queue
     # Password checks get a pool of their own, one thread per core (scrypt is
