@@ -215,6 +215,16 @@ def test_rename_whose_subfolder_would_be_too_long_moves_nothing(server, inbox):
     assert tree(inbox) == before
 
 
+def test_create_of_an_existing_folder_is_refused(server, inbox):
+    r = session(server, select=None)
+    assert answer(r, b"CREATE a") == b"OK CREATE completed"
+    assert answer(r, b"CREATE a") == b"NO [ALREADYEXISTS] Mailbox already exists"
+    assert answer(r, b"CREATE INBOX") == b"NO [ALREADYEXISTS] Mailbox already exists"
+    assert answer(r, b"CREATE Sent/") == b"NO [ALREADYEXISTS] Mailbox already exists"
+    assert answer(r, b"CREATE a/b") == b"OK CREATE completed"  # under an existing parent
+    assert (inbox / ".a.b" / "cur").is_dir()
+
+
 def test_folder_limit_per_account(server, inbox):
     r = session(server)
     assert answer(r, b"CREATE one") == b"OK CREATE completed"  # 7 of 9

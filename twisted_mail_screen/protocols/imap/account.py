@@ -115,9 +115,9 @@ class AccountFolders:
 
     def create(self, name: str) -> None:
         check_name(name)
-        if name == "INBOX" or self.exists(name):
-            raise FolderError("Mailbox already exists", "ALREADYEXISTS")
         missing = self._missing(name)
+        if name not in missing:  # INBOX, or a folder already there (one stat per level, not two for the last)
+            raise FolderError("Mailbox already exists", "ALREADYEXISTS")
         self._check_room(len(missing))
         self._make_all(missing)
 
