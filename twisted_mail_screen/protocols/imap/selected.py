@@ -156,13 +156,9 @@ class SelectedView(SessionCore):
     def _ranges(self, seqset: SeqSet | Token, uid: bool) -> Deferred:
         """The view's position ranges a set names (a long set's are found in the worker)."""
         if isinstance(seqset, SeqSet):
-            return succeed(self._positions(seqset, uid))
+            return succeed(set_positions(seqset, self.view, uid))
         return self.factory.blocking.run(set_positions, seqset, array("L", self.view), uid).addCallback(
             self.still_here)
-
-    def _positions(self, seqset: SeqSet, uid: bool) -> list[tuple[int, int]]:
-        """0-based [start, stop) position ranges of the view that a set names."""
-        return set_positions(seqset, self.view, uid)
 
     @staticmethod
     def _iter_positions(ranges: list[tuple[int, int]]) -> Iterator[int]:
