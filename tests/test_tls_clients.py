@@ -21,10 +21,11 @@ import time
 from pathlib import Path
 
 import pytest
+from twisted.internet.task import Clock
 
 from tests.conftest import LineReader, maildir_files
 from twisted_mail_screen.protocols.lineproto import PENDING_INPUT_LIMIT, TLS_CLOSE_GRACE
-from twisted_mail_screen.testing import EPHEMERAL
+from twisted_mail_screen.testing import EPHEMERAL, in_reactor
 
 IMPLICIT = "ssl:0:interface=127.0.0.1"  # the certificate and key come from [tls]
 MODES = ("plain", "starttls", "implicit")
@@ -142,6 +143,34 @@ def test_server_closes_after_quit_or_logout(tls_server, certificate, kind, mode)
     assert s.read_to_end() == b""
     assert s.server_closed_tcp(within=TLS_CLOSE_GRACE / 2)
     assert time.monotonic() - started < TLS_CLOSE_GRACE / 2
+    s.close()
+
+
+@pytest.mark.parametrize("mode", ["starttls", "implicit"])
+def test_tls_session_dropped_after_grace_if_client_keeps_it_open(start_server, accounts, certificate, mode):
+    """
+    A TLS client that neither sends its close_notify nor closes after QUIT
+    is disconnected TLS_CLOSE_GRACE seconds later on the injected clock:
+    the session ends (its screening slot frees) instead of lingering.
+    """
+    cert, key = certificate
+    server = start_server(site=True, clock=Clock(), kinds=("pop3",), plaintext_auth="never",
+                          tls__certificate=cert, tls__key=key, listen__pop3=[EPHEMERAL, IMPLICIT],
+                          screening__max_simultaneous=1)
+    s = Session(server, "pop3", mode, certificate)
+    s.send(b"QUIT\r\n")
+    s.until(b"+OK")
+    assert s.read_to_end() == b""  # the server's close_notify and FIN; this client stays silent
+
+    def greeting() -> bytes:
+        with socket.create_connection(("127.0.0.1", port(server, "pop3", "plain")), timeout=10) as other:
+            return other.recv(1024)
+
+    assert greeting().startswith(b"-ERR")  # the lingering session still holds the only slot
+    server.advance(TLS_CLOSE_GRACE)
+    in_reactor(lambda: None)  # the abort's connectionLost runs on the next reactor turn
+    in_reactor(lambda: None)
+    assert greeting().startswith(b"+OK")
     s.close()
 
 
