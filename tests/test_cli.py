@@ -118,3 +118,20 @@ def test_users_file_edited_by_hand_is_read_again(tmp_path):
     # Another size: two writes within one mtime tick are told apart by size (or inode).
     (tmp_path / "users").write_text("bob@example.test:scrypt$yy\n")
     assert store.users() == {"bob@example.test": "scrypt$yy"}
+
+
+def test_hand_edited_files_skip_a_line_without_colon_and_keep_the_rest(tmp_path):
+    """A line with no ':' in users or aliases is logged and skipped; the other lines still count."""
+    from conftest import log_lines
+
+    (tmp_path / "users").write_text("# comment\nAlice@Example.test: scrypt$x\nbroken line\n"
+                                    "bob@example.test:scrypt$y\n")
+    (tmp_path / "aliases").write_text("Sales@Example.test: Alice@Example.test, bob@example.test,\n"
+                                      "oops\n@example.test: bob@example.test\n")
+    store = AccountStore(str(tmp_path))
+    with log_lines("no ':'") as warnings:
+        assert store.users() == {"alice@example.test": "scrypt$x", "bob@example.test": "scrypt$y"}
+        assert store.aliases() == {"sales@example.test": ("alice@example.test", "bob@example.test"),
+                                   "@example.test": ("bob@example.test",)}
+    assert warnings == [f"{tmp_path / 'users'}:3: no ':' in user line, skipped",
+                        f"{tmp_path / 'aliases'}:2: no ':' in alias line, skipped"]

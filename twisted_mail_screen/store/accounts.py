@@ -60,27 +60,21 @@ class AccountStore:
             return value
 
     def _parse_users(self, path: str) -> dict[str, str]:
-        users: dict[str, str] = {}
-        for number, line in _lines(path):
-            address, sep, hashed = line.partition(":")
-            if not sep:
-                self.log.warn("{path}:{number}: no ':' in user line, skipped",
-                              path=path, number=number)
-                continue
-            users[address.strip().lower()] = hashed.strip()
-        return users
+        return {address: hashed.strip() for address, hashed in self._entries(path, "user")}
 
     def _parse_aliases(self, path: str) -> dict[str, tuple[str, ...]]:
-        aliases: dict[str, tuple[str, ...]] = {}
+        return {name: tuple(t.strip().lower() for t in targets.split(",") if t.strip())
+                for name, targets in self._entries(path, "alias")}
+
+    def _entries(self, path: str, kind: str) -> Iterator[tuple[str, str]]:
+        """C{(key, value)} of each C{key:value} line, key lower-cased; others logged and skipped."""
         for number, line in _lines(path):
-            name, sep, targets = line.partition(":")
+            key, sep, value = line.partition(":")
             if not sep:
-                self.log.warn("{path}:{number}: no ':' in alias line, skipped",
-                              path=path, number=number)
+                self.log.warn("{path}:{number}: no ':' in {kind} line, skipped",
+                              path=path, number=number, kind=kind)
                 continue
-            aliases[name.strip().lower()] = tuple(
-                t.strip().lower() for t in targets.split(",") if t.strip())
-        return aliases
+            yield key.strip().lower(), value
 
     def users(self) -> dict[str, str]:
         return dict(self._load(self._users, self._parse_users))
