@@ -24,6 +24,9 @@ loop of L{lineproto}) and uses it in three places:
 
 and, for AUTH PLAIN, L{sasl_plain} turns the client's response line into
 C{(username, password)}. The STARTTLS step is L{CommandProtocol.start_tls}.
+Its factory subclasses L{SessionFactory}, which holds the services every
+protocol's sessions ask (config, authenticator, screening, clock, tls,
+faults).
 """
 
 from __future__ import annotations
