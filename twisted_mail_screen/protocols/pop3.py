@@ -48,7 +48,6 @@ class POP3Server(ScreenedSession):
         self.drop: Drop | None = None
         self._user: str | None = None
         self._sasl: Callable[[bytes], Any] | None = None
-        self._authenticating = False
         self._retriever = Retriever(self, self._blocking)
 
     def connectionMade(self) -> None:
@@ -250,12 +249,9 @@ class POP3Server(ScreenedSession):
         messages = self.drop.messages
         self._listing(arg, lambda i: uidl_of(messages[i]))
 
-    def _retr(self, n: int, top: int | None) -> Deferred | None:
-        return self._retriever.send_message(n, top)
-
     def TRANSACTION_RETR(self, arg: str) -> Deferred | None:
         n = self._message(arg)
-        return None if n is None else self._retr(n, None)
+        return None if n is None else self._retriever.send_message(n, None)
 
     def TRANSACTION_TOP(self, arg: str) -> Deferred | None:
         parts = arg.split()
@@ -263,7 +259,7 @@ class POP3Server(ScreenedSession):
         if lines is None:
             return self.err("Syntax: TOP msg lines")
         n = self._message(parts[0])
-        return None if n is None else self._retr(n, lines)
+        return None if n is None else self._retriever.send_message(n, lines)
 
     def TRANSACTION_DELE(self, arg: str) -> None:
         n = self._message(arg)
