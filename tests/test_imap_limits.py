@@ -395,6 +395,53 @@ def test_client_leaving_mid_command_leaves_no_traceback_and_no_session(server, i
     assert attached == {str(inbox): 1}  # only the session above; no session that left stays attached
 
 
+@pytest.mark.parametrize("mode", ["starttls", "implicit"])
+def test_client_leaving_mid_command_over_tls(start_server, certificate, tmp_path, mode):
+    """The same over TLS, where the close comes through the TLS layer: commands on a long set."""
+    from tests.test_tls_clients import IMPLICIT, Session
+    from twisted_mail_screen.testing import EPHEMERAL
+
+    cert, key = certificate
+    server = start_server(kinds=KINDS, tls__certificate=cert, tls__key=key, listen__imap=[EPHEMERAL, IMPLICIT])
+    failures: list[dict] = []
+
+    def observe(event: dict) -> None:
+        if "log_failure" in event:
+            failures.append(event)
+
+    def tls_session() -> Session:
+        s = Session(server, "imap", mode, certificate)
+        s.send(b"l LOGIN " + USER + b" x\r\ns SELECT INBOX\r\n")
+        assert s.until(b"s ")[-1].startswith(b"s OK")
+        return s
+
+    r = tls_session()
+    body = b"Subject: x\r\n\r\nbody\r\n"
+    r.send(b"".join(b"p%d APPEND INBOX {%d+}\r\n%s\r\n" % (i, len(body), body) for i in range(40)))
+    assert r.until(b"p39 ")[-1].startswith(b"p39 OK")
+    r.sock.close()
+    long_set = b",".join([b"1:*"] * 700)
+    globalLogPublisher.addObserver(observe)
+    try:
+        for command in [b"g FETCH " + long_set + b" (BODY[] FLAGS)", b"c COPY " + long_set + b" Sent",
+                        b"s STORE " + long_set + b" +FLAGS (\\Seen)"] * 5:
+            gone = tls_session()
+            gone.send(b"u STORE 1:* -FLAGS.SILENT (\\Seen)\r\n")
+            assert gone.until(b"u ")[-1].startswith(b"u OK")
+            gone.send(command + b"\r\n")
+            gone.sock.close()
+        r = tls_session()  # everything before it is answered in order, so they are all over
+        r.send(b"n NOOP\r\n")
+        assert r.until(b"n ")[-1].startswith(b"n OK")
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert not failures, [e["log_failure"].getTraceback()[-600:] for e in failures]
+    registry = next(l.factory for l in server.service.listeners if l.kind == "imap").registry
+    inbox = str(tmp_path / "data" / "mail" / "localhost" / "bob")
+    attached = in_reactor(lambda: {p: len(f.sessions) for p, f in registry.folders.items() if f.sessions})
+    assert attached == {inbox: 1}  # only the session above
+
+
 def test_authenticate_plain_cancel_and_bad_responses(server):
     """SASL PLAIN (protocols/session.py): "*" after "+" cancels; "*" or bad base64 up front is BAD."""
     import base64
