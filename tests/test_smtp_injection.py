@@ -23,6 +23,7 @@ from twisted.logger import globalLogPublisher
 
 from conftest import converse as shared_converse, maildir_files, relay_to
 from relay_sink import Sink, wait_for
+from tests.test_hostile import Failures
 
 CONTROL_REPLY = b"501 5.5.2 Control character (bare CR, NUL, TAB...) in command line"
 BARE_REPLY = b"554 5.5.2 Bare CR or LF in message, see RFC 5321 2.3.8"
@@ -31,15 +32,10 @@ BARE_REPLY = b"554 5.5.2 Bare CR or LF in message, see RFC 5321 2.3.8"
 @pytest.fixture
 def failures():
     """Every failure (traceback) or error logged while the test runs."""
-    events: list[dict] = []
-
-    def observe(event: dict) -> None:
-        if "log_failure" in event or event.get("isError"):
-            events.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    yield events
-    globalLogPublisher.removeObserver(observe)
+    observer = Failures()
+    globalLogPublisher.addObserver(observer)
+    yield observer.events
+    globalLogPublisher.removeObserver(observer)
 
 
 def converse(port: int, data: bytes, replies: int) -> list[bytes]:
