@@ -135,3 +135,14 @@ def test_hand_edited_files_skip_a_line_without_colon_and_keep_the_rest(tmp_path)
                                    "@example.test": ("bob@example.test",)}
     assert warnings == [f"{tmp_path / 'users'}:3: no ':' in user line, skipped",
                         f"{tmp_path / 'aliases'}:2: no ':' in alias line, skipped"]
+
+
+def test_control_socket_in_a_data_dir_with_a_colon(tmp_path):
+    """The control socket's endpoint string quotes the path: a ':' in data_dir still works."""
+    from twisted_mail_screen.config.settings import load_config
+    from twisted_mail_screen.runtime import control
+    from twisted_mail_screen.testing import RunningServer, ephemeral_overrides
+
+    data = str(tmp_path / "da:ta")
+    with RunningServer(load_config(None, ephemeral_overrides(data, ("smtp",)))):
+        assert control.call(data, "block.list") == []

@@ -17,6 +17,7 @@ import socket
 from typing import Any, Callable
 
 from twisted.internet.defer import maybeDeferred
+from twisted.internet.endpoints import quoteStringArgument
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
@@ -81,8 +82,7 @@ def socket_path(data_dir: str) -> str:
 
 
 def endpoint_description(data_dir: str) -> str:
-    path = socket_path(data_dir).replace("\\", "\\\\").replace(":", "\\:")
-    return f"unix:{path}:mode=600:lockfile=1"
+    return f"unix:{quoteStringArgument(socket_path(data_dir))}:mode=600:lockfile=1"
 
 
 class NotRunning(Exception):
