@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 
@@ -380,3 +381,49 @@ def test_trusted_key_parses_networks(tmp_path):
     assert [str(n) for n in config.proxy.trusted] == ["10.0.0.0/8", "2001:db8::1/128", "192.0.2.1/32"]
     with pytest.raises(ConfigError, match="proxy.header_timeout"):
         load_config(None, {"data_dir": str(tmp_path), "proxy.header_timeout": 5})
+
+
+# the ssl: strings read by runtime/endpoints.py (with or without haproxy:)
+
+@pytest.mark.parametrize("description, message", [
+    ("ssl:interface=127.0.0.1", "needs a port first"),
+    ("ssl:993:interface", "'interface' is not name=value"),
+    ("ssl:993:sslmethod=TLSv1_METHOD", "'sslmethod' is not supported"),
+    ("haproxy:ssl:993:extraCertChain=x.pem", "'extraCertChain' is not supported"),
+])
+def test_ssl_endpoint_string_errors(description, message):
+    from twisted.internet import reactor
+    from twisted_mail_screen.runtime.endpoints import EndpointError, server_endpoint
+
+    with pytest.raises(EndpointError, match=message):
+        server_endpoint(reactor, description, Clock(), tls=object())
+
+
+def test_ssl_endpoint_files_with_escaped_colons(tmp_path, certificate):
+    """certKey=/privateKey= paths are unescaped like Twisted's own: a '\\:' in them is a ':'."""
+    import shutil
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import quoteStringArgument
+    from twisted_mail_screen.runtime.endpoints import server_endpoint
+
+    cert, key = tmp_path / "c:ert.pem", tmp_path / "k:ey.pem"
+    shutil.copy(certificate[0], cert)
+    shutil.copy(certificate[1], key)
+    description = (f"ssl:0:interface=127.0.0.1:certKey={quoteStringArgument(str(cert))}"
+                   f":privateKey={quoteStringArgument(str(key))}")
+    assert server_endpoint(reactor, description, Clock()) is not None
+
+
+def test_ssl_endpoint_on_an_ipv6_interface(certificate):
+    """An escaped IPv6 interface (interface=\\:\\:1) reaches the TCP listener intact."""
+    from twisted.internet import reactor
+    from twisted_mail_screen.runtime.endpoints import server_endpoint
+    from twisted_mail_screen.runtime.tls import load_server_context
+
+    endpoint = server_endpoint(reactor, r"ssl:0:interface=\:\:1", Clock(),
+                               tls=load_server_context(*certificate))
+    port = in_reactor(lambda: endpoint.listen(Factory()))
+    try:
+        assert port.getHost().host == "::1"
+    finally:
+        in_reactor(port.stopListening)

@@ -17,14 +17,14 @@ Plain strings go to Twisted's C{serverFromString}. Two prefixes are ours:
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.endpoints import quoteStringArgument, serverFromString
 from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
+from twisted_mail_screen.relay.config import split_endpoint
 from twisted_mail_screen.screening.netmatch import Network
 from twisted_mail_screen.runtime.proxyproto import ProxiedEndpoint
 from twisted_mail_screen.runtime.tls import load_server_context
@@ -32,8 +32,6 @@ from twisted_mail_screen.runtime.tls import load_server_context
 #: The C{ssl:} options passed on to the TCP listener; C{privateKey} and
 #: C{certKey} are read here; any other option is refused.
 _TCP_OPTIONS = ("interface", "backlog")
-
-_UNESCAPED_COLON = re.compile(r"(?<!\\):")
 
 
 class EndpointError(ValueError):
@@ -54,23 +52,19 @@ class TLSEndpoint:
 
 def _split_ssl(description: str) -> tuple[str, str | None, str | None]:
     """C{ssl:PORT:k=v...} -> (the C{tcp:} string, certKey, privateKey)."""
-    fields = _UNESCAPED_COLON.split(description)[1:]
-    if not fields or "=" in fields[0]:
+    positional, options = split_endpoint(description)
+    if len(positional) < 2:
         raise EndpointError("ssl: needs a port first (ssl:993:interface=...)")
-    tcp = ["tcp", fields[0]]
-    files: dict[str, str] = {}
-    for option in fields[1:]:
-        name, eq, value = option.partition("=")
-        if not eq:
-            raise EndpointError(f"ssl: option {option!r} is not name=value")
-        if name in ("certKey", "privateKey"):
-            files[name] = value.replace("\\:", ":")
-        elif name in _TCP_OPTIONS:
-            tcp.append(option)
-        else:
+    if len(positional) > 2:
+        raise EndpointError(f"ssl: option {positional[2]!r} is not name=value")
+    tcp = ["tcp", quoteStringArgument(positional[1])]
+    for name, value in options.items():
+        if name in _TCP_OPTIONS:
+            tcp.append(f"{name}={quoteStringArgument(value)}")
+        elif name not in ("certKey", "privateKey"):
             raise EndpointError(f"ssl: option {name!r} is not supported "
                                 f"(use privateKey, certKey, {', '.join(_TCP_OPTIONS)})")
-    return ":".join(tcp), files.get("certKey"), files.get("privateKey")
+    return ":".join(tcp), options.get("certKey"), options.get("privateKey")
 
 
 def server_endpoint(reactor: Any, description: str, clock: IReactorTime,
