@@ -223,6 +223,28 @@ def test_options(mailserver):
         "--mailscreen-timeout=7").assert_outcomes(passed=1)
 
 
+def test_a_bad_marker_key_fails_readably_and_leaves_nothing_behind(
+        pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """
+    An unknown configuration key in the marker fails the test with the config
+    error; the short alias made for a long data directory path is removed.
+    """
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    source = '''
+import pytest
+
+@pytest.mark.mailserver(colour="blue")
+def test_with_a_name_long_enough_that_the_control_socket_path_needs_a_short_alias(mailserver):
+    pass
+'''
+    result = run(pytester, source, f"--basetemp={scratch / 'basetemp'}")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*colour*unknown key*"])
+    assert [p.name for p in scratch.iterdir()] == ["basetemp"]
+
+
 WRONG = '''
 import smtplib
 

@@ -47,7 +47,11 @@ class MailServer:
         self.site = site
         self.certificate = certificate[0] if certificate else None
         self.timeout = timeout
-        self.server = RunningServer(load_config(None, table))
+        try:
+            self.server = RunningServer(load_config(None, table))
+        except BaseException:  # a bad marker key: no stop() will come to remove the alias
+            self._remove_alias()
+            raise
         self.faults = FaultsProxy(self)
 
     def start(self) -> "MailServer":
@@ -60,9 +64,12 @@ class MailServer:
         try:
             self.server.stop()
         finally:
-            if self._link is not None:
-                os.unlink(self._link)
-                os.rmdir(os.path.dirname(self._link))
+            self._remove_alias()
+
+    def _remove_alias(self) -> None:
+        if self._link is not None:
+            os.unlink(self._link)
+            os.rmdir(os.path.dirname(self._link))
 
     @property
     def service(self) -> Any:
