@@ -380,6 +380,22 @@ def test_pop3_listings_of_a_large_maildrop(site, tmp_path):
     p.quit()
 
 
+def test_smtp_end_of_data_of_a_large_message(site, tmp_path):
+    """A 25 MB message's conversion to its stored form (dot-unstuffing, LF endings) is not reactor work."""
+    import smtplib
+
+    server = site(smtp__max_message_size=30 * 1024 * 1024)
+    body = b"Subject: big\r\n\r\n" + (b".x" + b"y" * 74 + b"\r\n") * (25 * 1024 * 1024 // 78)
+    client = smtplib.SMTP("127.0.0.1", server.port("smtp"), timeout=60)
+    worst, refused = measured(server.port("imap"),
+                              lambda: client.sendmail("a@x.example", [ALICE[0]], body))
+    client.quit()
+    assert refused == {}
+    [stored] = [p for sub in ("new", "cur") for p in (mailbox(tmp_path, ALICE[0]) / sub).iterdir()]
+    assert stored.read_bytes().endswith(body.split(b"\r\n\r\n", 1)[1].replace(b"\r\n", b"\n"))
+    check(worst, "SMTP end of DATA, 25 MB")
+
+
 # the server's own lag measure ----------------------------------------------------------------
 
 

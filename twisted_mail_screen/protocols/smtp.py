@@ -31,8 +31,10 @@ from twisted_mail_screen.protocols.headercheck import Refusal, submission
 from twisted_mail_screen.screening.interfaces import FreezeStore
 from twisted_mail_screen.protocols.session import SASLError, ScreenedSession, SessionFactory, sasl_plain
 from twisted_mail_screen.store.maildir import DeliveryError
+from twisted_mail_screen.runtime.workers import Workers
 from twisted_mail_screen.store.routing import FORWARDING_DISABLED, Route, Router
-from twisted_mail_screen.protocols.smtp_data import BARE, LINE, SIZE, DataReader
+from twisted_mail_screen.protocols.smtp_data import (BARE, INLINE_STORED_FORM, LINE, SIZE, DataReader,
+                                                     stored_form)
 
 #: RFC 4954 section 4: AUTH lines may be up to 12288 octets.
 COMMAND_LINE_LIMIT = 12288
@@ -382,8 +384,13 @@ class SMTPServer(ScreenedSession):
             return self.reply(500, "5.5.2", "Line too long (RFC 5321 4.5.3.1.6)")
         if error == BARE:  # see smtp_data: never stored, never relayed
             return self.reply(554, "5.5.2", "Bare CR or LF in message, see RFC 5321 2.3.8")
-        # No CR is left but in CRLF pairs: the stored message has LF endings only.
-        body = raw.replace(b"\r\n..", b"\r\n.")[2:].replace(b"\r\n", b"\n")
+        if len(raw) <= INLINE_STORED_FORM:
+            return self._accept(env, stored_form(raw))
+        return self.factory.blocking.run(stored_form, raw).addCallback(
+            lambda body: self._accept(env, body))
+
+    def _accept(self, env: Envelope, body: bytes) -> Deferred | None:
+        """Deliver the message in its stored form (after the submission checks)."""
         if self._submitting():
             try:
                 body = self._submission_headers(body)
@@ -466,11 +473,12 @@ class SMTPFactory(SessionFactory):
 
     protocol = SMTPServer
 
-    def __init__(self, *, router: Router, delivery: Delivery, freeze: FreezeStore,
+    def __init__(self, *, router: Router, delivery: Delivery, freeze: FreezeStore, blocking: Workers,
                  protocol_name: str = "smtp", require_auth: bool = False, **services: Any) -> None:
         super().__init__(**services)
         self.router = router
         self.delivery = delivery
+        self.blocking = blocking
         self.freeze = freeze
         self.protocol_name = protocol_name
         self.require_auth = require_auth

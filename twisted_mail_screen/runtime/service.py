@@ -190,7 +190,7 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
     service.control = control
 
     def smtp_factory(kind: str) -> SMTPFactory:
-        return SMTPFactory(config=config, router=router, delivery=delivery,
+        return SMTPFactory(config=config, router=router, delivery=delivery, blocking=blocking,
                            authenticator=authenticator, screening=screening, freeze=freeze,
                            clock=clock, tls=tls, protocol_name=kind,
                            require_auth=kind == "submission", faults=faults)
