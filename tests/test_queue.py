@@ -350,3 +350,24 @@ def test_stop_waits_for_an_attempt_to_record_its_result(start_server, accounts, 
         assert queued(tmp_path) == []
     finally:
         s.stop()
+
+
+def test_body_8bitmime_only_for_8bit_messages(start_server, accounts, tmp_path):
+    """MAIL FROM carries BODY=8BITMIME for a message with 8-bit octets, not for an ASCII one."""
+    s = Sink().start()
+    try:
+        server = start_relaying(start_server, s, Clock())
+        for rcpt, body in (("ascii@remote.example", b"Subject: a\r\n\r\nplain\r\n"),
+                           ("eight@remote.example", "Subject: b\r\n\r\ncaf\u00e9\r\n".encode())):
+            client = smtplib.SMTP("127.0.0.1", server.port("submission"), timeout=10)
+            client.login("alice@example.test", "alice-secret")
+            assert client.sendmail("alice@example.test", [rcpt], body) == {}
+            client.quit()
+        wait_for(lambda: len(s.messages) == 2, what="both messages at the smarthost")
+        # Each MAIL FROM is followed by its message's one RCPT TO.
+        eight_bit = {s.commands[i + 1]: "BODY=8BITMIME" in c
+                     for i, c in enumerate(s.commands) if c.startswith("MAIL FROM")}
+        assert eight_bit == {"RCPT TO:<ascii@remote.example>": False,
+                             "RCPT TO:<eight@remote.example>": True}
+    finally:
+        s.stop()

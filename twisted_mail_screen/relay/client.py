@@ -23,6 +23,8 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
+from twisted_mail_screen.protocols.pop3_wire import to_wire as stuffed
+
 MAX_REPLY_LINES = 200
 MAX_LINE = 4096
 NL = b"\n"
@@ -207,14 +209,11 @@ class ClientFactory(Factory):
 def to_wire(message: bytes) -> bytes:
     """
     A stored message (LF line endings) as DATA content: CRLF line
-    endings, leading dots doubled, ending with the final dot line.
+    endings, leading dots doubled, ending with the final dot line. The
+    stuffing is POP3's (RFC 5321 4.5.2 and RFC 1939 3 agree), done with
+    C{bytes.replace}: a large message must not hold the reactor thread.
     """
-    text = message.replace(b"\r\n", b"\n")
-    if not text.endswith(b"\n"):
-        text += b"\n"
-    lines = text.split(b"\n")[:-1]
-    out = b"".join((b"." + l if l.startswith(b".") else l) + b"\r\n" for l in lines)
-    return out + b".\r\n"
+    return stuffed(message) + b".\r\n"
 
 
 @dataclass
@@ -324,7 +323,7 @@ async def transaction(session: Session, sender: str, recipients: list[str],
     params = ""
     if "SIZE" in session.extensions:
         params += f" SIZE={len(message) + message.count(NL)}"
-    if "8BITMIME" in session.extensions and any(b > 127 for b in message):
+    if "8BITMIME" in session.extensions and not message.isascii():
         params += " BODY=8BITMIME"
     reply = await client.command(f"MAIL FROM:<{sender}>{params}")
     if reply.code != 250:
