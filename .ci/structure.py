@@ -8,6 +8,7 @@ The package's shape, checked by CI (and by tests/test_structure.py):
 - no private Twisted name: no import of a ``twisted.*._*`` module and no
   underscore attribute read off a Twisted object we do not own (checked as
   ``._name`` on names imported from ``twisted``, and the known internals);
+- no private name of ours (``_name``) imported from another module of the package;
 - every ``test-case-name`` header names a test module that exists.
 
 Exit status 1 with one line per finding; 0 when the tree is clean.
