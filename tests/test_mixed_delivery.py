@@ -30,8 +30,14 @@ def queue_log():
 
 
 def start(start_server, sink: Sink):
-    return start_server(site=True, relay__smarthost=f"tcp:host=127.0.0.1:port={sink.port}",
-                        relay__starttls="none")
+    server = start_server(site=True, relay__smarthost=f"tcp:host=127.0.0.1:port={sink.port}",
+                          relay__starttls="none")
+    # The queue makes its directories in a worker thread after the start
+    # (msg/ first, hold/ last): a fault planted in them before that races
+    # with os.makedirs (seen: IsADirectoryError in break_dir).
+    wait_for((Path(server.config.data_dir) / "queue" / "hold").is_dir,
+             what="the queue directories")
+    return server
 
 
 def send(server, message: bytes = MESSAGE) -> tuple[int, bytes]:
