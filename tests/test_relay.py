@@ -118,6 +118,15 @@ def test_local_and_remote_recipients_in_one_message(start_server, accounts, sink
     assert s.recipients() == ["carol@remote.example"]
 
 
+def test_relayed_message_is_dot_stuffed_crlf(start_server, accounts, sink, tmp_path):
+    """Dot-stuffed CRLF lines: the smarthost (which unstuffs) gets every dotted line as it was sent."""
+    s = sink()
+    server = start_server(site=True, **smarthost(s))
+    submit(server, ["carol@remote.example"], body=b"Subject: dots\r\n\r\n.one\r\ntwo\r\n..three\r\n")
+    wait_for(lambda: s.messages)
+    assert s.messages[0].data.endswith(b"\r\n\r\n.one\r\ntwo\r\n..three\r\n")
+
+
 def test_mx_lowest_preference_first_then_next(start_server, accounts, sink, tmp_path, relay_log):
     """The lowest-preference MX is tried first; when it refuses connections, the next one."""
     s = sink()

@@ -102,9 +102,10 @@ class Connector:
 
 async def attempt_message(queued: QueuedMessage, message: bytes, submit: Callable[[Job], None],
                           write_envelope: Callable[[str, bytes], Deferred],
-                          log: Logger, faults: FaultPlan | None = None) -> tuple[bool, list[Outcome]]:
+                          log: Logger, faults: FaultPlan | None = None,
+                          wire: bytes | None = None) -> tuple[bool, list[Outcome]]:
     """
-    Send C{message} to the pending recipients of C{queued}, recording
+    Send C{message} (as C{wire}, its DATA content, when given) to the pending recipients of C{queued}, recording
     each reply in its L{Recipient}. Returns whether any recipient was
     tried and each domain's L{Outcome}, once every per-domain envelope
     write is on disk.
@@ -112,7 +113,7 @@ async def attempt_message(queued: QueuedMessage, message: bytes, submit: Callabl
     groups: dict[str, list[str]] = {}
     for r in queued.pending():
         groups.setdefault(r.address.rpartition("@")[2], []).append(r.address)
-    jobs = [Job(queued.id, queued.sender, domain, rcpts, message)
+    jobs = [Job(queued.id, queued.sender, domain, rcpts, message, wire)
             for domain, rcpts in groups.items()]
     tried = False
     by_address = {r.address: r for r in queued.recipients}

@@ -312,10 +312,11 @@ async def _authenticate(client: SMTPClient, extensions: dict[str, str],
 
 
 async def transaction(session: Session, sender: str, recipients: list[str],
-                      message: bytes, data_timeout: float) -> dict[str, Reply]:
+                      message: bytes, data_timeout: float, wire: bytes | None = None) -> dict[str, Reply]:
     """
     One mail transaction. Returns each recipient's final reply: the RCPT
-    refusal, or the reply to the end of DATA.
+    refusal, or the reply to the end of DATA. C{wire} is C{to_wire(message)}
+    when the caller has made it already (off the reactor thread).
 
     @raise SMTPFailure: when the connection fails part-way.
     """
@@ -345,7 +346,7 @@ async def transaction(session: Session, sender: str, recipients: list[str],
         await _rset(client)
         results.update({r: reply for r in accepted})
         return results
-    reply = await client.send_and_wait(to_wire(message), data_timeout)
+    reply = await client.send_and_wait(to_wire(message) if wire is None else wire, data_timeout)
     results.update({r: reply for r in accepted})
     return results
 

@@ -32,6 +32,7 @@ from twisted.python.failure import Failure
 from twisted_mail_screen.config.settings import Config
 from twisted_mail_screen.faults.plan import FaultPlan
 from twisted_mail_screen.relay.attempt import Connector, attempt_message, smarthost_tls
+from twisted_mail_screen.relay.client import to_wire
 from twisted_mail_screen.relay.config import RelayConfig
 from twisted_mail_screen.relay.notices import Deliver, Notices
 from twisted_mail_screen.relay.policy import (EXPIRED_STATUS, decide, due_after_load,
@@ -330,8 +331,9 @@ class OutboundQueue(MultiService):
                 await self._blocking.run(self.directory.remove, queued.id)
                 self.log.warn("queue: {id} has no message file; envelope removed", id=queued.id)
                 return
+        wire = await self._blocking.run(to_wire, message)  # once per attempt, off the reactor
         tried, outcomes = await attempt_message(queued, message, self.pool.submit,
-                                                self._write_envelope, self.log, self.faults)
+                                                self._write_envelope, self.log, self.faults, wire)
         now = self.clock.seconds()
         by_address = {r.address: r for r in queued.recipients}
         decision = decide({r.address: r.state for r in queued.recipients}, tried=tried,
