@@ -64,11 +64,6 @@ def test_blocked_client_is_refused_by_every_protocol(start_server, accounts):
     assert refused_reply(server.port("smtp")).startswith(b"220 ")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known defect, owner protocols/lineproto.py: close() half-closes TCP "
-    "(loseWriteConnection) before an implicit-TLS handshake has completed, so the "
-    "refusal never goes out and the client sees EOF mid-handshake; half-close only "
-    "after handshakeCompleted. Remove this mark with the fix."))
 def test_blocked_client_is_refused_over_implicit_tls(start_server, accounts, certificate):
     """
     On ssl: listeners the refusal comes after the handshake, encrypted, with

@@ -194,6 +194,8 @@ class CommandProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.secure = ISSLTransport.providedBy(self.transport)
+        # On an implicit-TLS listener the session starts before the handshake.
+        self._awaiting_handshake = self.secure
         self._writer = DirectSend.of(self.transport, self.direct_send)
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
@@ -292,9 +294,19 @@ class CommandProtocol(Protocol):
         arrived, then sent ahead of its reply. Implicit TLS needs no hold:
         there the tickets go out with the greeting, before the client writes.
         """
+        self._awaiting_handshake = False
+        if self._closing:  # refused (screening) before the handshake: close now it is done
+            self._close_write()
         if self._upgrading:
             self._upgrading = False
             self._holding_tickets = hold_output(self.transport, True)
+
+    _awaiting_handshake = False
+
+    def _close_write(self) -> None:
+        """Close the TCP write side behind what is queued (close_notify last)."""
+        if ITCPTransport.providedBy(self.transport):
+            self.transport.loseWriteConnection()
 
     def close(self) -> None:
         """
@@ -320,8 +332,10 @@ class CommandProtocol(Protocol):
             transport.unregisterProducer()
             transport.loseConnection()
             if self.secure:
-                if ITCPTransport.providedBy(transport):
-                    transport.loseWriteConnection()  # sent once the buffer, close_notify last, is out
+                # Not before an implicit-TLS handshake is done: the reply
+                # (a refusal) waits for it, and the half-close would cut it off.
+                if not self._awaiting_handshake:
+                    self._close_write()
                 self._timer = self.clock.callLater(TLS_CLOSE_GRACE, transport.abortConnection)
 
     @property
