@@ -195,7 +195,7 @@ class POP3Server(ScreenedSession):
         return d.addCallback(checked)
 
     def _opened(self, drop: Drop) -> None:
-        if self._closing:
+        if self.closing:
             self.factory.locks.discard(drop.address)
             return
         self.drop = drop
