@@ -52,7 +52,7 @@ reactor.run()
 def start(data: Path) -> tuple[subprocess.Popen, dict]:
     overrides = {"data_dir": str(data), "listen.smtp": ["tcp:0:interface=127.0.0.1"],
                  "listen.pop3": ["tcp:0:interface=127.0.0.1"], "listen.submission": [],
-                 "listen.imap": []}
+                 "listen.imap": [], "listen.web": []}
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, "-c", SERVER, json.dumps(overrides)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)

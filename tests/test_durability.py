@@ -220,7 +220,7 @@ def traced_run(base: Path, mutation: str | None = None) -> Run:
               "postmaster": "postmaster@example.test", "data_dir": str(data),
               "listen.smtp": ["tcp:0:interface=127.0.0.1"],
               "listen.submission": ["tcp:0:interface=127.0.0.1"],
-              "listen.imap": ["tcp:0:interface=127.0.0.1"], "listen.pop3": [],
+              "listen.imap": ["tcp:0:interface=127.0.0.1"], "listen.pop3": [], "listen.web": [],
               "relay.smarthost": f"tcp:host=127.0.0.1:port={nowhere}", "relay.starttls": "none"}
     path = [ROOT]
     if mutation is not None:

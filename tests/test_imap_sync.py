@@ -271,7 +271,7 @@ class Twistd:
         from tests.test_twistd import EPHEMERAL, twistd, wait_for_ports
 
         self.proc = twistd(tmp_path, "--data-dir", str(tmp_path / "data"), "--smtp", EPHEMERAL,
-                           "--pop3", EPHEMERAL, "--imap", EPHEMERAL)
+                           "--pop3", EPHEMERAL, "--imap", EPHEMERAL, "--web", EPHEMERAL)
         self.ports = wait_for_ports(self.proc, {"smtp", "pop3", "imap"})
         if set(self.ports) != {"smtp", "pop3", "imap"}:
             self.stop()

@@ -736,7 +736,7 @@ def start_process(tmp_path: Path, s: Sink):
     root = str(Path(__file__).resolve().parent.parent)
     table = {"mode": "site", "hostname": "mail.example.test", "domains": ["example.test"],
              "data_dir": str(tmp_path / "data"), "listen.smtp": [], "listen.pop3": [],
-             "listen.imap": [], "listen.submission": ["tcp:0:interface=127.0.0.1"],
+             "listen.imap": [], "listen.web": [], "listen.submission": ["tcp:0:interface=127.0.0.1"],
              "relay.smarthost": f"tcp:host=127.0.0.1:port={s.port}", "relay.starttls": "none"}
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, "-c", SERVER_PROCESS, json.dumps(table)],

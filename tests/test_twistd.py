@@ -62,7 +62,7 @@ def wait_for_ports(proc: subprocess.Popen, kinds: set[str]) -> dict[str, int]:
 def test_twistd_mailscreen_runs_from_the_installed_package(tmp_path):
     """The plugin is discoverable; the server logs its listeners and delivers mail to POP3."""
     proc = twistd(tmp_path, "--data-dir", str(tmp_path / "data"), "--smtp", EPHEMERAL,
-                  "--pop3", EPHEMERAL, "--imap", EPHEMERAL)
+                  "--pop3", EPHEMERAL, "--imap", EPHEMERAL, "--web", EPHEMERAL)
     try:
         ports = wait_for_ports(proc, {"smtp", "pop3"})
         assert {"smtp", "pop3"} <= set(ports), "no listener lines in the log"
@@ -89,7 +89,7 @@ def test_bad_config_exits_non_zero_naming_the_key(tmp_path, config, key):
     """A bad config file stops twistd before it binds anything, naming the key."""
     f = tmp_path / "bad.toml"
     text = f'data_dir = "{tmp_path / "data"}"\n' + config
-    text += ("" if "[listen]" in config else "[listen]\n") + f'smtp = ["{EPHEMERAL}"]\nimap = []\n'
+    text += ("" if "[listen]" in config else "[listen]\n") + f'smtp = ["{EPHEMERAL}"]\nimap = []\nweb = []\n'
     f.write_text(text)
     proc = twistd(tmp_path, "--config", str(f))
     out, _ = proc.communicate(timeout=60)

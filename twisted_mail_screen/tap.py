@@ -22,7 +22,7 @@ class Options(usage.Options):
     synopsis = "[--config FILE] [options]"
     longdesc = ("Run the twisted-mail-screen mail server (SMTP, submission, POP3, IMAP). "
                 "With no options it runs as a test host on 127.0.0.1 "
-                "(SMTP 2525, POP3 2110, IMAP 2143) keeping mail in ./mailscreen-data.")
+                "(SMTP 2525, POP3 2110, IMAP 2143, web 8025) keeping mail in ./mailscreen-data.")
     optParameters = [
         ["config", "c", None, "TOML configuration file (default: the embedded test-host default)"],
         ["mode", None, None, "'test-host' or 'site' (overrides the file)"],
@@ -53,6 +53,10 @@ class Options(usage.Options):
     def opt_imap(self, endpoint: str) -> None:
         """IMAP endpoint string, e.g. tcp:143 (repeatable)"""
         self._listen("imap", endpoint)
+
+    def opt_web(self, endpoint: str) -> None:
+        """web port endpoint string, e.g. tcp:8025 (repeatable)"""
+        self._listen("web", endpoint)
 
     def overrides(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

@@ -60,7 +60,7 @@ def in_reactor(f: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 def ephemeral_overrides(data_dir: str, kinds: tuple[str, ...] = ("smtp", "pop3", "imap")) -> dict[str, Any]:
     """Config overrides for a test server on loopback ports chosen by the OS."""
     out: dict[str, Any] = {"data_dir": data_dir}
-    for kind in ("smtp", "submission", "pop3", "imap"):
+    for kind in ("smtp", "submission", "pop3", "imap", "web"):
         out[f"listen.{kind}"] = [EPHEMERAL] if kind in kinds else []
     return out
 

@@ -22,6 +22,7 @@ from twisted_mail_screen.relay.config import RelayConfig, parse_relay
 from twisted_mail_screen.screening.config import (
     FreezeConfig, ScreeningConfig, parse_freeze, parse_screening)
 from twisted_mail_screen.screening.netmatch import Network, parse_network
+from twisted_mail_screen.web.config import WebConfig, parse_web
 
 MODES = ("test-host", "site")
 PLAINTEXT_AUTH = ("loopback", "always", "never")
@@ -33,10 +34,11 @@ class ListenConfig:
     submission: tuple[str, ...] = ()
     pop3: tuple[str, ...] = ()
     imap: tuple[str, ...] = ()
+    web: tuple[str, ...] = ()
 
     def items(self) -> list[tuple[str, tuple[str, ...]]]:
         return [("smtp", self.smtp), ("submission", self.submission),
-                ("pop3", self.pop3), ("imap", self.imap)]
+                ("pop3", self.pop3), ("imap", self.imap), ("web", self.web)]
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,7 @@ class Config:
     screening: ScreeningConfig = field(default_factory=ScreeningConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     relay: RelayConfig = field(default_factory=RelayConfig)
+    web: WebConfig = field(default_factory=WebConfig)
 
     @property
     def test_host(self) -> bool:
@@ -114,6 +117,8 @@ TEST_HOST_LISTEN: Mapping[str, tuple[str, ...]] = MappingProxyType({
     "submission": (),
     "pop3": ("tcp:2110:interface=127.0.0.1",),
     "imap": ("tcp:2143:interface=127.0.0.1",),
+    # Mailpit's port, so its habits and clients carry over.
+    "web": ("tcp:8025:interface=127.0.0.1",),
 })
 
 SITE_LISTEN: Mapping[str, tuple[str, ...]] = MappingProxyType({
@@ -121,6 +126,7 @@ SITE_LISTEN: Mapping[str, tuple[str, ...]] = MappingProxyType({
     "submission": ("tcp:587",),
     "pop3": ("tcp:110",),
     "imap": ("tcp:143",),
+    "web": (),  # off until configured: it shows mail and steers screening
 })
 
 
@@ -252,11 +258,12 @@ def parse_config(table: dict[str, Any], overrides: dict[str, Any] | None = None)
     screening = parse_screening(top.section("screening"), mode)
     freeze = parse_freeze(top.section("freeze"))
     relay = parse_relay(top.section("relay"), mode)
+    web = parse_web(top.section("web"))
     top.finish()
     return Config(mode=mode, hostname=hostname, data_dir=data_dir, domains=domains,
                   postmaster=postmaster, plaintext_auth=plaintext, listen=listen, tls=tls,
                   smtp=smtp, pop3=pop3, imap=imap, storage=storage, proxy=proxy,
-                  screening=screening, freeze=freeze, relay=relay)
+                  screening=screening, freeze=freeze, relay=relay, web=web)
 
 
 def _merge_overrides(table: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ and hands each protocol factory exactly what it needs.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import MultiService, Service
@@ -23,6 +24,7 @@ from twisted_mail_screen.faults.auth import FaultyAuthenticator
 from twisted_mail_screen.faults.plan import FaultPlan
 from twisted_mail_screen.protocols.imap.server import IMAPFactory
 from twisted_mail_screen.protocols.imap.registry import Registry
+from twisted_mail_screen.runtime.events import EventBus
 from twisted_mail_screen.runtime.lagmonitor import LagMonitor
 from twisted_mail_screen.runtime.control import ControlFactory, endpoint_description, socket_path
 from twisted_mail_screen.screening.notify import PostmasterNotifier
@@ -37,9 +39,11 @@ from twisted_mail_screen.store.routing import Router
 from twisted_mail_screen.protocols.smtp import SMTPFactory
 from twisted_mail_screen.runtime.tls import load_server_context
 from twisted_mail_screen.runtime.workers import Blocking, Workers
+from twisted_mail_screen.web.context import WebContext
+from twisted_mail_screen.web.site import build_site
 
 PROTOCOL_TITLES = {"smtp": "SMTP", "submission": "Submission", "pop3": "POP3", "imap": "IMAP",
-                   "control": "Control"}
+                   "web": "Web", "control": "Control"}
 
 
 class ListenError(Exception):
@@ -74,7 +78,8 @@ class Listener(Service):
     def _listening(self, port: IListeningPort) -> None:
         self.port = port
         self.log.info("{title} listening: {where} ({description})",
-                      title=PROTOCOL_TITLES[self.kind], where=_where(port), description=self.description)
+                      title=PROTOCOL_TITLES[self.kind], where=_where(port, self.kind, self.description),
+                      description=self.description)
 
     def stopService(self) -> Any:
         super().stopService()
@@ -84,9 +89,12 @@ class Listener(Service):
         return None
 
 
-def _where(port: IListeningPort) -> str:
+def _where(port: IListeningPort, kind: str, description: str) -> str:
     host = port.getHost()
     if hasattr(host, "port"):
+        if kind == "web":
+            scheme = "https" if description.removeprefix("haproxy:").startswith("ssl:") else "http"
+            return f"open {scheme}://{host.host}:{host.port}/"
         return f"connect to {host.host}:{host.port}"
     name = getattr(host, "name", host)
     return f"connect to UNIX socket {name.decode() if isinstance(name, bytes) else name}"
@@ -101,6 +109,7 @@ class MailService(MultiService):
     screening: ScreeningService
     control: ControlFactory
     lag: LagMonitor
+    events: EventBus
     queue: OutboundQueue | None
     faults: FaultPlan | None
 
@@ -108,6 +117,10 @@ class MailService(MultiService):
         super().__init__()
         self.config = config
         self.listeners: list[Listener] = []
+
+    def ready(self) -> bool:
+        """Every listener is bound and the services (stores among them) are started."""
+        return self.running and all(l.port is not None for l in self.listeners)
 
     def ports(self, kind: str) -> list[int]:
         """Bound TCP port numbers of one kind of listener (after start)."""
@@ -130,6 +143,8 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
     """
     clock = clock or reactor
     service = service_class(config)
+    # What changed, for the web port's live view and metrics (docs/web.md).
+    events = EventBus()
     os.makedirs(config.data_dir, mode=0o750, exist_ok=True)
 
     # How late the reactor runs timers: the warning says when some work
@@ -188,6 +203,7 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
     service.delivery = delivery
     service.screening = screening
     service.control = control
+    service.events = events
 
     def smtp_factory(kind: str) -> SMTPFactory:
         return SMTPFactory(config=config, router=router, delivery=delivery, blocking=blocking,
@@ -195,7 +211,7 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
                            clock=clock, tls=tls, protocol_name=kind,
                            require_auth=kind == "submission", faults=faults)
 
-    factories = {
+    factories: dict[str, Callable[[], Any]] = {
         "smtp": lambda: smtp_factory("smtp"),
         "submission": lambda: smtp_factory("submission"),
         "pop3": lambda: POP3Factory(config=config, store=store, blocking=blocking,
@@ -205,6 +221,10 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
                                     authenticator=authenticator, screening=screening,
                                     clock=clock, registry=imap_registry, tls=tls, faults=faults),
     }
+    factories["web"] = lambda: build_site(WebContext(
+        config=config, reactor=reactor, clock=clock, events=events, store=store, delivery=delivery,
+        accounts=accounts, authenticator=authenticator, screening=screening, queue=queue,
+        faults=faults, blocking=blocking, lag=service.lag, ready=service.ready))
     for kind, descriptions in config.listen.items():
         if kind not in factories:
             continue
