@@ -55,7 +55,7 @@ def send(server, to, subject, sender="alice@example.test", port=None):
                                f"Subject: {subject}\\r\\n\\r\\nbody of {subject}\\r\\n")
 
 def test_messages_and_queries(mailserver):
-    assert mailserver.web_url is None
+    assert mailserver.web_url == f"http://127.0.0.1:{mailserver.web_port}"
     assert len({mailserver.smtp_port, mailserver.submission_port,
                 mailserver.pop3_port, mailserver.imap_port}) == 4
     send(mailserver, ["bob@example.test", "carol@example.test"], "first")

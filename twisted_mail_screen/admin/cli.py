@@ -8,9 +8,10 @@ The C{mailscreen} administration command.
     mailscreen [--config FILE] whitelist list | add ENTRY | remove ENTRY
     mailscreen [--config FILE] frozen list | freeze USER [--minutes N] | thaw USER
     mailscreen [--config FILE] queue list | flush | delete ID | hold ID | release ID
+    mailscreen [--config FILE] faults list | add KIND [--match ...] | remove ID | clear
     mailscreen check-config FILE
 
-The block, whitelist and frozen commands talk to the running server through
+The block, whitelist, frozen and faults commands talk to the running server through
 its control socket (C{control.sock} in the data directory) and take effect
 at once.
 
@@ -27,6 +28,7 @@ import stat
 import sys
 from typing import Callable, Sequence
 
+from twisted_mail_screen.admin import faults_cli
 from twisted_mail_screen.runtime import control
 from twisted_mail_screen.store.accounts import AccountError, AccountStore
 from twisted_mail_screen.config.settings import Config, load_config
@@ -156,6 +158,10 @@ def cmd_frozen(args: argparse.Namespace, config: Config) -> None:
     _expiring(args, config, "frozen", "user", "freeze", "thaw", "thawed", "no frozen accounts")
 
 
+def cmd_faults(args: argparse.Namespace, config: Config) -> None:
+    faults_cli.run_faults(args, lambda command, **kw: _control(config, command, **kw), CommandError)
+
+
 def cmd_queue(args: argparse.Namespace, config: Config) -> None:
     """
     The outbound queue (docs/relay.md), through its files: a running
@@ -250,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     queue.add_argument("action", choices=("list", "flush", "delete", "hold", "release"))
     queue.add_argument("id", nargs="?", help="a queue ID, as 'queue list' shows it")
     queue.set_defaults(run=cmd_queue)
+
+    faults_cli.add_parser(sub, cmd_faults)
 
     check = sub.add_parser("check-config", help="validate a configuration file")
     check.add_argument("file")

@@ -16,7 +16,7 @@ import dataclasses
 import re
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Iterable
+from typing import Any, Iterable
 
 #: A reply a rule answers with: an SMTP code, then text on one line.
 _REPLY = re.compile(r"[2-5][0-9]{2}(?: [^\r\n]*)?")
@@ -34,7 +34,8 @@ END_OF_DATA = "END-OF-DATA"
 class Rule:
     """
     One fault. C{kind} is the method that added it; C{remaining} is how
-    many more times it applies (C{None}: until cleared).
+    many more times it applies (C{None}: until cleared); C{id} names it
+    for L{FaultPlan.remove} (unique within one plan, never reused).
     """
 
     kind: str
@@ -43,6 +44,11 @@ class Rule:
     reply: str | None = None
     seconds: float = 0.0
     remaining: int | None = 1
+    id: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        """The rule as JSON (the web API and the control channel show it so)."""
+        return dataclasses.asdict(self)
 
     def matches(self, command: str, subjects: Iterable[str]) -> bool:
         if self.command != command:
@@ -68,6 +74,7 @@ class FaultPlan:
 
     def __init__(self) -> None:
         self._rules: list[Rule] = []
+        self._last_id = 0
 
     # adding rules
 
@@ -124,6 +131,14 @@ class FaultPlan:
         """Remove every rule."""
         self._rules.clear()
 
+    def remove(self, rule_id: int) -> bool:
+        """Remove the rule with this C{id}; whether it was still active."""
+        for rule in self._rules:
+            if rule.id == rule_id:
+                self._rules.remove(rule)
+                return True
+        return False
+
     def __bool__(self) -> bool:
         return True  # an empty plan is still a plan: callers test for None
 
@@ -172,6 +187,8 @@ class FaultPlan:
         return None
 
     def _add(self, rule: Rule) -> Rule:
+        self._last_id += 1
+        rule.id = self._last_id
         self._rules.append(rule)
         return dataclasses.replace(rule)
 

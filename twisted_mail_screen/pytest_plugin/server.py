@@ -20,7 +20,7 @@ from twisted_mail_screen.config.settings import load_config
 from twisted_mail_screen.pytest_plugin import mailbox
 from twisted_mail_screen.testing import RunningServer, ephemeral_overrides, in_reactor
 
-KINDS = ("smtp", "submission", "pop3", "imap")
+KINDS = ("smtp", "submission", "pop3", "imap", "web")
 SITE = {"mode": "site", "hostname": "mail.example.test", "domains": ["example.test"],
         "postmaster": "postmaster@example.test"}
 POLL = 0.02  # seconds between two looks at the Maildirs in wait_for
@@ -29,11 +29,11 @@ POLL = 0.02  # seconds between two looks at the Maildirs in wait_for
 class MailServer:
     """
     A test host (or, with C{site=True}, a site for C{example.test}) on
-    127.0.0.1, SMTP, submission, POP3 and IMAP on ports the OS chose.
+    127.0.0.1, SMTP, submission, POP3, IMAP and the web port on ports the
+    OS chose.
     """
 
     host = "127.0.0.1"
-    web_url: str | None = None  # no web interface yet
 
     def __init__(self, data_dir: str, site: bool = False, certificate: tuple[str, str] | None = None,
                  timeout: float = 5.0, overrides: dict[str, Any] | None = None) -> None:
@@ -56,8 +56,9 @@ class MailServer:
 
     def start(self) -> "MailServer":
         self.server.start()
-        self.smtp_port, self.submission_port, self.pop3_port, self.imap_port = (
+        self.smtp_port, self.submission_port, self.pop3_port, self.imap_port, self.web_port = (
             self.server.port(kind) for kind in KINDS)
+        self.web_url = f"http://{self.host}:{self.web_port}"
         return self
 
     def stop(self) -> None:

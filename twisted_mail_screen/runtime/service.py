@@ -21,6 +21,7 @@ from twisted_mail_screen.config.settings import Config
 from twisted_mail_screen.config.base import ConfigError
 from twisted_mail_screen.store.delivery import Delivery
 from twisted_mail_screen.faults.auth import FaultyAuthenticator
+from twisted_mail_screen.faults.commands import register_fault_commands
 from twisted_mail_screen.faults.plan import FaultPlan
 from twisted_mail_screen.protocols.imap.server import IMAPFactory
 from twisted_mail_screen.protocols.imap.registry import Registry
@@ -194,6 +195,8 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
     freeze = screening.freeze_store
     control = ControlFactory()
     register_screening_commands(control, screening.admin, clock, config.freeze.minutes)
+    if faults is not None:
+        register_fault_commands(control, faults)
     tls = load_server_context(config.tls.certificate, config.tls.key) if config.tls.enabled else None  # type: ignore[arg-type]
     pop3_locks: set[str] = set()
     imap_registry = Registry(blocking, clock)  # every IMAP listener shares the folder indexes
