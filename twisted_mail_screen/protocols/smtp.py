@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -33,6 +33,7 @@ from twisted_mail_screen.protocols.session import SASLError, ScreenedSession, Se
 from twisted_mail_screen.store.maildir import DeliveryError
 from twisted_mail_screen.runtime.workers import Workers
 from twisted_mail_screen.store.routing import FORWARDING_DISABLED, Route, Router
+from twisted_mail_screen.protocols.smtp_bdat import ChunkedMessage, Chunking
 from twisted_mail_screen.protocols.smtp_data import (BARE, INLINE_STORED_FORM, LINE, SIZE, DataReader,
                                                      stored_form)
 
@@ -53,9 +54,11 @@ class Envelope:
 
     sender: str
     recipients: list[Route] = field(default_factory=list)
+    #: The BDAT chunks received so far (RFC 3030); DATA is then refused.
+    chunks: ChunkedMessage | None = None
 
 
-class SMTPServer(ScreenedSession):
+class SMTPServer(Chunking, ScreenedSession):
     """One SMTP session."""
 
     log = Logger()
@@ -134,6 +137,9 @@ class SMTPServer(ScreenedSession):
             self.reply(500, "5.5.1", "Command unrecognized")
             return None
         verb, arg = verb.upper(), arg.strip()  # the fault plan (test host) may answer instead
+        if verb == "BDAT":  # its chunk is read first; the fault plan answers after it
+            return self.do_BDAT(arg)
+        self.chunk_failure = None
         return guard(self.factory.faults, self, verb, smtp_subject(verb, arg),
                      lambda: handler(arg), smtp_reply)
 
@@ -150,7 +156,7 @@ class SMTPServer(ScreenedSession):
         f = self.factory
         lines = [f"{f.config.hostname} greets {arg}", "PIPELINING",
                  f"SIZE {f.config.smtp.max_message_size}", "8BITMIME",
-                 "ENHANCEDSTATUSCODES"]
+                 "ENHANCEDSTATUSCODES", "CHUNKING"]
         if f.tls is not None and not self.secure:
             lines.append("STARTTLS")
         if self.user is None and f.authenticator.plaintext_allowed(self.peer_host, self.secure):
@@ -355,6 +361,8 @@ class SMTPServer(ScreenedSession):
             return self.reply(503, "5.5.1", "Need MAIL command")
         if not self.envelope.recipients:
             return self.reply(554, "5.5.1", "No valid recipients")
+        if self.envelope.chunks is not None:
+            return self.reply(503, "5.5.1", "DATA not allowed after BDAT in one transaction")
         self.send(b"354 End data with <CR><LF>.<CR><LF>\r\n")
         smtp = self.factory.config.smtp
         self._data = DataReader(smtp.max_line_length, smtp.max_message_size)
@@ -372,12 +380,14 @@ class SMTPServer(ScreenedSession):
         env, self.envelope = self.envelope, None
         assert env is not None
         result = guard(self.factory.faults, self, END_OF_DATA, [r.address for r in env.recipients],
-                       lambda: self._end_of_data(env, message, reader.error), smtp_reply)
+                       lambda: self.end_of_message(env, message, reader.error), smtp_reply)
         if result is not None:
             self.wait_for(result)  # later pipelined commands wait for this answer
         return False
 
-    def _end_of_data(self, env: Envelope, raw: bytes, error: str | None) -> Deferred | None:
+    def end_of_message(self, env: Envelope, raw: bytes, error: str | None,
+                       form: Callable[[bytes], bytes] = stored_form) -> Deferred | None:
+        """The answer to a whole message (DATA's or BDAT's, with its C{form} maker)."""
         if error == SIZE:
             return self.reply(552, "5.3.4", "Message size exceeds fixed limit")
         if error == LINE:
@@ -385,8 +395,8 @@ class SMTPServer(ScreenedSession):
         if error == BARE:  # see smtp_data: never stored, never relayed
             return self.reply(554, "5.5.2", "Bare CR or LF in message, see RFC 5321 2.3.8")
         if len(raw) <= INLINE_STORED_FORM:
-            return self._accept(env, stored_form(raw))
-        return self.factory.blocking.run(stored_form, raw).addCallback(
+            return self._accept(env, form(raw))
+        return self.factory.blocking.run(form, raw).addCallback(
             lambda body: self._accept(env, body))
 
     def _accept(self, env: Envelope, body: bytes) -> Deferred | None:

@@ -64,14 +64,14 @@ class DataReader:
         end = data.find(TERMINATOR, search_from)
         stop = len(data) if end < 0 else end + 2
         if self.error is None:
-            if _longest_line(data, line_from, stop) >= self.max_line_length:
+            if longest_line(data, line_from, stop) >= self.max_line_length:
                 self.error = LINE
             elif stop - 2 > self.max_message_size:
                 self.error = SIZE
             else:
                 # A CR at the very end may be half of a CRLF split across reads.
                 until = stop - 1 if end < 0 and data.endswith(b"\r") else stop
-                if _bare_newline(data, self.checked, until):
+                if bare_newline(data, self.checked, until):
                     self.error = BARE
                 self.checked = max(self.checked, until)
         if end < 0:
@@ -82,7 +82,7 @@ class DataReader:
         return bytes(data[:end + 2])
 
 
-def _bare_newline(buf: bytearray, start: int, stop: int) -> bool:
+def bare_newline(buf: bytearray, start: int, stop: int) -> bool:
     """
     Whether C{buf[start:stop]} holds a CR or LF that is not part of a CRLF
     (callers never cut between a CR and its LF).
@@ -91,7 +91,7 @@ def _bare_newline(buf: bytearray, start: int, stop: int) -> bool:
     return buf.count(b"\r", start, stop) != pairs or buf.count(b"\n", start, stop) != pairs
 
 
-def _longest_line(buf: bytearray, start: int, stop: int) -> int:
+def longest_line(buf: bytearray, start: int, stop: int) -> int:
     """
     Length of the longest line (CR included, LF not) in C{buf[start:stop]}.
     A C-level split keeps this linear; a regex like C{[^\\n]{1000}} is not.
