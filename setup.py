@@ -10,9 +10,12 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["twisted_mail_screen", "twisted_mail_screen.*"])
     + ["twisted.plugins"],
-    package_data={"twisted.plugins": ["mailscreen_plugin.py"]},
-    install_requires=["twisted", "zope.interface", "service-identity", "pyOpenSSL"],
-    extras_require={"test": ["pytest", "hypothesis"]},
+    package_data={"twisted.plugins": ["mailscreen_plugin.py"],
+                  # the web page's HTML, CSS and JavaScript modules (web/ui.py)
+                  "twisted_mail_screen.web": ["static/*"]},
+    install_requires=["twisted", "zope.interface", "service-identity", "pyOpenSSL",
+                      "prometheus_client"],  # /metrics: its registry and text format
+    extras_require={"test": ["pytest", "hypothesis", "selenium"]},
     entry_points={"console_scripts": ["mailscreen = twisted_mail_screen.admin.cli:main"],
                   "pytest11": ["mailscreen = twisted_mail_screen.pytest_plugin"]},
 )
