@@ -272,3 +272,72 @@ def test_docs_example_runs_as_written(pytester: pytest.Pytester) -> None:
     assert example.read_text() in docs
     pytester.makepyfile(test_mail_example=example.read_text())
     pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=4)
+
+
+SCREENING = '''
+import json, smtplib, time, urllib.request
+import pytest
+
+def greeting(server):
+    with smtplib.SMTP(server.host, server.smtp_port) as s:
+        return s.noop()[0]
+
+def test_loopback_is_whitelisted_by_default(mailserver):
+    with pytest.raises(ValueError, match="screening__whitelist=\\[\\]"):
+        mailserver.screening.block("127.0.0.1", minutes=30)
+
+@pytest.mark.mailserver(screening__whitelist=[])
+def test_block_walks_to_its_expiry_without_sleeping(mailserver):
+    entry = mailserver.screening.block("127.0.0.1", minutes=30, reason="test")
+    assert entry["address"] == "127.0.0.1"
+    assert [b["address"] for b in mailserver.screening.blocks()] == ["127.0.0.1"]
+    with pytest.raises(smtplib.SMTPConnectError, match="blocked"):
+        greeting(mailserver)
+    started = time.monotonic()
+    mailserver.screening.advance(29)
+    with pytest.raises(smtplib.SMTPConnectError):
+        greeting(mailserver)
+    mailserver.screening.advance(1.1)
+    assert time.monotonic() - started < 10
+    assert mailserver.screening.blocks() == []
+    assert greeting(mailserver) == 250
+
+@pytest.mark.mailserver(screening__whitelist=[])
+def test_unblock(mailserver):
+    mailserver.screening.block("127.0.0.0/8")
+    mailserver.screening.unblock("127.0.0.0/8")
+    assert greeting(mailserver) == 250
+
+def test_freeze_and_thaw(mailserver):
+    mailserver.screening.freeze("bob@example.test", minutes=10)
+    assert [f["user"] for f in mailserver.screening.frozen()] == ["bob@example.test"]
+    with smtplib.SMTP(mailserver.host, mailserver.submission_port) as s:
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            s.login("bob@example.test", "any")
+    mailserver.screening.advance(10.1)
+    with smtplib.SMTP(mailserver.host, mailserver.submission_port) as s:
+        s.login("bob@example.test", "any")
+    mailserver.screening.freeze("bob@example.test")
+    mailserver.screening.thaw("bob@example.test")
+    assert mailserver.screening.frozen() == []
+
+def test_faults_over_the_web_port(mailserver):
+    request = urllib.request.Request(
+        mailserver.web_url + "/api/v1/faults", method="POST",
+        data=json.dumps({"kind": "mailbox_full", "address": "full@example.test", "times": 2}).encode(),
+        headers={"Content-Type": "application/json"})
+    rule = json.load(urllib.request.urlopen(request))
+    assert rule["kind"] == "mailbox_full" and rule["remaining"] == 2
+    for _ in range(2):
+        with smtplib.SMTP(mailserver.host, mailserver.smtp_port) as s:
+            with pytest.raises(smtplib.SMTPRecipientsRefused, match="Mailbox full"):
+                s.sendmail("a@example.test", ["full@example.test"], b"Subject: x\\r\\n\\r\\nx\\r\\n")
+    assert mailserver.faults.rules() == []
+    with smtplib.SMTP(mailserver.host, mailserver.smtp_port) as s:
+        s.sendmail("a@example.test", ["full@example.test"], b"Subject: third\\r\\n\\r\\nx\\r\\n")
+    mailserver.wait_for("subject:third")
+'''
+
+
+def test_screening_and_web_faults(pytester: pytest.Pytester) -> None:
+    run(pytester, SCREENING).assert_outcomes(passed=5)

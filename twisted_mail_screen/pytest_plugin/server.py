@@ -16,8 +16,11 @@ import time
 from email.message import EmailMessage
 from typing import Any, Callable
 
+from twisted.internet.task import Clock
+
 from twisted_mail_screen.config.settings import load_config
 from twisted_mail_screen.pytest_plugin import mailbox
+from twisted_mail_screen.pytest_plugin.controls import FaultsProxy, ScreeningControl
 from twisted_mail_screen.testing import RunningServer, ephemeral_overrides, in_reactor
 
 KINDS = ("smtp", "submission", "pop3", "imap", "web")
@@ -47,12 +50,17 @@ class MailServer:
         self.site = site
         self.certificate = certificate[0] if certificate else None
         self.timeout = timeout
+        # Screening, the queue, idle timeouts and fault delays read this
+        # clock: it moves only with screening.advance() (docs/testing.md).
+        self.clock = Clock()
+        self.clock.advance(time.time())
         try:
-            self.server = RunningServer(load_config(None, table))
+            self.server = RunningServer(load_config(None, table), clock=self.clock)
         except BaseException:  # a bad marker key: no stop() will come to remove the alias
             self._remove_alias()
             raise
         self.faults = FaultsProxy(self)
+        self.screening = ScreeningControl(self)
 
     def start(self) -> "MailServer":
         self.server.start()
@@ -143,32 +151,6 @@ def _short_alias(data_dir: str) -> str | None:
     link = os.path.join(directory, "d")
     os.symlink(os.path.abspath(data_dir), link)
     return link
-
-
-class FaultsProxy:
-    """
-    C{service.faults}, each method called in the reactor thread. The
-    attribute is looked up at each use, so a server without fault
-    injection fails with a clear message only when a test asks for it.
-    """
-
-    def __init__(self, owner: MailServer) -> None:
-        self._owner = owner
-
-    def __getattr__(self, name: str) -> Any:
-        faults = getattr(self._owner.service, "faults", None)
-        if faults is None:
-            raise AttributeError(
-                f"mailserver.faults.{name}: this server has no fault injection "
-                "(faults exist only in test-host mode: docs/faults.md)")
-        value = getattr(faults, name)
-        if not callable(value):
-            return value
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            return in_reactor(value, *args, **kwargs)
-
-        return call
 
 
 def build(data_dir: str, options: dict[str, Any], timeout: float,
