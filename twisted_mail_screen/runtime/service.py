@@ -163,7 +163,7 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
     # Injected faults (docs/faults.md) exist only on a test host; in site mode nothing asks.
     faults = service.faults = FaultPlan() if config.test_host else None
     # The outbound queue (docs/relay.md): only when relaying is enabled.
-    delivery = Delivery(store, blocking)
+    delivery = Delivery(store, blocking, events=events)
     queue = None
     if config.relay.enabled:
         # The queue's spool work has a small pool of its own: a backlog
@@ -227,7 +227,8 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
     factories["web"] = lambda: build_site(WebContext(
         config=config, reactor=reactor, clock=clock, events=events, store=store, delivery=delivery,
         accounts=accounts, authenticator=authenticator, screening=screening, queue=queue,
-        faults=faults, blocking=blocking, lag=service.lag, ready=service.ready))
+        faults=faults, blocking=blocking, lag=service.lag, ready=service.ready,
+        imap=imap_registry))
     for kind, descriptions in config.listen.items():
         if kind not in factories:
             continue

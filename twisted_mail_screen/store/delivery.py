@@ -23,6 +23,8 @@ from twisted.internet.defer import Deferred, ensureDeferred, fail
 from twisted.logger import Logger
 
 from twisted_mail_screen.store.maildir import DeliveryError, MailStore
+from twisted_mail_screen.store.message_ids import message_id
+from twisted_mail_screen.runtime.events import EventBus
 from twisted_mail_screen.runtime.workers import Blocking
 
 
@@ -45,10 +47,12 @@ class Delivery:
 
     log = Logger()
 
-    def __init__(self, store: MailStore, blocking: Blocking, relay: Relay | None = None) -> None:
+    def __init__(self, store: MailStore, blocking: Blocking, relay: Relay | None = None,
+                 events: EventBus | None = None) -> None:
         self.store = store
         self._blocking = blocking
         self.relay = relay
+        self._events = events
 
     def deliver_local(self, mailboxes: tuple[str, ...], message: bytes,
                       flags: str = "") -> "Deferred[str]":
@@ -56,7 +60,16 @@ class Delivery:
         Write C{message} (LF line endings, headers included) into every
         mailbox, all or none. Fires with the new file's name.
         """
-        return self._blocking.run(self.store.deliver, list(mailboxes), message, flags)
+        d = self._blocking.run(self.store.deliver, list(mailboxes), message, flags)
+        return d.addCallback(self._delivered, mailboxes)
+
+    def _delivered(self, name: str, mailboxes: tuple[str, ...]) -> str:
+        """Tell the event bus (the web port's wait and live list) about each new message."""
+        if self._events is not None:
+            for mailbox in dict.fromkeys(m.lower() for m in mailboxes):
+                self._events.publish("message.new", ID=message_id(mailbox, name),
+                                     Mailbox=mailbox)
+        return name
 
     def deliver(self, sender: str, mailboxes: tuple[str, ...], remote: tuple[str, ...],
                 message: bytes) -> "Deferred[str]":
@@ -105,4 +118,4 @@ class Delivery:
                                  "delivery; it will be sent after a restart", id=queue_id)
             raise
         self.relay.start(queue_id)
-        return name
+        return self._delivered(name, mailboxes)

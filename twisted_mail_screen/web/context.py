@@ -11,6 +11,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from twisted_mail_screen.config.settings import Config
 from twisted_mail_screen.faults.plan import FaultPlan
+from twisted_mail_screen.protocols.imap.registry import Registry
 from twisted_mail_screen.relay.queue import OutboundQueue
 from twisted_mail_screen.runtime.events import EventBus
 from twisted_mail_screen.runtime.lagmonitor import LagMonitor
@@ -44,3 +45,6 @@ class WebContext:
     blocking: Blocking
     lag: LagMonitor
     ready: Callable[[], bool]
+    #: the IMAP folder indexes: the messages API takes their account locks
+    #: and refreshes them after a change, so IMAP sessions see it at once
+    imap: Registry | None = None
