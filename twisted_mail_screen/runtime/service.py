@@ -38,7 +38,7 @@ from twisted_mail_screen.relay.queue import OutboundQueue
 from twisted_mail_screen.protocols.pop3 import POP3Factory
 from twisted_mail_screen.store.routing import Router
 from twisted_mail_screen.protocols.smtp import SMTPFactory
-from twisted_mail_screen.runtime.tls import load_server_context
+from twisted_mail_screen.runtime.tlsreload import ReloadingTLS
 from twisted_mail_screen.runtime.workers import Blocking, Workers
 from twisted_mail_screen.web.context import WebContext
 from twisted_mail_screen.web.site import build_site
@@ -197,7 +197,12 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
     register_screening_commands(control, screening.admin, clock, config.freeze.minutes)
     if faults is not None:
         register_fault_commands(control, faults)
-    tls = load_server_context(config.tls.certificate, config.tls.key) if config.tls.enabled else None  # type: ignore[arg-type]
+    # One holder every listener and STARTTLS asks per connection: certificate
+    # renewals reach new connections without a restart (docs/deployment.md).
+    tls = None
+    if config.tls.enabled:
+        tls = ReloadingTLS(config.tls.certificate, config.tls.key, clock, blocking.run)  # type: ignore[arg-type]
+        tls.setServiceParent(service)
     pop3_locks: set[str] = set()
     imap_registry = Registry(blocking, clock)  # every IMAP listener shares the folder indexes
 
