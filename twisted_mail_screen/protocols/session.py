@@ -31,7 +31,7 @@ faults).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
@@ -42,7 +42,8 @@ from twisted_mail_screen.protocols.lineproto import CommandProtocol
 from twisted_mail_screen.screening.interfaces import ClientScreen, Screening
 from twisted_mail_screen.store.auth import Authenticator, SASLError, decode_base64, parse_sasl_plain
 
-__all__ = ["ScreenedSession", "SASLError", "SessionFactory", "peer_host", "sasl_plain"]
+__all__ = ["ScreenedSession", "SASLError", "SessionFactory", "SessionObserver", "peer_host",
+           "sasl_plain"]
 
 
 def peer_host(transport: Any) -> str:
@@ -66,6 +67,27 @@ def sasl_plain(line: bytes) -> tuple[str, str] | None:
     return parse_sasl_plain(decode_base64(line))
 
 
+class SessionObserver(Protocol):
+    """
+    Told of what every session shares, for the server's metrics
+    (L{twisted_mail_screen.runtime.metrics.ServerMetrics}).
+    """
+
+    def connection(self, protocol: str, accepted: bool) -> None:
+        """A connection was screened: served (C{accepted}) or refused."""
+
+    def auth_failed(self, protocol: str) -> None:
+        """A login failed."""
+
+
+class _Unobserved:
+    def connection(self, protocol: str, accepted: bool) -> None:
+        pass
+
+    def auth_failed(self, protocol: str) -> None:
+        pass
+
+
 class SessionFactory(Factory):
     """
     The services every protocol's factory holds for its sessions: the
@@ -76,6 +98,8 @@ class SessionFactory(Factory):
     """
 
     noisy = False
+    #: Set by the composition root (the server's metrics); nobody by default.
+    observer: SessionObserver = _Unobserved()
 
     def __init__(self, *, config: Config, authenticator: Authenticator, screening: Screening,
                  clock: IReactorTime, tls: Any = None, faults: FaultPlan | None = None) -> None:
@@ -100,6 +124,7 @@ class ScreenedSession(CommandProtocol):
     def __init__(self) -> None:
         super().__init__()
         self.peer_host = ""
+        self.protocol_name = ""
         self.screen: ClientScreen | None = None
 
     def refuse(self, reason: str) -> None:
@@ -114,6 +139,8 @@ class ScreenedSession(CommandProtocol):
         """
         self.peer_host = peer_host(self.transport)
         self.screen = screening.open(self.peer_host, protocol)
+        self.protocol_name = protocol
+        self.observer().connection(protocol, self.screen.refusal is None)
         if self.screen.refusal is not None:
             self.refuse(self.screen.refusal)
             self.close()
@@ -130,6 +157,11 @@ class ScreenedSession(CommandProtocol):
         if self.screen is not None:
             self.screen.auth_succeeded(address)
 
+    def observer(self) -> SessionObserver:
+        factory = self.factory
+        return factory.observer if isinstance(factory, SessionFactory) else _Unobserved()
+
     def auth_failed(self, username: str, password: str) -> bool:
         """Report a failed login; C{True} when the screening says to close the session."""
+        self.observer().auth_failed(self.protocol_name)
         return self.screen is not None and self.screen.auth_failed(username, password.encode("utf-8"))

@@ -41,6 +41,7 @@ from twisted_mail_screen.relay.pool import Outcome, Pool
 from twisted_mail_screen.relay.resolver import Targets
 from twisted_mail_screen.relay.spool import (BOUNCED, FAILED, PENDING, SENT, QueueDirectory,
                                              QueuedMessage, Recipient, iso)
+from twisted_mail_screen.runtime.events import EventBus
 from twisted_mail_screen.runtime.workers import Workers
 
 POLL_SECONDS = 1.0
@@ -69,8 +70,9 @@ class OutboundQueue(MultiService):
 
     def __init__(self, config: Config, relay: RelayConfig, router: Any, reactor: Any,
                  clock: IReactorTime, deliver: Deliver, blocking: Workers, resolver: Any = None,
-                 faults: FaultPlan | None = None) -> None:
+                 faults: FaultPlan | None = None, events: EventBus | None = None) -> None:
         super().__init__()
+        self.events = events  # queue.* events (docs/api.md, "Events")
         self.config = config
         self.relay = relay
         self.reactor = reactor
@@ -104,6 +106,23 @@ class OutboundQueue(MultiService):
     @resolver.setter
     def resolver(self, value: Any) -> None:
         self._targets.resolver = value
+
+    def _publish(self, kind: str, **data: Any) -> None:
+        if self.events is not None:
+            self.events.publish(kind, **data)
+
+    def _published(self, kind: str, queue_id: str) -> Any:
+        """A callback publishing C{kind} for C{queue_id} when the change found it; passes the result on."""
+        def publish(found: Any) -> Any:
+            if found:
+                self._publish(kind, id=queue_id)
+            return found
+        return publish
+
+    def size(self) -> tuple[int, float | None]:
+        """How many messages are queued, and when the oldest was (for metrics)."""
+        messages = self._messages
+        return len(messages), min((m.created for m in messages.values()), default=None)
 
     def idle(self) -> bool:
         """No scan of the spool running and no attempt in flight (for tests)."""
@@ -196,6 +215,8 @@ class OutboundQueue(MultiService):
             self.log.info("queue: {id} queued from=<{sender}> to={rcpts} size={size}",
                           id=queue_id, sender=sender, rcpts=",".join(recipients),
                           size=len(message))
+            self._publish("queue.added", id=queue_id, sender=sender,
+                          recipients=list(dict.fromkeys(recipients)), size=len(message))
             if start:
                 self._begin(queued, message)
             else:
@@ -239,18 +260,21 @@ class OutboundQueue(MultiService):
     def delete(self, queue_id: str) -> "Deferred[bool]":
         self._messages.pop(queue_id, None)
         self._unstarted.pop(queue_id, None)
-        return self._blocking.run(self.directory.delete, queue_id)
+        return self._blocking.run(self.directory.delete, queue_id).addCallback(
+            self._published("queue.deleted", queue_id))
 
     def hold(self, queue_id: str) -> "Deferred[bool]":
         if queue_id in self._messages:
             self._held.add(queue_id)
         self._hold_changes += 1
-        return self._blocking.run(self.directory.hold, queue_id)
+        return self._blocking.run(self.directory.hold, queue_id).addCallback(
+            self._published("queue.held", queue_id))
 
     def release(self, queue_id: str) -> "Deferred[bool]":
         self._held.discard(queue_id)
         self._hold_changes += 1
-        d = self._blocking.run(self.directory.release, queue_id)
+        d = self._blocking.run(self.directory.release, queue_id).addCallback(
+            self._published("queue.released", queue_id))
         d.addCallback(lambda found: (self._run_due(), found)[1])
         return d
 
@@ -268,11 +292,17 @@ class OutboundQueue(MultiService):
         def scanned(result: tuple[bool, set[str], set[str]]) -> None:
             flush, held, on_disk = result
             if changes == self._hold_changes:
+                # Holds and releases made through the files (mailscreen queue).
+                for queue_id in sorted((held - self._held) & known):
+                    self._publish("queue.held", id=queue_id)
+                for queue_id in sorted((self._held - held) & known):
+                    self._publish("queue.released", id=queue_id)
                 self._held = held
             for queue_id in known - on_disk:
                 if queue_id in self._messages and queue_id not in self._in_flight:
                     del self._messages[queue_id]
                     self.log.info("queue: {id} removed from the queue directory", id=queue_id)
+                    self._publish("queue.deleted", id=queue_id)
             if flush:
                 self.log.info("queue: flush requested")
                 self.flush()
@@ -343,6 +373,8 @@ class OutboundQueue(MultiService):
         for address in decision.expired:
             r = by_address[address]
             r.state, r.status, r.reply = FAILED, EXPIRED_STATUS, expiry_reply(self.relay, r.reply)
+            self._publish("queue.bounced", id=queued.id, recipient=address, host=None,
+                          reply=r.reply, expired=True)
         queued.next_attempt = decision.retry_at
         self._log_outcomes(queued, outcomes)
         if not await self._blocking.run(self.directory.update, queued):
@@ -381,6 +413,9 @@ class OutboundQueue(MultiService):
                     continue
                 verdict = {SENT: "sent", FAILED: "bounced", PENDING: "deferred"}[r.state]
                 nxt = iso(queued.next_attempt) if r.state == PENDING else "-"
+                self._publish(f"queue.{'delivered' if r.state == SENT else verdict}", id=queued.id,
+                              recipient=address, host=host or None, reply=r.reply or str(reply),
+                              next=queued.next_attempt if r.state == PENDING else None)
                 self.log.info("relay: id={id} to=<{rcpt}> host={host} status={verdict} "
                               "reply={reply!r} next={next}", id=queued.id, rcpt=address,
                               host=host or "-", verdict=verdict, reply=r.reply or str(reply),

@@ -48,6 +48,10 @@ class EventBus:
                 self._subscribers.remove(subscriber)
         return unsubscribe
 
+    def subscribers(self) -> int:
+        """How many subscribers there are (an event stream's client counts while connected)."""
+        return len(self._subscribers)
+
     def publish(self, kind: str, **data: Any) -> None:
         event = Event(kind, data)
         for subscriber in list(self._subscribers):

@@ -27,6 +27,7 @@ from twisted_mail_screen.protocols.imap.server import IMAPFactory
 from twisted_mail_screen.protocols.imap.registry import Registry
 from twisted_mail_screen.runtime.events import EventBus
 from twisted_mail_screen.runtime.lagmonitor import LagMonitor
+from twisted_mail_screen.runtime.metrics import MeasuredDelivery, ServerMetrics, StateCollector
 from twisted_mail_screen.runtime.control import ControlFactory, endpoint_description, socket_path
 from twisted_mail_screen.screening.notify import PostmasterNotifier
 from twisted_mail_screen.runtime.endpoints import server_endpoint
@@ -36,6 +37,7 @@ from twisted_mail_screen.store.maildir import MailStore, TmpCleaner
 from twisted_mail_screen.store.maildir_names import UniqueNames
 from twisted_mail_screen.relay.queue import OutboundQueue
 from twisted_mail_screen.protocols.pop3 import POP3Factory
+from twisted_mail_screen.protocols.session import SessionFactory
 from twisted_mail_screen.store.routing import Router
 from twisted_mail_screen.protocols.smtp import SMTPFactory
 from twisted_mail_screen.runtime.tlsreload import ReloadingTLS
@@ -111,6 +113,7 @@ class MailService(MultiService):
     control: ControlFactory
     lag: LagMonitor
     events: EventBus
+    metrics: ServerMetrics
     queue: OutboundQueue | None
     faults: FaultPlan | None
 
@@ -146,6 +149,8 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
     service = service_class(config)
     # What changed, for the web port's live view and metrics (docs/web.md).
     events = EventBus()
+    # The server's own metrics registry (docs/api.md, "Metrics"), fed from the bus.
+    metrics = ServerMetrics(events, clock)
     os.makedirs(config.data_dir, mode=0o750, exist_ok=True)
 
     # How late the reactor runs timers: the warning says when some work
@@ -174,7 +179,7 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
         # The queue's DSNs go through Delivery, which queues through the queue.
         queue = delivery.relay = OutboundQueue(config, config.relay, router, reactor, clock,
                                                deliver=delivery.deliver, blocking=spool,
-                                               faults=faults)
+                                               faults=faults, events=events)
         if workers is None:
             # A child of the queue: stopped only once the queue's attempts
             # have settled (they still write envelopes).
@@ -192,6 +197,7 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
     screening = _build_screening(config, clock, accounts, router, delivery)
     screening.write_files_with(blocking.run)
     screening.setServiceParent(service)
+    screening.publish_to(events.publish)
     freeze = screening.freeze_store
     control = ControlFactory()
     register_screening_commands(control, screening.admin, clock, config.freeze.minutes)
@@ -212,9 +218,20 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
     service.screening = screening
     service.control = control
     service.events = events
+    service.metrics = metrics
+    freeze_store = screening.freeze_store
+    notifier = screening.notifier
+    metrics.registry.register(StateCollector(
+        clock, service.lag, blocks=lambda: len(screening.state.blocklist.entries()),
+        frozen=lambda: len(freeze_store.entries()) if freeze_store is not None else 0,
+        notices=lambda: getattr(notifier, "messages_sent", 0),
+        queue=queue.size if queue is not None else None))
+    # SMTP's deliveries are counted and timed (end of DATA to the fsync'd 250).
+    measured = MeasuredDelivery(delivery, metrics, clock)
 
     def smtp_factory(kind: str) -> SMTPFactory:
-        return SMTPFactory(config=config, router=router, delivery=delivery, blocking=blocking,
+        return SMTPFactory(config=config, router=router, delivery=measured,  # type: ignore[arg-type]
+                           blocking=blocking,
                            authenticator=authenticator, screening=screening, freeze=freeze,
                            clock=clock, tls=tls, protocol_name=kind,
                            require_auth=kind == "submission", faults=faults)
@@ -232,7 +249,7 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
     factories["web"] = lambda: build_site(WebContext(
         config=config, reactor=reactor, clock=clock, events=events, store=store, delivery=delivery,
         accounts=accounts, authenticator=authenticator, screening=screening, queue=queue,
-        faults=faults, blocking=blocking, lag=service.lag, ready=service.ready,
+        faults=faults, blocking=blocking, lag=service.lag, metrics=metrics, ready=service.ready,
         imap=imap_registry))
     for kind, descriptions in config.listen.items():
         if kind not in factories:
@@ -242,7 +259,10 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
                 endpoint = server_endpoint(reactor, description, clock, config.proxy.trusted, tls)
             except Exception as e:
                 raise ConfigError(f"listen.{kind}", description, f"unusable endpoint: {e}") from e
-            listener = Listener(kind, description, endpoint, factories[kind]())
+            factory = factories[kind]()
+            if isinstance(factory, SessionFactory):
+                factory.observer = metrics  # connections and login failures
+            listener = Listener(kind, description, endpoint, factory)
             listener.setServiceParent(service)
             service.listeners.append(listener)
     control_endpoint = endpoints.serverFromString(reactor, endpoint_description(config.data_dir))

@@ -17,6 +17,7 @@ once a second of the injected clock (a C{stat}, no read unless it changed).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -46,6 +47,9 @@ class _FreezeStoreBase:
     _clock: IReactorTime
     _table: ExpiringFile
     _log: Logger
+    #: Told C{("freeze"|"thaw", entry, reason)} of each change, whoever made
+    #: it (the event bus: screening/publish.py); a lapse is a thaw, reason C{expired}.
+    on_change: Callable[[str, Entry, str | None], None] | None = None
 
     @property
     def table(self) -> ExpiringFile:
@@ -79,6 +83,8 @@ class _FreezeStoreBase:
         entry = Entry(canonical_account(username), expires, reason)
         self._table.put(entry)
         self._table.flush()
+        if self.on_change is not None:
+            self.on_change("freeze", entry, None)
         if log:
             self._log.info("screening: action=freeze account={account} until={until} "
                            "reason={reason}", account=entry.name,
@@ -96,11 +102,14 @@ class _FreezeStoreBase:
             name = canonical_account(username)
         except ValueError:
             return False
-        active = self._table.get(name) is not None
+        entry = self._table.get(name)
+        active = entry is not None
         removed = self._table.delete(name)
         self._table.flush()
         if removed:
             self._log.info("screening: action=thaw account={account}", account=name)
+        if entry is not None and self.on_change is not None:
+            self.on_change("thaw", entry, "thawed by an administrator")
         return active
 
     def entries(self) -> list[Entry]:
@@ -112,6 +121,9 @@ class _FreezeStoreBase:
         """Drop lapsed freezes from the table (and the file)."""
         gone = self._table.expire()
         self._table.flush()
+        if self.on_change is not None:
+            for entry in gone:
+                self.on_change("thaw", entry, "expired")
         return gone
 
 

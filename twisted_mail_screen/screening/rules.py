@@ -171,6 +171,8 @@ class ScreeningRules:
         C{max_tracked_clients}.
     """
 
+    on_decision: Callable[[str, str, str, dict[str, object]], None] | None = None
+
     def __init__(self, config: ScreeningConfig, clock: IReactorTime, state: StateFiles,
                  freeze_store: AdminFreezeStore | None = None,
                  notifier: Notifier | None = None,
@@ -464,6 +466,8 @@ class ScreeningRules:
         text = "screening: action={action} client={client} rule={rule}" + "".join(
             f" {name}={{{name}}}" for name in fields)
         self._log.info(text, action=action, client=client, rule=rule, **fields)
+        if self.on_decision is not None:  # the event bus (screening/publish.py)
+            self.on_decision(action, client, rule, fields)
 
     def is_whitelisted(self, host: str) -> bool:
         parsed = parse_host(host)

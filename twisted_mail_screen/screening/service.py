@@ -28,6 +28,7 @@ from twisted_mail_screen.screening.blocklist import BlockList, WhitelistFile
 from twisted_mail_screen.screening.config import FreezeConfig, ScreeningConfig
 from twisted_mail_screen.screening.freeze import FileFreezeStore
 from twisted_mail_screen.screening.interfaces import AdminFreezeStore, ClientScreen, Notifier
+from twisted_mail_screen.screening.publish import Publish, ScreeningEvents
 from twisted_mail_screen.screening.rules import ScreeningRules
 from twisted_mail_screen.screening.state import StateFiles
 
@@ -94,6 +95,23 @@ class ScreeningService(Service):
     @property
     def freeze_store(self) -> AdminFreezeStore | None:
         return self.admin.freeze_store
+
+    @property
+    def notifier(self) -> Notifier | None:
+        """Where blocks and freezes are reported (its C{messages_sent} is a metric)."""
+        return self._notifier
+
+    def publish_to(self, publish: Publish) -> None:
+        """
+        Publish decisions, blocks, unblocks, freezes and thaws, whoever made
+        them, as events through C{publish} (the event bus's; screening/publish.py).
+        """
+        events = ScreeningEvents(publish, self._clock, self.state.blocklist)
+        self.rules.on_decision = events.decided
+        self.state.on_block_lapsed = events.lapsed
+        store = self.freeze_store
+        if store is not None and hasattr(store, "on_change"):
+            store.on_change = events.freeze_changed
 
     def open(self, host: str, protocol: str) -> ClientScreen:
         """Screen a new connection from C{host} to C{protocol}."""

@@ -19,7 +19,7 @@ from twisted.logger import Logger
 
 from twisted_mail_screen.screening.blocklist import BlockList, WhitelistFile
 from twisted_mail_screen.screening.interfaces import AdminFreezeStore
-from twisted_mail_screen.screening.listfile import ExpiringFile
+from twisted_mail_screen.screening.listfile import Entry, ExpiringFile
 
 
 class StateFiles:
@@ -39,6 +39,8 @@ class StateFiles:
         self._freeze_store = freeze_store
         self._log = log
         self.deferred_writes = False
+        #: Told of each block that lapses (the event bus: screening/publish.py).
+        self.on_block_lapsed: Callable[[Entry], None] | None = None
 
     def load(self) -> None:
         """Read the lists; reading changes nothing on disk, rewrites wait for a flush."""
@@ -72,6 +74,8 @@ class StateFiles:
             for entry in table.expire():
                 self._log.info("screening: action=expire client={client} reason={reason}",
                                client=entry.name, reason=entry.reason)
+                if table is self.blocklist and self.on_block_lapsed is not None:
+                    self.on_block_lapsed(entry)
             table.flush()
         if self._freeze_store is not None:
             self._freeze_store.reload_if_changed()

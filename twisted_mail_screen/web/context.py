@@ -15,6 +15,7 @@ from twisted_mail_screen.protocols.imap.registry import Registry
 from twisted_mail_screen.relay.queue import OutboundQueue
 from twisted_mail_screen.runtime.events import EventBus
 from twisted_mail_screen.runtime.lagmonitor import LagMonitor
+from twisted_mail_screen.runtime.metrics import ServerMetrics
 from twisted_mail_screen.runtime.workers import Blocking
 from twisted_mail_screen.screening.service import ScreeningService
 from twisted_mail_screen.store.accounts import AccountStore
@@ -44,6 +45,7 @@ class WebContext:
     faults: FaultPlan | None
     blocking: Blocking
     lag: LagMonitor
+    metrics: ServerMetrics  # its registry for /metrics, its minute counts for /api/v1/stats
     ready: Callable[[], bool]
     #: the IMAP folder indexes: the messages API takes their account locks
     #: and refreshes them after a change, so IMAP sessions see it at once

@@ -1,11 +1,33 @@
-# -*- test-case-name: tests.test_web -*-
-"""(being built: see docs/web.md)"""
+# -*- test-case-name: tests.test_web_metrics -*-
+"""
+C{GET /metrics}: the server's registry in the Prometheus text format,
+rendered synchronously on the reactor thread (a few hundred samples: well
+under a millisecond; no WSGI thread pool). C{GET /api/v1/stats}:
+connections, refusals and blocks per minute over the last hour, for the
+page's chart. Both are for administrators (on a test host, everyone).
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from twisted_mail_screen.web.api import ApiRequest, Raw, Router
 from twisted_mail_screen.web.context import WebContext
-from twisted_mail_screen.web.api import Router
 
 
 def register(router: Router, context: WebContext) -> None:
-    pass
+    metrics = context.metrics
+
+    def scrape(request: ApiRequest) -> Raw:
+        request.require_admin()
+        return Raw(generate_latest(metrics.registry), CONTENT_TYPE_LATEST,
+                   {"cache-control": "no-store"})
+
+    def stats(request: ApiRequest) -> dict[str, Any]:
+        request.require_admin()
+        return metrics.minutes.snapshot()
+
+    router.add("GET", "/metrics", scrape)
+    router.add("GET", "/api/v1/stats", stats)
