@@ -16,17 +16,18 @@ const panels = {
 let visible = "messages";
 const stale = new Set();
 
-// Several events in a burst (a purge, a flood of refusals) cost one reload.
+// Several events in a burst (a purge, a flood of refusals) cost one reload
+// of what they changed; a hidden panel is reloaded when it is shown.
 const pending = new Map();
-function soon(name) {
+function soon(name, key = name, reload = panels[name]) {
   if (name !== visible) {
     stale.add(name);
     return;
   }
-  if (pending.has(name)) return;
-  pending.set(name, setTimeout(() => {
-    pending.delete(name);
-    panels[name]().catch(showError);
+  if (pending.has(key)) return;
+  pending.set(key, setTimeout(() => {
+    pending.delete(key);
+    reload().catch(showError);
   }, 150));
 }
 
@@ -70,7 +71,11 @@ function listen() {
       try { data = JSON.parse(event.data); } catch { /* a kind is enough to reload */ }
       if (kind.startsWith("message.")) messages.onEvent(kind, data);
       const [, panel] = ROUTES.find(([prefix]) => kind.startsWith(prefix));
-      soon(panel);
+      if (panel === "screening") {
+        for (const part of screening.PARTS[kind]) soon(panel, part, () => screening.refreshPart(part));
+      } else {
+        soon(panel);
+      }
     });
   }
 }

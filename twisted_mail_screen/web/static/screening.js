@@ -6,19 +6,21 @@ import { $, el, clear, text, duration, when } from "./dom.js";
 import { call, get, segment, guarded, ApiError } from "./api.js";
 import { drawChart } from "./chart.js";
 
-// Time left is counted down here between loads, from when each list came.
-const countdowns = [];
+// Time left is counted down here between loads, from when each table came.
+const countdowns = { blocks: [], frozen: [] };
 
-function left(seconds) {
+function left(table, seconds) {
   const cell = el("td", { class: "left" }, duration(seconds));
-  if (seconds !== null && seconds !== undefined) countdowns.push({ cell, until: performance.now() + seconds * 1000 });
+  if (seconds !== null && seconds !== undefined) {
+    countdowns[table].push({ cell, until: performance.now() + seconds * 1000 });
+  }
   return cell;
 }
 
 function tick() {
   const now = performance.now();
   let lapsed = false;
-  for (const entry of countdowns) {
+  for (const entry of [...countdowns.blocks, ...countdowns.frozen]) {
     const seconds = (entry.until - now) / 1000;
     entry.cell.textContent = duration(seconds);
     lapsed ||= seconds <= -2; // the server's once-a-second check has dropped it by now
@@ -35,6 +37,7 @@ function adminOnly(status, error) {
 async function blocks() {
   const { blocks: list } = await get("/api/v1/screening/blocks");
   const body = clear($("blocks"));
+  countdowns.blocks = [];
   for (const block of list || []) {
     const name = block.address;
     const unblock = el("button", { type: "button", class: "unblock", title: `unblock ${name}` }, "Unblock");
@@ -51,7 +54,7 @@ async function blocks() {
     body.append(el("tr", { dataset: { address: name } },
       el("td", { class: "address" }, name, block.network ? " (network)" : ""),
       el("td", {}, block.rule || ""), el("td", {}, count), el("td", {}, block.offence ?? ""),
-      left(block.seconds_left), el("td", { class: "reason" }, block.reason || ""), el("td", {}, unblock)));
+      left("blocks", block.seconds_left), el("td", { class: "reason" }, block.reason || ""), el("td", {}, unblock)));
   }
   text($("blocks-status"), (list || []).length ? "" : "Nobody is blocked.");
 }
@@ -77,6 +80,7 @@ async function whitelist() {
 async function frozen() {
   const { frozen: list } = await get("/api/v1/screening/frozen");
   const body = clear($("frozen"));
+  countdowns.frozen = [];
   for (const account of list || []) {
     const thaw = el("button", { type: "button" }, "Thaw");
     thaw.addEventListener("click", guarded(async () => {
@@ -84,7 +88,7 @@ async function frozen() {
       await refreshScreening();
     }));
     body.append(el("tr", { dataset: { user: account.user } },
-      el("td", {}, account.user), left(account.seconds_left),
+      el("td", {}, account.user), left("frozen", account.seconds_left),
       el("td", {}, account.reason || ""), el("td", {}, thaw)));
   }
 }
@@ -111,8 +115,23 @@ export async function refreshChart() {
   }
 }
 
+// Only the part an event changed is redrawn: a flood of decisions must not
+// keep replacing the block table under the administrator's pointer.
+export const PARTS = {
+  "screening.block": ["blocks", "decisions"],
+  "screening.unblock": ["blocks", "decisions"],
+  "screening.freeze": ["frozen"],
+  "screening.thaw": ["frozen"],
+  "screening.decision": ["decisions", "chart"],
+};
+
+export async function refreshPart(part) {
+  if (part === "chart") return refreshChart();
+  if (part === "blocks") return refreshScreening();
+  return { decisions, frozen, whitelist }[part]();
+}
+
 export async function refreshScreening() {
-  countdowns.length = 0;
   try {
     await blocks();
   } catch (error) {
