@@ -109,27 +109,28 @@ def _control(config: Config, command: str, **args: object) -> object:
         raise CommandError(str(e)) from e
 
 
-def _print_entries(entries: list[dict], empty: str) -> None:
+def _print_entries(entries: list[dict], empty: str, key: str) -> None:
     if not entries:
         print(empty)
     for e in entries:
-        left = "never expires" if e["minutes_left"] is None else f"{e['minutes_left']} min left"
+        seconds = e["seconds_left"]
+        left = "never expires" if seconds is None else f"{-(-seconds // 60)} min left"
         reason = f"  # {e['reason']}" if e["reason"] else ""
-        print(f"{e['name']}  {e['expires']}  ({left}){reason}")
+        print(f"{e[key]}  {e['expires'] or 'never'}  ({left}){reason}")
 
 
 def _expiring(args: argparse.Namespace, config: Config, kind: str, target: str,
               add: str, remove: str, removed: str, empty: str) -> None:
     """list / add / remove on one of the server's expiring lists (blocks, freezes)."""
     if args.action == "list":
-        _print_entries(_control(config, f"{kind}.list"), empty)  # type: ignore[arg-type]
+        _print_entries(_control(config, f"{kind}.list"), empty, target)  # type: ignore[arg-type]
         return
     value = getattr(args, target)
     if not value:
         raise CommandError(f"{kind} {args.action} needs {target.upper()}")
     if args.action == add:
         _print_entries([_control(config, f"{kind}.{add}", **{target: value},  # type: ignore[list-item]
-                                 minutes=args.minutes, reason=args.reason)], "")
+                                 minutes=args.minutes, reason=args.reason)], "", target)
     else:
         _control(config, f"{kind}.{remove}", **{target: value})
         print(f"{removed} {value}")

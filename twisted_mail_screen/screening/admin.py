@@ -9,6 +9,7 @@ C{mailscreen block}, C{whitelist} and C{frozen} commands see them.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
@@ -71,6 +72,22 @@ class ScreeningAdmin:
         """The active blocks: C{(address or network, expiry or None, reason)}."""
         return [(e.name, e.expires, e.reason) for e in self._blocklist.entries()]
 
+    def block_entries(self) -> list[Entry]:
+        """The active blocks as block list entries, in file order."""
+        return self._blocklist.entries()
+
+    def offence(self, entry: Entry) -> int | None:
+        """
+        Which offence of its client an automatic block is (1 the first);
+        C{None} for a manual block or one whose history was forgotten
+        (offence history is kept in memory only).
+        """
+        return self._rules.offence(entry.name, entry.expires)
+
+    def runtime_whitelist(self) -> list[Entry]:
+        """The run-time white list entries (C{whitelist.txt}), with their comments."""
+        return self._runtime_whitelist.entries()
+
     def is_whitelisted(self, host: str) -> bool:
         return self._rules.is_whitelisted(host)
 
@@ -112,76 +129,180 @@ class ScreeningAdmin:
                 "evicted": counts["evicted"]}
 
 
-def describe(entry: Entry, now: float) -> dict[str, Any]:
-    """An entry as JSON: name, expiry, whole minutes remaining, reason."""
-    left = None if entry.expires is None else max(0, math.ceil((entry.expires - now) / 60))
-    return {"name": entry.name, "expires": format_expiry(entry.expires),
-            "minutes_left": left, "reason": entry.reason}
+class ScreeningCommandError(CommandError):
+    """
+    A screening command that cannot be carried out. C{not_found}: what it
+    names is not there (the web answers 404); otherwise the input is bad (400).
+    """
+
+    def __init__(self, message: str, not_found: bool = False) -> None:
+        super().__init__(message)
+        self.not_found = not_found
+
+
+#: The longest block or freeze one command may set (ten years): far beyond
+#: any use, and well inside what the list files' timestamps can hold.
+MAX_MINUTES = 10 * 366 * 24 * 60
+#: The longest reason or comment kept in a list file's line.
+MAX_TEXT = 500
+
+_COUNT = re.compile(r"\w+: (\d+)/(\d+)")
+
+
+def _minutes(value: Any) -> int | None:
+    if value is None:
+        return None
+    # bool is an int in Python, but true is no number of minutes
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_MINUTES:
+        raise ScreeningCommandError(
+            f"minutes must be a whole number from 0 to {MAX_MINUTES}, or null (until removed)")
+    return value
+
+
+def _text(value: Any, name: str) -> str:
+    """A name or free text; control characters would split the list file's line."""
+    if not isinstance(value, str):
+        raise ScreeningCommandError(f"{name} must be a string")
+    if len(value) > MAX_TEXT or any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ScreeningCommandError(
+            f"{name} must be at most {MAX_TEXT} characters, with no control characters")
+    return value
+
+
+def _seconds_left(expires: float | None, now: float) -> int | None:
+    return None if expires is None else max(0, math.ceil(expires - now))
+
+
+def _expiry(expires: float | None) -> str | None:
+    """RFC 3339 (UTC), or C{None} for never."""
+    return None if expires is None else format_expiry(expires)
+
+
+class ScreeningCommands:
+    """
+    The administrator's screening commands, as JSON-ready values: the one
+    implementation behind both the control channel (C{mailscreen block},
+    C{whitelist}, C{frozen}) and the web port's C{/api/v1/screening}.
+    Every refusal is a L{ScreeningCommandError}.
+
+    C{freeze_minutes} is C{[freeze] minutes}, the default length of a
+    manual freeze (0: until thawed).
+    """
+
+    def __init__(self, admin: ScreeningAdmin, clock: IReactorTime, freeze_minutes: int) -> None:
+        self._admin = admin
+        self._clock = clock
+        self._freeze_minutes = freeze_minutes
+
+    def names(self) -> dict[str, Any]:
+        """The control channel's command names and their methods."""
+        return {"block.list": self.block_list, "block.add": self.block_add,
+                "block.remove": self.block_remove, "whitelist.list": self.whitelist_list,
+                "whitelist.add": self.whitelist_add, "whitelist.remove": self.whitelist_remove,
+                "frozen.list": self.frozen_list, "frozen.freeze": self.frozen_freeze,
+                "frozen.thaw": self.frozen_thaw, "screening.stats": self.stats}
+
+    # the block list
+
+    def describe_block(self, entry: Entry) -> dict[str, Any]:
+        """
+        A block: the address or network, its rule, the count that set it
+        off (from the reason an automatic block records), its offence
+        number, expiry and seconds left.
+        """
+        rule = rule_of(entry.reason)
+        count = _COUNT.match(entry.reason) if rule != "manual" else None
+        return {"address": entry.name, "network": "/" in entry.name, "rule": rule,
+                "count": int(count[1]) if count else None,
+                "limit": int(count[2]) if count else None,
+                "offence": self._admin.offence(entry) if rule != "manual" else None,
+                "expires": _expiry(entry.expires),
+                "seconds_left": _seconds_left(entry.expires, self._clock.seconds()),
+                "reason": entry.reason}
+
+    def block_list(self) -> list[dict[str, Any]]:
+        return [self.describe_block(e) for e in self._admin.block_entries()]
+
+    def block_add(self, address: Any, minutes: Any = None, reason: Any = "") -> dict[str, Any]:
+        try:
+            entry = self._admin.block(_text(address, "address"), _minutes(minutes),
+                                      _text(reason or "", "reason"))
+        except ConfigError as e:
+            raise ScreeningCommandError(f"{e.value!r}: {e.problem}") from e
+        return self.describe_block(entry)
+
+    def block_remove(self, address: Any) -> bool:
+        if not self._admin.unblock(_text(address, "address")):
+            raise ScreeningCommandError(f"{address} is not blocked", not_found=True)
+        return True
+
+    # the white list
+
+    def whitelist_list(self) -> list[dict[str, Any]]:
+        """Configured entries (C{origin} config, fixed) then run-time ones (removable)."""
+        configured = [{"entry": name, "origin": "config", "comment": "", "expires": None}
+                      for name, origin in self._admin.whitelist_list() if origin == "config"]
+        return configured + [self._describe_runtime(e) for e in self._admin.runtime_whitelist()]
+
+    @staticmethod
+    def _describe_runtime(entry: Entry) -> dict[str, Any]:
+        return {"entry": entry.name, "origin": "runtime", "comment": entry.reason,
+                "expires": _expiry(entry.expires)}
+
+    def whitelist_add(self, entry: Any, comment: Any = "") -> dict[str, Any]:
+        entry = _text(entry, "entry").strip()
+        try:
+            self._admin.whitelist_add(entry, _text(comment or "", "comment"))
+        except ConfigError as e:
+            raise ScreeningCommandError(f"{e.value!r}: {e.problem}") from e
+        return {"entry": entry, "origin": "runtime", "comment": comment or "", "expires": None}
+
+    def whitelist_remove(self, entry: Any) -> bool:
+        if not self._admin.whitelist_remove(_text(entry, "entry")):
+            raise ScreeningCommandError(f"{entry} is not a run-time white list entry "
+                                        "(entries from the configuration file stay)",
+                                        not_found=True)
+        return True
+
+    # frozen accounts
+
+    def _describe_freeze(self, entry: Entry) -> dict[str, Any]:
+        return {"user": entry.name, "expires": _expiry(entry.expires),
+                "seconds_left": _seconds_left(entry.expires, self._clock.seconds()),
+                "reason": entry.reason}
+
+    def frozen_list(self) -> list[dict[str, Any]]:
+        store = self._admin.freeze_store
+        now = self._clock.seconds()
+        entries = store.entries() if store is not None else []
+        return [self._describe_freeze(e) for e in entries if e.active(now)]
+
+    def frozen_freeze(self, user: Any, minutes: Any = None, reason: Any = "") -> dict[str, Any]:
+        store = self._admin.freeze_store
+        if store is None:
+            raise ScreeningCommandError("no freeze store")
+        minutes = _minutes(minutes)
+        try:
+            entry = store.freeze(_text(user, "user"),
+                                 self._freeze_minutes if minutes is None else minutes,
+                                 _text(reason or "", "reason") or "manual")
+        except ValueError as e:
+            raise ScreeningCommandError(str(e)) from e
+        return self._describe_freeze(entry)
+
+    def frozen_thaw(self, user: Any) -> bool:
+        if not self._admin.thaw(_text(user, "user")):
+            raise ScreeningCommandError(f"{user} is not frozen", not_found=True)
+        return True
+
+    def stats(self) -> dict[str, int]:
+        return self._admin.stats()
 
 
 def register_screening_commands(control: ControlFactory, admin: ScreeningAdmin,
-                                clock: IReactorTime, freeze_minutes: int) -> None:
-    """
-    Register the commands. C{freeze_minutes} is C{[freeze] minutes}, the
-    default length of a manual freeze (0: until thawed).
-    """
-
-    def checked(f: Any) -> Any:
-        def run(**args: Any) -> Any:
-            try:
-                return f(**args)
-            except ConfigError as e:
-                raise CommandError(f"{e.value!r}: {e.problem}") from e
-        return run
-
-    def block_list() -> list[dict[str, Any]]:
-        now = clock.seconds()
-        return [describe(Entry(n, e, r), now) for n, e, r in admin.blocks()]
-
-    def block_add(address: str, minutes: int | None = None, reason: str = "") -> dict[str, Any]:
-        return describe(admin.block(address, minutes, reason), clock.seconds())
-
-    def block_remove(address: str) -> bool:
-        if not admin.unblock(address):
-            raise CommandError(f"{address} is not blocked")
-        return True
-
-    def whitelist_list() -> list[dict[str, str]]:
-        return [{"entry": e, "origin": o} for e, o in admin.whitelist_list()]
-
-    def whitelist_add(entry: str, comment: str = "") -> bool:
-        admin.whitelist_add(entry, comment)
-        return True
-
-    def whitelist_remove(entry: str) -> bool:
-        if not admin.whitelist_remove(entry):
-            raise CommandError(f"{entry} is not a run-time white list entry "
-                               "(entries from the configuration file stay)")
-        return True
-
-    def frozen_list() -> list[dict[str, Any]]:
-        store = admin.freeze_store
-        now = clock.seconds()
-        entries = store.entries() if store is not None else []
-        return [describe(e, now) for e in entries if e.active(now)]
-
-    def frozen_freeze(user: str, minutes: int | None = None, reason: str = "") -> dict[str, Any]:
-        store = admin.freeze_store
-        if store is None:
-            raise CommandError("no freeze store")
-        minutes = freeze_minutes if minutes is None else minutes
-        return describe(store.freeze(user, minutes, reason or "manual"), clock.seconds())
-
-    def frozen_thaw(user: str) -> bool:
-        if not admin.thaw(user):
-            raise CommandError(f"{user} is not frozen")
-        return True
-
-    for name, handler in {
-        "block.list": block_list, "block.add": block_add, "block.remove": block_remove,
-        "whitelist.list": whitelist_list, "whitelist.add": whitelist_add,
-        "whitelist.remove": whitelist_remove,
-        "frozen.list": frozen_list, "frozen.freeze": frozen_freeze, "frozen.thaw": frozen_thaw,
-        "screening.stats": admin.stats,
-    }.items():
-        control.register(name, checked(handler))
+                                clock: IReactorTime, freeze_minutes: int) -> ScreeningCommands:
+    """Register the screening commands on the control channel; returns them (the web uses the same)."""
+    commands = ScreeningCommands(admin, clock, freeze_minutes)
+    for name, handler in commands.names().items():
+        control.register(name, handler)
+    return commands

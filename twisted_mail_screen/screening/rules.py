@@ -475,6 +475,11 @@ class ScreeningRules:
             self.whitelist.matches_parsed(*parsed)
             or self._runtime_whitelist.matches_parsed(*parsed))
 
+    def offence(self, key: str, expires: float | None) -> int | None:
+        """The offence number of C{key}'s block lapsing at C{expires}, if remembered."""
+        known = self._offences.get(key)
+        return known[2] if known is not None and known[0] == expires else None
+
     def forget(self, key: str) -> None:
         """Drop what is counted against C{key} and its past offences (it was unblocked)."""
         self._offences.pop(key, None)

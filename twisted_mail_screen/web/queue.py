@@ -1,11 +1,66 @@
-# -*- test-case-name: tests.test_web -*-
-"""(being built: see docs/web.md)"""
+# -*- test-case-name: tests.test_web_queue -*-
+"""
+C{/api/v1/queue}: the outbound queue for administrators: list, flush,
+hold, release, delete, through L{QueueCommands} on the running server's
+own L{OutboundQueue} (the change is made at once, and the queue's own
+events follow). With relaying off the list is empty and the rest answer
+404.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.python.failure import Failure
+
+from twisted_mail_screen.relay.admin import QueueCommandError, QueueCommands
+from twisted_mail_screen.web.api import ApiError, ApiRequest, Router
 from twisted_mail_screen.web.context import WebContext
-from twisted_mail_screen.web.api import Router
+
+
+def run(command: Callable[..., Any], *args: Any) -> Deferred:
+    """Call a command; its refusal (at once or later) becomes the web's 404 or 400."""
+
+    def refused(failure: Failure) -> None:
+        failure.trap(QueueCommandError)
+        error: QueueCommandError = failure.value  # type: ignore[assignment]
+        raise ApiError(404 if error.not_found else 400, str(error))
+
+    return maybeDeferred(command, *args).addErrback(refused)
 
 
 def register(router: Router, context: WebContext) -> None:
-    pass
+    commands = QueueCommands(context.queue, context.clock)
+
+    def admin(handler: Callable[..., Any]) -> Callable[..., Any]:
+        # The queue holds every user's outgoing mail: administrators only.
+        def guarded(request: ApiRequest, **parts: str) -> Any:
+            request.require_admin()
+            return handler(request, **parts)
+        return guarded
+
+    def listing(request: ApiRequest) -> dict[str, Any]:
+        messages = commands.list()
+        return {"relaying": context.queue is not None, "total": len(messages),
+                "messages": messages}
+
+    def flush(request: ApiRequest) -> Deferred:
+        return run(commands.flush).addCallback(lambda due: {"flushed": due})
+
+    def hold(request: ApiRequest, id: str) -> Deferred:
+        return run(commands.hold, id).addCallback(lambda queue_id: {"held": queue_id})
+
+    def release(request: ApiRequest, id: str) -> Deferred:
+        return run(commands.release, id).addCallback(lambda queue_id: {"released": queue_id})
+
+    def delete(request: ApiRequest, id: str) -> Deferred:
+        return run(commands.delete, id).addCallback(lambda queue_id: {"deleted": queue_id})
+
+    for method, path, handler in (
+            ("GET", "/api/v1/queue", listing), ("POST", "/api/v1/queue/flush", flush),
+            ("POST", "/api/v1/queue/{id}/hold", hold),
+            ("POST", "/api/v1/queue/{id}/release", release),
+            ("DELETE", "/api/v1/queue/{id}", delete)):
+        router.add(method, path, admin(handler))
