@@ -27,6 +27,7 @@ from twisted_mail_screen.store.auth import decode_base64
 from twisted_mail_screen.faults.plan import END_OF_DATA
 from twisted_mail_screen.faults.seam import guard, smtp_reply, smtp_subject
 from twisted_mail_screen.store.delivery import Delivery
+from twisted_mail_screen.runtime.deliverylog import logged
 from twisted_mail_screen.protocols.headercheck import Refusal, submission
 from twisted_mail_screen.screening.interfaces import FreezeStore
 from twisted_mail_screen.protocols.session import SASLError, ScreenedSession, SessionFactory, sasl_plain
@@ -408,6 +409,12 @@ class SMTPServer(Chunking, ScreenedSession):
                 return self.reply(e.code, e.status, e.text)
         mailboxes = tuple(dict.fromkeys(m for r in env.recipients for m in r.mailboxes))
         remote = tuple(dict.fromkeys(a for r in env.recipients for a in r.remote))
+        mail_auth = self.factory.mail_auth
+        if mail_auth is not None:  # DKIM signing; inbound SPF, DKIM, DMARC (mailauth/)
+            d = mail_auth.check(user=self.user, submitting=self._submitting(), peer=self.peer_host,
+                                  helo=self.helo, sender=env.sender, body=body)
+            return d.addCallback(lambda out: self._deliver(env, out, mailboxes, remote)
+                                 if isinstance(out, bytes) else self.reply(*out))
         return self._deliver(env, body, mailboxes, remote)
 
     def _submitting(self) -> bool:
@@ -441,6 +448,7 @@ class SMTPServer(Chunking, ScreenedSession):
                 self.log.error("smtp: delivery failed: {error}", error=reason.value)
             self.reply(451, "4.3.0", "Requested action aborted: local error in processing")
 
+        d = logged(d, sender=env.sender, mailboxes=mailboxes, remote=remote, size=len(body), clock=f.clock)
         return d.addCallbacks(ok, failed)
 
     def received_header(self, env: Envelope) -> bytes:
@@ -484,8 +492,10 @@ class SMTPFactory(SessionFactory):
     protocol = SMTPServer
 
     def __init__(self, *, router: Router, delivery: Delivery, freeze: FreezeStore, blocking: Workers,
-                 protocol_name: str = "smtp", require_auth: bool = False, **services: Any) -> None:
+                 protocol_name: str = "smtp", require_auth: bool = False, mail_auth: Any = None,
+                 **services: Any) -> None:
         super().__init__(**services)
+        self.mail_auth = mail_auth
         self.router = router
         self.delivery = delivery
         self.blocking = blocking

@@ -42,6 +42,7 @@ from twisted_mail_screen.relay.resolver import Targets
 from twisted_mail_screen.relay.spool import (BOUNCED, FAILED, PENDING, SENT, QueueDirectory,
                                              QueuedMessage, Recipient, iso)
 from twisted_mail_screen.runtime.events import EventBus
+from twisted_mail_screen.runtime.deliverylog import log_delivery
 from twisted_mail_screen.runtime.workers import Workers
 
 POLL_SECONDS = 1.0
@@ -416,6 +417,10 @@ class OutboundQueue(MultiService):
                 self._publish(f"queue.{'delivered' if r.state == SENT else verdict}", id=queued.id,
                               recipient=address, host=host or None, reply=r.reply or str(reply),
                               next=queued.next_attempt if r.state == PENDING else None)
+                log_delivery(id=queued.id, kind="relay", sender=queued.sender, recipients=(address,),
+                             size=queued.size, result=verdict, now=self.clock.seconds(), host=host,
+                             reply=r.reply or str(reply),
+                             next_attempt=queued.next_attempt if r.state == PENDING else None)
                 self.log.info("relay: id={id} to=<{rcpt}> host={host} status={verdict} "
                               "reply={reply!r} next={next}", id=queued.id, rcpt=address,
                               host=host or "-", verdict=verdict, reply=r.reply or str(reply),
