@@ -78,7 +78,7 @@ def test_service_sections_are_typed_and_frozen(tmp_path):
     ('[screening.session_auth]\nprotocols = ["x"]', "screening.session_auth.protocols",
      "unknown protocol"),
     ('[freeze]\nminutes = -1', "freeze.minutes", "at least 0"),
-    ('[relay]\nenabled = true', "relay.enabled", "never relays"),
+    ('[relay]\nenabled = true', "relay.enabled", "relays only to a relay.smarthost"),
 ])
 def test_bad_values_name_the_key(tmp_path, text, key, words):
     """Each kind of mistake raises ConfigError naming the key and the problem."""

@@ -341,3 +341,49 @@ def test_faults_over_the_web_port(mailserver):
 
 def test_screening_and_web_faults(pytester: pytest.Pytester) -> None:
     run(pytester, SCREENING).assert_outcomes(passed=5)
+
+
+RELAY = '''
+import smtplib
+import pytest
+
+def send(server, to, subject):
+    with smtplib.SMTP(server.host, server.smtp_port) as s:
+        s.sendmail("shop@example.test", to,
+                   f"From: shop@example.test\\r\\nSubject: {subject}\\r\\n\\r\\nx\\r\\n".encode())
+
+@pytest.mark.mailserver(relay_sink=True)
+def test_relayed_mail_reaches_the_sink(mailserver):
+    send(mailserver, ["ann@example.test", "bob@remote.test"], "hello")
+    mailserver.wait_for("to:ann@example.test")
+    [out] = mailserver.wait_for_relayed()
+    assert out.envelope_from == "shop@example.test" and out.envelope_to == ["bob@remote.test"]
+    assert out["Subject"] == "hello"
+
+@pytest.mark.mailserver(relay_sink=True, relay__retry_minutes=1)
+def test_fail_delivery_defers_then_delivers(mailserver):
+    mailserver.faults.fail_delivery(reply="451 4.4.1 not now", times=1)
+    send(mailserver, ["bob@remote.test"], "deferred")
+    with pytest.raises(AssertionError, match="0 of 1 relayed"):
+        mailserver.wait_for_relayed(timeout=0.5)
+    assert mailserver.faults.rules() == []
+    mailserver.screening.advance(1.1)
+    [out] = mailserver.wait_for_relayed()
+    assert out["Subject"] == "deferred"
+
+@pytest.mark.mailserver(relay_sink=True)
+def test_fail_delivery_5xx_bounces(mailserver):
+    mailserver.faults.fail_delivery(reply="550 5.7.1 refused (injected)")
+    send(mailserver, ["bob@remote.test"], "bounced")
+    [bounce] = mailserver.wait_for("to:shop@example.test")
+    assert "refused (injected)" in bounce.as_string()
+    assert mailserver.relayed == []
+
+def test_no_sink_no_relayed(mailserver):
+    with pytest.raises(RuntimeError, match="relay_sink=True"):
+        mailserver.relayed
+'''
+
+
+def test_relay_sink(pytester: pytest.Pytester) -> None:
+    run(pytester, RELAY).assert_outcomes(passed=4)

@@ -111,14 +111,25 @@ def read_messages(mail_root: str, query: str | None = None) -> list[EmailMessage
         raw = _read_any(paths)
         if raw is None:  # expunged meanwhile
             continue
-        message = _parser.parsebytes(raw)
-        assert isinstance(message, EmailMessage)
-        sender = str(message.get("Return-Path", "")).strip()
-        message.envelope_from = sender[1:-1] if sender.startswith("<") else sender  # type: ignore[attr-defined]
-        message.envelope_to = sorted(set(recipients))  # type: ignore[attr-defined]
+        message = parse(raw, None, recipients)
         if match(message, raw):
             out.append(message)
     return out
+
+
+def parse(raw: bytes, sender: str | None, recipients: list[str]) -> EmailMessage:
+    """
+    A message with its envelope as attributes: C{envelope_from} (C{None}:
+    read from the C{Return-Path:} header) and C{envelope_to} (sorted).
+    """
+    message = _parser.parsebytes(raw)
+    assert isinstance(message, EmailMessage)
+    if sender is None:
+        sender = str(message.get("Return-Path", "")).strip()
+        sender = sender[1:-1] if sender.startswith("<") else sender
+    message.envelope_from = sender  # type: ignore[attr-defined]
+    message.envelope_to = sorted(set(recipients))  # type: ignore[attr-defined]
+    return message
 
 
 def _read_any(paths: list[str]) -> bytes | None:

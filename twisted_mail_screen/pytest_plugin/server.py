@@ -21,7 +21,8 @@ from twisted.internet.task import Clock
 from twisted_mail_screen.config.settings import load_config
 from twisted_mail_screen.pytest_plugin import mailbox
 from twisted_mail_screen.pytest_plugin.controls import FaultsProxy, ScreeningControl
-from twisted_mail_screen.testing import RunningServer, ephemeral_overrides, in_reactor
+from twisted_mail_screen.testing import RunningServer, ephemeral_overrides
+from twisted_mail_screen.testing_sink import Sink
 
 KINDS = ("smtp", "submission", "pop3", "imap", "web")
 SITE = {"mode": "site", "hostname": "mail.example.test", "domains": ["example.test"],
@@ -39,12 +40,15 @@ class MailServer:
     host = "127.0.0.1"
 
     def __init__(self, data_dir: str, site: bool = False, certificate: tuple[str, str] | None = None,
-                 timeout: float = 5.0, overrides: dict[str, Any] | None = None) -> None:
+                 timeout: float = 5.0, overrides: dict[str, Any] | None = None,
+                 relay_sink: bool = False) -> None:
         table: dict[str, Any] = dict(SITE) if site else {}
         self._link = _short_alias(data_dir)
         table.update(ephemeral_overrides(self._link or data_dir, KINDS))
         if certificate is not None:
             table["tls.certificate"], table["tls.key"] = certificate
+        self.sink: Sink | None = Sink().start() if relay_sink else None
+        table.update(_relay_settings(self.sink, site))
         table.update({k.replace("__", "."): v for k, v in (overrides or {}).items()})
         self.data_dir = data_dir
         self.site = site
@@ -56,8 +60,10 @@ class MailServer:
         self.clock.advance(time.time())
         try:
             self.server = RunningServer(load_config(None, table), clock=self.clock)
-        except BaseException:  # a bad marker key: no stop() will come to remove the alias
+        except BaseException:  # a bad marker key: no stop() will come to clean up
             self._remove_alias()
+            if self.sink is not None:
+                self.sink.stop()
             raise
         self.faults = FaultsProxy(self)
         self.screening = ScreeningControl(self)
@@ -74,6 +80,20 @@ class MailServer:
             self.server.stop()
         finally:
             self._remove_alias()
+            if self.sink is not None:
+                self.sink.stop()
+
+    @property
+    def relayed(self) -> list[EmailMessage]:
+        """
+        The messages the relay delivered to the capture sink (C{relay_sink=True}),
+        in arrival order, with C{envelope_from} and C{envelope_to} as the sink saw them.
+        """
+        if self.sink is None:
+            raise RuntimeError("mailserver.relayed needs a relay sink: mark the test with "
+                               "@pytest.mark.mailserver(relay_sink=True)")
+        return [mailbox.parse(m.data.replace(b"\r\n", b"\n"), m.sender, m.recipients)
+                for m in list(self.sink.messages)]
 
     def _remove_alias(self) -> None:
         if self._link is not None:
@@ -101,17 +121,33 @@ class MailServer:
         @raise AssertionError: on timeout, listing what did arrive.
         """
         __tracebackhide__ = True  # the failure is the test's, not this loop's
-        limit = self.timeout if timeout is None else timeout
         mailbox.parse_query(query)  # a bad query fails now, not after the timeout
+        return self._wait(lambda: self.messages(query), count, timeout, lambda found, limit: (
+            f"wait_for({query!r}, count={count}): {len(found)} of {count} matching "
+            f"message(s) within {limit:g} s; {mailbox.summary(self.messages())}"))
+
+    def wait_for_relayed(self, count: int = 1, timeout: float | None = None) -> list[EmailMessage]:
+        """
+        Wait until the capture sink got at least C{count} messages; return them all.
+
+        @raise AssertionError: on timeout.
+        """
+        __tracebackhide__ = True
+        return self._wait(lambda: self.relayed, count, timeout, lambda found, limit: (
+            f"wait_for_relayed(count={count}): {len(found)} of {count} relayed message(s) "
+            f"within {limit:g} s"))
+
+    def _wait(self, fetch: Callable[[], list[EmailMessage]], count: int, timeout: float | None,
+              explain: Callable[[list[EmailMessage], float], str]) -> list[EmailMessage]:
+        __tracebackhide__ = True
+        limit = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
         while True:
-            found = self.messages(query)
+            found = fetch()
             if len(found) >= count:
                 return found
             if time.monotonic() >= deadline:
-                raise AssertionError(
-                    f"wait_for({query!r}, count={count}): {len(found)} of {count} matching "
-                    f"message(s) within {limit:g} s; {mailbox.summary(self.messages())}")
+                raise AssertionError(explain(found, limit))
             time.sleep(POLL)
 
     def purge(self) -> int:
@@ -153,15 +189,28 @@ def _short_alias(data_dir: str) -> str | None:
     return link
 
 
+def _relay_settings(sink: Sink | None, site: bool) -> dict[str, Any]:
+    """
+    Relaying of a plugin server: none (a test never sends mail into the
+    world, in site mode either), or to the capture C{sink} only, keeping
+    C{example.test} local on a test host.
+    """
+    if sink is None:
+        return {"relay.enabled": False}
+    table: dict[str, Any] = {"relay.enabled": True, "relay.starttls": "none",
+                             "relay.smarthost": f"tcp:host=127.0.0.1:port={sink.port}"}
+    if not site:
+        table.update({"domains": ["example.test"], "postmaster": "postmaster@example.test"})
+    return table
+
+
 def build(data_dir: str, options: dict[str, Any], timeout: float,
           certificate: Callable[[], tuple[str, str]]) -> MailServer:
     """A started L{MailServer} for the marker/fixture C{options} (site, tls, overrides)."""
     options = dict(options)
     site = bool(options.pop("site", False))
     tls = bool(options.pop("tls", False))
-    if options.pop("relay_sink", False):
-        raise NotImplementedError("mailserver(relay_sink=True) is not available yet "
-                                  "(docs/testing.md)")
+    relay_sink = bool(options.pop("relay_sink", False))
     return MailServer(data_dir, site=site, certificate=certificate() if tls else None,
-                      timeout=timeout, overrides=options).start()
+                      timeout=timeout, overrides=options, relay_sink=relay_sink).start()
 

@@ -28,7 +28,8 @@ CLIENT_TYPES = ("tcp", "tls", "ssl", "unix")
 class RelayConfig:
     """
     @ivar enabled: whether remote recipients are accepted (authenticated
-        clients only) and queued; never in test-host mode.
+        clients only; on a test host, any client) and queued; in test-host
+        mode only with a smarthost.
     @ivar smarthost: a Twisted client endpoint string, or C{None} for
         delivery by MX lookup.
     @ivar starttls: TLS policy: to the smarthost (always verified when
@@ -145,14 +146,17 @@ def _check_smarthost(sec: Section, value: str) -> None:
 
 def parse_relay(section: Section, mode: str) -> RelayConfig:
     """
-    Read C{[relay]}. In test-host mode relaying is off and cannot be
-    switched on: a test host must never send mail anywhere.
+    Read C{[relay]}. In test-host mode relaying is off by default and can
+    be switched on only towards a smarthost (a capture sink): a test host
+    must never look up MX hosts and send mail out into the world.
     """
     d = RelayConfig()
     enabled = section.get("enabled", bool, mode == "site")
-    if enabled and mode == "test-host":
-        raise ConfigError(section.key("enabled"), True, "test-host mode never relays mail")
     smarthost = section.get("smarthost", str, None)  # type: ignore[arg-type]
+    if enabled and mode == "test-host" and smarthost is None:
+        raise ConfigError(section.key("enabled"), True,
+                          "test-host mode relays only to a relay.smarthost (a capture sink), "
+                          "never by MX lookup: set relay.smarthost or leave relaying off")
     if smarthost is not None:
         _check_smarthost(section, smarthost)
     starttls = section.choice("starttls", "required" if smarthost else "opportunistic", STARTTLS)

@@ -55,7 +55,11 @@ class Router:
         return address
 
     def is_local(self, domain: str) -> bool:
-        return self._config.test_host or self._config.is_local_domain(domain)
+        # A test host that relays (to its capture smarthost) keeps only its
+        # listed domains; one that does not keeps every address.
+        if self._config.test_host and not self._config.relay.enabled:
+            return True
+        return self._config.is_local_domain(domain)
 
     def _known(self, address: str) -> bool:
         return self._accounts.exists(address) or self._accounts.alias_targets(address) is not None
@@ -75,6 +79,8 @@ class Router:
         remote: list[str] = []
         if not self._expand(address, mailboxes, remote, 0, top=True):
             return Route(refusal="unknown", reason="no such user here", address=address)
+        # A relaying test host relays for any client: only to its smarthost.
+        may_relay = may_relay or (self._config.test_host and self._config.relay.enabled)
         if remote and not may_relay:
             if remote == [address]:
                 return Route(refusal="relay", reason="relaying denied", address=address)
