@@ -146,6 +146,8 @@ def test_unknown_garbled_and_foreign_ids_are_404(web, tmp_path):
         base64.urlsafe_b64encode(b"alice@example.test//../../../../etc/passwd").decode().rstrip("="),
         base64.urlsafe_b64encode(b"../x@example.test//a").decode().rstrip("="),
         base64.urlsafe_b64encode(b"alice@example.test/.Sent/a").decode().rstrip("="),
+        MessageRef("alice@example.test", "", "..").id, MessageRef("alice@example.test", "", ".").id,
+        MessageRef("Alice@example.test", "", "x").id, MessageRef("alice@", "", "x").id,
         "not-an-id!", "A" * 2000, real + "A",
     ]
     for bad in [gone] + sneaky:
@@ -231,6 +233,61 @@ def test_read_unread_and_delete_reach_imap_and_publish_events(web):
     assert deleted[0] == {"IDs": [ids[1]], "Mailbox": "alice@example.test"}
     new = [e.data for e in events if e.kind == "message.new"]
     assert {n["ID"] for n in new} == set(ids) and new[0]["Mailbox"] == "alice@example.test"
+
+
+def test_imap_sees_a_change_when_the_api_answers_without_waiting_for_its_poll(start_server):
+    """On a clock that never moves, the session's once-a-second poll never comes."""
+    server = start_server(clock=Clock(), kinds=("smtp", "web", "imap"))
+    port = server.port("web")
+    send(server, subject="A")
+    send(server, subject="B")
+    ids = [m["ID"] for m in listing(port)["messages"]]
+    imap = imaplib.IMAP4("127.0.0.1", server.port("imap"))
+    imap.login("alice@example.test", "x")
+    imap.select("INBOX")
+    assert call(port, "PUT", "/api/v1/messages", {"IDs": ids[:1], "Read": True}).body == b"ok"
+    assert imap.search(None, "SEEN")[1] == [b"2"]
+    imap.store("1", "+FLAGS", "\\Seen")
+    assert listing(port)["unread"] == 0  # and IMAP's \Seen is Read here
+    assert call(port, "DELETE", "/api/v1/messages", {"IDs": ids[1:]}).body == b"ok"
+    # The expunge is known (A, message 1, is out of the search) but not yet announced.
+    assert imap.search(None, "ALL")[1] == [b"2"]
+    imap.noop()
+    assert imap.search(None, "ALL")[1] == [b"1"]
+    imap.logout()
+
+
+def _plant(data: Any, mailbox: str, n: int, subject: str = "Planted") -> list[Any]:
+    """Messages written straight into a Maildir's new/ (as another delivery agent would)."""
+    local, _, domain = mailbox.partition("@")
+    new = data / "mail" / domain / local / "new"
+    for sub in ("new", "cur", "tmp"):
+        (new.parent / sub).mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        path = new / f"1700000000.M{i}P1Q{i}.planted"
+        path.write_bytes(f"From: a@example.org\nSubject: {subject} {i}\n\nbody {i}\n".encode())
+        paths.append(path)
+    return paths
+
+
+def test_summaries_are_parsed_once_per_file_and_a_large_mailbox_lists_fast(web, tmp_path):
+    port = web.port("web")
+    [first] = _plant(tmp_path / "data", "dave@example.test", 1, "Original")
+    assert listing(port)["messages"][0]["Subject"] == "Original 0"
+    # Maildir files never change: a listing trusts what it parsed (by file name).
+    first.write_bytes(b"Subject: Rewritten\n\nx\n")
+    assert listing(port)["messages"][0]["Subject"] == "Original 0"
+    _plant(tmp_path / "data", "erin@example.test", 5000)
+    started = time.monotonic()
+    cold = listing(port, "/api/v1/messages?limit=1000")
+    parsed = time.monotonic() - started
+    started = time.monotonic()
+    warm = listing(port, "/api/v1/search?query=" + quote("subject:planted -is:read") + "&limit=10")
+    cached = time.monotonic() - started
+    print(f"5,001 messages: first listing {parsed:.2f} s, a search after it {cached:.2f} s")
+    assert cold["total"] == 5001 and warm["messages_count"] == 5000
+    assert cached < parsed / 3
 
 
 def _wait_in_thread(port: int, path: str, results: list) -> threading.Thread:

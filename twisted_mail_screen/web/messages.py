@@ -201,7 +201,7 @@ class Messages:
         registry = self.context.imap
         return registry.lock(path) if registry is not None else DeferredLock()
 
-    def changed(self, bases: list[str], mailbox: str, path: str, action: str) -> list[str]:
+    def changed(self, bases: list[str], mailbox: str, path: str, action: str) -> Any:
         if not bases:
             return bases
         ids = [MessageRef(mailbox, "", b).id for b in bases]
@@ -209,11 +209,13 @@ class Messages:
                                     IDs=ids, Mailbox=mailbox)
         registry = self.context.imap
         folder = registry.folders.get(path) if registry is not None else None
-        if folder is not None and folder.loaded and not folder.retired:
-            # Sessions that have the INBOX selected see the change now, not at their next poll.
-            registry.sync(folder).addErrback(  # type: ignore[union-attr]
-                lambda f: log.failure("web: IMAP index refresh of {path} failed", f, path=path))
-        return bases
+        if registry is None or folder is None or not folder.loaded or folder.retired:
+            return bases
+        # Sessions that have the INBOX selected see the change by the time we
+        # answer, not at their next poll.
+        d = registry.sync(folder)
+        d.addErrback(lambda f: log.failure("web: IMAP index refresh of {path} failed", f, path=path))
+        return d.addCallback(lambda _: bases)
 
     # one message
 
