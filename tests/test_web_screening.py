@@ -266,6 +266,18 @@ def test_decisions_newest_first_filtered_by_client_and_action(site):
         assert api("GET", "/decisions" + bad).status == 400, bad
 
 
+def test_decisions_of_real_traffic_show_with_their_fields(site):
+    """A block by the API, then a real SMTP client refused: both decisions, newest first."""
+    api, clock = site()
+    api("POST", "/blocks", {"address": "127.0.0.1", "minutes": 5})
+    assert not smtp_accepted(api.server)
+    [refused, blocked] = api("GET", "/decisions?client=127.0.0.1").json["decisions"]
+    assert (refused["action"], refused["rule"], refused["protocol"]) == ("refuse", "manual", "smtp")
+    assert (blocked["action"], blocked["rule"], blocked["minutes"]) == ("block", "manual", 5)
+    assert refused["time"] == blocked["time"] == clock.seconds()
+    assert api("GET", "/decisions?client=127.0.0.1&action=block").json["decisions"] == [blocked]
+
+
 def test_decisions_are_bounded(site):
     api, _ = site()
     for n in range(1100):
