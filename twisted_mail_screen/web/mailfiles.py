@@ -223,8 +223,8 @@ class MailFiles:
             if rel is None:
                 continue
             flags = set(maildir_names.flags_of(rel))
-            if ("S" in flags) == read and rel.startswith("cur/"):
-                continue
+            if ("S" in flags) == read:
+                continue  # (an unread message stays in new/, still \Recent for IMAP)
             flags = flags | {"S"} if read else flags - {"S"}
             renames.append((len(renames), rel, "cur/" + maildir_names.with_flags(base, "".join(sorted(flags)))))
         done = rename_files(folder_path, renames, None)
