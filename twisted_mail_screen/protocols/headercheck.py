@@ -23,7 +23,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
-from email.errors import ObsoleteHeaderDefect
+from email.errors import NonASCIILocalPartDefect, ObsoleteHeaderDefect
 from email.policy import default as default_policy
 from email.utils import getaddresses
 from typing import Callable
@@ -156,7 +156,9 @@ def mailboxes(value: str, label: str = "From") -> list[str]:
         parsed = default_policy.header_factory(label, value)
     except Exception:  # the parser's recursion on nested comments, among others
         raise Refusal(550, "5.7.1", f"{label}: header field is not a valid address list")
-    defects = [d for d in parsed.defects if not isinstance(d, ObsoleteHeaderDefect)]
+    # A UTF-8 local part is no defect in a message sent with SMTPUTF8 (RFC 6532 3.2).
+    defects = [d for d in parsed.defects
+               if not isinstance(d, (ObsoleteHeaderDefect, NonASCIILocalPartDefect))]
     if defects or any(g.display_name is not None for g in parsed.groups):
         raise Refusal(550, "5.7.1", f"{label}: header field is not a plain list of mailboxes "
                       "(RFC 5322 3.6.2)")

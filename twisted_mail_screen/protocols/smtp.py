@@ -13,28 +13,27 @@ service, the freeze store and the authenticator.
 from __future__ import annotations
 
 import re
-import time
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
-from twisted.mail.smtp import rfc822date
 
-from twisted_mail_screen.store.addresses import (AddressError, parse_params, parse_path,
-                                           valid_sender_path)
-from twisted_mail_screen.store.auth import decode_base64
+from twisted_mail_screen.store.addresses import AddressError, parse_path, valid_sender_path
 from twisted_mail_screen.faults.plan import END_OF_DATA
 from twisted_mail_screen.faults.seam import guard, smtp_reply, smtp_subject
 from twisted_mail_screen.store.delivery import Delivery
 from twisted_mail_screen.runtime.deliverylog import logged
 from twisted_mail_screen.protocols.headercheck import Refusal, submission
 from twisted_mail_screen.screening.interfaces import FreezeStore
-from twisted_mail_screen.protocols.session import SASLError, ScreenedSession, SessionFactory, sasl_plain
+from twisted_mail_screen.protocols.session import ScreenedSession, SessionFactory
 from twisted_mail_screen.store.maildir import DeliveryError
 from twisted_mail_screen.runtime.workers import Workers
 from twisted_mail_screen.store.routing import FORWARDING_DISABLED, Route, Router
-from twisted_mail_screen.protocols.smtp_bdat import ChunkedMessage, Chunking
+from twisted_mail_screen.protocols.smtp_auth import Authentication
+from twisted_mail_screen.protocols.smtp_bdat import Chunking
+from twisted_mail_screen.protocols.smtp_params import Envelope, Refused, mail_params, rcpt_params
+from twisted_mail_screen.protocols.smtp_received import HeaderDate, received
+from twisted_mail_screen.relay.notices import Notices
 from twisted_mail_screen.protocols.smtp_data import (BARE, INLINE_STORED_FORM, LINE, SIZE, DataReader,
                                                      stored_form)
 
@@ -45,21 +44,11 @@ COMMAND_LINE_LIMIT = 12288
 #: line break in our Received:/Return-Path: headers and in the commands the
 #: relay sends on.
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
-#: RFC 1870: size-value ::= 1*20DIGIT, ASCII digits only.
-_SIZE_VALUE = re.compile(r"[0-9]{1,20}")
+#: RFC 6531 3.7.4.1: a non-ASCII address in a transaction without SMTPUTF8.
+NEEDS_SMTPUTF8 = "Non-ASCII address needs the SMTPUTF8 parameter (RFC 6531)"
 
 
-@dataclass
-class Envelope:
-    """One mail transaction: from MAIL to the end of DATA or RSET."""
-
-    sender: str
-    recipients: list[Route] = field(default_factory=list)
-    #: The BDAT chunks received so far (RFC 3030); DATA is then refused.
-    chunks: ChunkedMessage | None = None
-
-
-class SMTPServer(Chunking, ScreenedSession):
+class SMTPServer(Authentication, Chunking, ScreenedSession):
     """One SMTP session."""
 
     log = Logger()
@@ -128,9 +117,15 @@ class SMTPServer(Chunking, ScreenedSession):
         if bad:
             return self.reply(501, "5.5.2", "Control character (bare CR, NUL, TAB...) in command line")
         try:
-            text = line.decode("ascii")
+            text = line.decode("utf-8")
         except UnicodeDecodeError:
+            text = ""
+        if not text.isascii() and text[:5].upper() not in ("MAIL ", "RCPT "):
+            # UTF-8 only in the paths of MAIL and RCPT (RFC 6531 3.3).
             self.reply(500, "5.5.2", "Command contains non-ASCII bytes")
+            return None
+        if not text and line:
+            self.reply(500, "5.5.2", "Command is not valid UTF-8")
             return None
         verb, _, arg = text.partition(" ")
         handler = getattr(self, "do_" + verb.upper(), None) if verb.isalpha() else None
@@ -157,7 +152,7 @@ class SMTPServer(Chunking, ScreenedSession):
         f = self.factory
         lines = [f"{f.config.hostname} greets {arg}", "PIPELINING",
                  f"SIZE {f.config.smtp.max_message_size}", "8BITMIME",
-                 "ENHANCEDSTATUSCODES", "CHUNKING"]
+                 "ENHANCEDSTATUSCODES", "CHUNKING", "SMTPUTF8", "DSN"]
         if f.tls is not None and not self.secure:
             lines.append("STARTTLS")
         if self.user is None and f.authenticator.plaintext_allowed(self.peer_host, self.secure):
@@ -199,89 +194,6 @@ class SMTPServer(Chunking, ScreenedSession):
         self.start_tls(self.factory.tls)  # RFC 3207 4.2: pre-TLS pipelined input is void
         self.helo, self.esmtp, self.envelope = None, False, None
 
-    # AUTH (RFC 4954)
-
-    def do_AUTH(self, arg: str) -> Deferred | None:
-        f = self.factory
-        if self.user is not None:
-            return self.reply(503, "5.5.1", "Already authenticated")
-        if self.envelope is not None:
-            return self.reply(503, "5.5.1", "AUTH not allowed during a mail transaction")
-        if not self.esmtp:
-            return self.reply(503, "5.5.1", "Send EHLO first")
-        if not f.authenticator.plaintext_allowed(self.peer_host, self.secure):
-            return self.reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
-        mechanism, _, initial = arg.partition(" ")
-        mechanism = mechanism.upper()
-        if mechanism == "PLAIN":
-            if initial:
-                return self._auth_plain(initial.encode())
-            self._sasl = self._auth_plain
-            self.send(b"334 \r\n")
-            return None
-        if mechanism == "LOGIN":
-            if initial:
-                return self._login_user(initial.encode())
-            self._sasl = self._login_user
-            self.send(b"334 VXNlcm5hbWU6\r\n")
-            return None
-        return self.reply(504, "5.5.4", "Unrecognized authentication mechanism")
-
-    def _cancelled(self) -> None:
-        self.reply(501, "5.7.0", "Authentication cancelled")
-
-    def _sasl_cancelled(self, line: bytes) -> bool:
-        if line.strip() == b"*":
-            self._cancelled()
-            return True
-        return False
-
-    def _auth_plain(self, line: bytes) -> Deferred | None:
-        try:
-            credentials = sasl_plain(line)
-        except SASLError as e:
-            return self.reply(501, "5.5.2", f"Cannot decode response: {e}")
-        if credentials is None:
-            return self._cancelled()
-        return self._check(*credentials)
-
-    def _login_user(self, line: bytes) -> None:
-        if self._sasl_cancelled(line):
-            return None
-        try:
-            username = decode_base64(line.strip()).decode("utf-8")
-        except (SASLError, UnicodeDecodeError):
-            return self.reply(501, "5.5.2", "Cannot decode response")
-        self._sasl = lambda l: self._login_password(username, l)
-        self.send(b"334 UGFzc3dvcmQ6\r\n")
-        return None
-
-    def _login_password(self, username: str, line: bytes) -> Deferred | None:
-        if self._sasl_cancelled(line):
-            return None
-        try:
-            password = decode_base64(line.strip()).decode("utf-8")
-        except (SASLError, UnicodeDecodeError):
-            return self.reply(501, "5.5.2", "Cannot decode response")
-        return self._check(username, password)
-
-    def _check(self, username: str, password: str) -> Deferred:
-        f = self.factory
-        d = f.authenticator.authenticate(username, password)
-
-        def answer(address: str | None) -> None:
-            if address is not None and not f.freeze.is_frozen(address):
-                self.user = address
-                self.auth_succeeded(address)
-                self.log.info("smtp: {peer} authenticated as {user}", peer=self.peer_host, user=address)
-                return self.reply(235, "2.7.0", "Authentication successful")
-            # A frozen account gets the same answer as a wrong password.
-            self.reply(535, "5.7.8", "Authentication credentials invalid")
-            if address is None and self.auth_failed(username, password):
-                self.close_for_block()
-
-        return d.addCallback(answer)
-
     # the transaction
 
     def do_MAIL(self, arg: str) -> None:
@@ -302,28 +214,17 @@ class SMTPServer(Chunking, ScreenedSession):
             sender, params = parse_path(arg[5:])
         except AddressError as e:
             return self.reply(501, "5.1.7", f"Bad sender address syntax: {e}")
-        if params and not self.esmtp:
-            return self.reply(555, "5.5.4", "MAIL parameters need EHLO")
         try:
-            options = parse_params(params)
-        except AddressError as e:
-            return self.reply(501, "5.5.4", f"Bad MAIL parameters: {e}")
-        for key, value in options.items():
-            if key == "SIZE":
-                if not _SIZE_VALUE.fullmatch(value):
-                    return self.reply(501, "5.5.4", "Bad SIZE parameter (RFC 1870: 1 to 20 digits)")
-                if int(value) > f.config.smtp.max_message_size:
-                    return self.reply(552, "5.3.4", "Message size exceeds fixed limit")
-            elif key == "BODY":
-                if value.upper() not in ("7BIT", "8BITMIME"):
-                    return self.reply(501, "5.5.4", "Unsupported BODY type")
-            else:
-                return self.reply(555, "5.5.4", f"Unsupported MAIL parameter {key}")
+            options = mail_params(params, self.esmtp, f.config.smtp.max_message_size)
+        except Refused as e:
+            return self.reply(e.code, e.status, e.text)
+        if not sender.isascii() and not options.smtputf8:
+            return self.reply(553, "5.6.7", NEEDS_SMTPUTF8)
         if sender and not valid_sender_path(sender):
             return self.reply(501, "5.1.7", "Bad sender address syntax")
         if self._submitting() and not f.router.owns(self.user, sender):  # type: ignore[arg-type]
             return self.reply(553, "5.7.1", f"<{sender}>: Sender address not owned by user {self.user}")
-        self.envelope = Envelope(sender)
+        self.envelope = Envelope(sender, options=options)
         self.reply(250, "2.1.0", "Ok")
 
     def do_RCPT(self, arg: str) -> None:
@@ -339,8 +240,12 @@ class SMTPServer(Chunking, ScreenedSession):
             path, params = parse_path(arg[3:])
         except AddressError as e:
             return self.reply(501, "5.1.3", f"Bad recipient address syntax: {e}")
-        if params:
-            return self.reply(555, "5.5.4", "Unsupported RCPT parameter")
+        try:
+            request = rcpt_params(params, self.esmtp)
+        except Refused as e:
+            return self.reply(e.code, e.status, e.text)
+        if not path.isascii() and not env.options.smtputf8:
+            return self.reply(553, "5.6.7", NEEDS_SMTPUTF8)
         relay = f.delivery.relay is not None
         route = f.router.resolve(path, may_relay=self.user is not None and relay, may_forward=relay)
         if route.refusal == "syntax":
@@ -355,6 +260,7 @@ class SMTPServer(Chunking, ScreenedSession):
                 self.close_for_block()
             return None
         env.recipients.append(route)
+        env.requests.append(request)
         self.reply(250, "2.1.5", "Ok")
 
     def do_DATA(self, arg: str) -> None:
@@ -432,10 +338,15 @@ class SMTPServer(Chunking, ScreenedSession):
     def _deliver(self, env: Envelope, body: bytes, mailboxes: tuple[str, ...],
                  remote: tuple[str, ...]) -> Deferred:
         f = self.factory
-        d = f.delivery.deliver(env.sender, mailboxes, remote, self.received_header(env) + body)
+        request = env.request()
+        d = f.delivery.deliver(env.sender, mailboxes, remote, self.received_header(env) + body,
+                               request=request)
 
         def ok(queue_id: str) -> None:
             self._commands = 0
+            if mailboxes and request.recipients:  # NOTIFY=SUCCESS: "delivered" notices, in the background
+                ensureDeferred(f.notices.delivered(queue_id.split(",")[0], env.sender, mailboxes,
+                                                   request, body))
             self.log.info("smtp: {peer} from=<{sender}> to={rcpts} size={size} id={id}",
                           peer=self.peer_host, sender=env.sender,
                           rcpts=",".join(mailboxes + remote), size=len(body), id=queue_id)
@@ -453,33 +364,11 @@ class SMTPServer(Chunking, ScreenedSession):
 
     def received_header(self, env: Envelope) -> bytes:
         f = self.factory
-        with_ = ("ESMTP" if self.esmtp else "SMTP") + ("S" if self.secure else "") + \
-            ("A" if self.user else "")
-        rcpts = [r.address for r in env.recipients]
-        for_ = f"\n\tfor <{rcpts[0]}>" if len(rcpts) == 1 else ""
-        peer = f" ([{self.peer_host}])" if self.peer_host else ""  # a UNIX socket has no address
-        return (f"Received: from {self.helo}{peer}\n\tby {f.config.hostname} "
-                f"(twisted-mail-screen) with {with_}{for_};\n\t{f.header_date(f.clock.seconds())}\n"
-                ).encode()
-
-
-class HeaderDate:
-    """
-    C{rfc822date(time.localtime(now))} as text, computed once per second:
-    the Received header of every message needs it, and formatting a date
-    costs more than the rest of the header. One per factory (reactor thread).
-    """
-
-    def __init__(self) -> None:
-        self._second = -1
-        self._text = ""
-
-    def __call__(self, now: float) -> str:
-        second = int(now)
-        if second != self._second:
-            self._text = rfc822date(time.localtime(second)).decode()
-            self._second = second
-        return self._text
+        # RFC 6531 3.7.3: UTF8SMTP[S][A] for a transaction with SMTPUTF8.
+        protocol = "UTF8SMTP" if env.options.smtputf8 else "ESMTP" if self.esmtp else "SMTP"
+        return received(self.helo or "", self.peer_host, f.config.hostname,
+                        protocol + ("S" if self.secure else "") + ("A" if self.user else ""),
+                        [r.address for r in env.recipients], f.header_date(f.clock.seconds()))
 
 
 class SMTPFactory(SessionFactory):
@@ -503,3 +392,5 @@ class SMTPFactory(SessionFactory):
         self.protocol_name = protocol_name
         self.require_auth = require_auth
         self.header_date = HeaderDate()
+        self.notices = Notices(self.config.hostname, None, router, delivery.deliver, self.clock,
+                               Logger(namespace="smtp"))

@@ -17,8 +17,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from twisted_mail_screen.faults.plan import FaultPlan
-from twisted_mail_screen.relay.client import (ClientFactory, Reply, Session, SMTPClient,
+from twisted_mail_screen.relay.client import (ClientFactory, Extensions, Reply, Session, SMTPClient,
                                               SMTPFailure, local_failure, open_session, quit)
+from twisted_mail_screen.relay.dsn import original_headers
 from twisted_mail_screen.relay.config import RelayConfig, load_ca_certificates, read_password
 from twisted_mail_screen.relay.policy import recipient_state
 from twisted_mail_screen.relay.pool import Job, Outcome
@@ -100,6 +101,22 @@ class Connector:
             raise local_failure(f"{target.name}: {e}") from e
 
 
+def extensions_of(queued: QueuedMessage, rcpts: list[str], message: bytes) -> Extensions:
+    """
+    What one transaction of C{queued} asks of the next hop. SMTPUTF8 is
+    needed only where something would not survive without it: a non-ASCII
+    sender or recipient, or a non-ASCII header (a UTF-8 body is 8BITMIME's).
+    """
+    by_address = {r.address: r for r in queued.recipients}
+    needs = queued.smtputf8 and not (
+        queued.sender.isascii() and all(r.isascii() for r in rcpts)
+        and original_headers(message).isascii())
+    return Extensions(
+        needs, queued.ret, queued.envid,
+        {a: tuple(by_address[a].notify) for a in rcpts if by_address[a].notify},
+        {a: by_address[a].orcpt for a in rcpts if by_address[a].orcpt})
+
+
 async def attempt_message(queued: QueuedMessage, message: bytes, submit: Callable[[Job], None],
                           write_envelope: Callable[[str, bytes], Deferred],
                           log: Logger, faults: FaultPlan | None = None,
@@ -113,7 +130,8 @@ async def attempt_message(queued: QueuedMessage, message: bytes, submit: Callabl
     groups: dict[str, list[str]] = {}
     for r in queued.pending():
         groups.setdefault(r.address.rpartition("@")[2], []).append(r.address)
-    jobs = [Job(queued.id, queued.sender, domain, rcpts, message, wire)
+    jobs = [Job(queued.id, queued.sender, domain, rcpts, message, wire,
+                extensions=extensions_of(queued, rcpts, message))
             for domain, rcpts in groups.items()]
     tried = False
     by_address = {r.address: r for r in queued.recipients}

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import base64
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -24,6 +24,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
 from twisted_mail_screen.protocols.pop3_wire import to_wire as stuffed
+from twisted_mail_screen.store.envelope import xtext_encode
 
 MAX_REPLY_LINES = 200
 MAX_LINE = 4096
@@ -38,6 +39,9 @@ class Reply:
     code: int
     text: str
     lines: tuple[str, ...] = ()
+    #: Accepted by a next hop that took no DSN parameters: a success the
+    #: sender asked to hear of is ours to report, as "relayed" (RFC 3461 5.2.2).
+    relayed: bool = False
 
     def __str__(self) -> str:
         return f"{self.code} {self.text}".strip()
@@ -216,6 +220,42 @@ def to_wire(message: bytes) -> bytes:
     return stuffed(message) + b".\r\n"
 
 
+@dataclass(frozen=True)
+class Extensions:
+    """
+    What a transaction asks of the next hop beyond the addresses:
+    C{smtputf8} when the message needs SMTPUTF8 (RFC 6531: a non-ASCII
+    address or header), RET and ENVID for MAIL, and each recipient's
+    NOTIFY and ORCPT (RFC 3461), sent only where the next hop offers DSN.
+    """
+
+    smtputf8: bool = False
+    ret: str = ""
+    envid: str = ""
+    notify: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    orcpt: dict[str, str] = field(default_factory=dict)
+
+    def mail(self, offered: dict[str, str]) -> str:
+        params = " SMTPUTF8" if self.smtputf8 and "SMTPUTF8" in offered else ""
+        if "DSN" in offered:
+            params += f" RET={self.ret}" if self.ret else ""
+            params += f" ENVID={xtext_encode(self.envid)}" if self.envid else ""
+        return params
+
+    def rcpt(self, address: str, offered: dict[str, str]) -> str:
+        if "DSN" not in offered:
+            return ""
+        notify, orcpt = self.notify.get(address), self.orcpt.get(address)
+        params = f" NOTIFY={','.join(notify)}" if notify else ""
+        if orcpt:
+            kind, _, original = orcpt.partition(";")
+            params += f" ORCPT={kind};{xtext_encode(original)}"
+        return params
+
+
+NO_EXTENSIONS = Extensions()
+
+
 @dataclass
 class Session:
     """An open, greeted (and maybe encrypted and authenticated) connection."""
@@ -312,16 +352,24 @@ async def _authenticate(client: SMTPClient, extensions: dict[str, str],
 
 
 async def transaction(session: Session, sender: str, recipients: list[str],
-                      message: bytes, data_timeout: float, wire: bytes | None = None) -> dict[str, Reply]:
+                      message: bytes, data_timeout: float, wire: bytes | None = None,
+                      extensions: Extensions = NO_EXTENSIONS) -> dict[str, Reply]:
     """
     One mail transaction. Returns each recipient's final reply: the RCPT
     refusal, or the reply to the end of DATA. C{wire} is C{to_wire(message)}
     when the caller has made it already (off the reactor thread).
+    A message that needs SMTPUTF8 is not sent to a host without it: each
+    recipient gets a permanent 5.6.7 (RFC 6531 3.7.5), bounced as any.
 
     @raise SMTPFailure: when the connection fails part-way.
     """
     client = session.client
-    params = ""
+    offered = session.extensions
+    if extensions.smtputf8 and "SMTPUTF8" not in offered:
+        reply = Reply(553, f"5.6.7 {session.host} does not offer SMTPUTF8, which this message "
+                           "needs (RFC 6531 3.7.5)")
+        return {r: reply for r in recipients}
+    params = extensions.mail(offered)
     if "SIZE" in session.extensions:
         params += f" SIZE={len(message) + message.count(NL)}"
     if "8BITMIME" in session.extensions and not message.isascii():
@@ -333,7 +381,7 @@ async def transaction(session: Session, sender: str, recipients: list[str],
     results: dict[str, Reply] = {}
     accepted: list[str] = []
     for rcpt in recipients:
-        reply = await client.command(f"RCPT TO:<{rcpt}>")
+        reply = await client.command(f"RCPT TO:<{rcpt}>{extensions.rcpt(rcpt, offered)}")
         if reply.code in (250, 251):
             accepted.append(rcpt)
         else:
@@ -347,6 +395,8 @@ async def transaction(session: Session, sender: str, recipients: list[str],
         results.update({r: reply for r in accepted})
         return results
     reply = await client.send_and_wait(to_wire(message) if wire is None else wire, data_timeout)
+    if reply.positive and "DSN" not in offered:
+        reply = replace(reply, relayed=True)
     results.update({r: reply for r in accepted})
     return results
 

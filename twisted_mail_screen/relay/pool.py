@@ -15,7 +15,8 @@ from typing import Awaitable, Callable, Protocol
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 
-from twisted_mail_screen.relay.client import Reply, Session, SMTPClient, SMTPFailure, transaction
+from twisted_mail_screen.relay.client import (NO_EXTENSIONS, Extensions, Reply, Session, SMTPClient,
+                                              SMTPFailure, transaction)
 from twisted_mail_screen.relay.config import RelayConfig
 from twisted_mail_screen.relay.resolver import PermanentDestinationError, Target
 
@@ -36,6 +37,7 @@ class Job:
     #: worker pool: for 25 MB it is ~100 ms of CPU the reactor must not spend.
     wire: bytes | None = None
     result: Deferred = field(default_factory=Deferred)
+    extensions: Extensions = NO_EXTENSIONS  # SMTPUTF8 and DSN parameters for the next hop
 
 
 @dataclass
@@ -151,7 +153,8 @@ class Pool:
             while job is not None:
                 try:
                     replies = await transaction(session, job.sender, job.recipients, job.message,
-                                                max(self.relay.command_timeout, 600), job.wire)
+                                                max(self.relay.command_timeout, 600), job.wire,
+                                                job.extensions)
                 except SMTPFailure as e:
                     self._fail_jobs([job], e.reply, session.host)
                     return

@@ -40,7 +40,7 @@ from twisted_mail_screen.relay.policy import (EXPIRED_STATUS, decide, due_after_
 from twisted_mail_screen.relay.pool import Outcome, Pool
 from twisted_mail_screen.relay.resolver import Targets
 from twisted_mail_screen.relay.spool import (BOUNCED, FAILED, PENDING, SENT, QueueDirectory,
-                                             QueuedMessage, Recipient, iso)
+                                             QueuedMessage, Recipient, iso, with_request)
 from twisted_mail_screen.runtime.events import EventBus
 from twisted_mail_screen.runtime.deliverylog import log_delivery
 from twisted_mail_screen.runtime.workers import Workers
@@ -199,7 +199,7 @@ class OutboundQueue(MultiService):
     # the Relay interface
 
     def enqueue(self, sender: str, recipients: tuple[str, ...], message: bytes, *,
-                start: bool = True) -> "Deferred[str]":
+                start: bool = True, request: Any = None) -> "Deferred[str]":
         """
         Durably queue C{message}; fires with the queue id once fsync'd.
         With C{start=False} nothing is sent until L{start} (or a restart):
@@ -210,6 +210,7 @@ class OutboundQueue(MultiService):
         queued = QueuedMessage(id=queue_id, sender=sender, created=now, next_attempt=now,
                                size=len(message),
                                recipients=[Recipient(r) for r in dict.fromkeys(recipients)])
+        with_request(queued, request)  # SMTPUTF8 and DSN requests (an EnvelopeRequest) kept with it
         d = self._blocking.run(self.directory.store, queued, message)
 
         def stored(_: Any) -> str:
@@ -382,6 +383,7 @@ class OutboundQueue(MultiService):
             self._messages.pop(queued.id, None)
             self.log.info("queue: {id} was deleted during its delivery attempt", id=queued.id)
             return
+        await self._notices.relayed(queued, message, outcomes)  # NOTIFY=SUCCESS, next hop without DSN
         if decision.delay_notice:
             queued.warned = True
             if decision.notify_sender:

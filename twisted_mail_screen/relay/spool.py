@@ -6,7 +6,8 @@ The queue's files: the spool in C{<data_dir>/queue/} (docs/relay.md).
     Received header on top);
   - C{queue/env/<id>.json}: the envelope: sender, each recipient's state
     (pending, sent, failed, bounced) and last reply, arrival time, attempt
-    count, next attempt, whether a delay warning went out;
+    count, next attempt, whether a delay warning went out; SMTPUTF8 and the
+    DSN requests (RET, ENVID; each recipient's NOTIFY and ORCPT);
   - C{queue/hold/<id>}: present while the message is on hold;
   - C{queue/flush}: present when a flush has been asked for.
 
@@ -26,6 +27,7 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from twisted.logger import Logger
 
@@ -43,6 +45,10 @@ class Recipient:
     reply: str = ""
     host: str = ""
     status: str = ""
+    #: RFC 3461: the NOTIFY keywords (empty: none given) and the ORCPT
+    #: ("type;address") of this recipient's RCPT.
+    notify: list[str] = field(default_factory=list)
+    orcpt: str = ""
 
 
 @dataclass
@@ -55,6 +61,11 @@ class QueuedMessage:
     attempts: int = 0
     warned: bool = False
     recipients: list[Recipient] = field(default_factory=list)
+    #: MAIL's SMTPUTF8 (RFC 6531), RET and ENVID (RFC 3461). Envelopes
+    #: written before these existed lack them and read as the defaults.
+    smtputf8: bool = False
+    ret: str = ""
+    envid: str = ""
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), indent=1, sort_keys=True).encode() + b"\n"
@@ -70,6 +81,16 @@ class QueuedMessage:
 
     def finished(self) -> bool:
         return all(r.state in (SENT, BOUNCED) for r in self.recipients)
+
+
+def with_request(queued: QueuedMessage, request: Any) -> QueuedMessage:
+    """C{queued} carrying an C{EnvelopeRequest}'s SMTPUTF8 and DSN parameters (C{None}: none)."""
+    if request is not None:
+        queued.smtputf8, queued.ret, queued.envid = request.smtputf8, request.ret, request.envid
+        for r in queued.recipients:
+            asked = request.of(r.address)
+            r.notify, r.orcpt = list(asked.notify), asked.orcpt
+    return queued
 
 
 def _valid_id(queue_id: str) -> bool:

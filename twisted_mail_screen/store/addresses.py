@@ -6,13 +6,25 @@ to lower case, and checked so that every part is safe as a directory name.
 Only dot-atom local parts are accepted for delivery (no quoted strings, no
 C{%} or C{!} routing, no C{/}); that rules out the classic relay tricks and
 means an address can never name a path outside the mail directory.
+
+Local parts may hold UTF-8 (RFC 6531 3.3, atext =/ UTF8-non-ascii): they
+are NFC-normalised and lower-cased, at most 64 octets, and refused when a
+non-ASCII character is a control, format (bidi overrides, zero-width),
+space, separator, surrogate, private-use or unassigned character, so the
+directory name is one visible word, and two spellings of one name (composed
+or not) are one mailbox. Domains in U-labels are turned into A-labels
+(UTS 46 / IDNA 2008, C{xn--...}): routing, storage and the relay see one
+ASCII form.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 
-_ATEXT = r"[a-z0-9#$&'*+=?^_`{|}~-]"
+import idna
+
+_ATEXT = r"[a-z0-9#$&'*+=?^_`{|}~\u0080-\U0010ffff-]"
 _LOCAL = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*\Z")
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\Z")
@@ -22,6 +34,8 @@ _LITERAL = re.compile(r"\[(?:ipv6:)?[0-9a-f:.]{1,45}\]\Z")
 _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,63}\Z")
 _VALUE = re.compile(r"[!-<>-~]+\Z")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: Unicode categories never accepted in a local part (see the module docstring).
+_UNSAFE = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zs", "Zl", "Zp"})
 
 
 class AddressError(ValueError):
@@ -33,24 +47,51 @@ def valid_domain(domain: str) -> bool:
 
 
 def valid_local_part(local: str) -> bool:
-    return len(local) <= 64 and bool(_LOCAL.match(local))
+    if local.isascii():
+        return len(local) <= 64 and bool(_LOCAL.match(local))
+    return (len(local.encode("utf-8")) <= 64 and bool(_LOCAL.match(local))
+            and unicodedata.is_normalized("NFC", local)
+            and not any(unicodedata.category(c) in _UNSAFE for c in local if ord(c) > 127))
+
+
+def ascii_domain(domain: str) -> str:
+    """
+    C{domain} (lower case) with its U-labels as A-labels.
+
+    @raise AddressError: if it is no valid internationalised domain name.
+    """
+    if domain.isascii():
+        return domain
+    try:
+        return idna.encode(domain, uts46=True).decode("ascii").lower()
+    except (idna.IDNAError, UnicodeError) as e:
+        raise AddressError("domain is not a valid internationalised host name") from e
+
+
+def normalise_local(local: str) -> str:
+    """A local part as mailboxes are named: lower case, and NFC when it is not ASCII."""
+    if local.isascii():
+        return local.lower()
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFC", local).lower())
 
 
 def normalise_address(address: str) -> str:
     """
-    Return C{address} in canonical lower-case form.
+    Return C{address} in canonical form: the local part lower-cased (and
+    NFC-normalised), the domain lower-cased ASCII (A-labels).
 
     @raise AddressError: if it is not a plain C{local@domain} address.
     """
-    address = address.strip().lower()
-    local, at, domain = address.rpartition("@")
+    local, at, domain = address.strip(" \t\r\n").rpartition("@")
     if not at:
         raise AddressError("must be local@domain")
+    local = normalise_local(local)
     if not valid_local_part(local):
         raise AddressError("local part is not a plain dot-atom")
+    domain = ascii_domain(domain.lower())
     if not valid_domain(domain):
         raise AddressError("domain is not a valid host name")
-    return address
+    return f"{local}@{domain}"
 
 
 def parse_path(text: str) -> tuple[str, str]:
@@ -95,7 +136,12 @@ def valid_sender_path(path: str) -> bool:
     if not at or len(path) > 254:
         return False
     domain = domain.lower()
-    return valid_local_part(local.lower()) and (valid_domain(domain) or bool(_LITERAL.match(domain)))
+    try:
+        domain = ascii_domain(domain)
+    except AddressError:
+        return False
+    return valid_local_part(normalise_local(local)) and (valid_domain(domain)
+                                                         or bool(_LITERAL.match(domain)))
 
 
 def parse_params(params: str) -> dict[str, str]:

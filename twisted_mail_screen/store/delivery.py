@@ -32,8 +32,8 @@ class Relay(Protocol):
     """The outbound queue, as delivery sees it."""
 
     def enqueue(self, sender: str, recipients: tuple[str, ...], message: bytes, *,
-                start: bool = True) -> "Deferred[str]":
-        """Durably queue C{message}; fires with a queue id once fsync'd."""
+                start: bool = True, request: Any = None) -> "Deferred[str]":
+        """Durably queue C{message} (with its C{EnvelopeRequest}); fires with a queue id once fsync'd."""
 
     def start(self, queue_id: str) -> None:
         """Begin sending a message queued with C{start=False}."""
@@ -72,22 +72,23 @@ class Delivery:
         return name
 
     def deliver(self, sender: str, mailboxes: tuple[str, ...], remote: tuple[str, ...],
-                message: bytes) -> "Deferred[str]":
+                message: bytes, request: Any = None) -> "Deferred[str]":
         """
         Store C{message} (LF line endings, our Received: on top) for local
         C{mailboxes} (with a Return-Path: added) and C{remote} addresses,
         all or nothing. Fires with the local file name, or the queue id
         when every recipient is remote; fails with L{DeliveryError}.
+        C{request} (an C{EnvelopeRequest}: SMTPUTF8, DSN) goes with the queue entry.
         """
         local = f"Return-Path: <{sender}>\n".encode() + message
         if not remote:
             return self.deliver_local(mailboxes, local)
         if not mailboxes:
-            return self._enqueue(sender, remote, message, True)
-        return ensureDeferred(self._deliver_both(sender, mailboxes, remote, local, message))
+            return self._enqueue(sender, remote, message, True, request)
+        return ensureDeferred(self._deliver_both(sender, mailboxes, remote, local, message, request))
 
     def _enqueue(self, sender: str, remote: tuple[str, ...], message: bytes,
-                 start: bool) -> "Deferred[str]":
+                 start: bool, request: Any = None) -> "Deferred[str]":
         if self.relay is None:
             return fail(DeliveryError("remote recipients but no relay"))
 
@@ -97,14 +98,16 @@ class Delivery:
             # A disk error in the queue: reported like one in a Maildir.
             raise DeliveryError(f"cannot queue: {reason.value}")
 
-        return self.relay.enqueue(sender, remote, message, start=start).addErrback(failed)
+        return self.relay.enqueue(sender, remote, message, start=start,
+                                  request=request).addErrback(failed)
 
     async def _deliver_both(self, sender: str, mailboxes: tuple[str, ...],
-                            remote: tuple[str, ...], local: bytes, message: bytes) -> str:
+                            remote: tuple[str, ...], local: bytes, message: bytes,
+                            request: Any = None) -> str:
         assert self.relay is not None
         staged = await self._blocking.run(self.store.stage, list(mailboxes), local)
         try:
-            queue_id = await self._enqueue(sender, remote, message, False)
+            queue_id = await self._enqueue(sender, remote, message, False, request)
         except BaseException:
             await self._blocking.run(staged.abort)
             raise
