@@ -290,6 +290,41 @@ def test_summaries_are_parsed_once_per_file_and_a_large_mailbox_lists_fast(web, 
     assert cached < parsed / 3
 
 
+def test_hostile_messages_list_and_open_without_errors(web, tmp_path):
+    """Garbage, undecodable bytes and 6,000 nested multiparts: shown (quickly), never a 500."""
+    deep = b"Subject: deep\nContent-Type: multipart/mixed; boundary=b0\n\n"
+    deep += b"".join(b"--b%d\nContent-Type: multipart/mixed; boundary=b%d\n\n" % (i, i + 1)
+                     for i in range(6000)) + b"--b6000\nContent-Type: text/plain\n\nbottom\n"
+    hostile = [
+        deep,
+        bytes(range(256)) * 20,
+        b"Subject: caf\xe9 \xff\nFrom: J\xf6rg <j@example.org>\nDate: not a date\n\n\xff\xfe body\n",
+        b"Subject: =?utf-8?b?!!!?=\nContent-Type: text/plain; charset=x-unknown\n"
+        b"Content-Transfer-Encoding: base64\n\n!!!!not base64\n",
+        b"",
+        b"Content-Type: multipart/mixed; boundary=x\n\n--x\nContent-Type: text/html\n"
+        b'Content-Disposition: attachment; filename="a\\"b\r\n.html"\n\n<script>x</script>\n--x--\n',
+    ]
+    paths = _plant(tmp_path / "data", "mallory@example.test", len(hostile))
+    for path, data in zip(paths, hostile):
+        path.write_bytes(data)
+    started = time.monotonic()
+    page = listing(port := web.port("web"))
+    assert page["total"] == len(hostile) and time.monotonic() - started < 3
+    by_subject = {m["Subject"]: m for m in page["messages"]}
+    assert "caf\ufffd \ufffd" in by_subject and "deep" in by_subject
+    # Undecodable bytes become U+FFFD, never lone surrogates (invalid in JSON text for strict readers).
+    assert by_subject["caf\ufffd \ufffd"]["From"] == {"Name": "J\ufffdrg", "Address": "j@example.org"}
+    for m in page["messages"]:
+        for suffix in ("", "/headers", "/raw"):
+            assert get(port, f"/api/v1/message/{m['ID']}{suffix}").status == 200, (m, suffix)
+        full = get(port, f"/api/v1/message/{m['ID']}").json
+        for att in full["Attachments"]:
+            part = get(port, f"/api/v1/message/{m['ID']}/part/{att['PartID']}")
+            assert part.status == 200 and "sandbox" in part.headers["content-security-policy"]
+            assert '"' not in part.headers["content-disposition"].split('filename="')[1][:-1]
+
+
 def _wait_in_thread(port: int, path: str, results: list) -> threading.Thread:
     def run() -> None:
         reply = get(port, path, timeout=30)

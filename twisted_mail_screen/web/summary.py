@@ -29,6 +29,9 @@ from email.utils import getaddresses, parsedate_to_datetime
 from typing import Any
 
 SNIPPET_CHARS = 250
+#: A message declaring more multipart boundaries than this is not parsed as
+#: MIME (3,000 nested ones cost the parser seven seconds of CPU).
+MAX_MULTIPARTS = 100
 #: Text kept per message for free-text search (a body past this is not searched).
 SEARCH_TEXT_CHARS = 64 * 1024
 
@@ -109,6 +112,29 @@ class Parsed:
 
 
 def parse(data: bytes) -> Parsed:
+    """
+    The message's MIME tree; a message the parser chokes on (deep nesting
+    past the recursion limit, say) is shown as headers and one text body.
+    """
+    if data.count(b"oundary=") > MAX_MULTIPARTS:
+        return _fallback(data)  # the parser's time grows with the square of the nesting
+    try:
+        return _parse(data)
+    except Exception:
+        return _fallback(data)
+
+
+def _fallback(data: bytes) -> Parsed:
+    message = Message()
+    for name, values in headers(data).items():
+        for value in values:
+            message[name] = value
+    body = re.split(rb"\r?\n\r?\n", data, maxsplit=1)[1:]
+    parsed = Parsed(message, text=body[0].decode("utf-8", "replace") if body else "")
+    return parsed
+
+
+def _parse(data: bytes) -> Parsed:
     message = email.message_from_bytes(data, policy=email.policy.default)
     parsed = Parsed(message)
     for part in _leaves(message, ""):
@@ -132,7 +158,7 @@ def _leaves(message: Message, prefix: str) -> Iterator[Part]:
                 yield from _leaves(child, f"{prefix}{i}.")
         return
     part_id = prefix[:-1] if prefix else "1"
-    yield Part(part_id, message, message.get_content_type(), _safe(message.get_filename, ""),
+    yield Part(part_id, message, message.get_content_type(), _clean(_safe(message.get_filename, "")),
                _header(message, "Content-ID").strip().strip("<>"),
                _safe(message.get_content_disposition, "") or "")
 
@@ -153,7 +179,12 @@ def _header(message: Message, name: str) -> str:
         raw = [v for k, v in message.raw_items() if k.lower() == name.lower()]  # type: ignore[attr-defined]
         if raw:
             value = raw[0]
-    return "" if value is None else _FOLD.sub(" ", str(value)).strip()
+    return "" if value is None else _FOLD.sub(" ", _clean(str(value))).strip()
+
+
+def _clean(text: str) -> str:
+    """Undecodable bytes (kept by the parser as lone surrogates) become U+FFFD, valid in JSON."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _text(message: Message) -> str:
@@ -178,7 +209,8 @@ def _addresses(message: Message, header: str) -> list[dict[str, str]]:
     except Exception:
         raw = [v for k, v in message.raw_items() if k.lower() == header.lower()]  # type: ignore[attr-defined]
         found = getaddresses([str(v) for v in raw])
-    return [{"Name": name, "Address": address} for name, address in found if address or name]
+    return [{"Name": _clean(name), "Address": _clean(address)} for name, address in found
+            if address or name]
 
 
 def html_to_text(markup: str) -> str:
