@@ -14,7 +14,10 @@ setup(
                   # the web page's HTML, CSS and JavaScript modules (web/ui.py)
                   "twisted_mail_screen.web": ["static/*"]},
     install_requires=["twisted", "zope.interface", "service-identity", "pyOpenSSL",
-                      "prometheus_client"],  # /metrics: its registry and text format
+                      "prometheus_client",  # /metrics: its registry and text format
+                      # DKIM signing and verifying (RFC 6376; Ed25519 through PyNaCl):
+                      # maintained, the verifier of Mailman and of most Python milters.
+                      "dkimpy[ed25519]"],
     extras_require={"test": ["pytest", "hypothesis", "selenium"]},
     entry_points={"console_scripts": ["mailscreen = twisted_mail_screen.admin.cli:main"],
                   "pytest11": ["mailscreen = twisted_mail_screen.pytest_plugin"]},

@@ -41,6 +41,7 @@ from twisted_mail_screen.protocols.session import SessionFactory
 from twisted_mail_screen.store.routing import Router
 from twisted_mail_screen.protocols.smtp import SMTPFactory
 from twisted_mail_screen.runtime.tlsreload import ReloadingTLS
+from twisted_mail_screen.mailauth.gate import build_mail_auth
 from twisted_mail_screen.runtime.workers import Blocking, Workers
 from twisted_mail_screen.web.context import WebContext
 from twisted_mail_screen.web.site import build_site
@@ -229,12 +230,17 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
     # SMTP's deliveries are counted and timed (end of DATA to the fsync'd 250).
     measured = MeasuredDelivery(delivery, metrics, clock)
 
+    # DKIM signing of submitted mail; SPF, DKIM, DMARC of the rest (docs/mailauth.md).
+    mail_auth = build_mail_auth(config, reactor, blocking, workers)
+    if isinstance(mail_auth, Service):
+        mail_auth.setServiceParent(service)
+
     def smtp_factory(kind: str) -> SMTPFactory:
         return SMTPFactory(config=config, router=router, delivery=measured,  # type: ignore[arg-type]
                            blocking=blocking,
                            authenticator=authenticator, screening=screening, freeze=freeze,
                            clock=clock, tls=tls, protocol_name=kind,
-                           require_auth=kind == "submission", faults=faults)
+                           require_auth=kind == "submission", faults=faults, mail_auth=mail_auth)
 
     factories: dict[str, Callable[[], Any]] = {
         "smtp": lambda: smtp_factory("smtp"),

@@ -1,0 +1,1 @@
+"""Message authentication: DKIM signing of submitted mail; inbound SPF, DKIM and DMARC (docs/mailauth.md)."""

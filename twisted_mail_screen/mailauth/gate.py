@@ -1,0 +1,53 @@
+# -*- test-case-name: tests.test_dkim -*-
+"""
+What happens to a message between the end of DATA and its delivery, for
+message authentication: submitted mail is DKIM-signed; mail from
+unauthenticated clients gets its SPF, DKIM and DMARC results. The SMTP
+session asks L{MailAuth.check} (its C{mail_auth} hook) and delivers what
+comes back, or sends the refusal.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, succeed
+
+from twisted_mail_screen.mailauth.sign import Signer
+from twisted_mail_screen.runtime.workers import Workers
+
+#: What the hook fires with: the message to deliver, or an SMTP refusal (code, status, text).
+Outcome = Union[bytes, tuple[int, str, str]]
+
+
+class MailAuth(MultiService):
+    """The C{mail_auth} hook of SMTP factories; a service for the pools its checks use."""
+
+    def __init__(self, blocking: Workers, signer: Signer | None = None, inbound: Any = None) -> None:
+        super().__init__()
+        self._blocking = blocking
+        self._signer = signer
+        self._inbound = inbound
+
+    def check(self, *, user: str | None, submitting: bool, peer: str | None, helo: str | None,
+              sender: str, body: bytes) -> "Deferred[Outcome]":
+        if submitting:
+            if self._signer is None:
+                return succeed(body)
+            return self._blocking.run(self._signer.sign, body)
+        if user is None and self._inbound is not None:
+            return self._inbound.check(peer=peer, helo=helo, sender=sender, body=body)
+        return succeed(body)
+
+
+def build_mail_auth(config: Any, reactor: Any, blocking: Workers,
+                    workers: Workers | None = None) -> MailAuth | None:
+    """
+    The hook for C{config}, or C{None} when there is nothing to do.
+    C{workers} replaces every pool (a unit test's inline workers).
+    """
+    signer = Signer(config.dkim) if config.dkim.keys else None
+    if signer is None:
+        return None
+    return MailAuth(blocking, signer)
