@@ -65,7 +65,9 @@ def test_messages_and_queries(mailserver):
                    b"To: list@example.test\\r\\nSubject: bcc\\r\\n\\r\\nx\\r\\n")
     mailserver.wait_for(count=3)
     first, second, bcc = mailserver.messages()
-    assert [m["Subject"] for m in mailserver.messages("to:hidden@example.test")] == ["bcc"]
+    assert [m["Subject"] for m in mailserver.messages("bcc:hidden@example.test")] == ["bcc"]
+    assert [m["Subject"] for m in mailserver.messages("addressed:hidden")] == ["bcc"]
+    assert mailserver.messages("to:hidden@example.test") == []  # To: is list@
     assert first.envelope_from == "alice@example.test"
     assert first.envelope_to == ["bob@example.test", "carol@example.test"]
     assert first["Subject"] == "first"
@@ -74,9 +76,16 @@ def test_messages_and_queries(mailserver):
     assert [m["Subject"] for m in mailserver.messages('subject:"second invoice"')] == ["second invoice"]
     assert [m["Subject"] for m in mailserver.messages("body of first")] == ["first"]
     assert [m["Subject"] for m in mailserver.messages("-subject:first")] == ["second invoice", "bcc"]
+    assert [m["Subject"] for m in mailserver.messages("!subject:first is:unread")] == ["second invoice", "bcc"]
+    assert mailserver.messages("is:read") == [] and len(mailserver.messages("after:2020-01-01")) == 3
+    assert [m["Subject"] for m in mailserver.messages("smaller:10k subject:bcc")] == ["bcc"]
     assert mailserver.messages("to:nobody") == []
     with pytest.raises(ValueError, match="unknown field 'too:'"):
         mailserver.messages("too:bob")
+    with pytest.raises(ValueError, match="not a date"):
+        mailserver.wait_for("after:yesterday")
+    with pytest.raises(ValueError, match="unbalanced quote"):
+        mailserver.messages('subject:"open')
 
 def test_pop3_imap_and_purge(mailserver):
     send(mailserver, ["bob@example.test"], "hello")
@@ -355,7 +364,7 @@ def send(server, to, subject):
 @pytest.mark.mailserver(relay_sink=True)
 def test_relayed_mail_reaches_the_sink(mailserver):
     send(mailserver, ["ann@example.test", "bob@remote.test"], "hello")
-    mailserver.wait_for("to:ann@example.test")
+    mailserver.wait_for("addressed:ann@example.test")  # no To: header: a Bcc, as in Mailpit
     [out] = mailserver.wait_for_relayed()
     assert out.envelope_from == "shop@example.test" and out.envelope_to == ["bob@remote.test"]
     assert out["Subject"] == "hello"
@@ -375,7 +384,7 @@ def test_fail_delivery_defers_then_delivers(mailserver):
 def test_fail_delivery_5xx_bounces(mailserver):
     mailserver.faults.fail_delivery(reply="550 5.7.1 refused (injected)")
     send(mailserver, ["bob@remote.test"], "bounced")
-    [bounce] = mailserver.wait_for("to:shop@example.test")
+    [bounce] = mailserver.wait_for("to:shop@example.test subject:undelivered")
     assert "refused (injected)" in bounce.as_string()
     assert mailserver.relayed == []
 
@@ -387,3 +396,49 @@ def test_no_sink_no_relayed(mailserver):
 
 def test_relay_sink(pytester: pytest.Pytester) -> None:
     run(pytester, RELAY).assert_outcomes(passed=4)
+
+
+SESSION = '''
+import smtplib
+import pytest
+
+seen = {}
+
+def test_plain(mailserver_session):
+    seen["plain"] = mailserver_session
+    assert not mailserver_session.site
+
+def test_plain_again_is_the_same_server(mailserver_session):
+    assert mailserver_session is seen["plain"]
+
+@pytest.mark.mailserver(site=True)
+def test_marker_gets_a_server_of_its_own(mailserver_session):
+    assert mailserver_session.site and mailserver_session is not seen["plain"]
+    seen["site"] = mailserver_session
+
+@pytest.mark.mailserver(site=True)
+def test_same_marker_same_server(mailserver_session):
+    assert mailserver_session is seen["site"]
+
+class TestConfigured:
+    @pytest.fixture
+    def mailserver_config(self):
+        return {"hostname": "mx.session.test"}
+
+    def test_config_fixture(self, mailserver_session):
+        with smtplib.SMTP(mailserver_session.host, mailserver_session.smtp_port) as s:
+            assert b"mx.session.test" in s.ehlo()[1]
+
+@pytest.fixture(scope="session")
+def shared(mailserver_pool):
+    return mailserver_pool.get({"hostname": "mx.session.test"})
+
+def test_pool_from_a_session_fixture(shared, mailserver_session):
+    assert shared is not mailserver_session
+    with smtplib.SMTP(shared.host, shared.smtp_port) as s:
+        assert b"mx.session.test" in s.ehlo()[1]
+'''
+
+
+def test_session_server_honours_marker_and_config(pytester: pytest.Pytester) -> None:
+    run(pytester, SESSION).assert_outcomes(passed=6)

@@ -73,30 +73,74 @@ def mailserver_config() -> dict[str, Any]:
     return {}
 
 
+def _options(request: pytest.FixtureRequest, config: dict[str, Any]) -> dict[str, Any]:
+    """The mode option, then C{mailserver_config}, then the test's markers (closest last)."""
+    options: dict[str, Any] = {"site": _mode(request.config) == "site"}
+    options.update(config)
+    for mark in reversed(list(request.node.iter_markers("mailserver"))):
+        options.update(mark.kwargs)
+    return options
+
+
 @pytest.fixture
 def mailserver(request: pytest.FixtureRequest, tmp_path: Any,
                mailserver_config: dict[str, Any]) -> Iterator[Any]:
     """A mail server of the test's own, stopped when the test ends."""
     from twisted_mail_screen.pytest_plugin.server import build
 
-    options: dict[str, Any] = {"site": _mode(request.config) == "site"}
-    options.update(mailserver_config)
-    for mark in reversed(list(request.node.iter_markers("mailserver"))):
-        options.update(mark.kwargs)
-    server = build(str(tmp_path / "mailscreen"), options, _timeout(request.config),
+    server = build(str(tmp_path / "mailscreen"), _options(request, mailserver_config),
+                   _timeout(request.config),
                    lambda: request.getfixturevalue("mailserver_certificate"))
     yield server
     server.stop()
+
+
+class ServerPool:
+    """
+    The servers shared across a run: one per configuration, started on
+    first use and stopped when the session ends.
+    """
+
+    def __init__(self, request: pytest.FixtureRequest,
+                 tmp_path_factory: pytest.TempPathFactory) -> None:
+        self._request = request
+        self._tmp = tmp_path_factory
+        self._servers: dict[str, Any] = {}
+
+    def get(self, options: dict[str, Any] | None = None) -> Any:
+        """The shared server for C{options} (the marker's keys), started if need be."""
+        from twisted_mail_screen.pytest_plugin.server import build
+
+        options = dict(options or {})
+        options.setdefault("site", _mode(self._request.config) == "site")
+        key = repr(sorted(options.items()))
+        if key not in self._servers:
+            self._servers[key] = build(
+                str(self._tmp.mktemp("mailscreen")), options, _timeout(self._request.config),
+                lambda: self._request.getfixturevalue("mailserver_certificate"))
+        return self._servers[key]
+
+    def stop(self) -> None:
+        servers, self._servers = list(self._servers.values()), {}
+        for server in servers:
+            server.stop()
 
 
 @pytest.fixture(scope="session")
-def mailserver_session(request: pytest.FixtureRequest,
-                       tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """One mail server for the whole session (call C{purge()} between tests that count)."""
-    from twisted_mail_screen.pytest_plugin.server import build
+def mailserver_pool(request: pytest.FixtureRequest,
+                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPool]:
+    """The run's shared servers; C{get(options)} from a session-scoped fixture of yours."""
+    pool = ServerPool(request, tmp_path_factory)
+    yield pool
+    pool.stop()
 
-    server = build(str(tmp_path_factory.mktemp("mailscreen")),
-                   {"site": _mode(request.config) == "site"}, _timeout(request.config),
-                   lambda: request.getfixturevalue("mailserver_certificate"))
-    yield server
-    server.stop()
+
+@pytest.fixture
+def mailserver_session(request: pytest.FixtureRequest, mailserver_pool: ServerPool,
+                       mailserver_config: dict[str, Any]) -> Any:
+    """
+    A server shared by every test of the run with the same configuration
+    (C{mailserver_config} and marker, as for C{mailserver}); call
+    C{purge()} between tests that count.
+    """
+    return mailserver_pool.get(_options(request, mailserver_config))

@@ -2,7 +2,7 @@
 """
 What a test server's Maildirs hold, read as a test sees mail: each
 delivered message once, as an C{email.message.EmailMessage}, with its
-envelope, and a small Mailpit-like query language to pick some.
+envelope, picked with a search in Mailpit's syntax (the web API's parser).
 
 The envelope is rebuilt from the files alone: the sender from the
 C{Return-Path:} header the server puts on top of every local delivery,
@@ -15,69 +15,60 @@ This module imports no Twisted: reading files needs no reactor.
 
 from __future__ import annotations
 
+import dataclasses
 import email.policy
 import os
-import shlex
-from dataclasses import dataclass
+import re
 from email.message import EmailMessage
 from email.parser import BytesParser
-from typing import Callable
 
-from twisted_mail_screen.store.maildir_names import base_of, delivery_order
+from twisted_mail_screen.store.maildir_names import base_of, delivery_order, flags_of
+from twisted_mail_screen.web.mailsearch import Candidate, Query, split_words
+from twisted_mail_screen.web.mailsearch import parse_query as mailsearch_query
+from twisted_mail_screen.web.summary import summarize
 
 _parser = BytesParser(policy=email.policy.default)
 
-#: The query fields; any other "word:" is an error, so a typo does not match nothing quietly.
-FIELDS = ("to", "from", "subject")
+#: Mailpit's field prefixes (docs/api.md, "Search"). Mailpit reads any other
+#: C{word:} as free text; here it is an error, so a typo does not quietly match nothing.
+FIELDS = ("from", "to", "cc", "bcc", "reply-to", "addressed", "subject", "message-id", "tag",
+          "is", "has", "after", "before", "larger", "smaller")
+_PREFIX = re.compile(r"[-!]?([A-Za-z][A-Za-z-]*):([^/])")  # not a URL's "https://"
 
 
-@dataclass(frozen=True)
-class Term:
-    field: str | None  # None: free text
-    value: str
-    negated: bool = False
-
-
-def parse_query(query: str | None) -> list[Term]:
+def parse_query(query: str | None) -> Query:
     """
-    C{to:bob@x from:alice subject:"two words" invoice -subject:spam}:
-    whitespace-separated terms, all of which must match; quotes group
-    words; a leading C{-} negates a term.
+    A search in Mailpit's syntax, parsed by the web API's own parser
+    (L{twisted_mail_screen.web.mailsearch}): one implementation of what
+    a query means, here and over HTTP.
 
-    @raise ValueError: for an unknown C{field:} prefix.
+    @raise ValueError: an unknown C{field:} prefix, or what the web API
+        answers 400 for (a bad date or size, an unclosed quote).
     """
-    terms: list[Term] = []
-    for word in shlex.split(query or ""):
-        negated = word.startswith("-") and len(word) > 1
-        if negated:
-            word = word[1:]
-        field, colon, value = word.partition(":")
-        if colon and field.lower() in FIELDS:
-            terms.append(Term(field.lower(), value.lower(), negated))
-        elif colon and field.isalpha() and value:
-            raise ValueError(f"query {query!r}: unknown field {field + ':'!r} "
-                             f"(known: {', '.join(f + ':' for f in FIELDS)} and free text)")
-        else:
-            terms.append(Term(None, word.lower(), negated))
-    return terms
+    text = query or ""
+    for word in split_words(text):
+        found = _PREFIX.match(word)
+        if found and found.group(1).lower() not in FIELDS:
+            raise ValueError(f"query {query!r}: unknown field {found.group(1) + ':'!r} "
+                             f"(Mailpit's fields: {', '.join(f + ':' for f in FIELDS)})")
+    return mailsearch_query(text)
 
 
-def _matches(term: Term, message: EmailMessage, raw: bytes) -> bool:
-    if term.field == "to":
-        haystack = " ".join([*message.envelope_to,  # type: ignore[attr-defined]
-                             str(message.get("To", "")), str(message.get("Cc", ""))])
-    elif term.field == "from":
-        haystack = f"{message.envelope_from} {message.get('From', '')}"  # type: ignore[attr-defined]
-    elif term.field == "subject":
-        haystack = str(message.get("Subject", ""))
-    else:
-        haystack = raw.decode("utf-8", "replace") + " " + str(message.get("Subject", ""))
-    return (term.value in haystack.lower()) != term.negated
-
-
-def matcher(query: str | None) -> Callable[[EmailMessage, bytes], bool]:
-    terms = parse_query(query)
-    return lambda message, raw: all(_matches(t, message, raw) for t in terms)
+def _candidate(message: EmailMessage, raw: bytes, read: bool, created: float) -> Candidate:
+    """
+    What the query is matched against. As Mailpit does, an envelope
+    recipient the headers do not name counts as a Bcc address.
+    """
+    summary = summarize(raw, len(raw))
+    named = {a["Address"].lower() for key in ("To", "Cc", "Bcc")
+             for a in summary.addresses[key]}
+    hidden = [r for r in message.envelope_to if r.lower() not in named]  # type: ignore[attr-defined]
+    if hidden:
+        addresses = dict(summary.addresses)
+        addresses["Bcc"] = addresses["Bcc"] + [{"Name": "", "Address": r} for r in hidden]
+        summary = dataclasses.replace(summary, addresses=addresses, search_text=" ".join(
+            [summary.search_text, *(r.lower() for r in hidden)]))
+    return Candidate(summary, read, created)
 
 
 def _inbox_files(mail_root: str) -> dict[str, tuple[list[str], list[str]]]:
@@ -102,17 +93,24 @@ def _listdir(path: str) -> list[str]:
 
 
 def read_messages(mail_root: str, query: str | None = None) -> list[EmailMessage]:
-    """Every delivered message (oldest first, by its unique name) that matches C{query}."""
-    match = matcher(query)
+    """
+    Every delivered message (oldest first, by its unique name) that
+    matches C{query}. A message is read (C{is:read}) when some
+    recipient's copy has the Seen flag; its arrival (C{after:},
+    C{before:}) is its file's modification time.
+    """
+    compiled = parse_query(query)
     out: list[EmailMessage] = []
     files = _inbox_files(mail_root)
     for base in sorted(files, key=delivery_order):
         recipients, paths = files[base]
-        raw = _read_any(paths)
-        if raw is None:  # expunged meanwhile
+        found = _read_any(paths)
+        if found is None:  # expunged meanwhile
             continue
+        raw, created = found
         message = parse(raw, None, recipients)
-        if match(message, raw):
+        read = any("S" in flags_of(os.path.basename(p)) for p in paths)
+        if not compiled.words or compiled.matches(_candidate(message, raw, read, created)):
             out.append(message)
     return out
 
@@ -132,11 +130,12 @@ def parse(raw: bytes, sender: str | None, recipients: list[str]) -> EmailMessage
     return message
 
 
-def _read_any(paths: list[str]) -> bytes | None:
+def _read_any(paths: list[str]) -> tuple[bytes, float] | None:
+    """The content of the first copy still there, and its modification time."""
     for path in paths:
         try:
             with open(path, "rb") as f:
-                return f.read()
+                return f.read(), os.fstat(f.fileno()).st_mtime
         except FileNotFoundError:
             continue
     return None
