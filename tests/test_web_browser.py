@@ -84,8 +84,17 @@ def open_page(driver: WebDriver, server: Any, fragment: str = "") -> None:
     driver.get(f"http://127.0.0.1:{server.port('web')}/{fragment}")
     until(driver, lambda d: d.find_element(By.ID, "live").get_attribute("data-state") == "live",
           "the live stream did not connect")
-    # A mark a reload would wipe: what shows later came without one.
-    driver.execute_script("window.stillTheSamePage = true;")
+    # A mark a reload would wipe: what shows later came without one. And a
+    # record of anything the page itself does that its own policy refuses.
+    driver.execute_script("""
+        window.stillTheSamePage = true;
+        window.violations = [];
+        document.addEventListener("securitypolicyviolation",
+            (e) => window.violations.push(`${e.violatedDirective} ${e.blockedURI}`));""")
+
+
+def page_kept_its_policy(driver: WebDriver) -> None:
+    assert driver.execute_script("return window.violations;") == []
 
 
 def same_page(driver: WebDriver) -> bool:
@@ -185,6 +194,7 @@ def test_a_message_sent_over_smtp_appears_without_a_reload_and_opens(browser, we
     assert browser.find_element(By.ID, "message-view").get_attribute("hidden") is not None
     assert call(web.port("web"), "GET", "/api/v1/messages").json["total"] == 0
     assert same_page(browser)
+    page_kept_its_policy(browser)
 
 
 def test_search_and_purge(browser, web):
@@ -236,14 +246,12 @@ def test_the_html_preview_cannot_run_script(browser, web):
     frame = until(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#tab-html iframe[src]"),
                   "the preview did not open")
 
-    # The frame is an empty sandbox: no scripts, and an origin of its own
-    # the page cannot reach into (and that cannot reach the page).
-    assert frame.get_attribute("sandbox") == ""
-    assert browser.execute_script("return arguments[0].contentDocument === null;", frame)
-
     browser.switch_to.frame(frame)
     try:
         until(browser, lambda d: d.find_element(By.ID, "marker").text, "the preview did not render")
+        # The broken image has failed to load by now: its onerror had its chance.
+        until(browser, lambda d: d.execute_script(
+            "const img = document.getElementById('broken'); return img.complete;"), "the image did not settle")
         assert browser.find_element(By.ID, "marker").text == "Preview marker"
         assert browser.execute_script("return document.title;") == "inner title"
         assert browser.execute_script("return typeof window.pwned;") == "undefined"
@@ -253,6 +261,12 @@ def test_the_html_preview_cannot_run_script(browser, web):
     assert browser.title == "mailscreen"
     assert browser.execute_script("return window.heard;") == []
     assert same_page(browser)
+    page_kept_its_policy(browser)
+    # Not only does this server's preview policy forbid scripts: the frame
+    # itself is an empty sandbox with an origin of its own, which the page
+    # cannot reach into and which cannot reach the page.
+    assert browser.execute_script("return arguments[0].contentDocument === null;", frame)
+    assert frame.get_attribute("sandbox") == ""
 
 
 def test_message_texts_show_as_text_never_as_markup(browser, web):
@@ -314,3 +328,9 @@ def test_unblocking_from_the_screening_panel_lets_smtp_in_again(browser, start_s
     until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, 'tr[data-address="198.51.100.0/24"]'),
           "a new block did not show without a reload")
     assert same_page(browser)
+    # A network's "/" goes in the path as %2F.
+    click(browser, 'tr[data-address="198.51.100.0/24"] button.unblock')
+    until(browser, lambda d: not d.find_elements(By.CSS_SELECTOR, 'tr[data-address="198.51.100.0/24"]'),
+          "the unblocked network stayed listed")
+    assert call(port, "GET", "/api/v1/screening/blocks").json["blocks"] == []
+    page_kept_its_policy(browser)
