@@ -236,7 +236,8 @@ def test_a_bad_marker_key_fails_readably_and_leaves_nothing_behind(
         pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """
     An unknown configuration key in the marker fails the test with the config
-    error; the short alias made for a long data directory path is removed.
+    error; the temporary directory made for the control socket of a long
+    data directory path is removed.
     """
     scratch = tmp_path / "tmp"
     scratch.mkdir()
@@ -245,7 +246,7 @@ def test_a_bad_marker_key_fails_readably_and_leaves_nothing_behind(
 import pytest
 
 @pytest.mark.mailserver(colour="blue")
-def test_with_a_name_long_enough_that_the_control_socket_path_needs_a_short_alias(mailserver):
+def test_with_a_name_long_enough_that_the_control_socket_needs_a_directory_of_its_own(mailserver):
     pass
 '''
     result = run(pytester, source, f"--basetemp={scratch / 'basetemp'}")
@@ -442,3 +443,29 @@ def test_pool_from_a_session_fixture(shared, mailserver_session):
 
 def test_session_server_honours_marker_and_config(pytester: pytest.Pytester) -> None:
     run(pytester, SESSION).assert_outcomes(passed=6)
+
+
+LONG_PATH = '''
+import os, subprocess, sys
+
+def test_with_a_name_long_enough_that_the_control_socket_cannot_live_in_the_data_dir(mailserver):
+    assert not mailserver.control_socket.startswith(mailserver.data_dir)
+    assert len(os.path.join(mailserver.data_dir, "control.sock")) > 107
+    mailserver.faults.reject()
+    out = subprocess.run([sys.executable, "-m", "twisted_mail_screen.admin.cli",
+                          "--data-dir", mailserver.data_dir,
+                          "--control-socket", mailserver.control_socket, "faults", "list"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "reject  RCPT" in out
+'''
+
+
+def test_a_long_data_dir_gets_its_control_socket_elsewhere(
+        pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The socket goes to a short temporary directory, removed when the server stops."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    base = scratch / ("b" * 60)
+    run(pytester, LONG_PATH, f"--basetemp={base}").assert_outcomes(passed=1)
+    assert [p.name for p in scratch.iterdir()] == [base.name]

@@ -13,7 +13,8 @@ The C{mailscreen} administration command.
     mailscreen check-config FILE
 
 The block, whitelist, frozen and faults commands talk to the running server through
-its control socket (C{control.sock} in the data directory) and take effect
+its control socket (C{control_socket}, by default C{control.sock} in the data
+directory; C{--control-socket} overrides it) and take effect
 at once.
 
 Passwords are read from a prompt (twice) on a terminal, or from the first
@@ -102,9 +103,10 @@ def cmd_alias(args: argparse.Namespace, config: Config) -> None:
 
 def _control(config: Config, command: str, **args: object) -> object:
     try:
-        return control.call(config.data_dir, command, **args)
+        return control.call(config.control_socket, command, **args)
     except control.NotRunning as e:
-        raise CommandError(f"no server is running on {config.data_dir} (no answer on {e}); "
+        raise CommandError(f"no server is running on {config.data_dir} (no answer on {e}; "
+                           "--control-socket or control_socket if it listens elsewhere); "
                            "start it, or edit the list files by hand (docs/screening.md)") from e
     except control.CommandError as e:
         raise CommandError(str(e)) from e
@@ -221,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mailscreen", description="Administer twisted-mail-screen.")
     parser.add_argument("--config", "-c", help="the server's TOML configuration file")
     parser.add_argument("--data-dir", "-d", help="the data directory (overrides the config)")
+    parser.add_argument("--control-socket", help="the server's control socket (overrides the "
+                        "config's control_socket; default DATA_DIR/control.sock)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     user = sub.add_parser("user", help="accounts (password from a prompt or stdin)")
@@ -276,6 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = None
         if getattr(args, "needs_config", True):
             overrides = {"data_dir": args.data_dir} if args.data_dir else {}
+            if args.control_socket:
+                overrides["control_socket"] = args.control_socket
             config = load_config(args.config, overrides)
         run(args, config)
     except ConfigError as e:

@@ -10,6 +10,7 @@ before validation, so they get the same checks and messages.
 from __future__ import annotations
 
 import os
+import sys
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Any
 
 from twisted_mail_screen.store.addresses import AddressError, normalise_address, valid_domain
 from twisted_mail_screen.config.base import ConfigError, Section
-from twisted_mail_screen.mailauth.config import DKIMConfig, parse_dkim
+from twisted_mail_screen.mailauth.config import DKIMConfig, MailAuthConfig, parse_dkim, parse_mail_auth
 from twisted_mail_screen.relay.config import RelayConfig, parse_relay
 from twisted_mail_screen.screening.config import (
     FreezeConfig, ScreeningConfig, parse_freeze, parse_screening)
@@ -90,6 +91,9 @@ class Config:
     mode: str = "test-host"
     hostname: str = "localhost"
     data_dir: str = "mailscreen-data"
+    #: Where the control socket listens (docs/administration.md); set from
+    #: data_dir unless given, so never empty in a parsed config.
+    control_socket: str = ""
     domains: tuple[str, ...] = ()
     postmaster: str = "postmaster@localhost"
     plaintext_auth: str = "loopback"
@@ -105,6 +109,7 @@ class Config:
     relay: RelayConfig = field(default_factory=RelayConfig)
     web: WebConfig = field(default_factory=WebConfig)
     dkim: DKIMConfig = field(default_factory=DKIMConfig)
+    mail_auth: MailAuthConfig = field(default_factory=MailAuthConfig)
 
     @property
     def test_host(self) -> bool:
@@ -198,6 +203,25 @@ def _check_data_dir(key: str, path: str) -> str:
     return path
 
 
+#: The longest UNIX socket path the OS accepts, in bytes, without the
+#: terminating NUL (sun_path is 108 bytes on Linux, 104 on the BSDs and macOS).
+MAX_SOCKET_PATH = 107 if sys.platform.startswith("linux") else 103
+
+
+def _control_socket(top: Section, data_dir: str) -> str:
+    given = top.get("control_socket", str, None)  # type: ignore[arg-type]
+    if given is not None and not given.strip():
+        raise ConfigError("control_socket", given, "must be a path")
+    path = os.path.abspath(given) if given is not None else os.path.join(data_dir, "control.sock")
+    size = len(os.fsencode(path))
+    if size > MAX_SOCKET_PATH:
+        where = "" if given is not None else " (DATA_DIR/control.sock: data_dir is long)"
+        raise ConfigError("control_socket", path,
+                          f"is {size} bytes long{where}; a UNIX socket path can be at most "
+                          f"{MAX_SOCKET_PATH}: set control_socket to a shorter path")
+    return path
+
+
 def parse_config(table: dict[str, Any], overrides: dict[str, Any] | None = None) -> Config:
     """
     Validate a TOML table (plus command-line C{overrides}, dotted keys) and
@@ -213,6 +237,7 @@ def parse_config(table: dict[str, Any], overrides: dict[str, Any] | None = None)
     if not valid_domain(hostname.lower()):
         raise ConfigError("hostname", hostname, "is not a valid host name")
     data_dir = _check_data_dir("data_dir", top.get("data_dir", str, "mailscreen-data"))
+    control_socket = _control_socket(top, data_dir)
     domains = tuple(d.lower() for d in top.string_list("domains", ()))
     for d in domains:
         if not valid_domain(d):
@@ -262,11 +287,14 @@ def parse_config(table: dict[str, Any], overrides: dict[str, Any] | None = None)
     relay = parse_relay(top.section("relay"), mode)
     web = parse_web(top.section("web"))
     dkim = parse_dkim(top.section("dkim"), domains, mode == "test-host")
+    mail_auth = parse_mail_auth(top.section("mail_auth"))
     top.finish()
-    return Config(mode=mode, hostname=hostname, data_dir=data_dir, domains=domains,
+    return Config(mode=mode, hostname=hostname, data_dir=data_dir,
+                  control_socket=control_socket, domains=domains,
                   postmaster=postmaster, plaintext_auth=plaintext, listen=listen, tls=tls,
                   smtp=smtp, pop3=pop3, imap=imap, storage=storage, proxy=proxy,
-                  screening=screening, freeze=freeze, relay=relay, web=web, dkim=dkim)
+                  screening=screening, freeze=freeze, relay=relay, web=web, dkim=dkim,
+                  mail_auth=mail_auth)
 
 
 def _merge_overrides(table: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ Imported only when a fixture is used: this is where Twisted comes in.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from email.message import EmailMessage
@@ -18,7 +19,8 @@ from typing import Any, Callable
 
 from twisted.internet.task import Clock
 
-from twisted_mail_screen.config.settings import load_config
+from twisted_mail_screen.config.settings import MAX_SOCKET_PATH, load_config
+from twisted_mail_screen.runtime.control import SOCKET_NAME
 from twisted_mail_screen.pytest_plugin import mailbox
 from twisted_mail_screen.pytest_plugin.controls import FaultsProxy, ScreeningControl
 from twisted_mail_screen.testing import RunningServer, ephemeral_overrides
@@ -43,8 +45,10 @@ class MailServer:
                  timeout: float = 5.0, overrides: dict[str, Any] | None = None,
                  relay_sink: bool = False) -> None:
         table: dict[str, Any] = dict(SITE) if site else {}
-        self._link = _short_alias(data_dir)
-        table.update(ephemeral_overrides(self._link or data_dir, KINDS))
+        self._socket_dir = _socket_dir(data_dir)
+        table.update(ephemeral_overrides(data_dir, KINDS))
+        if self._socket_dir is not None:
+            table["control_socket"] = os.path.join(self._socket_dir, "control.sock")
         if certificate is not None:
             table["tls.certificate"], table["tls.key"] = certificate
         self.sink: Sink | None = Sink().start() if relay_sink else None
@@ -61,10 +65,12 @@ class MailServer:
         try:
             self.server = RunningServer(load_config(None, table), clock=self.clock)
         except BaseException:  # a bad marker key: no stop() will come to clean up
-            self._remove_alias()
+            self._remove_socket_dir()
             if self.sink is not None:
                 self.sink.stop()
             raise
+        #: where C{mailscreen --control-socket ...} reaches this server
+        self.control_socket = self.server.config.control_socket
         self.faults = FaultsProxy(self)
         self.screening = ScreeningControl(self)
 
@@ -79,7 +85,7 @@ class MailServer:
         try:
             self.server.stop()
         finally:
-            self._remove_alias()
+            self._remove_socket_dir()
             if self.sink is not None:
                 self.sink.stop()
 
@@ -95,10 +101,9 @@ class MailServer:
         return [mailbox.parse(m.data.replace(b"\r\n", b"\n"), m.sender, m.recipients)
                 for m in list(self.sink.messages)]
 
-    def _remove_alias(self) -> None:
-        if self._link is not None:
-            os.unlink(self._link)
-            os.rmdir(os.path.dirname(self._link))
+    def _remove_socket_dir(self) -> None:
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
 
     @property
     def service(self) -> Any:
@@ -174,19 +179,15 @@ class MailServer:
                 "host": self.host, "port": number}
 
 
-def _short_alias(data_dir: str) -> str | None:
+def _socket_dir(data_dir: str) -> str | None:
     """
-    A short symlink to C{data_dir} when the control socket's path in it
-    would pass the AF_UNIX limit (about 104 bytes): pytest's tmp_path for a
-    long test name does. The data stays in C{data_dir}.
+    A short temporary directory for the control socket when its default
+    path in C{data_dir} would pass the AF_UNIX limit (pytest's tmp_path
+    for a long test name does); the data stays in C{data_dir}.
     """
-    if len(os.path.join(os.path.abspath(data_dir), "control.sock")) < 100:
+    if len(os.fsencode(os.path.join(os.path.abspath(data_dir), SOCKET_NAME))) <= MAX_SOCKET_PATH:
         return None
-    os.makedirs(data_dir, exist_ok=True)
-    directory = tempfile.mkdtemp(prefix="mailscreen-")
-    link = os.path.join(directory, "d")
-    os.symlink(os.path.abspath(data_dir), link)
-    return link
+    return tempfile.mkdtemp(prefix="mailscreen-")
 
 
 def _relay_settings(sink: Sink | None, site: bool) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_cli -*-
 """
-The control channel: a UNIX socket in the data directory (mode 600) through
-which the C{mailscreen} command changes a running server at once.
+The control channel: a UNIX socket (mode 600; C{control_socket}, by default
+C{control.sock} in the data directory) through which the C{mailscreen}
+command changes a running server at once.
 
 One JSON object per line each way. A request is
 C{{"command": "block.add", "args": {...}}}; the answer is
@@ -78,25 +79,29 @@ class ControlFactory(Factory):
 
 
 def socket_path(data_dir: str) -> str:
+    """The default control socket of a data directory."""
     return os.path.join(data_dir, SOCKET_NAME)
 
 
-def endpoint_description(data_dir: str) -> str:
-    return f"unix:{quoteStringArgument(socket_path(data_dir))}:mode=600:lockfile=1"
+def endpoint_description(path: str) -> str:
+    """The server endpoint of the control socket at C{path} (C{config.control_socket})."""
+    return f"unix:{quoteStringArgument(path)}:mode=600:lockfile=1"
 
 
 class NotRunning(Exception):
     """No server answers on the control socket."""
 
 
-def call(data_dir: str, command: str, timeout: float = 10.0, **args: Any) -> Any:
+def call(where: str, command: str, timeout: float = 10.0, **args: Any) -> Any:
     """
-    Send one command to the server running on C{data_dir}; return its result.
+    Send one command to the server whose control socket is C{where}, or,
+    when C{where} is a directory, its default socket in that data
+    directory; return its result.
 
     @raise NotRunning: nothing listens on the socket.
     @raise CommandError: the server refused the command.
     """
-    path = socket_path(data_dir)
+    path = socket_path(where) if os.path.isdir(where) else where
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:

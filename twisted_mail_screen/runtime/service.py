@@ -28,7 +28,7 @@ from twisted_mail_screen.protocols.imap.registry import Registry
 from twisted_mail_screen.runtime.events import EventBus
 from twisted_mail_screen.runtime.lagmonitor import LagMonitor
 from twisted_mail_screen.runtime.metrics import MeasuredDelivery, ServerMetrics, StateCollector
-from twisted_mail_screen.runtime.control import ControlFactory, endpoint_description, socket_path
+from twisted_mail_screen.runtime.control import ControlFactory, endpoint_description
 from twisted_mail_screen.screening.notify import PostmasterNotifier
 from twisted_mail_screen.runtime.endpoints import server_endpoint
 from twisted_mail_screen.screening.service import ScreeningService
@@ -271,8 +271,9 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
             listener = Listener(kind, description, endpoint, factory)
             listener.setServiceParent(service)
             service.listeners.append(listener)
-    control_endpoint = endpoints.serverFromString(reactor, endpoint_description(config.data_dir))
-    Listener("control", socket_path(config.data_dir), control_endpoint, control).setServiceParent(service)
+    os.makedirs(os.path.dirname(config.control_socket), mode=0o750, exist_ok=True)
+    control_endpoint = endpoints.serverFromString(reactor, endpoint_description(config.control_socket))
+    Listener("control", config.control_socket, control_endpoint, control).setServiceParent(service)
     return service
 
 
