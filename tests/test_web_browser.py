@@ -19,7 +19,10 @@ from typing import Any
 
 import pytest
 
+from twisted.internet.task import Clock
+
 from conftest import require_tool
+from relay_sink import Sink, wait_for
 from webclient import call
 
 pytestmark = pytest.mark.tool("chromium", "chromedriver")
@@ -334,3 +337,53 @@ def test_unblocking_from_the_screening_panel_lets_smtp_in_again(browser, start_s
           "the unblocked network stayed listed")
     assert call(port, "GET", "/api/v1/screening/blocks").json["blocks"] == []
     page_kept_its_policy(browser)
+
+
+def busy(stage: str, arg: str, sink: Sink) -> str | None:
+    return "451 4.3.0 busy" if stage == "rcpt" else None
+
+
+def queue_row(driver: WebDriver, queue_id: str) -> list[str] | None:
+    return driver.execute_script(
+        """const row = document.querySelector(`#queue tr[data-id="${arguments[0]}"]`);
+           return row && [...row.cells].map((cell) => cell.textContent);""", queue_id)
+
+
+def test_the_queue_panel_holds_releases_and_deletes(browser, start_server):
+    sink = Sink(policy=busy).start()
+    try:
+        # A test host relaying to a smarthost that answers 451: the message stays queued.
+        web = start_server(kinds=("smtp", "web"), clock=Clock(), domains=["example.test"],
+                           relay__enabled=True, relay__smarthost=f"tcp:host=127.0.0.1:port={sink.port}",
+                           relay__starttls="none", relay__retry_minutes=10)
+        port = web.port("web")
+
+        def listing() -> list[dict[str, Any]]:
+            return call(port, "GET", "/api/v1/queue").json["messages"]
+
+        open_page(browser, web, "#queue")
+        until(browser, lambda d: d.find_element(By.ID, "queue-status").text == "0 messages queued.",
+              "the empty queue did not show")
+        outbound = mail("Outbound")
+        outbound.replace_header("To", "erin@remote.example")
+        send(web, outbound)
+        [entry] = wait_for(lambda: [e for e in listing() if e["attempts"] == 1], what="a first attempt")
+        queue_id = entry["id"]
+
+        cells = until(browser, lambda d: queue_row(d, queue_id), "the queued message did not show")
+        assert cells[1] == "carol@example.test"
+        assert cells[2] == "erin@remote.example — pending (451 4.3.0 busy)"
+        click(browser, f'#queue tr[data-id="{queue_id}"] button:not(.danger)')  # Hold
+        until(browser, lambda d: queue_row(d, queue_id)[6] == "held", "the message did not show as held")
+        assert listing()[0]["held"] is True
+        click(browser, f'#queue tr[data-id="{queue_id}"] button:not(.danger)')  # Release
+        until(browser, lambda d: queue_row(d, queue_id)[6] != "held", "the message stayed held")
+        assert listing()[0]["held"] is False
+
+        click(browser, f'#queue tr[data-id="{queue_id}"] button.danger')
+        browser.switch_to.alert.accept()
+        until(browser, lambda d: queue_row(d, queue_id) is None, "the deleted message stayed listed")
+        assert listing() == []
+        page_kept_its_policy(browser)
+    finally:
+        sink.stop()
