@@ -17,7 +17,12 @@ setup(
                       "prometheus_client",  # /metrics: its registry and text format
                       # DKIM signing and verifying (RFC 6376; Ed25519 through PyNaCl):
                       # maintained, the verifier of Mailman and of most Python milters.
-                      "dkimpy[ed25519]"],
+                      "dkimpy[ed25519]",
+                      # inbound SPF (the reference implementation; lookups through
+                      # dnspython, pointed at our own resolver), Authentication-Results
+                      # (RFC 8601), DMARC's organizational domain (a current Public
+                      # Suffix List, shipped in the package)
+                      "pyspf", "dnspython", "authres", "publicsuffixlist"],
     extras_require={"test": ["pytest", "hypothesis", "selenium"]},
     entry_points={"console_scripts": ["mailscreen = twisted_mail_screen.admin.cli:main"],
                   "pytest11": ["mailscreen = twisted_mail_screen.pytest_plugin"]},

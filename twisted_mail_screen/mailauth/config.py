@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_dkim -*-
 """
-The C{[dkim]} section (docs/configuration.md, docs/mailauth.md): the keys
-that sign mail submitted by authenticated users, per sending domain.
+The C{[dkim]} and C{[mail_auth]} sections (docs/configuration.md,
+docs/mailauth.md): the keys that sign mail submitted by authenticated
+users, per sending domain; the checks of inbound mail.
 
     [dkim]
     keys = [
@@ -15,6 +16,7 @@ may stay readable by root only.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 
 from twisted_mail_screen.config.base import ConfigError, Section
@@ -80,3 +82,52 @@ def parse_dkim(s: Section, domains: tuple[str, ...], test_host: bool) -> DKIMCon
         keys.append(DKIMKey(domain, selector, path, algorithm, private, public))
     s.finish()
     return DKIMConfig(tuple(keys))
+
+
+@dataclass(frozen=True)
+class MailAuthConfig:
+    """
+    C{[mail_auth]}: SPF, DKIM and DMARC checks of mail from unauthenticated
+    clients. C{nameservers} empty: the system's resolvers (/etc/resolv.conf).
+    """
+
+    enabled: bool = False
+    dmarc_reject: bool = False
+    nameservers: tuple[str, ...] = ()
+    dns_timeout: float = 10.0
+
+    @property
+    def servers(self) -> tuple[tuple[str, int], ...]:
+        return tuple(_server(n) for n in self.nameservers)
+
+
+def _server(text: str) -> tuple[str, int]:
+    """"192.0.2.53", "192.0.2.53:5353", "2001:db8::53" or "[2001:db8::53]:5353" -> (address, port)."""
+    host, port = text, 53
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = int(rest[1:]) if rest.startswith(":") else 53
+    elif text.count(":") == 1:
+        host, _, number = text.partition(":")
+        port = int(number)
+    ipaddress.ip_address(host)
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port}")
+    return host, port
+
+
+def parse_mail_auth(s: Section) -> MailAuthConfig:
+    nameservers = s.string_list("nameservers", ())
+    for n in nameservers:
+        try:
+            _server(n)
+        except ValueError as e:
+            raise ConfigError(s.key("nameservers"), n,
+                              f"must be an IP address, optionally with :port ({e})") from e
+    config = MailAuthConfig(
+        enabled=s.get("enabled", bool, False),
+        dmarc_reject=s.get("dmarc_reject", bool, False),
+        nameservers=nameservers,
+        dns_timeout=s.number("dns_timeout", MailAuthConfig.dns_timeout, 0.5))
+    s.finish()
+    return config

@@ -15,7 +15,10 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, succeed
 
 from twisted_mail_screen.mailauth.sign import Signer
-from twisted_mail_screen.runtime.workers import Workers
+from twisted_mail_screen.runtime.workers import Blocking, Workers
+
+#: Threads for the inbound checks' blocking DNS lookups.
+DNS_THREADS = 8
 
 #: What the hook fires with: the message to deliver, or an SMTP refusal (code, status, text).
 Outcome = Union[bytes, tuple[int, str, str]]
@@ -48,6 +51,16 @@ def build_mail_auth(config: Any, reactor: Any, blocking: Workers,
     C{workers} replaces every pool (a unit test's inline workers).
     """
     signer = Signer(config.dkim) if config.dkim.keys else None
-    if signer is None:
+    if signer is None and not config.mail_auth.enabled:
         return None
-    return MailAuth(blocking, signer)
+    if not config.mail_auth.enabled:
+        return MailAuth(blocking, signer)
+    from twisted_mail_screen.mailauth.inbound import Inbound
+
+    # DNS answers can take seconds (dns_timeout): a pool of their own, so a
+    # slow resolver never holds the storage threads that deliveries fsync in.
+    pool = workers or Blocking(reactor, DNS_THREADS, name="mailscreen-mailauth")
+    gate = MailAuth(blocking, signer, Inbound(config.mail_auth, config.hostname, pool))
+    if isinstance(pool, Blocking):
+        pool.setServiceParent(gate)
+    return gate
