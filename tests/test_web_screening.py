@@ -74,6 +74,12 @@ def mailscreen(data_dir, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60)
 
 
+def cli_output(data_dir, *args: str) -> str:
+    result = mailscreen(data_dir, *args)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
 def failed_logins(server, count: int) -> None:
     for n in range(count):
         try:
@@ -138,6 +144,20 @@ def test_a_network_block_until_removed_and_its_encoded_slash(site):
     assert api.blocks() == []
 
 
+def test_blocks_are_listed_in_pages(site):
+    """A storm's block list is listed a page at a time (the reactor's budget), in file order."""
+    api, _ = site()
+    for n in range(5):
+        assert api("POST", "/blocks", {"address": f"192.0.2.{n}"}).status == 201
+    page = api("GET", "/blocks?start=1&limit=2").json
+    assert (page["total"], page["start"]) == (5, 1)
+    assert [b["address"] for b in page["blocks"]] == ["192.0.2.1", "192.0.2.2"]
+    assert [b["address"] for b in api.blocks()] == [f"192.0.2.{n}" for n in range(5)]
+    assert api("GET", "/blocks?start=5").json == {"total": 5, "start": 5, "blocks": []}
+    for bad in ("?limit=0", "?limit=5001", "?start=-1", "?start=x"):
+        assert api("GET", "/blocks" + bad).status == 400, bad
+
+
 def test_a_block_by_failed_logins_shows_its_rule_count_and_offence(site):
     api, clock = site(screening__max_auth_failures=2, screening__block_minutes=10)
     failed_logins(api.server, 2)
@@ -158,20 +178,19 @@ def test_a_block_by_failed_logins_shows_its_rule_count_and_offence(site):
 def test_the_cli_and_the_api_see_the_same_entries(site, tmp_path):
     api, _ = site()
     data = tmp_path / "data"
-    result = mailscreen(data, "block", "add", "192.0.2.7", "--minutes", "45", "--reason", "from cli")
-    assert result.returncode == 0, result.stderr
+    cli_output(data, "block", "add", "192.0.2.7", "--minutes", "45", "--reason", "from cli")
     assert [(b["address"], b["seconds_left"], b["reason"]) for b in api.blocks()] == [
         ("192.0.2.7", 2700, "manual: from cli")]
     assert api("POST", "/blocks", {"address": "198.51.100.0/24", "reason": "from web"}).status == 201
-    listing = mailscreen(data, "block", "list").stdout
+    listing = cli_output(data, "block", "list")
     assert "192.0.2.7" in listing and "45 min left" in listing
     assert "198.51.100.0/24  never  (never expires)  # manual: from web" in listing
     # the control channel answers exactly what the web does: one implementation
     assert control.call(str(data), "block.list") == api.blocks()
-    assert mailscreen(data, "block", "remove", "198.51.100.7").returncode == 0
+    assert cli_output(data, "block", "remove", "198.51.100.7") == "unblocked 198.51.100.7\n"
     assert [b["address"] for b in api.blocks()] == ["192.0.2.7"]
     assert api("DELETE", "/blocks/192.0.2.7").status == 200
-    assert mailscreen(data, "block", "list").stdout == "no blocks\n"
+    assert cli_output(data, "block", "list") == "no blocks\n"
 
 
 # the white list
@@ -188,7 +207,7 @@ def test_whitelist_round_trip_and_its_effect(site, tmp_path):
     assert smtp_accepted(api.server)  # the white list beats the block list
     assert [e["entry"] for e in api("GET", "/whitelist").json["whitelist"]] == ["10.0.0.0/8",
                                                                                "127.0.0.*"]
-    assert "127.0.0.*" in mailscreen(tmp_path / "data", "whitelist", "list").stdout
+    assert "127.0.0.*" in cli_output(tmp_path / "data", "whitelist", "list")
     assert api("DELETE", "/whitelist/127.0.0.%2A").json == {"removed": "127.0.0.*"}
     assert not smtp_accepted(api.server)
     fixed = api("DELETE", "/whitelist/10.0.0.0%2F8")
@@ -219,7 +238,7 @@ def test_freeze_and_thaw_round_trip(site, tmp_path):
                            "seconds_left": 1800, "reason": "web"}
     assert submission_auth(api.server, "bob@example.test", "bob-secret") == 535
     assert [f["user"] for f in api("GET", "/frozen").json["frozen"]] == ["bob@example.test"]
-    assert "bob@example.test" in mailscreen(tmp_path / "data", "frozen", "list").stdout
+    assert "bob@example.test" in cli_output(tmp_path / "data", "frozen", "list")
     assert api("DELETE", "/frozen/bob@example.test").json == {"thawed": "bob@example.test"}
     assert submission_auth(api.server, "bob@example.test", "bob-secret") == 235
     assert api("GET", "/frozen").json == {"frozen": []}
@@ -271,7 +290,9 @@ def test_decisions_of_real_traffic_show_with_their_fields(site):
     api, clock = site()
     api("POST", "/blocks", {"address": "127.0.0.1", "minutes": 5})
     assert not smtp_accepted(api.server)
-    [refused, blocked] = api("GET", "/decisions?client=127.0.0.1").json["decisions"]
+    decisions = api("GET", "/decisions?client=127.0.0.1").json["decisions"]
+    assert [d["action"] for d in decisions] == ["refuse", "block"], decisions
+    refused, blocked = decisions
     assert (refused["action"], refused["rule"], refused["protocol"]) == ("refuse", "manual", "smtp")
     assert (blocked["action"], blocked["rule"], blocked["minutes"]) == ("block", "manual", 5)
     assert refused["time"] == blocked["time"] == clock.seconds()
