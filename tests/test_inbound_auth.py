@@ -193,3 +193,15 @@ def test_spf_and_dkim_for_another_domain_do_not_align(checking, tmp_path):
         client.sendmail("someone@pass.test", ["bob@example.test"], body)
     client.close()
     assert e.value.smtp_code == 550
+
+
+@pytest.mark.parametrize("garbage", [
+    b"DKIM-Signature: v=1; a=rsa-sha256; d=pass.test; s=s1; h=from; bh=!!!; b=%%%\r\n",
+    b"DKIM-Signature: this is not a tag list\r\n",
+    b"DKIM-Signature: v=1; a=rsa-sha256; d=pass.test; s=nokey; h=from; bh=AAAA; b=AAAA\r\n",
+])
+def test_hostile_signatures_are_results_not_errors(checking, tmp_path, garbage):
+    server = checking()
+    send(server, "soft.test", garbage + message("soft.test"))
+    header = results(stored(tmp_path))
+    assert "dkim=permerror" in header or "dkim=fail" in header, header

@@ -13,6 +13,8 @@ from typing import Any, Union
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from twisted_mail_screen.mailauth.sign import Signer
 from twisted_mail_screen.runtime.workers import Blocking, Workers
@@ -27,6 +29,8 @@ Outcome = Union[bytes, tuple[int, str, str]]
 class MailAuth(MultiService):
     """The C{mail_auth} hook of SMTP factories; a service for the pools its checks use."""
 
+    log = Logger()
+
     def __init__(self, blocking: Workers, signer: Signer | None = None, inbound: Any = None) -> None:
         super().__init__()
         self._blocking = blocking
@@ -38,10 +42,17 @@ class MailAuth(MultiService):
         if submitting:
             if self._signer is None:
                 return succeed(body)
-            return self._blocking.run(self._signer.sign, body)
-        if user is None and self._inbound is not None:
-            return self._inbound.check(peer=peer, helo=helo, sender=sender, body=body)
-        return succeed(body)
+            d = self._blocking.run(self._signer.sign, body)
+        elif user is None and self._inbound is not None:
+            d = self._inbound.check(peer=peer, helo=helo, sender=sender, body=body)
+        else:
+            return succeed(body)
+        return d.addErrback(self._failed)
+
+    def _failed(self, reason: Failure) -> Outcome:
+        """A bug or a library's surprise: the client retries later, nothing is lost."""
+        self.log.failure("mailauth: checking a message failed", reason)
+        return (451, "4.3.0", "Requested action aborted: local error in processing")
 
 
 def build_mail_auth(config: Any, reactor: Any, blocking: Workers,
