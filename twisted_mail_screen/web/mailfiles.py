@@ -214,8 +214,9 @@ class MailFiles:
 
     # changes (each call: one folder, under its account lock)
 
-    def set_read(self, folder_path: str, bases: list[str] | None, read: bool) -> list[str]:
-        """Add or remove the C{S} flag (C{None}: of every message); the bases whose file changed."""
+    def set_read(self, mailbox: str, bases: list[str] | None, read: bool) -> list[str]:
+        """Add or remove the C{S} flag (C{None}: of every message); the IDs of those changed."""
+        folder_path = self.folder_path(mailbox)
         current = _current_names(folder_path)
         renames = []
         for base in current if bases is None else bases:
@@ -228,15 +229,16 @@ class MailFiles:
             flags = flags | {"S"} if read else flags - {"S"}
             renames.append((len(renames), rel, "cur/" + maildir_names.with_flags(base, "".join(sorted(flags)))))
         done = rename_files(folder_path, renames, None)
-        return [maildir_names.base_of(rel[4:]) for _, rel in done]
+        return [MessageRef(mailbox, "", maildir_names.base_of(rel[4:])).id for _, rel in done]
 
-    def delete(self, folder_path: str, bases: list[str] | None) -> list[str]:
-        """Unlink messages (C{None}: every one in the folder); the bases removed."""
+    def delete(self, mailbox: str, bases: list[str] | None) -> list[str]:
+        """Unlink messages (C{None}: every one in the folder); the IDs of those removed."""
+        folder_path = self.folder_path(mailbox)
         current = _current_names(folder_path)
         wanted = list(current) if bases is None else [b for b in bases if b in current]
         unlink_files(folder_path, [(i, current[b]) for i, b in enumerate(wanted)])
         self.forget(folder_path, wanted)
-        return wanted
+        return [MessageRef(mailbox, "", b).id for b in wanted]
 
 
 def _current_names(folder_path: str) -> dict[str, str]:

@@ -134,8 +134,9 @@ class Messages:
             raise ApiError(400, "IDs must be a list of message IDs")
         return body
 
-    def refs(self, request: ApiRequest, ids: list[str]) -> list[MessageRef]:
-        return [self.decode(request, i) for i in ids]
+    def refs(self, request: ApiRequest, ids: list[str]) -> "Deferred[list[MessageRef]]":
+        """The messages of a body's IDs, decoded in the worker (12,000 IDs take ~250 ms)."""
+        return self.run(lambda: [self.decode(request, i) for i in dict.fromkeys(ids)])
 
     def everything(self, request: ApiRequest, query: Query | None) -> "Deferred[list[MessageRef] | list[str]]":
         """What a change without IDs covers: the messages a search matches, or whole mailboxes."""
@@ -149,7 +150,7 @@ class Messages:
     def delete_messages(self, request: ApiRequest) -> Deferred:
         ids = self.body(request).get("IDs") or []
         if ids:
-            return self.change(self.refs(request, ids), "delete").addCallback(lambda _: OK)
+            return self.refs(request, ids).addCallback(self.change, "delete").addCallback(lambda _: OK)
         return self.everything(request, None).addCallback(self.change_all, "delete")
 
     def delete_search(self, request: ApiRequest) -> Deferred:
@@ -167,7 +168,7 @@ class Messages:
         if ids and search.strip():
             raise ApiError(400, "give either IDs or a search, not both")
         if ids:
-            return self.change(self.refs(request, ids), action).addCallback(lambda _: OK)
+            return self.refs(request, ids).addCallback(self.change, action).addCallback(lambda _: OK)
         if search.strip():
             try:
                 query = parse_query(search.strip(), request.arg("tz"))
@@ -195,9 +196,9 @@ class Messages:
         for mailbox, bases in groups.items():
             path = self.files.folder_path(mailbox)
             if action == "delete":
-                job: tuple[Any, ...] = (self.files.delete, path, bases)
+                job: tuple[Any, ...] = (self.files.delete, mailbox, bases)
             else:
-                job = (self.files.set_read, path, bases, action == "read")
+                job = (self.files.set_read, mailbox, bases, action == "read")
             d = self.lock(path).run(self.run, *job)
             d.addCallback(self.changed, mailbox, path, action)
             jobs.append(d)
@@ -207,21 +208,20 @@ class Messages:
         registry = self.context.imap
         return registry.lock(path) if registry is not None else DeferredLock()
 
-    def changed(self, bases: list[str], mailbox: str, path: str, action: str) -> Any:
-        if not bases:
-            return bases
-        ids = [MessageRef(mailbox, "", b).id for b in bases]
+    def changed(self, ids: list[str], mailbox: str, path: str, action: str) -> Any:
+        if not ids:
+            return ids
         self.context.events.publish(f"message.{'deleted' if action == 'delete' else action}",
                                     IDs=ids, Mailbox=mailbox)
         registry = self.context.imap
         folder = registry.folders.get(path) if registry is not None else None
         if registry is None or folder is None or not folder.loaded or folder.retired:
-            return bases
+            return ids
         # Sessions that have the INBOX selected see the change by the time we
         # answer, not at their next poll.
         d = registry.sync(folder)
         d.addErrback(lambda f: log.failure("web: IMAP index refresh of {path} failed", f, path=path))
-        return d.addCallback(lambda _: bases)
+        return d.addCallback(lambda _: ids)
 
     # one message
 
