@@ -442,3 +442,24 @@ def test_site_mode_each_account_sees_its_own_mailbox(site):
     assert listing(port, headers=alice)["total"] == 1
     assert get(port, "/api/v1/message/latest", headers=bob).status == 404
     assert get(port, f"/api/v1/message/{alices_id}", headers=alice).json["Subject"] == "For Alice"
+
+
+def test_site_mode_wait_sees_only_the_callers_mailbox(start_server, accounts):
+    clock = Clock()
+    server = start_server(site=True, clock=clock, kinds=("smtp", "web"))
+    port = server.port("web")
+    bob = basic("bob@example.test", "bob-secret")
+    results: list = []
+
+    def run() -> None:
+        results.append(get(port, "/api/v1/messages/wait?timeout=55", headers=bob, timeout=30))
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    _timer_at(clock, 55)
+    send(server, to="alice@example.test", subject="Not for Bob")
+    thread.join(0.3)
+    assert not results
+    send(server, to="bob@example.test", subject="For Bob")
+    thread.join(10)
+    assert [m["Subject"] for m in results[0].json["messages"]] == ["For Bob"]
+    assert get(port, "/api/v1/messages/wait?mailbox=alice@example.test", headers=bob).status == 403

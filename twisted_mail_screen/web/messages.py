@@ -2,7 +2,7 @@
 """
 Mailpit's messages API (v1) over the server's Maildirs: list, search,
 read/unread, delete, one message with its headers, source, parts and
-rendered views, and the long-polling wait (L{wait}).
+rendered views, and the long-polling wait (L{twisted_mail_screen.web.wait}).
 
 Who sees what: on a test host, every mailbox's INBOX (C{mailbox=}
 narrows it); on a site, an account sees its own mailbox, an
@@ -43,6 +43,8 @@ NOT_FOUND = "message not found"
 
 
 class Messages:
+    """The handlers; what they share: the file side, the caller's scope, queries."""
+
     def __init__(self, context: WebContext) -> None:
         self.context = context
         self.files = MailFiles(context.store)
