@@ -31,6 +31,11 @@ export function clear(node) {
   return node;
 }
 
+// An empty table says so in a row of its own.
+export function noneRow(body, columns, message) {
+  if (!body.rows.length) body.append(el("tr", { class: "none" }, el("td", { colspan: columns }, message)));
+}
+
 export function text(node, value) {
   node.textContent = value === undefined || value === null ? "" : String(value);
   return node;

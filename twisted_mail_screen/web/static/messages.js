@@ -26,10 +26,10 @@ function row(message) {
   el("span", { class: "from" }, address(message.From) || "(no sender)"),
   el("span", { class: "created" }, when(message.Created)),
   el("span", { class: "subject" }, message.Subject || "(no subject)"),
-  message.Attachments ? el("span", { class: "clip", title: `${message.Attachments} attachment(s)` }, `📎 ${message.Attachments}`) : null,
+  el("span", { class: "size" }, message.Attachments
+    ? `${message.Attachments} file${message.Attachments === 1 ? "" : "s"} · ${size(message.Size)}` : size(message.Size)),
   el("span", { class: "snippet" }, message.Snippet || ""),
-  el("span", { class: "to" }, `to ${addresses(message.To)}`),
-  el("span", { class: "size" }, size(message.Size)));
+  el("span", { class: "to" }, `to ${addresses(message.To)}`));
   item.addEventListener("click", () => openReported(id));
   item.addEventListener("keydown", (event) => { if (event.key === "Enter") openReported(id); });
   return item;

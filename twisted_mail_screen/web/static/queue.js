@@ -38,6 +38,7 @@ export async function refreshQueue() {
         message.held ? action("Release", "POST", `${base}/release`) : action("Hold", "POST", `${base}/hold`),
         action("Delete", "DELETE", base, { class: "danger" }))));
   }
+  $("queue-flush").disabled = listing.relaying === false;
   const count = (listing.messages || []).length;
   text($("queue-status"), listing.relaying === false ? "Relaying is off: nothing is queued."
     : `${count} message${count === 1 ? "" : "s"} queued.`);

@@ -2,7 +2,7 @@
 // unblock, add a block, the white list, frozen accounts with thaw, the
 // recent decisions and the per-minute chart.
 
-import { $, el, clear, text, duration, when } from "./dom.js";
+import { $, el, clear, text, duration, when, noneRow } from "./dom.js";
 import { call, get, segment, guarded, ApiError } from "./api.js";
 import { drawChart } from "./chart.js";
 
@@ -75,6 +75,7 @@ async function whitelist() {
       el("td", {}, entry.entry, entry.comment ? ` — ${entry.comment}` : ""),
       el("td", {}, entry.origin || ""), el("td", {}, action)));
   }
+  noneRow(body, 3, "No entries.");
 }
 
 async function frozen() {
@@ -91,6 +92,7 @@ async function frozen() {
       el("td", {}, account.user), left("frozen", account.seconds_left),
       el("td", {}, account.reason || ""), el("td", {}, thaw)));
   }
+  noneRow(body, 4, "No account is frozen.");
 }
 
 const SHOWN = new Set(["time", "action", "client", "rule"]);
@@ -105,6 +107,7 @@ async function decisions() {
       el("td", {}, when(decision.time)), el("td", {}, decision.action || ""),
       el("td", {}, decision.client || ""), el("td", {}, decision.rule || ""), el("td", {}, detail)));
   }
+  noneRow(body, 5, "No decisions since the server started.");
 }
 
 export async function refreshChart() {
