@@ -8,17 +8,31 @@ failure and delay notices per NOTIFY, RET=HDRS/FULL.
 from __future__ import annotations
 
 import email
+from contextlib import contextmanager
 import json
 import smtplib
 import ssl
 
 import pytest
 from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
 
-from conftest import converse, maildir_files, queue_settled, queued, relay_to
+from conftest import converse, log_lines, maildir_files, queue_settled, queued, relay_to
 from relay_sink import wait_for
+from tests.test_hostile import Failures
 from twisted_mail_screen.relay.spool import QueueDirectory, QueuedMessage
 from twisted_mail_screen.store.envelope import xtext_decode, xtext_encode
+
+@contextmanager
+def failures():
+    """Every failure (traceback) or error logged while the block runs."""
+    observer = Failures()
+    globalLogPublisher.addObserver(observer)
+    try:
+        yield observer
+    finally:
+        globalLogPublisher.removeObserver(observer)
+
 
 BODY = b"From: alice@example.test\r\nSubject: tracked\r\n\r\nthe secret body\r\n"
 
@@ -134,6 +148,19 @@ def test_local_delivery_success_notice(start_server, tmp_path):
     assert all(b["Original-Recipient"] == "rfc822; P@x.test" for b in blocks)
     assert b"Subject: tracked" in raw and b"secret" not in raw  # a success notice returns headers only
     assert len(maildir_files(data, "p@x.test")) == 1
+
+
+def test_success_notice_for_a_sender_out_of_reach_is_only_logged(start_server, accounts, tmp_path):
+    """A remote sender asks for SUCCESS where nothing is relayed: delivered, the notice only logged."""
+    server = start_server(site=True, relay__enabled=False)
+    with log_lines("delivery notice") as lines, failures() as logged:
+        client = smtp(server)
+        client.sendmail("someone@remote.example", ["bob@example.test"], b"Subject: x\r\n\r\ny\r\n",
+                        rcpt_options=["NOTIFY=SUCCESS"])
+        client.quit()
+        wait_for(lambda: lines, what="the log line")
+    assert "not sent" in lines[0] and logged.events == []
+    assert len(maildir_files(tmp_path / "data", "bob@example.test")) == 1
 
 
 def test_relayed_notice_when_the_next_hop_has_no_dsn(start_server, accounts, sink, tmp_path):

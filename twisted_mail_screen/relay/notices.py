@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted_mail_screen.relay.config import RelayConfig
 from twisted_mail_screen.relay.dsn import DELAYED, DELIVERED, FAILED, RELAYED, Failed, build_dsn
 from twisted_mail_screen.relay.spool import QueuedMessage, Recipient
+from twisted_mail_screen.store.maildir import DeliveryError
 from twisted_mail_screen.store.envelope import (DELAY, FAILURE, SUCCESS, EnvelopeRequest,
                                                 RecipientRequest)
 
@@ -115,6 +116,9 @@ class Notices:
                                   dsn=stored)
             self.log.info("queue: {id} {kind} sent to <{sender}> for {rcpts}", id=queue_id,
                           kind=name, sender=sender, rcpts=",".join(r.address for r in recipients))
+        except DeliveryError as e:  # a disk error, or a remote sender and no relay to reach it
+            self.log.warn("queue: {id} {kind} to <{sender}> not sent: {error}", id=queue_id,
+                          kind=name, sender=sender, error=e)
         except Exception:
             self.log.failure("queue: {id} {kind} to <{sender}> failed", id=queue_id, kind=name,
                              sender=sender)
