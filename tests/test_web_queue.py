@@ -78,6 +78,21 @@ def test_list_shows_each_recipient_with_its_state_and_last_reply(relaying, sink,
                         "host": f"127.0.0.1:{sink.port}"} for a in ("carol@remote.example", "dave@remote.example")]}
 
 
+def test_the_list_comes_a_page_at_a_time_oldest_first(relaying):
+    """After an outage thousands wait: each request lists at most a page of them."""
+    ids = []
+    for n in range(3):
+        ids.append(send(relaying, (f"r{n}@remote.example",)))
+        relaying.advance(1)
+    page = api(relaying, "GET", "?start=1&limit=1").json
+    assert (page["total"], page["start"], [m["id"] for m in page["messages"]]) == (3, 1, ids[1:2])
+    assert [m["id"] for m in queued_now(relaying)] == ids
+    assert [m["created"] for m in queued_now(relaying)] == [
+        "1970-01-01T00:00:00Z", "1970-01-01T00:00:01Z", "1970-01-01T00:00:02Z"]
+    for bad in ("?limit=0", "?limit=501", "?start=-1"):
+        assert api(relaying, "GET", bad).status == 400, bad
+
+
 def test_hold_keeps_a_message_back_until_released(relaying, sink, tmp_path):
     queue_id = send(relaying)
     held = api(relaying, "POST", f"/{queue_id.lower()}/hold")
@@ -159,7 +174,8 @@ def test_only_administrators_see_or_steer_the_queue(relaying):
 
 def test_with_relaying_off_the_list_is_empty_and_changes_get_404(start_server):
     server = start_server(kinds=("smtp", "web"))  # a test host never relays
-    assert api(server, "GET", headers={}).json == {"relaying": False, "total": 0, "messages": []}
+    assert api(server, "GET", headers={}).json == {"relaying": False, "total": 0, "start": 0,
+                                                   "messages": []}
     for method, path in (("POST", "/flush"), ("POST", "/0123456789ABCDEF/hold"),
                          ("DELETE", "/0123456789ABCDEF")):
         reply = api(server, method, path, headers={})

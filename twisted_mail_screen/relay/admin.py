@@ -87,18 +87,17 @@ class QueueCommands:
             raise QueueCommandError(f"{queue_id!r} is not a queue ID", not_found=True)
         return queue_id.upper()
 
-    def list(self) -> list[dict[str, Any]]:
+    def page(self, start: int, limit: int) -> tuple[int, list[dict[str, Any]]]:
+        """How many messages are queued, and C{limit} of them from C{start}, oldest first."""
         if self._queue is None:
-            return []
+            return 0, []
         now = self._clock.seconds()
-        return [describe_message(m, now) for m in self._queue.list()]
+        return self._queue.size()[0], [describe_message(m, now)
+                                       for m in self._queue.list(start, limit)]
 
     def flush(self) -> int:
         """Make every message not on hold due now; returns how many that is."""
-        queue = self._running()
-        due = sum(1 for m in queue.list() if not m["held"])
-        queue.flush()
-        return due
+        return self._running().flush()
 
     def _found(self, result: Deferred, queue_id: str, missing: str) -> Deferred:
         def check(found: bool) -> str:

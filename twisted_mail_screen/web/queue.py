@@ -20,6 +20,13 @@ from twisted_mail_screen.web.api import ApiError, ApiRequest, Router
 from twisted_mail_screen.web.context import WebContext
 
 
+#: Messages listed per request unless C{limit} says otherwise, and at most:
+#: after an outage thousands wait, and each costs about 65 us of the
+#: reactor thread to copy, describe and encode.
+LIMIT = 100
+LIMIT_MAX = 500
+
+
 def run(command: Callable[..., Any], *args: Any) -> Deferred:
     """Call a command; its refusal (at once or later) becomes the web's 404 or 400."""
 
@@ -42,8 +49,10 @@ def register(router: Router, context: WebContext) -> None:
         return guarded
 
     def listing(request: ApiRequest) -> dict[str, Any]:
-        messages = commands.list()
-        return {"relaying": context.queue is not None, "total": len(messages),
+        start = request.int_arg("start", 0)
+        limit = request.int_arg("limit", LIMIT, minimum=1, maximum=LIMIT_MAX)
+        total, messages = commands.page(start, limit)
+        return {"relaying": context.queue is not None, "total": total, "start": start,
                 "messages": messages}
 
     def flush(request: ApiRequest) -> Deferred:
