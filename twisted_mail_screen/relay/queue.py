@@ -247,8 +247,7 @@ class OutboundQueue(MultiService):
         """
         The queued messages oldest first, as the envelope plus C{held}: all,
         or C{limit} from C{start} (after an outage thousands wait, and
-        copying them all holds the reactor thread for a tenth of a second
-        per thousand).
+        copying them all holds the reactor thread about 45 ms per thousand).
         """
         out = []
         ordered = sorted(self._messages.values(), key=lambda m: m.created)
