@@ -263,3 +263,26 @@ def test_large_chunked_message_bounded_and_intact(start_server, tmp_path):
     assert all(l[:3] == b"250" for l in replies), replies[-3:]
     assert replies[-1].startswith(b"250 2.0.0 Ok: queued")
     assert stored(tmp_path, "p@x.test").endswith(body.replace(b"\r\n", b"\n"))
+
+
+def test_a_25_mb_chunk_holds_the_reactor_briefly(start_server, accounts, tmp_path):
+    """One 25 MB BDAT LAST chunk: checked as it arrives, its stored form made off the reactor."""
+    from tests.test_reactor_budget import ALICE, check, measured
+
+    server = start_server(site=True, kinds=("smtp", "pop3", "imap"),
+                          smtp__max_message_size=30 * 1024 * 1024)
+    body = b"Subject: big\r\n\r\n" + (b".x" + b"y" * 74 + b"\r\n") * (25 * 1024 * 1024 // 78)
+
+    def send() -> tuple[int, bytes]:
+        client = smtp(server)
+        client.mail("a@x.example")
+        client.rcpt(ALICE[0])
+        reply = bdat(client, body, last=True)
+        client.quit()
+        return reply
+
+    worst, reply = measured(server.port("imap"), send)
+    assert reply[0] == 250
+    [stored] = maildir_files(tmp_path / "data", ALICE[0])
+    assert stored.read_bytes().endswith(body.split(b"\r\n\r\n", 1)[1].replace(b"\r\n", b"\n"))
+    check(worst, "SMTP BDAT, 25 MB")
