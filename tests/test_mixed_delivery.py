@@ -103,7 +103,7 @@ def test_queue_failure_after_the_local_copy_is_written(start_server, accounts, s
     assert queued(tmp_path) == []
     mend_dir(data / "queue" / "msg")
     retry_delivers_once(server, sink, data)
-    assert sum("queued" in l for l in queue_log) == 1
+    assert sum(l.startswith("queue:") and " queued " in l for l in queue_log) == 1
 
 
 def test_local_write_failure_queues_nothing(start_server, accounts, sink, tmp_path, queue_log):
@@ -130,7 +130,7 @@ def test_local_failure_after_the_queue_entry_is_durable(start_server, accounts, 
     prepare_bob(server, data)
     break_dir(data / "mail" / "example.test" / "bob" / "new")
     assert send(server) == (451, b"4.3.0 Requested action aborted: local error in processing")
-    assert sum("queued" in l for l in queue_log) == 1  # it was durable before the failure
+    assert sum(l.startswith("queue:") and " queued " in l for l in queue_log) == 1  # it was durable before the failure
     assert queued(tmp_path) == []
     assert bob_files(data) == []  # nothing in tmp/ or cur/ (new/ is the planted file)
     mend_dir(data / "mail" / "example.test" / "bob" / "new")
