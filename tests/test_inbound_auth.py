@@ -205,3 +205,25 @@ def test_hostile_signatures_are_results_not_errors(checking, tmp_path, garbage):
     send(server, "soft.test", garbage + message("soft.test"))
     header = results(stored(tmp_path))
     assert "dkim=permerror" in header or "dkim=fail" in header, header
+
+
+def test_repeated_hard_failures_block_the_client(checking, tmp_path):
+    """max_failures hard failures (SPF or DMARC fail) in the window block the client: one decision line."""
+    from twisted.internet.task import Clock
+
+    from conftest import log_lines
+    from test_screening_sockets import refused_reply
+
+    clock = Clock()
+    clock.advance(1764645300)
+    server = checking(clock=clock, mail_auth__max_failures=2, mail_auth__failure_window_minutes=10)
+    with log_lines("screening:") as decisions:
+        send(server, "soft.test", message("soft.test"))  # softfail, DMARC p=none fails: counted
+        server.advance(11 * 60)  # the first failure leaves the window
+        send(server, "none.test", message("none.test"))  # nothing published: not counted
+        send(server, "fail.test", message("fail.test"))
+        assert decisions == []
+        send(server, "fail.test", message("fail.test"))
+    assert len(decisions) == 1, decisions
+    assert "action=block client=127.0.0.1 rule=mail_auth_failures count=2/2 window=10m" in decisions[0]
+    assert refused_reply(server.port("smtp")).startswith(b"421 4.7.0")

@@ -95,6 +95,8 @@ class MailAuthConfig:
     dmarc_reject: bool = False
     nameservers: tuple[str, ...] = ()
     dns_timeout: float = 10.0
+    max_failures: int = 0
+    failure_window_minutes: int = 60
 
     @property
     def servers(self) -> tuple[tuple[str, int], ...]:
@@ -128,6 +130,9 @@ def parse_mail_auth(s: Section) -> MailAuthConfig:
         enabled=s.get("enabled", bool, False),
         dmarc_reject=s.get("dmarc_reject", bool, False),
         nameservers=nameservers,
-        dns_timeout=s.number("dns_timeout", MailAuthConfig.dns_timeout, 0.5))
+        dns_timeout=s.number("dns_timeout", MailAuthConfig.dns_timeout, 0.5),
+        max_failures=s.integer("max_failures", 0, 0),
+        failure_window_minutes=s.integer("failure_window_minutes",
+                                         MailAuthConfig.failure_window_minutes, 1))
     s.finish()
     return config

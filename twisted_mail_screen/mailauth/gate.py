@@ -56,7 +56,8 @@ class MailAuth(MultiService):
 
 
 def build_mail_auth(config: Any, reactor: Any, blocking: Workers,
-                    workers: Workers | None = None) -> MailAuth | None:
+                    workers: Workers | None = None, screening: Any = None,
+                    clock: Any = None) -> MailAuth | None:
     """
     The hook for C{config}, or C{None} when there is nothing to do.
     C{workers} replaces every pool (a unit test's inline workers).
@@ -71,7 +72,14 @@ def build_mail_auth(config: Any, reactor: Any, blocking: Workers,
     # DNS answers can take seconds (dns_timeout): a pool of their own, so a
     # slow resolver never holds the storage threads that deliveries fsync in.
     pool = workers or Blocking(reactor, DNS_THREADS, name="mailscreen-mailauth")
-    gate = MailAuth(blocking, signer, Inbound(config.mail_auth, config.hostname, pool))
+    settings = config.mail_auth
+    rule = None
+    if settings.max_failures and screening is not None:
+        from twisted_mail_screen.mailauth.screenrule import AuthFailureRule
+
+        rule = AuthFailureRule(settings.max_failures, settings.failure_window_minutes, screening,
+                               clock or reactor)
+    gate = MailAuth(blocking, signer, Inbound(settings, config.hostname, pool, rule=rule))
     if isinstance(pool, Blocking):
         pool.setServiceParent(gate)
     return gate

@@ -54,18 +54,28 @@ class Inbound:
     log = Logger()
 
     def __init__(self, config: MailAuthConfig, hostname: str, pool: Workers,
-                 lookup: Lookup | None = None) -> None:
+                 lookup: Lookup | None = None, rule: Any = None) -> None:
         self._config = config
+        self._rule = rule  # screenrule.AuthFailureRule, or None
         self._hostname = hostname
         self._pool = pool
         self._lookup = lookup or Lookup(config.servers, config.dns_timeout)
 
     def check(self, *, peer: str | None, helo: str | None, sender: str,
               body: bytes) -> "Deferred[Any]":
-        return self._pool.run(self.evaluate, peer, helo or "", sender, body)
+        def counted(result: tuple[Any, bool]) -> Any:
+            outcome, hard_failure = result
+            if hard_failure and self._rule is not None:
+                self._rule.failed(peer)  # here, on the reactor thread
+            return outcome
 
-    def evaluate(self, peer: str | None, helo: str, sender: str, body: bytes) -> Any:
-        """In a worker thread: the message to deliver, or a refusal (code, status, text)."""
+        return self._pool.run(self.evaluate, peer, helo or "", sender, body).addCallback(counted)
+
+    def evaluate(self, peer: str | None, helo: str, sender: str, body: bytes) -> tuple[Any, bool]:
+        """
+        In a worker thread: the message to deliver, or a refusal (code,
+        status, text); and whether SPF or DMARC failed outright.
+        """
         r = Results()
         with self._lookup.active():
             r.spf, r.spf_comment = self._spf(peer, helo, sender)
@@ -76,12 +86,13 @@ class Inbound:
                       "action={action}", peer=peer or "-", sender=sender, spf=r.spf,
                       dkim=",".join(result for result, _ in r.dkim) or "none", dmarc=r.dmarc,
                       action=action if isinstance(action, str) else action[0])
+        hard_failure = "fail" in (r.spf, r.dmarc)
         if isinstance(action, tuple):
-            return action
+            return action, hard_failure
         extra = self._header(r, sender, helo)
         if action == "quarantine":
             extra += (f"{QUARANTINE_HEADER}: DMARC policy {r.policy} of {r.dmarc_domain}\n").encode()
-        return extra + strip_ours(body, self._hostname)
+        return extra + strip_ours(body, self._hostname), hard_failure
 
     def _spf(self, peer: str | None, helo: str, sender: str) -> tuple[str, str]:
         if not peer:

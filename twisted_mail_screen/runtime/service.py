@@ -231,7 +231,7 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
     measured = MeasuredDelivery(delivery, metrics, clock)
 
     # DKIM signing of submitted mail; SPF, DKIM, DMARC of the rest (docs/mailauth.md).
-    mail_auth = build_mail_auth(config, reactor, blocking, workers)
+    mail_auth = build_mail_auth(config, reactor, blocking, workers, screening, clock)
     if isinstance(mail_auth, Service):
         mail_auth.setServiceParent(service)
 
