@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import smtplib
 import socket
 import time
@@ -21,6 +22,7 @@ from conftest import log_lines
 from relay_sink import Sink, wait_for
 from webclient import basic, call
 
+from twisted_mail_screen.relay.spool import QueueDirectory
 from twisted_mail_screen.runtime import control
 from twisted_mail_screen.testing import in_reactor
 from twisted_mail_screen.web import events as web_events
@@ -224,6 +226,12 @@ def test_queue_events_for_a_relayed_message(start_server, accounts, tmp_path):
         assert deferred["id"] == added["id"] and deferred["reply"].startswith("451")
         queue = server.service.queue
         assert in_reactor(queue.hold, added["id"]) is not None
+        assert stream.next_event("queue.held")[1] == {"id": added["id"]}
+        in_reactor(queue.release, added["id"])
+        assert stream.next_event("queue.released")[1] == {"id": added["id"]}
+        # what `mailscreen queue hold ID` does (the files), seen by the next poll
+        assert QueueDirectory(os.path.join(server.config.data_dir, "queue")).hold(added["id"])
+        server.advance(1)
         assert stream.next_event("queue.held")[1] == {"id": added["id"]}
         in_reactor(queue.release, added["id"])
         assert stream.next_event("queue.released")[1] == {"id": added["id"]}
