@@ -339,6 +339,31 @@ def test_unblocking_from_the_screening_panel_lets_smtp_in_again(browser, start_s
     page_kept_its_policy(browser)
 
 
+def test_site_mode_an_account_sees_its_own_mailbox_and_no_screening(browser, start_server, accounts):
+    """Opened with an account's Basic credentials (in the URL, as a bookmark would have them)."""
+    site = start_server(site=True, kinds=("smtp", "web"), web__admins=["alice@example.test"])
+    for rcpt in ("alice@example.test", "bob@example.test"):
+        message = mail(f"For {rcpt}", html=f"<p id='marker'>Only {rcpt}</p>")
+        message.replace_header("To", rcpt)
+        send(site, message)
+    browser.get(f"http://bob%40example.test:bob-secret@127.0.0.1:{site.port('web')}/")
+    until(browser, lambda d: d.find_element(By.ID, "list-status").text == "1 message, 1 unread",
+          "bob's mailbox did not load")
+    assert [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#message-list .subject")] \
+        == ["For bob@example.test"]
+    open_message(browser, "For bob@example.test")
+    browser.switch_to.frame(browser.find_element(By.CSS_SELECTOR, "#tab-html iframe[src]"))
+    try:
+        until(browser, lambda d: d.find_element(By.ID, "marker").text == "Only bob@example.test",
+              "the preview did not load with the account's credentials")
+    finally:
+        browser.switch_to.default_content()
+    click(browser, "[data-panel=screening]")
+    until(browser, lambda d: d.find_element(By.ID, "blocks-status").text == "Screening is for administrators.",
+          "the screening panel did not say it is for administrators")
+    assert browser.find_element(By.ID, "error").get_attribute("hidden") is not None
+
+
 def busy(stage: str, arg: str, sink: Sink) -> str | None:
     return "451 4.3.0 busy" if stage == "rcpt" else None
 

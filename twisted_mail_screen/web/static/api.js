@@ -10,13 +10,19 @@ export class ApiError extends Error {
   }
 }
 
+// An absolute URL on this origin. A page opened with user:password@ in its
+// address has them in its base URL too, and fetch() refuses a URL made from
+// it; location.origin never carries them (the browser keeps sending the
+// Basic credentials it was given).
+export const sameOrigin = (path) => new URL(path, location.origin).href;
+
 export async function call(method, path, body) {
   const init = { method, credentials: "same-origin", headers: { Accept: "application/json" } };
   if (body !== undefined) {
     init.headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(body);
   }
-  const response = await fetch(path, init);
+  const response = await fetch(sameOrigin(path), init);
   const type = response.headers.get("Content-Type") || "";
   if (!response.ok) {
     let message = `${response.status} ${response.statusText}`;

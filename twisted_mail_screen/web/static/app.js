@@ -3,7 +3,7 @@
 // because the server said so on GET /api/v1/events.
 
 import { $ } from "./dom.js";
-import { guarded, showError } from "./api.js";
+import { guarded, showError, sameOrigin } from "./api.js";
 import * as messages from "./messages.js";
 import * as screening from "./screening.js";
 import * as queue from "./queue.js";
@@ -50,7 +50,7 @@ const ROUTES = [
 
 function listen() {
   const live = $("live");
-  const stream = new EventSource("/api/v1/events");
+  const stream = new EventSource(sameOrigin("/api/v1/events"));
   const state = (value, label) => {
     live.dataset.state = value;
     live.textContent = label;

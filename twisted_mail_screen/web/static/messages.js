@@ -2,7 +2,7 @@
 // search in Mailpit's syntax, and the message view with its tabs.
 
 import { $, el, clear, text, address, addresses, size, when } from "./dom.js";
-import { call, get, segment, guarded, ApiError } from "./api.js";
+import { call, get, segment, guarded, sameOrigin, ApiError } from "./api.js";
 
 const PAGE = 50;
 const MOST = 1000; // the server's default web.max_page
@@ -77,7 +77,7 @@ function attachments(message) {
   const parts = message.Attachments || [];
   const list = clear($("mv-attachments"));
   for (const part of parts) {
-    const href = `/api/v1/message/${segment(message.ID)}/part/${segment(part.PartID)}`;
+    const href = sameOrigin(`/api/v1/message/${segment(message.ID)}/part/${segment(part.PartID)}`);
     list.append(el("li", {},
       el("a", { href, download: part.FileName || `part-${part.PartID}` }, part.FileName || `part ${part.PartID}`),
       ` ${part.ContentType || ""} ${size(part.Size)}`));
@@ -92,7 +92,7 @@ function preview(message) {
   const old = $("mv-frame");
   const frame = old.cloneNode(false);
   const hasHtml = Boolean(message.HTML);
-  if (hasHtml) frame.setAttribute("src", `/view/${segment(message.ID)}.html`);
+  if (hasHtml) frame.setAttribute("src", sameOrigin(`/view/${segment(message.ID)}.html`));
   frame.hidden = !hasHtml;
   old.replaceWith(frame);
   $("mv-no-html").hidden = hasHtml;
