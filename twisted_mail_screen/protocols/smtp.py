@@ -28,7 +28,7 @@ from twisted_mail_screen.screening.interfaces import FreezeStore
 from twisted_mail_screen.protocols.session import ScreenedSession, SessionFactory
 from twisted_mail_screen.store.maildir import DeliveryError
 from twisted_mail_screen.runtime.workers import Workers
-from twisted_mail_screen.store.routing import FORWARDING_DISABLED, Route, Router
+from twisted_mail_screen.store.routing import FORWARDING_DISABLED, Router
 from twisted_mail_screen.protocols.smtp_auth import Authentication
 from twisted_mail_screen.protocols.smtp_bdat import Chunking
 from twisted_mail_screen.protocols.smtp_params import Envelope, Refused, mail_params, rcpt_params

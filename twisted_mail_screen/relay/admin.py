@@ -39,17 +39,6 @@ def format_queue(messages: list[QueuedMessage], held: set[str], now: float) -> s
     return "\n".join(lines) + f"\n{len(messages)} message(s)\n"
 
 
-class QueueCommandError(CommandError):
-    """
-    A queue command that cannot be carried out. C{not_found}: no such
-    queued message (the web answers 404); otherwise the input is bad (400).
-    """
-
-    def __init__(self, message: str, not_found: bool = False) -> None:
-        super().__init__(message)
-        self.not_found = not_found
-
-
 def describe_message(entry: dict[str, Any], now: float) -> dict[str, Any]:
     """An entry of L{OutboundQueue.list} as the web shows it (times in RFC 3339, UTC)."""
     return {"id": entry["id"], "sender": entry["sender"], "size": entry["size"],
@@ -66,7 +55,7 @@ class QueueCommands:
     The administrator's queue commands on the running server's
     L{OutboundQueue} (its own list, flush, hold, release and delete, so
     the change is seen at once): what the web port's C{/api/v1/queue}
-    calls. Every refusal is a L{QueueCommandError}. C{queue} is C{None}
+    calls. Every refusal is a L{CommandError}. C{queue} is C{None}
     when relaying is off: the list is empty and the rest refuse.
     """
 
@@ -76,7 +65,7 @@ class QueueCommands:
 
     def _running(self) -> OutboundQueue:
         if self._queue is None:
-            raise QueueCommandError("relaying is off: there is no outbound queue", not_found=True)
+            raise CommandError("relaying is off: there is no outbound queue", not_found=True)
         return self._queue
 
     @staticmethod
@@ -84,7 +73,7 @@ class QueueCommands:
         # IDs are upper-case hex (spool._valid_id); the CLI takes them in either case
         if not isinstance(queue_id, str) or not 0 < len(queue_id) <= 64 \
                 or any(c not in "0123456789ABCDEF" for c in queue_id.upper()):
-            raise QueueCommandError(f"{queue_id!r} is not a queue ID", not_found=True)
+            raise CommandError(f"{queue_id!r} is not a queue ID", not_found=True)
         return queue_id.upper()
 
     def page(self, start: int, limit: int) -> tuple[int, list[dict[str, Any]]]:
@@ -102,7 +91,7 @@ class QueueCommands:
     def _found(self, result: Deferred, queue_id: str, missing: str) -> Deferred:
         def check(found: bool) -> str:
             if not found:
-                raise QueueCommandError(f"{queue_id}: {missing}", not_found=True)
+                raise CommandError(f"{queue_id}: {missing}", not_found=True)
             return queue_id
         return result.addCallback(check)
 

@@ -29,7 +29,15 @@ Handler = Callable[..., Any]
 
 
 class CommandError(Exception):
-    """A control command that cannot be carried out, with the reason."""
+    """
+    A command (of the control channel or the web API) that cannot be
+    carried out, with the reason. C{not_found}: what it names is not there
+    (the web answers 404); otherwise the input is bad (400).
+    """
+
+    def __init__(self, message: str, not_found: bool = False) -> None:
+        super().__init__(message)
+        self.not_found = not_found
 
 
 class ControlProtocol(LineOnlyReceiver):

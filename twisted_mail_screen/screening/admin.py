@@ -129,17 +129,6 @@ class ScreeningAdmin:
                 "evicted": counts["evicted"]}
 
 
-class ScreeningCommandError(CommandError):
-    """
-    A screening command that cannot be carried out. C{not_found}: what it
-    names is not there (the web answers 404); otherwise the input is bad (400).
-    """
-
-    def __init__(self, message: str, not_found: bool = False) -> None:
-        super().__init__(message)
-        self.not_found = not_found
-
-
 #: The longest block or freeze one command may set (ten years): far beyond
 #: any use, and well inside what the list files' timestamps can hold.
 MAX_MINUTES = 10 * 366 * 24 * 60
@@ -154,7 +143,7 @@ def _minutes(value: Any) -> int | None:
         return None
     # bool is an int in Python, but true is no number of minutes
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_MINUTES:
-        raise ScreeningCommandError(
+        raise CommandError(
             f"minutes must be a whole number from 0 to {MAX_MINUTES}, or null (until removed)")
     return value
 
@@ -162,9 +151,9 @@ def _minutes(value: Any) -> int | None:
 def _text(value: Any, name: str) -> str:
     """A name or free text; control characters would split the list file's line."""
     if not isinstance(value, str):
-        raise ScreeningCommandError(f"{name} must be a string")
+        raise CommandError(f"{name} must be a string")
     if len(value) > MAX_TEXT or any(ord(c) < 32 or ord(c) == 127 for c in value):
-        raise ScreeningCommandError(
+        raise CommandError(
             f"{name} must be at most {MAX_TEXT} characters, with no control characters")
     return value
 
@@ -183,7 +172,7 @@ class ScreeningCommands:
     The administrator's screening commands, as JSON-ready values: the one
     implementation behind both the control channel (C{mailscreen block},
     C{whitelist}, C{frozen}) and the web port's C{/api/v1/screening}.
-    Every refusal is a L{ScreeningCommandError}.
+    Every refusal is a L{CommandError}.
 
     C{freeze_minutes} is C{[freeze] minutes}, the default length of a
     manual freeze (0: until thawed).
@@ -238,12 +227,12 @@ class ScreeningCommands:
             entry = self._admin.block(_text(address, "address"), _minutes(minutes),
                                       _text(reason or "", "reason"))
         except ConfigError as e:
-            raise ScreeningCommandError(f"{e.value!r}: {e.problem}") from e
+            raise CommandError(f"{e.value!r}: {e.problem}") from e
         return self.describe_block(entry)
 
     def block_remove(self, address: Any) -> bool:
         if not self._admin.unblock(_text(address, "address")):
-            raise ScreeningCommandError(f"{address} is not blocked", not_found=True)
+            raise CommandError(f"{address} is not blocked", not_found=True)
         return True
 
     # the white list
@@ -264,12 +253,12 @@ class ScreeningCommands:
         try:
             self._admin.whitelist_add(entry, _text(comment or "", "comment"))
         except ConfigError as e:
-            raise ScreeningCommandError(f"{e.value!r}: {e.problem}") from e
+            raise CommandError(f"{e.value!r}: {e.problem}") from e
         return {"entry": entry, "origin": "runtime", "comment": comment or "", "expires": None}
 
     def whitelist_remove(self, entry: Any) -> bool:
         if not self._admin.whitelist_remove(_text(entry, "entry")):
-            raise ScreeningCommandError(f"{entry} is not a run-time white list entry "
+            raise CommandError(f"{entry} is not a run-time white list entry "
                                         "(entries from the configuration file stay)",
                                         not_found=True)
         return True
@@ -290,19 +279,19 @@ class ScreeningCommands:
     def frozen_freeze(self, user: Any, minutes: Any = None, reason: Any = "") -> dict[str, Any]:
         store = self._admin.freeze_store
         if store is None:
-            raise ScreeningCommandError("no freeze store")
+            raise CommandError("no freeze store")
         minutes = _minutes(minutes)
         try:
             entry = store.freeze(_text(user, "user"),
                                  self._freeze_minutes if minutes is None else minutes,
                                  _text(reason or "", "reason") or "manual")
         except ValueError as e:
-            raise ScreeningCommandError(str(e)) from e
+            raise CommandError(str(e)) from e
         return self._describe_freeze(entry)
 
     def frozen_thaw(self, user: Any) -> bool:
         if not self._admin.thaw(_text(user, "user")):
-            raise ScreeningCommandError(f"{user} is not frozen", not_found=True)
+            raise CommandError(f"{user} is not frozen", not_found=True)
         return True
 
     def stats(self) -> dict[str, int]:

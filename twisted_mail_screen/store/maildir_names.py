@@ -91,3 +91,22 @@ class UniqueNames:
         """A fresh base name keeping C{old_base}'s C{,S=,W=} size fields (IMAP COPY)."""
         sizes = "".join("," + p for p in old_base.split(",")[1:] if p[:2] in ("S=", "W="))
         return self.new() + sizes
+
+
+def folder_listing(path: str) -> dict[str, str] | None:
+    """
+    The messages of the Maildir folder at C{path}: each base name (flags
+    left off) to its C{new/...} or C{cur/...} path; C{None} when the folder
+    has no C{cur} (it is gone, or being made).
+    """
+    found: dict[str, str] = {}
+    for sub in ("new", "cur"):
+        try:
+            with os.scandir(os.path.join(path, sub)) as it:
+                for e in it:
+                    if not e.name.startswith("."):
+                        found[base_of(e.name)] = f"{sub}/{e.name}"
+        except (FileNotFoundError, NotADirectoryError):
+            if sub == "cur":
+                return None
+    return found

@@ -22,6 +22,8 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from twisted_mail_screen.runtime.control import CommandError
+
 #: A request body larger than this is refused (413): API bodies are small.
 MAX_BODY = 1024 * 1024
 
@@ -118,6 +120,7 @@ class Route:
     method: str
     pattern: re.Pattern[str]
     handler: Handler
+    admin: bool
 
 
 def _compile(path: str) -> re.Pattern[str]:
@@ -144,17 +147,18 @@ class Router(Resource):
         self._guard = guard
         self._routes: list[Route] = []
 
-    def add(self, method: str, path: str, handler: Handler) -> None:
-        self._routes.append(Route(method, _compile(path), handler))
+    def add(self, method: str, path: str, handler: Handler, *, admin: bool = False) -> None:
+        """C{admin}: only administrators may call it (others get 403)."""
+        self._routes.append(Route(method, _compile(path), handler, admin))
 
-    def route(self, method: str, path: str) -> tuple[Handler, dict[str, str]]:
+    def route(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
         allowed = []
         for route in self._routes:
             match = route.pattern.match(path)
             if match is None:
                 continue
             if route.method == method or (method == "HEAD" and route.method == "GET"):
-                return route.handler, match.groupdict()
+                return route, match.groupdict()
             allowed.append(route.method)
         if allowed:
             raise ApiError(405, f"{method} is not allowed here (allowed: {', '.join(allowed)})")
@@ -175,8 +179,11 @@ class Router(Resource):
         return NOT_DONE_YET
 
     def _dispatch(self, principal: Principal, request: Request, method: str, path: str) -> Any:
-        handler, params = self.route(method, path)
-        return maybeDeferred(handler, ApiRequest(request, principal), **params)
+        route, params = self.route(method, path)
+        api_request = ApiRequest(request, principal)
+        if route.admin:
+            api_request.require_admin()
+        return maybeDeferred(route.handler, api_request, **params)
 
     def _answer(self, result: Any, request: Request, gone: list[bool]) -> None:
         # NOT_DONE_YET: the handler answers by itself (a stream, a long poll).
@@ -197,6 +204,10 @@ class Router(Resource):
     def _failed(self, failure: Failure, request: Request, gone: list[bool]) -> None:
         if failure.check(ApiError):
             error: ApiError = failure.value  # type: ignore[assignment]
+        elif failure.check(CommandError):
+            # The control channel's commands, called by the web: one implementation.
+            refusal: CommandError = failure.value  # type: ignore[assignment]
+            error = ApiError(404 if refusal.not_found else 400, str(refusal))
         else:
             self.log.failure("web: {method} {uri} failed", failure,
                              method=request.method, uri=request.uri)

@@ -217,7 +217,7 @@ class MailFiles:
     def set_read(self, mailbox: str, bases: list[str] | None, read: bool) -> list[str]:
         """Add or remove the C{S} flag (C{None}: of every message); the IDs of those changed."""
         folder_path = self.folder_path(mailbox)
-        current = _current_names(folder_path)
+        current = maildir_names.folder_listing(folder_path) or {}
         renames = []
         for base in current if bases is None else bases:
             rel = current.get(base)
@@ -234,24 +234,12 @@ class MailFiles:
     def delete(self, mailbox: str, bases: list[str] | None) -> list[str]:
         """Unlink messages (C{None}: every one in the folder); the IDs of those removed."""
         folder_path = self.folder_path(mailbox)
-        current = _current_names(folder_path)
+        current = maildir_names.folder_listing(folder_path) or {}
         wanted = list(current) if bases is None else [b for b in bases if b in current]
         unlink_files(folder_path, [(i, current[b]) for i, b in enumerate(wanted)])
         self.forget(folder_path, wanted)
         return [MessageRef(mailbox, "", b).id for b in wanted]
 
-
-def _current_names(folder_path: str) -> dict[str, str]:
-    out = {}
-    for sub in ("new", "cur"):
-        try:
-            with os.scandir(os.path.join(folder_path, sub)) as it:
-                for e in it:
-                    if not e.name.startswith("."):
-                        out[maildir_names.base_of(e.name)] = f"{sub}/{e.name}"
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-    return out
 
 
 def _created(folder_path: str, rel: str, base: str) -> float:

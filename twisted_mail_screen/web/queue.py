@@ -9,14 +9,12 @@ events follow). With relaying off the list is empty and the rest answer
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.python.failure import Failure
 
-from twisted_mail_screen.relay.admin import QueueCommandError, QueueCommands
-from twisted_mail_screen.web.api import ApiError, ApiRequest, Router
+from twisted_mail_screen.relay.admin import QueueCommands
+from twisted_mail_screen.web.api import ApiRequest, Router
 from twisted_mail_screen.web.context import WebContext
 
 
@@ -27,26 +25,8 @@ LIMIT = 100
 LIMIT_MAX = 500
 
 
-def run(command: Callable[..., Any], *args: Any) -> Deferred:
-    """Call a command; its refusal (at once or later) becomes the web's 404 or 400."""
-
-    def refused(failure: Failure) -> None:
-        failure.trap(QueueCommandError)
-        error: QueueCommandError = failure.value  # type: ignore[assignment]
-        raise ApiError(404 if error.not_found else 400, str(error))
-
-    return maybeDeferred(command, *args).addErrback(refused)
-
-
 def register(router: Router, context: WebContext) -> None:
     commands = QueueCommands(context.queue, context.clock)
-
-    def admin(handler: Callable[..., Any]) -> Callable[..., Any]:
-        # The queue holds every user's outgoing mail: administrators only.
-        def guarded(request: ApiRequest, **parts: str) -> Any:
-            request.require_admin()
-            return handler(request, **parts)
-        return guarded
 
     def listing(request: ApiRequest) -> dict[str, Any]:
         start = request.int_arg("start", 0)
@@ -56,20 +36,22 @@ def register(router: Router, context: WebContext) -> None:
                 "messages": messages}
 
     def flush(request: ApiRequest) -> Deferred:
-        return run(commands.flush).addCallback(lambda due: {"flushed": due})
+        return maybeDeferred(commands.flush).addCallback(lambda due: {"flushed": due})
 
     def hold(request: ApiRequest, id: str) -> Deferred:
-        return run(commands.hold, id).addCallback(lambda queue_id: {"held": queue_id})
+        return maybeDeferred(commands.hold, id).addCallback(lambda queue_id: {"held": queue_id})
 
     def release(request: ApiRequest, id: str) -> Deferred:
-        return run(commands.release, id).addCallback(lambda queue_id: {"released": queue_id})
+        return maybeDeferred(commands.release, id).addCallback(
+            lambda queue_id: {"released": queue_id})
 
     def delete(request: ApiRequest, id: str) -> Deferred:
-        return run(commands.delete, id).addCallback(lambda queue_id: {"deleted": queue_id})
+        return maybeDeferred(commands.delete, id).addCallback(lambda queue_id: {"deleted": queue_id})
 
     for method, path, handler in (
             ("GET", "/api/v1/queue", listing), ("POST", "/api/v1/queue/flush", flush),
             ("POST", "/api/v1/queue/{id}/hold", hold),
             ("POST", "/api/v1/queue/{id}/release", release),
             ("DELETE", "/api/v1/queue/{id}", delete)):
-        router.add(method, path, admin(handler))
+        # The queue holds every user's outgoing mail: administrators only.
+        router.add(method, path, handler, admin=True)

@@ -13,12 +13,11 @@ bounded ring from the moment the port is built.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote
 
 from twisted_mail_screen.runtime.events import Event
-from twisted_mail_screen.screening.admin import ScreeningCommandError, ScreeningCommands
+from twisted_mail_screen.screening.admin import ScreeningCommands
 from twisted_mail_screen.web.api import ApiError, ApiRequest, Router
 from twisted_mail_screen.web.context import WebContext
 
@@ -31,14 +30,6 @@ DEFAULT_LIMIT = 100
 #: (5000 take about 40 ms to describe and encode).
 BLOCKS_LIMIT = 1000
 BLOCKS_LIMIT_MAX = 5000
-
-
-def run(command: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Call a command; its refusal becomes the web's 404 or 400."""
-    try:
-        return command(*args, **kwargs)
-    except ScreeningCommandError as e:
-        raise ApiError(404 if e.not_found else 400, str(e)) from e
 
 
 def body(request: ApiRequest, required: tuple[str, ...],
@@ -99,13 +90,6 @@ def register(router: Router, context: WebContext) -> None:
     decisions = Decisions()
     context.events.subscribe(decisions)
 
-    def admin(handler: Callable[..., Any]) -> Callable[..., Any]:
-        # Who is blocked, white-listed or frozen is the site's business, not a user's.
-        def guarded(request: ApiRequest, **parts: str) -> Any:
-            request.require_admin()
-            return handler(request, **parts)
-        return guarded
-
     # blocks
 
     def blocks(request: ApiRequest) -> dict[str, Any]:
@@ -116,7 +100,7 @@ def register(router: Router, context: WebContext) -> None:
 
     def block(request: ApiRequest) -> dict[str, Any]:
         fields = body(request, ("address",), ("minutes", "reason"))
-        return created(request, run(commands.block_add, fields["address"],
+        return created(request, commands.block_add(fields["address"],
                                     fields.get("minutes"), fields.get("reason") or ""))
 
     def unblock(request: ApiRequest, address: str | None = None) -> dict[str, Any]:
@@ -124,7 +108,7 @@ def register(router: Router, context: WebContext) -> None:
             address = body(request, ("address",))["address"]
         else:
             address = path_part(address)
-        run(commands.block_remove, address)
+        commands.block_remove(address)
         return {"unblocked": address}
 
     # the white list
@@ -134,7 +118,7 @@ def register(router: Router, context: WebContext) -> None:
 
     def whitelist_add(request: ApiRequest) -> dict[str, Any]:
         fields = body(request, ("entry",), ("comment",))
-        return created(request, run(commands.whitelist_add, fields["entry"],
+        return created(request, commands.whitelist_add(fields["entry"],
                                     fields.get("comment") or ""))
 
     def whitelist_remove(request: ApiRequest, entry: str | None = None) -> dict[str, Any]:
@@ -142,7 +126,7 @@ def register(router: Router, context: WebContext) -> None:
             entry = body(request, ("entry",))["entry"]
         else:
             entry = path_part(entry)
-        run(commands.whitelist_remove, entry)
+        commands.whitelist_remove(entry)
         return {"removed": entry}
 
     # frozen accounts
@@ -152,7 +136,7 @@ def register(router: Router, context: WebContext) -> None:
 
     def freeze(request: ApiRequest) -> dict[str, Any]:
         fields = body(request, ("user",), ("minutes", "reason"))
-        return created(request, run(commands.frozen_freeze, fields["user"],
+        return created(request, commands.frozen_freeze(fields["user"],
                                     fields.get("minutes"), fields.get("reason") or ""))
 
     def thaw(request: ApiRequest, user: str | None = None) -> dict[str, Any]:
@@ -160,7 +144,7 @@ def register(router: Router, context: WebContext) -> None:
             user = body(request, ("user",))["user"]
         else:
             user = path_part(user)
-        run(commands.frozen_thaw, user)
+        commands.frozen_thaw(user)
         return {"thawed": user}
 
     # what screening decided, and its counters
@@ -183,4 +167,5 @@ def register(router: Router, context: WebContext) -> None:
             ("GET", "/frozen", frozen), ("POST", "/frozen", freeze),
             ("DELETE", "/frozen", thaw), ("DELETE", "/frozen/{user}", thaw),
             ("GET", "/decisions", recent), ("GET", "/stats", stats)):
-        router.add(method, base + path, admin(handler))
+        # Who is blocked, white-listed or frozen is the site's business, not a user's.
+        router.add(method, base + path, handler, admin=True)

@@ -23,20 +23,6 @@ from twisted_mail_screen.store.maildir_names import delivery_order
 log = Logger()
 
 
-def _listing(path: str) -> dict[str, str] | None:
-    found: dict[str, str] = {}
-    for sub in ("new", "cur"):
-        try:
-            with os.scandir(os.path.join(path, sub)) as it:
-                for e in it:
-                    if not e.name.startswith("."):
-                        found[maildir_names.base_of(e.name)] = f"{sub}/{e.name}"
-        except FileNotFoundError:
-            if sub == "cur":
-                return None
-    return found
-
-
 def _stamp(path: str) -> tuple[int, int, int] | None:
     """The mtimes of new/ and cur/, and the inode of cur/ (a folder made anew differs)."""
     try:
@@ -102,7 +88,7 @@ def scan_folder(path: str, loaded: bool, uids: "array[int]", names: list[str],
         if r.reason is not None:
             log.warn("imap: uid list of {path} {reason}; new UIDVALIDITY {v}",
                      path=path, reason=r.reason, v=uidvalidity)
-    listing = _listing(path)
+    listing = maildir_names.folder_listing(path)
     if listing is None:
         return ScanResult(gone=True)
     kept_names = []
@@ -117,7 +103,7 @@ def scan_folder(path: str, loaded: bool, uids: "array[int]", names: list[str],
     if missing:
         # A file renamed by another program while we listed can be missed
         # once; look again before calling anything gone.
-        again = _listing(path) or {}
+        again = maildir_names.folder_listing(path) or {}
         for i in missing:
             now = again.get(base_of(names[i]))
             if now is None:
