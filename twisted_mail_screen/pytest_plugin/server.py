@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 import time
 from email.message import EmailMessage
 from typing import Any, Callable
@@ -23,13 +24,14 @@ from twisted_mail_screen.config.settings import MAX_SOCKET_PATH, load_config
 from twisted_mail_screen.runtime.control import SOCKET_NAME
 from twisted_mail_screen.pytest_plugin import mailbox
 from twisted_mail_screen.pytest_plugin.controls import FaultsProxy, ScreeningControl
-from twisted_mail_screen.testing import RunningServer, ephemeral_overrides
+from twisted_mail_screen.testing import RunningServer, ephemeral_overrides, in_reactor
 from twisted_mail_screen.testing_sink import Sink
 
 KINDS = ("smtp", "submission", "pop3", "imap", "web")
 SITE = {"mode": "site", "hostname": "mail.example.test", "domains": ["example.test"],
         "postmaster": "postmaster@example.test"}
-POLL = 0.02  # seconds between two looks at the Maildirs in wait_for
+#: The longest wait_for sleeps between two looks when no event comes.
+POLL = 0.25
 
 
 class MailServer:
@@ -144,16 +146,31 @@ class MailServer:
 
     def _wait(self, fetch: Callable[[], list[EmailMessage]], count: int, timeout: float | None,
               explain: Callable[[list[EmailMessage], float], str]) -> list[EmailMessage]:
+        """
+        Look again at each event of the server's bus (a delivery, a queue
+        change: the web API's wait wakes on the same events), and at least
+        every L{POLL} seconds for what publishes none (the sink's messages).
+        """
         __tracebackhide__ = True
         limit = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
-        while True:
-            found = fetch()
-            if len(found) >= count:
-                return found
-            if time.monotonic() >= deadline:
-                raise AssertionError(explain(found, limit))
-            time.sleep(POLL)
+        found = fetch()  # smtplib returns after the 250, when the message is stored
+        if len(found) >= count:
+            return found
+        changed = threading.Event()
+        unsubscribe = in_reactor(self.service.events.subscribe, lambda event: changed.set())
+        try:
+            while True:
+                changed.clear()
+                found = fetch()
+                if len(found) >= count:
+                    return found
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(explain(found, limit))
+                changed.wait(min(left, POLL))
+        finally:
+            in_reactor(unsubscribe)
 
     def purge(self) -> int:
         """Delete every delivered message; the number deleted."""
