@@ -257,6 +257,14 @@ def test_with_a_name_long_enough_that_the_control_socket_needs_a_directory_of_it
 
 WRONG = '''
 import smtplib
+import pytest
+
+@pytest.mark.mailserver(relay_sink=True)
+def test_expects_a_relay_that_was_deferred(mailserver):
+    mailserver.faults.fail_delivery(reply="451 4.4.1 not today")
+    with smtplib.SMTP(mailserver.host, mailserver.smtp_port) as s:
+        s.sendmail("a@example.test", ["bob@remote.test"], b"Subject: out\\r\\n\\r\\nx\\r\\n")
+    mailserver.wait_for_relayed(timeout=0.3)
 
 def test_expects_mail_never_sent(mailserver):
     with smtplib.SMTP(mailserver.host, mailserver.smtp_port) as s:
@@ -267,7 +275,12 @@ def test_expects_mail_never_sent(mailserver):
 
 def test_wrong_expectation_fails_readably(pytester: pytest.Pytester) -> None:
     result = run(pytester, WRONG)
-    result.assert_outcomes(failed=1)
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines([
+        "*AssertionError: wait_for_relayed(count=1): 0 of 1 relayed message(s) within 0.3 s; "
+        "1 message(s) still queued:",
+        "*- * from <a@example.test> to bob@remote.test (pending: 451 4.4.1 not today); attempts 1",
+    ])
     result.stdout.fnmatch_lines([
         "*AssertionError: wait_for('to:carol@example.test', count=1): 0 of 1 matching "
         "message(s) within 0.3 s; 1 message(s) arrived:",
@@ -281,7 +294,7 @@ def test_docs_example_runs_as_written(pytester: pytest.Pytester) -> None:
     # The docs show the file itself, not a copy that could drift from it.
     assert example.read_text() in docs
     pytester.makepyfile(test_mail_example=example.read_text())
-    pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=4)
+    pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=5)
 
 
 SCREENING = '''

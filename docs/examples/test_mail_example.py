@@ -8,6 +8,8 @@ import imaplib
 import smtplib
 from email.message import EmailMessage
 
+import pytest
+
 
 def send_welcome(settings: dict, address: str) -> None:
     """The application code: sends with Django-style settings."""
@@ -64,3 +66,14 @@ def test_a_refused_recipient(mailserver):
     else:
         raise AssertionError("the injected 550 did not reach the sender")
     assert mailserver.messages() == []
+
+
+@pytest.mark.mailserver(relay_sink=True, relay__retry_minutes=1)
+def test_a_retried_outbound_delivery(mailserver):
+    # The next relay attempt fails with a 451; the queue retries a minute later
+    # on the server's clock, which the test moves on instead of sleeping.
+    mailserver.faults.fail_delivery(reply="451 4.4.1 Try again later", times=1)
+    send_welcome(mailserver.smtp_settings(), "ann@partner.test")
+    mailserver.screening.advance(1.1)
+    [out] = mailserver.wait_for_relayed()
+    assert out.envelope_to == ["ann@partner.test"] and out["Subject"] == "Welcome!"

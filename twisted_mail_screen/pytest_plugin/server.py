@@ -142,7 +142,22 @@ class MailServer:
         __tracebackhide__ = True
         return self._wait(lambda: self.relayed, count, timeout, lambda found, limit: (
             f"wait_for_relayed(count={count}): {len(found)} of {count} relayed message(s) "
-            f"within {limit:g} s"))
+            f"within {limit:g} s; {self._queue_summary()}"))
+
+    def _queue_summary(self) -> str:
+        """What is still queued, with each recipient's last reply, for a failed wait."""
+        queue = self.service.queue
+        queued = in_reactor(queue.list) if queue is not None else []
+        if not queued:
+            return "the queue is empty"
+        lines = [f"{len(queued)} message(s) still queued:"]
+        for entry in queued[:20]:
+            for r in entry.get("recipients", []):
+                reply = f": {r['reply']}" if r.get("reply") else ""
+                lines.append(f"  - {entry.get('id')} from <{entry.get('sender')}> to "
+                             f"{r.get('address')} ({r.get('state')}{reply}); "
+                             f"attempts {entry.get('attempts')}")
+        return "\n".join(lines)
 
     def _wait(self, fetch: Callable[[], list[EmailMessage]], count: int, timeout: float | None,
               explain: Callable[[list[EmailMessage], float], str]) -> list[EmailMessage]:
