@@ -66,7 +66,7 @@ def test_cli_errors_are_readable(start_server, tmp_path) -> None:
     cases = [
         (["add", "explode"], "kind must be one of reject, tempfail"),
         (["add"], "faults add needs a KIND"),
-        (["add", "reject", "--reply", "250 fine"], "reply must be one line starting with a 5xx code"),
+        (["add", "reject", "--reply", "250 fine"], "reply must be one line of at most 510 characters starting with a 5xx code"),
         (["add", "delay", "--command", "DATA"], "missing a required argument: 'seconds'"),
         (["add", "reject", "--times", "often"], "--times must be a positive number or 'forever'"),
         (["add", "reject", "--seconds", "3"], "unexpected keyword argument 'seconds'"),

@@ -131,3 +131,27 @@ def test_fail_delivery_ends_the_relay_attempt_with_its_reply() -> None:
     assert (far.state, far.reply, far.status) == (FAILED, "550 5.1.1 Gone (injected)", "5.1.1")
     assert near.state == SENT
     assert plan.rules() == []
+
+
+def test_bounded_rules_and_text() -> None:
+    """A plan fed by the web API cannot grow without bound: rule count and text lengths are capped."""
+    from twisted_mail_screen.faults.plan import MAX_PATTERN, MAX_RULES
+
+    plan = FaultPlan()
+    with pytest.raises(ValueError, match="at most 510 characters"):
+        plan.reject(reply="550 " + "x" * 507)
+    plan.reject(reply="550 " + "x" * 506)
+    with pytest.raises(ValueError, match=f"at most {MAX_PATTERN} characters"):
+        plan.reject(match="*" * (MAX_PATTERN + 1))
+    with pytest.raises(ValueError, match=f"at most {MAX_PATTERN} characters"):
+        plan.mailbox_full("x" * (MAX_PATTERN + 1))
+    with pytest.raises(ValueError, match="command must be a command name"):
+        plan.tempfail("X" * 65)
+    with pytest.raises(ValueError, match="4xx or 5xx"):
+        plan.fail_delivery(reply=451)  # type: ignore[arg-type]
+    for _ in range(MAX_RULES - 1):
+        plan.disconnect(after="QUIT")
+    with pytest.raises(ValueError, match=f"at most {MAX_RULES} rules"):
+        plan.delay("DATA", 1)
+    plan.clear()
+    plan.delay("DATA", 1)

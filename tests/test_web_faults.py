@@ -57,7 +57,7 @@ def test_list_remove_and_clear(start_server) -> None:
 @pytest.mark.parametrize("body, message", [
     ({"kind": "explode"}, "kind must be one of reject, tempfail"),
     ({"command": "RCPT"}, "kind must be one of"),
-    ({"kind": "reject", "reply": "250 ok"}, "reply must be one line starting with a 5xx code"),
+    ({"kind": "reject", "reply": "250 ok"}, "reply must be one line of at most 510 characters starting with a 5xx code"),
     ({"kind": "delay", "command": "DATA"}, "delay: missing a required argument: 'seconds'"),
     ({"kind": "reject", "colour": "blue"}, "reject: got an unexpected keyword argument 'colour'"),
     ({"kind": "reject", "times": 0}, "times must be a positive integer or None"),

@@ -18,9 +18,14 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any, Iterable
 
-#: A reply a rule answers with: an SMTP code, then text on one line.
-_REPLY = re.compile(r"[2-5][0-9]{2}(?: [^\r\n]*)?")
-_COMMAND = re.compile(r"[A-Za-z][A-Za-z0-9-]*")
+#: A reply a rule answers with: an SMTP code, then text on one line of at
+#: most 512 octets with its CRLF (RFC 5321 4.5.3.1.5).
+_REPLY = re.compile(r"[2-5][0-9]{2}(?: [^\r\n]{0,506})?")
+_COMMAND = re.compile(r"[A-Za-z][A-Za-z0-9-]{0,63}")
+#: The most rules a plan holds, and the longest pattern: the web API and the
+#: control channel add rules, and a plan is scanned at every command.
+MAX_RULES = 1000
+MAX_PATTERN = 1000
 
 #: Which rules answer a command: at most one of each group applies to it.
 _GROUPS = {"reject": "reply", "tempfail": "reply", "mailbox_full": "reply",
@@ -117,8 +122,9 @@ class FaultPlan:
         End the relay's next attempt for a recipient matching C{match} as if
         the remote server had answered C{reply} (4xx: retried later; 5xx: bounced).
         """
-        if not _REPLY.fullmatch(reply) or reply[0] not in "45":
-            raise ValueError(f"fail_delivery: reply must start with a 4xx or 5xx code: {reply!r}")
+        if not isinstance(reply, str) or not _REPLY.fullmatch(reply) or reply[0] not in "45":
+            raise ValueError("fail_delivery: reply must be one line of at most 510 characters "
+                             f"starting with a 4xx or 5xx code: {reply!r:.80}")
         return self._add(Rule("fail_delivery", "DELIVERY", match, reply, remaining=_times(times)))
 
     # listing and clearing
@@ -187,6 +193,10 @@ class FaultPlan:
         return None
 
     def _add(self, rule: Rule) -> Rule:
+        if len(self._rules) >= MAX_RULES:
+            raise ValueError(f"the fault plan holds at most {MAX_RULES} rules: clear some first")
+        if rule.match is not None and (not isinstance(rule.match, str) or len(rule.match) > MAX_PATTERN):
+            raise ValueError(f"match must be a string of at most {MAX_PATTERN} characters")
         self._last_id += 1
         rule.id = self._last_id
         self._rules.append(rule)
@@ -202,19 +212,21 @@ class FaultPlan:
 
 def _command(name: str) -> str:
     if not isinstance(name, str) or not _COMMAND.fullmatch(name):
-        raise ValueError(f"command must be a command name such as 'RCPT', not {name!r}")
+        raise ValueError(f"command must be a command name such as 'RCPT', not {name!r:.80}")
     return name.upper()
 
 
 def _reply(reply: str, first: str) -> str:
     if not isinstance(reply, str) or not _REPLY.fullmatch(reply) or reply[0] != first:
-        raise ValueError(f"reply must be one line starting with a {first}xx code, not {reply!r}")
+        raise ValueError(f"reply must be one line of at most 510 characters starting with a "
+                         f"{first}xx code, not {reply!r:.80}")
     return reply
 
 
 def _pattern(value: str, what: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"{what} must be a non-empty string or pattern, not {value!r}")
+    if not isinstance(value, str) or not value or len(value) > MAX_PATTERN:
+        raise ValueError(f"{what} must be a non-empty string or pattern of at most "
+                         f"{MAX_PATTERN} characters, not {value!r:.80}")
     return value
 
 
