@@ -214,6 +214,8 @@ class CommandProtocol(Protocol):
             self._timer.cancel()
         self._timer = None
         self.output.stopProducing()  # a reply streaming to a gone peer stops waiting
+        if self._layer is not None:
+            self._layer.stop()
         self.session_ended()
 
     def _reset_timer(self) -> None:
@@ -359,7 +361,29 @@ class CommandProtocol(Protocol):
         """
         self._raw_handler = handler
 
+    _layer: Any = None
+    _line_end = 0
+
+    def add_layer(self, make: Callable[[Any, bytes], Any]) -> None:
+        """
+        Put a layer (COMPRESS) between the session and its transport, as
+        L{start_tls} puts TLS: C{make(transport, input after this command)}
+        builds it; it gets socket input and feeds L{received_plain}.
+        """
+        self.flush()
+        self._writer.stop()
+        cut = self._line_end if self._in_process else 0
+        pending = bytes(self._buffer[cut:])
+        del self._buffer[cut:]
+        self.transport = self._layer = make(self.transport, pending)
+
     def dataReceived(self, data: bytes) -> None:
+        if self._layer is not None:
+            self._layer.received(data)
+            return
+        self.received_plain(data)
+
+    def received_plain(self, data: bytes) -> None:
         if self._cork is not None:  # re-entered: the outer call flushes
             self._received(data)
             return
@@ -436,6 +460,7 @@ class CommandProtocol(Protocol):
                 if line.endswith(b"\r"):
                     line = line[:-1]
                 self._reset_timer()
+                self._line_end = start
                 self._dispatch(line)
         finally:
             self._in_process = False

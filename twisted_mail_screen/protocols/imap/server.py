@@ -32,6 +32,8 @@ from twisted.python.failure import Failure
 from twisted_mail_screen.faults.seam import guard, imap_reply, imap_subject
 from twisted_mail_screen.protocols.imap.account import AccountFolders, FolderError
 from twisted_mail_screen.protocols.imap.account_commands import AccountCommands
+from twisted_mail_screen.protocols.imap import compress
+from twisted_mail_screen.protocols.imap.compress import CompressCommands
 from twisted_mail_screen.protocols.imap.core import Gone, No
 from twisted_mail_screen.protocols.imap.message_commands import MessageCommands
 from twisted_mail_screen.protocols.imap.parse import Atom, BadCommand, Token, astring, tokenize
@@ -51,7 +53,7 @@ MAX_COMMAND = 1024 * 1024
 ANY_STATE = {"CAPABILITY", "NOOP", "LOGOUT", "ID"}
 UNAUTH = {"STARTTLS", "AUTHENTICATE", "LOGIN"}
 AUTH = {"SELECT", "EXAMINE", "CREATE", "DELETE", "RENAME", "SUBSCRIBE", "UNSUBSCRIBE", "LIST",
-        "LSUB", "STATUS", "APPEND", "NAMESPACE", "ENABLE", "IDLE"}
+        "LSUB", "STATUS", "APPEND", "NAMESPACE", "ENABLE", "IDLE"} | compress.COMMANDS
 SELECTED = {"CHECK", "CLOSE", "UNSELECT", "EXPUNGE", "SEARCH", "FETCH", "STORE", "COPY", "MOVE",
             "UID"}
 NO_EXPUNGE = {"FETCH", "STORE", "SEARCH"}
@@ -66,7 +68,7 @@ def _pending(d: Deferred) -> Deferred | None:
     return None if done else d
 
 
-class IMAPServer(AccountCommands, MessageCommands):
+class IMAPServer(AccountCommands, MessageCommands, CompressCommands):
     """
     One IMAP session: the connection, the framing of lines and literals,
     dispatch by state, and the commands of any state and of login. The
@@ -119,6 +121,8 @@ class IMAPServer(AccountCommands, MessageCommands):
                 caps.append("AUTH=PLAIN")
             else:
                 caps.append("LOGINDISABLED")
+        else:
+            caps += compress.CAPABILITIES
         return caps
 
     def _plaintext_ok(self) -> bool:
