@@ -25,7 +25,8 @@ from twisted_mail_screen.testing import RunningServer, ephemeral_overrides, in_r
 #: The Debian package of each external client tool the tests run.
 TOOL_PACKAGES = {"mbsync": "isync", "offlineimap": "offlineimap3", "fetchmail": "fetchmail",
                  "msmtp": "msmtp", "swaks": "swaks", "strace": "strace",
-                 "chromium": "chromium", "chromedriver": "chromium-driver"}
+                 "chromium": "chromium", "chromedriver": "chromium-driver",
+                 "redis-server": "redis-server", "redis-cli": "redis-tools"}
 
 
 def require_tool(name: str) -> str:

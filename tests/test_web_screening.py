@@ -314,6 +314,7 @@ def test_stats_are_the_control_channels(site, tmp_path):
     stats = api("GET", "/stats").json
     assert stats == control.call(str(tmp_path / "data"), "screening.stats")
     assert stats["blocked"] == 1 and set(stats) == {"tracked", "active", "blocked", "offences",
+                                                    "backend",
                                                     "evicted"}
 
 

@@ -195,6 +195,25 @@ class StateCollector:
                                   value=self._notices())
 
 
+class BackendCollector:
+    """
+    C{mailscreen_screening_backend_up}: 1 while screening's shared state is
+    reachable (always, for the in-memory backend), 0 while a node counts
+    on its own because Redis is down (docs/screening.md, "Several nodes").
+    """
+
+    def __init__(self, backend: str, up: Callable[[], bool]) -> None:
+        self._backend = backend
+        self._up = up
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily("mailscreen_screening_backend_up",
+                                   "Whether screening's shared state is reachable",
+                                   labels=["backend"])
+        family.add_metric([self._backend], 1 if self._up() else 0)
+        yield family
+
+
 class MeasuredDelivery:
     """
     The SMTP listeners' view of L{Delivery}: the same object, with every

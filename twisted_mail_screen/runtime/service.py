@@ -27,10 +27,12 @@ from twisted_mail_screen.protocols.imap.server import IMAPFactory
 from twisted_mail_screen.protocols.imap.registry import Registry
 from twisted_mail_screen.runtime.events import EventBus
 from twisted_mail_screen.runtime.lagmonitor import LagMonitor
-from twisted_mail_screen.runtime.metrics import MeasuredDelivery, ServerMetrics, StateCollector
+from twisted_mail_screen.runtime.metrics import (
+    BackendCollector, MeasuredDelivery, ServerMetrics, StateCollector)
 from twisted_mail_screen.runtime.control import ControlFactory, endpoint_description
 from twisted_mail_screen.screening.notify import PostmasterNotifier
 from twisted_mail_screen.runtime.endpoints import server_endpoint
+from twisted_mail_screen.screening.redis_backend import RedisScreening
 from twisted_mail_screen.screening.service import ScreeningService
 from twisted_mail_screen.screening.admin import register_screening_commands
 from twisted_mail_screen.store.maildir import MailStore, TmpCleaner
@@ -198,6 +200,12 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
     screening = _build_screening(config, clock, accounts, router, delivery)
     screening.write_files_with(blocking.run)
     screening.setServiceParent(service)
+    backend_up: Callable[[], bool] = lambda: True
+    if config.screening.redis is not None:
+        cluster = RedisScreening(screening, config.screening.redis, reactor, clock)
+        cluster.setServiceParent(service)
+        backend_up = lambda: cluster.up  # noqa: E731
+        screening.admin.backend_status = cluster.status
     screening.publish_to(events.publish)
     freeze = screening.freeze_store
     control = ControlFactory()
@@ -227,6 +235,8 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
         frozen=lambda: len(freeze_store.entries()) if freeze_store is not None else 0,
         notices=lambda: getattr(notifier, "messages_sent", 0),
         queue=queue.size if queue is not None else None))
+    metrics.registry.register(BackendCollector(
+        "redis" if config.screening.redis is not None else "memory", backend_up))
     # SMTP's deliveries are counted and timed (end of DATA to the fsync'd 250).
     measured = MeasuredDelivery(delivery, metrics, clock)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
@@ -121,12 +122,20 @@ class ScreeningAdmin:
             return False
         return self._freeze_store.thaw(user)
 
-    def stats(self) -> dict[str, int]:
-        """Sizes for the control channel: tracked, active, blocked, evicted."""
+    #: The cluster backend's state, when there is one (screening/redis_backend.py).
+    backend_status: Callable[[], dict[str, object]] | None = None
+
+    def stats(self) -> dict[str, object]:
+        """
+        Sizes for the control channel: tracked, active, blocked, evicted
+        (this node's), and the backend (the blocks are the cluster's).
+        """
         counts = self._rules.stats()
+        backend = ({"backend": "memory"} if self.backend_status is None
+                   else self.backend_status())
         return {"tracked": counts["tracked"], "active": counts["active"],
                 "blocked": len(self._blocklist.entries()), "offences": counts["offences"],
-                "evicted": counts["evicted"]}
+                "evicted": counts["evicted"], **backend}
 
 
 #: The longest block or freeze one command may set (ten years): far beyond
@@ -294,7 +303,7 @@ class ScreeningCommands:
             raise CommandError(f"{user} is not frozen", not_found=True)
         return True
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, object]:
         return self._admin.stats()
 
 

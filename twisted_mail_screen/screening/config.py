@@ -12,12 +12,14 @@ what a password-guessing or address-harvesting bot needs to get anywhere.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from twisted_mail_screen.config.base import ConfigError, Section
 from twisted_mail_screen.screening.netmatch import NetMatcher
 
 PROTOCOLS = ("smtp", "submission", "pop3", "imap")
+BACKENDS = ("memory", "redis")
 TEST_HOST_WHITELIST = ("127.0.0.0/8", "::1")
 
 
@@ -37,6 +39,27 @@ class SessionAuthConfig:
     freeze_account: bool = False
     notify_postmaster: bool = False
     protocols: tuple[str, ...] = PROTOCOLS
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    """
+    Where several nodes share screening (C{backend = "redis"}).
+
+    @ivar endpoint: a client endpoint string, C{tcp:HOST:PORT} or C{unix:PATH}.
+    @ivar key_prefix: put before every key and the channel, so several
+        clusters can share one Redis.
+    @ivar password_file: a file holding the password (first line), or C{None}.
+    @ivar lease_seconds: how long a simultaneous-connection lease outlives
+        the node that holds it (nodes renew theirs every third of it).
+    @ivar timeout_seconds: a command unanswered this long counts as Redis down.
+    """
+
+    endpoint: str = "tcp:127.0.0.1:6379"
+    key_prefix: str = "mailscreen:"
+    password_file: str | None = None
+    lease_seconds: int = 60
+    timeout_seconds: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -65,6 +88,7 @@ class ScreeningConfig:
     ipv6_prefix: int = 64
     max_tracked_clients: int = 100_000
     session_auth: SessionAuthConfig = field(default_factory=SessionAuthConfig)
+    redis: RedisConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -140,9 +164,48 @@ def parse_screening(section: Section, mode: str) -> ScreeningConfig:
         max_tracked_clients=section.integer("max_tracked_clients",
                                             d.max_tracked_clients, 100),
         session_auth=parse_session_auth(section.section("session_auth")),
+        redis=parse_redis(section),
     )
     section.finish()
     return result
+
+
+def _redis_endpoint(section: Section) -> str:
+    endpoint = section.get("redis", str, RedisConfig.endpoint)
+    kind, _, rest = endpoint.partition(":")
+    if kind == "unix" and rest:
+        return endpoint
+    host, _, port = rest.rpartition(":")
+    if kind == "tcp" and host and port.isdigit() and 0 < int(port) < 65536:
+        return endpoint
+    raise ConfigError(section.key("redis"), endpoint,
+                      "must be tcp:HOST:PORT or unix:PATH")
+
+
+def parse_redis(section: Section) -> RedisConfig | None:
+    """
+    The Redis keys of C{[screening]}; C{None} with C{backend = "memory"}
+    (their values are still checked, so a typo is found before a switch).
+    """
+    d = RedisConfig()
+    backend = section.get("backend", str, "memory")
+    if backend not in BACKENDS:
+        raise ConfigError(section.key("backend"), backend,
+                          "must be " + " or ".join(repr(b) for b in BACKENDS))
+    endpoint = _redis_endpoint(section)
+    prefix = section.get("key_prefix", str, d.key_prefix)
+    if not prefix or any(c.isspace() for c in prefix):
+        raise ConfigError(section.key("key_prefix"), prefix,
+                          "must be non-empty, without spaces")
+    password_file = section.get("password_file", str, "") or None
+    if password_file is not None and not os.access(password_file, os.R_OK):
+        raise ConfigError(section.key("password_file"), password_file,
+                          "is not a readable file")
+    config = RedisConfig(
+        endpoint=endpoint, key_prefix=prefix, password_file=password_file,
+        lease_seconds=section.integer("lease_seconds", d.lease_seconds, 2, 3600),
+        timeout_seconds=section.number("redis_timeout_seconds", d.timeout_seconds, 0.05))
+    return config if backend == "redis" else None
 
 
 def parse_freeze(section: Section) -> FreezeConfig:

@@ -114,6 +114,9 @@ class ExpiringFile:
     """
 
     header = "# NAME  EXPIRY  # reason\n"
+    #: Told of each L{put} (the entry) and L{delete} (the name, C{None}), not of
+    #: lapses or re-reads: a cluster backend shares these (screening/redis_state.py).
+    on_change: Callable[[str, Entry | None], None] | None = None
 
     def __init__(self, path: str | None, clock: IReactorTime,
                  canonical: Callable[[str], str], log: Logger | None = None,
@@ -264,6 +267,8 @@ class ExpiringFile:
         if entry.expires is not None and entry.expires < self._next_expiry:
             self._next_expiry = entry.expires
         self._added(entry)
+        if self.on_change is not None:
+            self.on_change(entry.name, entry)
 
     def delete(self, name: str) -> bool:
         """Remove an entry; written by the next L{flush}."""
@@ -274,6 +279,8 @@ class ExpiringFile:
         self._pending[name] = None
         self._dirty = True
         self._removed(entry)
+        if self.on_change is not None:
+            self.on_change(name, None)
         return True
 
     def expire(self) -> list[Entry]:

@@ -450,6 +450,13 @@ class ScreeningRules:
                                         expires, minutes, events, offence)
         return entry
 
+    #: Another node's finding (screening/redis_backend.py) blocks like this node's own.
+    block_client = _block
+
+    def forget_counts(self, key: str) -> None:
+        """Drop what is counted against C{key} here (another node blocked it)."""
+        self._clients.pop(key, None)
+
     def _events(self, key: str) -> list[Event]:
         record = self._clients.get(key)
         if record is None:

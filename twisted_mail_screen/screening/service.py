@@ -68,6 +68,9 @@ class ScreeningService(Service):
         self.rules = ScreeningRules(config, clock, self.state, freeze_store, notifier,
                                     freeze_config, self._log, known_account)
         self.admin = ScreeningAdmin(self.rules, self.state, freeze_store, clock)
+        #: What decides a new connection: the rules, or a cluster backend in
+        #: front of them (screening/redis_backend.py).
+        self.front: Callable[[str, str], ClientScreen] = self.rules.open
         self._call: IDelayedCall | None = None
         self._next_prune = 0.0
         if config.enabled:
@@ -115,7 +118,7 @@ class ScreeningService(Service):
 
     def open(self, host: str, protocol: str) -> ClientScreen:
         """Screen a new connection from C{host} to C{protocol}."""
-        return self.rules.open(host, protocol)
+        return self.front(host, protocol)
 
     def write_files_with(self, run_blocking: Callable[..., Deferred]) -> None:
         """Write the state files in a worker pool (L{StateFiles.write_files_with})."""

@@ -154,7 +154,7 @@ def register(router: Router, context: WebContext) -> None:
         return {"decisions": decisions.latest(limit, request.arg("client") or None,
                                               request.arg("action") or None)}
 
-    def stats(request: ApiRequest) -> dict[str, int]:
+    def stats(request: ApiRequest) -> dict[str, object]:
         return commands.stats()
 
     base = "/api/v1/screening"

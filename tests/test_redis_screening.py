@@ -1,0 +1,256 @@
+"""
+Shared screening through Redis: a real C{redis-server} on a UNIX socket in
+a temporary directory and three C{twistd -n mailscreen} nodes on one data
+directory, each with its own control socket, driven with smtplib and the
+C{mailscreen} command (docs/screening.md, "Several nodes").
+
+Windows and leases are the shortest the configuration allows, so these
+tests wait for real time only where a real process has to let something
+lapse (a lease of a killed node: 2 s).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import smtplib
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import require_tool
+from tests.test_twistd import TWISTD, _plugin_visible
+
+pytestmark = pytest.mark.skipif(
+    not os.environ.get("MAILSCREEN_REQUIRE_TWISTD") and not _plugin_visible(),
+    reason="twistd mailscreen needs a non-editable install: pip install .")
+
+MAILSCREEN = shutil.which("mailscreen", path=os.path.dirname(sys.executable)) or "mailscreen"
+LIMIT = 6          # max_connections
+MOST = 3           # max_simultaneous
+LEASE = 2          # lease_seconds
+PREFIX = "t16:"
+
+
+class Redis:
+    """A redis-server of our own on a UNIX socket; stop() and start() at will."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.socket = os.path.join(directory, "redis.sock")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [require_tool("redis-server"), "--port", "0", "--unixsocket", self.socket,
+             "--save", "", "--appendonly", "no", "--dir", self.directory],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if os.path.exists(self.socket) and self.cli("PING") == "PONG":
+                return
+            time.sleep(0.02)
+        raise AssertionError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+        if os.path.exists(self.socket):
+            os.unlink(self.socket)
+
+    def cli(self, *args: str) -> str:
+        out = subprocess.run([require_tool("redis-cli"), "-s", self.socket, *args],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip()
+
+
+class Node:
+    """One twistd mailscreen process; its log goes to a file read on demand."""
+
+    def __init__(self, directory: Path, name: str, data_dir: Path, redis: Redis) -> None:
+        self.name = name
+        self.config = directory / f"{name}.toml"
+        self.log = directory / f"{name}.log"
+        self.control = os.path.join(redis.directory, f"{name}.sock")
+        self.config.write_text(f"""\
+mode = "site"
+data_dir = "{data_dir}"
+hostname = "{name}.test"
+domains = ["example.test"]
+control_socket = "{self.control}"
+[listen]
+smtp = ["tcp:0:interface=127.0.0.1"]
+submission = []
+pop3 = []
+imap = []
+web = []
+[screening]
+backend = "redis"
+redis = "unix:{redis.socket}"
+key_prefix = "{PREFIX}"
+lease_seconds = {LEASE}
+redis_timeout_seconds = 0.5
+whitelist = []
+max_connections = {LIMIT}
+connection_window_minutes = 1
+max_simultaneous = {MOST}
+notify_on_block = false
+""")
+        self.proc = subprocess.Popen(
+            [TWISTD, "-n", "--pidfile=", "mailscreen", "--config", str(self.config)],
+            cwd=directory, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+            stdout=self.log.open("w"), stderr=subprocess.STDOUT)
+        self.port = 0
+
+    def wait_ready(self) -> None:
+        import re
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            text = self.text()
+            found = re.search(r"SMTP listening: connect to [\d.]+:(\d+)", text)
+            if found and "shares screening" in text:
+                self.port = int(found.group(1))
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"{self.name} did not start:\n{self.text()}")
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def greet(self) -> tuple[int, str]:
+        """Connect: (greeting code, text); an accepted session says EHLO and QUIT."""
+        client = smtplib.SMTP(timeout=10)
+        code, text = client.connect("127.0.0.1", self.port)
+        if code == 220:
+            client.ehlo("client.test")
+            client.quit()
+        else:
+            client.close()
+        return code, text.decode()
+
+    def hold(self) -> smtplib.SMTP:
+        client = smtplib.SMTP(timeout=10)
+        code, _ = client.connect("127.0.0.1", self.port)
+        assert code == 220
+        return client
+
+    def mailscreen(self, *args: str) -> str:
+        out = subprocess.run([MAILSCREEN, "--config", str(self.config), *args],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+@pytest.fixture
+def redis() -> Iterator[Redis]:
+    # A short directory: AF_UNIX paths are limited to 108 bytes.
+    directory = tempfile.mkdtemp(prefix="ms16-", dir="/tmp")
+    server = Redis(directory)
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def nodes(tmp_path: Path, redis: Redis) -> Iterator[list[Node]]:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    started = [Node(tmp_path, name, data_dir, redis) for name in ("a", "b", "c")]
+    try:
+        for node in started:
+            node.wait_ready()
+        yield started
+    finally:
+        for node in started:
+            node.stop()
+
+
+def wait_until(predicate, seconds: float) -> float:
+    """Poll C{predicate} until true; the seconds it took (fails past C{seconds})."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > seconds:
+            raise AssertionError(f"not true within {seconds} s")
+        time.sleep(0.01)
+    return time.monotonic() - start
+
+
+def test_connections_spread_over_three_nodes_are_counted_together(nodes):
+    """max_connections over the cluster: the limit+1-th is refused on whichever node it reaches."""
+    for i in range(LIMIT):
+        code, _ = nodes[i % 3].greet()
+        assert code == 220, f"connection {i + 1} refused"
+    code, text = nodes[LIMIT % 3 + 1].greet()
+    assert code == 421 and "connections" in text
+    # the block it set off is the whole cluster's
+    for node in nodes:
+        code, text = node.greet()
+        assert code == 421 and "blocked" in text
+
+
+def test_block_on_one_node_refuses_on_the_others_within_a_second(nodes):
+    a, b, c = nodes
+    assert b.greet()[0] == 220 and c.greet()[0] == 220
+    a.mailscreen("block", "add", "127.0.0.1", "--minutes", "5")
+    elapsed = wait_until(lambda: b.greet()[0] == 421 and c.greet()[0] == 421, 1.0)
+    assert elapsed < 1.0
+    assert "127.0.0.1" in c.mailscreen("block", "list")
+    a.mailscreen("block", "remove", "127.0.0.1")
+    wait_until(lambda: b.greet()[0] == 220 and c.greet()[0] == 220, 1.0)
+
+
+def test_killed_node_leaves_no_lease_after_its_ttl(nodes, redis):
+    a, b, _ = nodes
+    held = [b.hold() for _ in range(MOST)]
+    key = f"{PREFIX}lease:127.0.0.1"
+    wait_until(lambda: redis.cli("ZCARD", key) == str(MOST), 2.0)
+    # the cluster is full: the next one is refused on another node
+    assert a.greet()[0] == 421
+    b.proc.send_signal(signal.SIGKILL)
+    b.proc.wait(10)
+    for client in held:
+        client.close()
+    wait_until(lambda: redis.cli("EXISTS", key) == "0", LEASE + 2.0)
+    # no counter left behind: a can serve MOST at once again
+    more = [a.hold() for _ in range(MOST)]
+    for client in more:
+        client.close()
+
+
+def test_redis_down_nodes_serve_alone_and_resume_counting_when_it_returns(nodes, redis):
+    key = f"{PREFIX}conn:127.0.0.1"
+    assert nodes[0].greet()[0] == 220
+    assert redis.cli("ZCARD", key) == "1"
+    redis.stop()
+    for node in nodes:
+        wait_until(lambda n=node: "unreachable" in n.text(), 3.0)
+        assert node.greet()[0] == 220
+        assert node.text().count("unreachable") == 1
+    redis.start()
+    for node in nodes:
+        wait_until(lambda n=node: n.text().count("shares screening") == 2, 10.0)
+    for node in nodes:
+        assert node.greet()[0] == 220
+    assert redis.cli("ZCARD", key) == "3"
+    for node in nodes:
+        assert "Traceback" not in node.text()

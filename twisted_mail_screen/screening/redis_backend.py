@@ -1,0 +1,405 @@
+# -*- test-case-name: tests.test_redis_screening -*-
+"""
+Screening shared by several nodes through Redis (C{[screening] backend =
+"redis"}).
+
+The connection decision stays in memory: each node keeps its own copy of
+the block list, white list and freezes (L{SharedLists}, updated by
+pub/sub), and its own set of clients the cluster has already seen
+C{max_connections} times in the window (or C{max_simultaneous} times at
+once). A connection is decided from those, then counted in Redis by one
+atomic script; when the script finds a client at its limit it publishes
+that, so the next connection, on whichever node, is refused (and blocked)
+without a round trip. Authentication failures are counted the same way.
+
+Every counter key has a TTL: connection windows live as long as the window,
+simultaneous connections are leases that each node renews for its open
+sessions every third of C{lease_seconds}, so a node killed mid-session
+leaves nothing once its leases lapse.
+
+Redis down: the node goes on deciding from its local copy and counting
+locally with the in-memory rules (which run on every node all the time),
+says so once in the log and in the metric, and re-syncs on reconnect (fail
+open: docs/screening.md says why that is right for mail).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from twisted_mail_screen.screening.config import RedisConfig
+from twisted_mail_screen.screening.interfaces import ClientScreen, OpenScreen
+from twisted_mail_screen.screening.redis_state import SharedLists
+from twisted_mail_screen.screening.resp import RedisLink
+from twisted_mail_screen.screening.rules import ScreeningRules, refusal_text
+from twisted_mail_screen.screening.service import ScreeningService
+
+# KEYS: window, lease, channel. ARGV: now, window s, limit, member,
+# lease expiry, lease ttl ms, most, client key.
+CONNECT = """
+local now = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+local limit = tonumber(ARGV[3])
+local most = tonumber(ARGV[7])
+local count = 0
+if limit > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+  redis.call('ZADD', KEYS[1], now, ARGV[4])
+  redis.call('PEXPIRE', KEYS[1], math.ceil(window * 1000))
+  count = redis.call('ZCARD', KEYS[1])
+  if count >= limit then
+    local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+    redis.call('PUBLISH', KEYS[3], cjson.encode({t='sat', k=ARGV[8],
+               u=tonumber(oldest[2]) + window}))
+  end
+end
+local active = 0
+if most > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+  redis.call('ZADD', KEYS[2], ARGV[5], ARGV[4])
+  redis.call('PEXPIRE', KEYS[2], ARGV[6])
+  active = redis.call('ZCARD', KEYS[2])
+  if active >= most then
+    redis.call('PUBLISH', KEYS[3], cjson.encode({t='full', k=ARGV[8], u=tonumber(ARGV[5])}))
+  end
+end
+return {count, active}
+"""
+# KEYS: lease, channel. ARGV: member, now, most, client key.
+RELEASE = """
+local before = redis.call('ZCARD', KEYS[1])
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+local after = redis.call('ZCARD', KEYS[1])
+if before >= tonumber(ARGV[3]) and after < tonumber(ARGV[3]) then
+  redis.call('PUBLISH', KEYS[2], cjson.encode({t='full', k=ARGV[4], u=0}))
+end
+return after
+"""
+# KEYS: the lease sets. ARGV: expiry, ttl ms, then one member per key.
+RENEW = """
+for i = 1, #KEYS do
+  redis.call('ZADD', KEYS[i], ARGV[1], ARGV[i + 2])
+  redis.call('PEXPIRE', KEYS[i], ARGV[2])
+end
+return #KEYS
+"""
+# KEYS: failures. ARGV: now, window s, digest. A repeated pair counts once.
+AUTH_FAILED = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[1]) - tonumber(ARGV[2]))
+local added = redis.call('ZADD', KEYS[1], 'NX', ARGV[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2]) * 1000))
+return {added, redis.call('ZCARD', KEYS[1])}
+"""
+
+
+class _Refused(OpenScreen):
+    """A connection the cluster refused: every event says close."""
+
+    __slots__ = ("refusal",)
+
+    def __init__(self, refusal: str) -> None:
+        self.refusal = refusal  # type: ignore[misc]
+
+    def auth_failed(self, username: str, secret: bytes) -> bool:
+        return True
+
+    def rcpt_unknown(self) -> bool:
+        return True
+
+    def rset(self) -> bool:
+        return True
+
+
+class _ClusterSession:
+    """The node's session screen, with its lease and failures also counted in Redis."""
+
+    __slots__ = ("_inner", "_owner", "member", "key", "leased")
+    refusal = None
+
+    def __init__(self, inner: Any, owner: "RedisScreening", member: str) -> None:
+        self._inner = inner
+        self._owner = owner
+        self.member = member
+        self.key: str = inner.key
+        self.leased = False
+
+    @property
+    def blocked(self) -> bool:
+        return bool(self._inner.blocked)
+
+    @blocked.setter
+    def blocked(self, value: bool) -> None:
+        self._inner.blocked = value
+
+    @property
+    def inner(self) -> Any:
+        return self._inner
+
+    def auth_failed(self, username: str, secret: bytes) -> bool:
+        close = self._inner.auth_failed(username, secret)
+        self._owner.auth_failed(self, username, secret)
+        return bool(close)
+
+    def auth_succeeded(self, username: str) -> None:
+        self._inner.auth_succeeded(username)
+
+    def rcpt_unknown(self) -> bool:
+        return bool(self._inner.rcpt_unknown())
+
+    def rset(self) -> bool:
+        return bool(self._inner.rset())
+
+    def closed(self) -> None:
+        self._inner.closed()
+        self._owner.released(self)
+
+
+class RedisScreening(Service):
+    """
+    The cluster front of a L{ScreeningService}: installed as its C{front},
+    so every listener's C{open} comes here first.
+
+    @ivar up: whether Redis is reachable now.
+    @ivar outages: how many times it became unreachable.
+    """
+
+    def __init__(self, screening: ScreeningService, config: RedisConfig, reactor: Any,
+                 clock: IReactorTime, log: Logger | None = None,
+                 link_factory: Callable[..., RedisLink] = RedisLink) -> None:
+        self._screening = screening
+        self._rules: ScreeningRules = screening.rules
+        self._settings = screening.config
+        self.config = config
+        self._clock = clock
+        self._log = log or Logger()
+        self.node = os.urandom(6).hex()
+        self._prefix = config.key_prefix
+        self._channel = f"{config.key_prefix}changes"
+        self._serial = 0
+        self._sessions: dict[str, _ClusterSession] = {}
+        self._saturated: dict[str, float] = {}
+        self._full: dict[str, float] = {}
+        self._secret = b""
+        self._renewal: IDelayedCall | None = None
+        self.up = False
+        self.outages = 0
+        password = None
+        if config.password_file is not None:
+            with open(config.password_file, encoding="utf-8") as f:
+                password = f.readline().strip()
+        self._link = link_factory(reactor, clock, config.endpoint, password, self._channel,
+                                  self._message, self._link_up, self._link_down,
+                                  config.timeout_seconds, self._log)
+        state = screening.state
+        tables = {"block": state.blocklist, "white": state.whitelist}
+        if screening.freeze_store is not None:
+            tables["freeze"] = screening.freeze_store.table
+        self.lists = SharedLists(self._link.call, self._prefix, self._channel, self.node,
+                                 tables, clock, self._log)
+        self.lists.on_block = self._forget
+        screening.front = self.open
+
+    # lifecycle
+
+    def startService(self) -> None:
+        super().startService()
+        self._link.start()
+        self._renewal = self._clock.callLater(self._renew_every(), self._renew)
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self._renewal is not None and self._renewal.active():
+            self._renewal.cancel()
+        self._renewal = None
+        self._link.stop()
+        return None
+
+    def _renew_every(self) -> float:
+        return self.config.lease_seconds / 3.0
+
+    def _link_up(self) -> None:
+        def secret(reply: Any) -> Any:
+            self._secret = reply if isinstance(reply, bytes) else b""
+            return self.lists.resync()
+
+        def done(_: object) -> None:
+            self.lists.seeded()
+            self.up = True
+            self._log.info("screening: redis {endpoint} reachable, node {node} shares screening",
+                           endpoint=self.config.endpoint, node=self.node)
+            self._renew_now()
+
+        # One secret for the whole cluster, so a (user, password) pair tried
+        # on two nodes is the same failure; it never leaves Redis otherwise.
+        d = self._link.call("SET", f"{self._prefix}secret", os.urandom(32).hex(), "NX")
+        d.addCallback(lambda _: self._link.call("GET", f"{self._prefix}secret"))
+        d.addCallback(secret)
+        d.addCallbacks(done, lambda f: self._log.warn(
+            "screening: redis re-sync failed: {why}", why=f.getErrorMessage()))
+
+    def _link_down(self, why: str) -> None:
+        was_up, self.up = self.up, False
+        self.outages += 1
+        if was_up or self.outages == 1:
+            self._log.warn("screening: redis {endpoint} unreachable ({why}): deciding and "
+                           "counting on this node alone until it is back",
+                           endpoint=self.config.endpoint, why=why)
+
+    # the decision
+
+    def open(self, host: str, protocol: str) -> ClientScreen:
+        screen = self._rules.open(host, protocol)
+        if screen.refusal is not None or not hasattr(screen, "key"):
+            return screen
+        key: str = screen.key  # type: ignore[attr-defined]
+        now = self._clock.seconds()
+        settings = self._settings
+        if self._saturated and self._saturated.get(key, 0.0) > now:
+            screen.closed()
+            limit = settings.max_connections
+            entry = self._rules.block_client(key, "connections", limit + 1, limit,
+                                             settings.connection_window_minutes, protocol)
+            return _Refused(refusal_text(key, entry))
+        if self._full and self._full.get(key, 0.0) > now:
+            screen.closed()
+            most = settings.max_simultaneous
+            if settings.block_on_simultaneous:
+                entry = self._rules.block_client(key, "simultaneous", most + 1, most, None,
+                                                 protocol)
+                return _Refused(refusal_text(key, entry))
+            self._rules.decision("refuse", key, "simultaneous", count=f"{most + 1}/{most}",
+                                 protocol=protocol, scope="cluster")
+            return _Refused(f"{key} has too many simultaneous connections ({most}) "
+                            "(simultaneous)")
+        self._serial += 1
+        session = _ClusterSession(screen, self, f"{self.node}:{self._serial}")
+        self._sessions[session.member] = session
+        if self.up:
+            self._connect(session, protocol, now)
+        return session
+
+    def _connect(self, session: _ClusterSession, protocol: str, now: float) -> None:
+        settings = self._settings
+        lease = self.config.lease_seconds
+        session.leased = True
+        d = self._link.call(
+            "EVAL", CONNECT, 3, f"{self._prefix}conn:{session.key}",
+            f"{self._prefix}lease:{session.key}", self._channel,
+            now, settings.connection_window_minutes * 60, settings.max_connections,
+            session.member, now + lease, lease * 1000, settings.max_simultaneous, session.key)
+
+        def counted(reply: list[int]) -> None:
+            count, active = reply
+            limit, most = settings.max_connections, settings.max_simultaneous
+            # Two connections inside one round trip can both pass the local
+            # check; the later one blocks its client here instead.
+            if limit and count > limit and self._blockable(session):
+                self._rules.block_client(session.key, "connections", count, limit,
+                                         settings.connection_window_minutes, protocol)
+                session.blocked = True
+            elif most and active > most and settings.block_on_simultaneous \
+                    and self._blockable(session):
+                self._rules.block_client(session.key, "simultaneous", active, most, None,
+                                         protocol)
+                session.blocked = True
+
+        d.addCallbacks(counted, lambda _: None)
+
+    def _blockable(self, session: _ClusterSession) -> bool:
+        return self._screening.state.blocklist.get(session.key) is None
+
+    def released(self, session: _ClusterSession) -> None:
+        self._sessions.pop(session.member, None)
+        if not (self.up and session.leased and self._settings.max_simultaneous):
+            return
+        self._link.call("EVAL", RELEASE, 2, f"{self._prefix}lease:{session.key}",
+                        self._channel, session.member, self._clock.seconds(),
+                        self._settings.max_simultaneous, session.key).addErrback(lambda _: None)
+
+    def auth_failed(self, session: _ClusterSession, username: str, secret: bytes) -> None:
+        settings = self._settings
+        limit = settings.max_auth_failures
+        inner = session.inner
+        if (not limit or not self.up or not self._secret
+                or (inner.authenticated and settings.exempt_authenticated)
+                or not self._blockable(session)):
+            return
+        digest = hmac.digest(self._secret, username.encode("utf-8", "surrogatepass")
+                             + b"\0" + secret, "sha256")[:8].hex()
+        window = settings.auth_failure_window_minutes
+        d = self._link.call("EVAL", AUTH_FAILED, 1, f"{self._prefix}auth:{session.key}",
+                            self._clock.seconds(), window * 60, digest)
+
+        def counted(reply: list[int]) -> None:
+            added, count = reply
+            if added and count >= limit and self._blockable(session):
+                self._rules.block_client(session.key, "auth_failures", count, limit, window,
+                                         session.inner.protocol)
+                session.blocked = True
+
+        d.addCallbacks(counted, lambda _: None)
+
+    # what the other nodes say
+
+    def _message(self, channel: bytes, data: bytes) -> None:
+        try:
+            message = json.loads(data)
+        except ValueError:
+            return
+        if not isinstance(message, dict):
+            return
+        kind = message.get("t")
+        if kind in ("sat", "full"):
+            key, until = message.get("k"), message.get("u")
+            if isinstance(key, str) and isinstance(until, (int, float)):
+                table = self._saturated if kind == "sat" else self._full
+                if until > self._clock.seconds():
+                    table[key] = float(until)
+                else:
+                    table.pop(key, None)
+            return
+        self.lists.apply_message(message)
+
+    def _forget(self, key: str) -> None:
+        """A block reached this node: its client's flags and local counts go."""
+        self._saturated.pop(key, None)
+        self._full.pop(key, None)
+        self._rules.forget_counts(key)
+
+    # leases
+
+    def _renew(self) -> None:
+        self._renewal = self._clock.callLater(self._renew_every(), self._renew)
+        now = self._clock.seconds()
+        for table in (self._saturated, self._full):
+            for key in [k for k, until in table.items() if until <= now]:
+                del table[key]
+        self._renew_now()
+
+    def _renew_now(self) -> None:
+        """Extend the leases of this node's open sessions (and re-create them after an outage)."""
+        if not self.up or not self._settings.max_simultaneous or not self._sessions:
+            return
+        lease = self.config.lease_seconds
+        sessions = list(self._sessions.values())
+        keys = [f"{self._prefix}lease:{s.key}" for s in sessions]
+        for session in sessions:
+            session.leased = True
+        self._link.call("EVAL", RENEW, len(keys), *keys, self._clock.seconds() + lease,
+                        lease * 1000, *[s.member for s in sessions]).addErrback(lambda _: None)
+
+    def status(self) -> dict[str, object]:
+        """For the control channel and the web API."""
+        return {"backend": "redis", "redis": self.config.endpoint, "up": self.up,
+                "node": self.node, "outages": self.outages,
+                "saturated": len(self._saturated), "full": len(self._full)}
+
