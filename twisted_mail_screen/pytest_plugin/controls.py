@@ -9,10 +9,14 @@ C{POST /api/v1/faults} would.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from twisted_mail_screen.runtime.lagmonitor import INTERVAL
 from twisted_mail_screen.testing import in_reactor
+
+#: Seconds between two looks at whether the queue's attempts have ended.
+SETTLE_POLL = 0.005
 
 
 class FaultsProxy:
@@ -98,5 +102,15 @@ class ScreeningControl:
         that blocks and freezes expire, screening windows pass, queued
         messages reach their next attempt and idle sessions time out just
         as that much real time would make them.
+
+        Relay attempts already under way (a message accepted a moment ago
+        is being sent) run in real time: they are let finish first, for up
+        to the server's C{wait_for} timeout, so that the retry one of them
+        schedules counts from now, not from after the move.
         """
+        queue = self._owner.service.queue
+        if queue is not None:
+            deadline = time.monotonic() + self._owner.timeout
+            while not in_reactor(queue.idle) and time.monotonic() < deadline:
+                time.sleep(SETTLE_POLL)
         self._owner.server.advance(minutes * 60, step=INTERVAL)
