@@ -244,6 +244,11 @@ def build(data_dir: str, options: dict[str, Any], timeout: float,
     site = bool(options.pop("site", False))
     tls = bool(options.pop("tls", False))
     relay_sink = bool(options.pop("relay_sink", False))
-    return MailServer(data_dir, site=site, certificate=certificate() if tls else None,
-                      timeout=timeout, overrides=options, relay_sink=relay_sink).start()
+    server = MailServer(data_dir, site=site, certificate=certificate() if tls else None,
+                        timeout=timeout, overrides=options, relay_sink=relay_sink)
+    try:
+        return server.start()
+    except BaseException:  # a port that cannot be bound: the fixture's teardown never runs
+        server.stop()
+        raise
 
