@@ -35,6 +35,7 @@ from twisted_mail_screen.protocols.imap.account_commands import AccountCommands
 from twisted_mail_screen.protocols.imap import compress
 from twisted_mail_screen.protocols.imap.compress import CompressCommands
 from twisted_mail_screen.protocols.imap.core import Gone, No
+from twisted_mail_screen.protocols.imap.list_extended import CAPABILITIES as LIST_CAPS, ExtendedList
 from twisted_mail_screen.protocols.imap.message_commands import MessageCommands
 from twisted_mail_screen.protocols.imap.parse import Atom, BadCommand, Token, astring, tokenize
 from twisted_mail_screen.protocols.imap.registry import Registry
@@ -58,7 +59,7 @@ SELECTED = {"CHECK", "CLOSE", "UNSELECT", "EXPUNGE", "SEARCH", "FETCH", "STORE",
             "UID"}
 NO_EXPUNGE = {"FETCH", "STORE", "SEARCH"}
 BASE_CAPS = ["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE", "UNSELECT",
-             "UIDPLUS", "MOVE", "SPECIAL-USE", "CHILDREN"]
+             "UIDPLUS", "MOVE", "SPECIAL-USE", "CHILDREN"] + LIST_CAPS
 
 
 def _pending(d: Deferred) -> Deferred | None:
@@ -68,7 +69,7 @@ def _pending(d: Deferred) -> Deferred | None:
     return None if done else d
 
 
-class IMAPServer(AccountCommands, MessageCommands, CompressCommands):
+class IMAPServer(ExtendedList, AccountCommands, MessageCommands, CompressCommands):
     """
     One IMAP session: the connection, the framing of lines and literals,
     dispatch by state, and the commands of any state and of login. The
