@@ -21,7 +21,7 @@ from twisted.logger import Logger
 
 from twisted_mail_screen.faults.seam import guard, pop3_reply
 from twisted_mail_screen.protocols.session import SASLError, ScreenedSession, SessionFactory, sasl_plain
-from twisted_mail_screen.protocols.pop3_drop import Drop, Retriever, open_drop, uidl_of
+from twisted_mail_screen.protocols.pop3_drop import Drop, MailboxInUse, Retriever, open_drop, uidl_of
 from twisted_mail_screen.store.maildir import MailStore
 from twisted_mail_screen.runtime.workers import Blocking
 
@@ -65,6 +65,7 @@ class POP3Server(ScreenedSession):
         self._retriever.clear()
         if self.drop is not None:
             self.factory.locks.discard(self.drop.address)
+            self.drop.release()
             self.drop = None
         self.close_screen()
 
@@ -197,12 +198,16 @@ class POP3Server(ScreenedSession):
     def _opened(self, drop: Drop) -> None:
         if self.closing:
             self.factory.locks.discard(drop.address)
+            drop.release()
             return
         self.drop = drop
         self.ok(f"Logged in, {len(drop.messages)} messages ({sum(drop.sizes)} octets)")
 
     def _open_failed(self, reason: Any, address: str) -> None:
         self.factory.locks.discard(address)
+        if reason.check(MailboxInUse):
+            self.err("[IN-USE] Mailbox is locked by another POP3 session")
+            return
         self.log.failure("pop3: cannot open mailbox {address}", reason, address=address)
         self.err("[SYS/TEMP] Cannot open mailbox")
 

@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 
 from twisted_mail_screen.protocols.lineproto import OutputGate
 from twisted_mail_screen.protocols.pop3_wire import WireStream, lf_to_wire, to_wire, top_of
+from twisted_mail_screen.store.folderlock import try_lock, unlock
 from twisted_mail_screen.store.maildir import Maildir, MessageFile
 from twisted_mail_screen.store.maildir_names import unique_of
 
@@ -85,12 +86,36 @@ class Drop:
     messages: list[MessageFile]
     sizes: list[int]
     deleted: set[int] = field(default_factory=set)
+    #: the descriptor holding the mailbox's POP3 lock file (across processes)
+    lock: int | None = None
+
+    def release(self) -> None:
+        if self.lock is not None:
+            unlock(self.lock)
+            self.lock = None
+
+
+class MailboxInUse(Exception):
+    """Another POP3 session (of this or another process sharing the Maildir) has the mailbox."""
 
 
 def open_drop(address: str, maildir: Maildir) -> Drop:
-    """Scan a mailbox (blocking): names and sizes only."""
+    """Lock and scan a mailbox (blocking): names and sizes only."""
     if not maildir.exists():
         maildir.create()
+    lock = try_lock(maildir.path)
+    if lock is None:
+        raise MailboxInUse(address)
+    try:
+        drop = _scan_drop(address, maildir)
+    except BaseException:
+        unlock(lock)
+        raise
+    drop.lock = lock
+    return drop
+
+
+def _scan_drop(address: str, maildir: Maildir) -> Drop:
     maildir.clean_tmp()
     messages = maildir.scan()
     sizes = []

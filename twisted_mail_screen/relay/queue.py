@@ -40,7 +40,8 @@ from twisted_mail_screen.relay.policy import (EXPIRED_STATUS, decide, due_after_
 from twisted_mail_screen.relay.pool import Outcome, Pool
 from twisted_mail_screen.relay.resolver import Targets
 from twisted_mail_screen.relay.spool import (BOUNCED, FAILED, PENDING, SENT, QueueDirectory,
-                                             QueuedMessage, Recipient, iso, with_request)
+                                             QueuedMessage, Recipient, adopt_if_tried, iso,
+                                             with_request)
 from twisted_mail_screen.runtime.events import EventBus
 from twisted_mail_screen.runtime.deliverylog import log_delivery
 from twisted_mail_screen.runtime.workers import Workers
@@ -359,6 +360,18 @@ class OutboundQueue(MultiService):
         return self._blocking.run(self.directory.write_envelope, queue_id, data)
 
     async def _attempt_async(self, queued: QueuedMessage, message: bytes | None) -> None:
+        claimed = await self._blocking.run(self.directory.claim, queued.id)
+        if claimed is None:  # another process sharing the queue has it: look again after a poll
+            queued.next_attempt = self.clock.seconds() + POLL_SECONDS
+            return
+        fd, on_disk = claimed
+        try:
+            if not adopt_if_tried(queued, on_disk, self.clock.seconds()):
+                await self._attempt_claimed(queued, message)
+        finally:
+            await self._blocking.run(self.directory.unclaim, queued.id, fd)
+
+    async def _attempt_claimed(self, queued: QueuedMessage, message: bytes | None) -> None:
         if message is None:
             try:
                 message = await self._blocking.run(self.directory.read_message, queued.id)

@@ -9,7 +9,9 @@ The queue's files: the spool in C{<data_dir>/queue/} (docs/relay.md).
     count, next attempt, whether a delay warning went out; SMTPUTF8 and the
     DSN requests (RET, ENVID; each recipient's NOTIFY and ORCPT);
   - C{queue/hold/<id>}: present while the message is on hold;
-  - C{queue/flush}: present when a flush has been asked for.
+  - C{queue/flush}: present when a flush has been asked for;
+  - C{queue/claim/<id>}: locked (C{flock}) by the process sending the
+    message, when several processes share the queue.
 
 A message is committed when its envelope file exists: both files are
 written to a temp file, fsync'd, renamed and the directory fsync'd, the
@@ -23,6 +25,7 @@ which the server re-reads every second of its clock).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
@@ -91,6 +94,17 @@ def with_request(queued: QueuedMessage, request: Any) -> QueuedMessage:
             asked = request.of(r.address)
             r.notify, r.orcpt = list(asked.notify), asked.orcpt
     return queued
+
+
+def adopt_if_tried(queued: QueuedMessage, on_disk: QueuedMessage, now: float) -> bool:
+    """
+    Take the envelope as on disk when another process tried the message
+    since this one read it; C{True} when that leaves it not yet due.
+    """
+    if (on_disk.attempts, on_disk.pending()) == (queued.attempts, queued.pending()):
+        return False
+    vars(queued).update(vars(on_disk))
+    return queued.next_attempt > now
 
 
 def _valid_id(queue_id: str) -> bool:
@@ -240,6 +254,42 @@ class QueueDirectory:
         except FileNotFoundError:
             return False
         return True
+
+    # claims: which process is sending a message (several may share the queue)
+
+    def claim(self, queue_id: str) -> tuple[int, QueuedMessage] | None:
+        """
+        Claim a message for one delivery attempt, without waiting: an
+        C{flock} on C{claim/<id>}, so one process at a time sends it and a
+        crashed process's claim goes with it. Returns the descriptor to pass
+        to L{unclaim} and the envelope as it is on disk now (another process
+        may have tried the message since this one read it), or C{None} when
+        another attempt has the claim or the message is gone.
+        """
+        claims = os.path.join(self.path, "claim")
+        os.makedirs(claims, mode=0o700, exist_ok=True)
+        fd = os.open(os.path.join(claims, queue_id), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # Read after the claim: a process that sent it and removed it
+            # did so before letting go.
+            return fd, self.read_envelope(queue_id)
+        except (BlockingIOError, FileNotFoundError):
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def unclaim(self, queue_id: str, fd: int) -> None:
+        """End an attempt's claim; a removed message's claim file goes too."""
+        if not os.path.exists(self._env(queue_id)):
+            try:
+                # Safe while locked: a process that opens the old file finds no envelope.
+                os.unlink(os.path.join(self.path, "claim", queue_id))
+            except FileNotFoundError:
+                pass
+        os.close(fd)
 
     def scan(self) -> tuple[bool, set[str], set[str]]:
         """For the server's poll: (flush asked, held ids, committed ids)."""

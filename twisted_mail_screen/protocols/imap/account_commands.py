@@ -23,6 +23,7 @@ from twisted_mail_screen.protocols.imap.listing import MAX_PATTERNS, ListPattern
 from twisted_mail_screen.protocols.imap.parse import (Atom, BadCommand, encode_mailbox, mailbox_name,
                                                       mailbox_text, parse_datetime)
 from twisted_mail_screen.protocols.imap.selected import SelectedView
+from twisted_mail_screen.store.folderlock import Stale
 
 
 class AccountCommands(SelectedView):
@@ -245,9 +246,9 @@ class AccountCommands(SelectedView):
             def loaded(exists: bool) -> Any:
                 if not folder.loaded or not exists:
                     raise No("No such mailbox", "TRYCREATE")
-                return self.factory.blocking.run(
+                return registry.guarded(folder, lambda: (
                     append_file, self.factory.store, path, message, flags, date, list(folder.keywords),
-                    folder.uidvalidity, folder.next_uid, array("L", folder.uids), list(folder.names))
+                    folder.uidvalidity, folder.next_uid, array("L", folder.uids), list(folder.names)))
 
             def appended(result: tuple[int, str, list[str]]) -> int:
                 uid, rel, keywords = result
@@ -269,6 +270,8 @@ class AccountCommands(SelectedView):
                 registry.idle(folder)
             if failure.check(ValueError):
                 raise No("Too many keywords in this mailbox", "LIMIT")
+            if failure.check(Stale):
+                raise No("Mailbox is being changed by another server, try again", "INUSE")
             return failure
 
         return folder.lock.run(locked).addCallbacks(done, failed)

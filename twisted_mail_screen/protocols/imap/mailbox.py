@@ -36,6 +36,7 @@ from twisted.logger import Logger
 from twisted_mail_screen.protocols.imap.fetch import Budget
 from twisted_mail_screen.protocols.imap.flags import base_of, flag_names, info_of, size_of_name
 from twisted_mail_screen.protocols.imap.scan import ScanResult
+from twisted_mail_screen.store.folderlock import Signature
 
 NEW, EXPUNGE, FLAGS = 1, 2, 3
 POLL_SECONDS = 1.0
@@ -92,6 +93,9 @@ class Folder:
         self.log_start = 0  # modseq just before log[0]
         self.stamp: tuple[int, int, int] | None = None
         self.identity: int | None = None
+        # The version of the UID list and keyword file this index matches
+        # (another process sharing the Maildir may have changed them).
+        self.signature: Signature | None = None
         self.sessions: list[FolderListener] = []
         # Set when the folder was found deleted: sessions that had it selected
         # keep this (emptied) index, a folder made again gets a new one.
@@ -188,6 +192,7 @@ class Folder:
         if r.gone:
             self.registry.retire(self)
             return
+        self.signature = r.signature
         if r.loaded:
             self.uidvalidity, self.next_uid = r.uidvalidity, r.next_uid
             self.uids, self.names, self.keywords = r.uids, r.names, r.keywords
@@ -199,6 +204,8 @@ class Folder:
             self.loaded = True
             self.stamp, self.identity = r.stamp, r.identity
             return
+        if r.reloaded_keywords is not None:
+            self.keywords = r.reloaded_keywords
         for uid, rel in r.renamed:
             i = self.position(uid)
             if i is not None:

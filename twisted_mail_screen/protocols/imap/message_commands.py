@@ -25,6 +25,7 @@ from twisted_mail_screen.protocols.imap.parse import (Atom, BadCommand, SeqSet, 
 from twisted_mail_screen.protocols.imap.searchplan import Snapshot, search_command
 from twisted_mail_screen.protocols.imap.selected import SelectedView
 from twisted_mail_screen.protocols.imap.store import store_files
+from twisted_mail_screen.store.folderlock import Stale
 
 REACTOR_ROWS = 500  # FETCH rows of index-only items rendered without a thread hop
 
@@ -212,30 +213,38 @@ class MessageCommands(SelectedView):
     def _store_flags(self, uids: list[int], mode: str, flags: list[str]) -> Deferred:
         folder = self.folder
         assert folder is not None
+        registry = self.factory.registry
+        chosen: list[str] = []  # the keyword table the renames were planned with
 
-        def locked() -> Any:
+        def make() -> tuple[Any, ...]:
             keywords = merge_keywords(folder.keywords, flags) if mode != "-" else folder.keywords
             if keywords is None:
                 raise No("Too many keywords in this mailbox", "LIMIT")
-            names = folder.names
-            rows = [(u, names[i]) for u in uids if (i := folder.position(u)) is not None]
-            if not rows and keywords == folder.keywords:
-                return None
+            rows = [(u, folder.names[i]) for u in uids if (i := folder.position(u)) is not None]
+            chosen[:] = keywords
             changed_keywords = keywords if keywords != folder.keywords else None
-
-            def renamed(done: list[tuple[int, str]]) -> None:
-                folder.keywords = list(keywords)
-                for u, rel in done:
-                    i = folder.position(u)
-                    if i is not None:
-                        folder.names[i] = rel
-                        folder.record(mb.FLAGS, u, self)
-                folder.notify()
-
             # Which files change, and their renames, are the worker's job.
-            return self.factory.blocking.run(store_files, folder.path, rows, mode, flags,
-                                             list(folder.keywords), list(keywords),
-                                             changed_keywords).addCallback(renamed)
+            return (store_files, folder.path, rows, mode, flags, list(folder.keywords), list(keywords),
+                    changed_keywords)
+
+        def renamed(done: list[tuple[int, str]]) -> None:
+            folder.keywords = list(chosen)
+            for u, rel in done:
+                i = folder.position(u)
+                if i is not None:
+                    folder.names[i] = rel
+                    folder.record(mb.FLAGS, u, self)
+            folder.notify()
+
+        def locked() -> Any:
+            job = make()
+            if not job[2] and chosen == folder.keywords:
+                return None
+            if chosen != folder.keywords:
+                # A new keyword takes its letter under the cross-process lock, from
+                # the table as every process sharing the folder has it.
+                return registry.guarded(folder, make).addCallback(renamed)
+            return self.factory.blocking.run(*job).addCallback(renamed)
 
         # The folder has the change even if the session left meanwhile (it then answers nothing).
         return folder.lock.run(locked).addCallback(self.still_here)
@@ -263,10 +272,10 @@ class MessageCommands(SelectedView):
                     raise No("No such mailbox", "TRYCREATE")
                 rows = [(u, source.name(u)) for u in wanted]
                 rows = [(u, n) for u, n in rows if n is not None]
-                return registry.blocking.run(
+                return registry.guarded(target, lambda: (
                     transfer_files, source.path, path, rows, list(source.keywords),
                     list(target.keywords), move, names, target.uidvalidity, target.next_uid,
-                    array("L", target.uids), list(target.names))
+                    array("L", target.uids), list(target.names)))
 
             def transferred(result: Any) -> list[tuple[int, int, str]]:
                 done, next_uid, keywords = result
@@ -298,7 +307,11 @@ class MessageCommands(SelectedView):
             wanted.extend(self.view[i] for i in self._iter_positions(ranges))
             return source.lock.run(locked)
 
-        return self._ranges(seqset, uid).addCallback(chosen).addCallback(answer)
+        def busy(failure: Failure) -> Any:
+            failure.trap(Stale)
+            raise No("Mailbox is being changed by another server, try again", "INUSE")
+
+        return self._ranges(seqset, uid).addCallback(chosen).addCallbacks(answer, busy)
 
     def do_MOVE(self, tag: bytes, args: list, uid: bool = False) -> Deferred:
         return self.do_COPY(tag, args, uid, move=True)

@@ -14,6 +14,7 @@ of that name builds a new index (with the new folder's UIDVALIDITY).
 from __future__ import annotations
 
 from array import array
+from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, DeferredLock, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -22,6 +23,7 @@ from twisted_mail_screen.protocols.imap.fetch import Budget
 from twisted_mail_screen.protocols.imap.mailbox import Folder, FolderListener
 from twisted_mail_screen.protocols.imap.scan import scan_folder
 from twisted_mail_screen.runtime.workers import Blocking
+from twisted_mail_screen.store.folderlock import Stale, run_locked
 
 
 class Registry:
@@ -127,12 +129,42 @@ class Registry:
         if folder.loaded:
             args = (folder.path, True, array("L", folder.uids), list(folder.names),
                     folder.uidvalidity, folder.next_uid, None if force else folder.stamp,
-                    claimer is not None, folder.identity)
+                    claimer is not None, folder.identity, folder.signature)
         else:
             args = (folder.path, False, array("L"), [], 0, 1, None, claimer is not None)
         d = self.blocking.run(scan_folder, *args)
         d.addCallback(folder.apply_scan, claimer)
         return d
+
+    #: Rescans before a write gives up (another process writing the folder without pause).
+    MAX_STALE = 20
+
+    def guarded(self, folder: Folder, make: Callable[[], tuple[Any, ...]]) -> Deferred:
+        """
+        Run the job C{make()} names (function, *args; built anew for each
+        try, from the index as it is then) in the pool under the folder's
+        cross-process lock. When another process changed the folder's UID
+        list or keywords since this index read them, nothing is done: the
+        folder is rescanned (taking the other process's UIDs) and the job
+        tried again. The caller holds the account lock.
+        """
+        def attempt(tries: int) -> Deferred:
+            f, *args = make()
+            d = self.blocking.run(run_locked, folder.path, folder.signature, f, *args)
+
+            def done(out: tuple[Any, Any]) -> Any:
+                result, folder.signature = out
+                return result
+
+            def stale(failure: Any) -> Any:
+                failure.trap(Stale)
+                if tries >= self.MAX_STALE or folder.retired:
+                    return failure
+                return self.sync_locked(folder, force=True).addCallback(lambda _: attempt(tries + 1))
+
+            return d.addCallbacks(done, stale)
+
+        return attempt(0)
 
     def ensure_loaded(self, folder: Folder) -> Deferred:
         if folder.loaded:

@@ -17,6 +17,7 @@ from twisted.logger import Logger
 
 from twisted_mail_screen.protocols.imap.flags import base_of, load_keywords, size_of_name
 from twisted_mail_screen.store import maildir_names, uidlist
+from twisted_mail_screen.store.folderlock import Signature, folder_lock, signature
 from twisted_mail_screen.store.maildir import crlf_size
 from twisted_mail_screen.store.maildir_names import delivery_order
 
@@ -50,6 +51,10 @@ class ScanResult:
     sizes: dict[int, int] = field(default_factory=dict)
     stamp: tuple[int, int, int] | None = None
     identity: int | None = None
+    #: the version of the UID list and keyword file the index now matches
+    signature: Signature | None = None
+    #: the keyword table, when another process changed it
+    reloaded_keywords: list[str] | None = None
 
 
 def _claim(path: str, rel: str) -> str | None:
@@ -64,16 +69,35 @@ def _claim(path: str, rel: str) -> str | None:
 
 def scan_folder(path: str, loaded: bool, uids: "array[int]", names: list[str],
                 uidvalidity: int, next_uid: int, known_stamp: tuple[int, int, int] | None,
-                claim: bool, identity: int | None = None) -> ScanResult:
+                claim: bool, identity: int | None = None,
+                known_signature: Signature | None = None) -> ScanResult:
     """
     Bring a folder's index up to date with its directories (worker thread).
     New files get UIDs and the uidlist is written before this returns.
     With C{claim}, files in new/ are moved to cur/ and reported as claimed.
+    All of it runs under the folder's cross-process lock; when another
+    process changed the UID list since C{known_signature}, the UIDs it gave
+    are read and kept.
     """
     stamp = _stamp(path)
     if stamp is None or (loaded and identity is not None and stamp[2] != identity):
         return ScanResult(gone=True)
-    if loaded and stamp == known_stamp:
+    try:
+        with folder_lock(path):
+            r = _scan(path, loaded, uids, names, uidvalidity, next_uid, known_stamp, claim,
+                      stamp, known_signature)
+            if not (r.gone or r.unchanged):
+                r.signature = signature(path)
+            return r
+    except FileNotFoundError:
+        return ScanResult(gone=True)  # the folder went before its lock file could be opened
+
+
+def _scan(path: str, loaded: bool, uids: "array[int]", names: list[str], uidvalidity: int,
+          next_uid: int, known_stamp: tuple[int, int, int] | None, claim: bool,
+          stamp: tuple[int, int, int], known_signature: Signature | None) -> ScanResult:
+    foreign = loaded and signature(path) != known_signature
+    if loaded and stamp == known_stamp and not foreign:
         return ScanResult(unchanged=True)
     if loaded and not os.path.exists(os.path.join(path, uidlist.FILENAME)):
         return ScanResult(gone=True)  # deleted and made again, or the map was removed
@@ -88,18 +112,32 @@ def scan_folder(path: str, loaded: bool, uids: "array[int]", names: list[str],
         if r.reason is not None:
             log.warn("imap: uid list of {path} {reason}; new UIDVALIDITY {v}",
                      path=path, reason=r.reason, v=uidvalidity)
+    disk: dict[str, int] = {}
+    if foreign:
+        ul, why = uidlist.load(path)
+        if why is None:
+            if ul.uidvalidity != uidvalidity:
+                return ScanResult(gone=True)  # another process started the folder's UIDs afresh
+            disk = dict(zip(ul.bases, ul.uids))
+            next_uid = max(next_uid, ul.next_uid)
+        r.reloaded_keywords = load_keywords(path)
     listing = maildir_names.folder_listing(path)
     if listing is None:
         return ScanResult(gone=True)
     kept_names = []
     missing: list[int] = []
+    vanished: set[int] = set()
     for i, rel in enumerate(names):
+        if disk.get(base_of(rel), uids[i]) != uids[i]:
+            # Another process gave this base a new UID (moved out and back): a new message.
+            vanished.add(uids[i])
+            kept_names.append(rel)
+            continue
         now = listing.pop(base_of(rel), None)
         if now is None:
             missing.append(i)
             now = rel
         kept_names.append(now)
-    vanished: set[int] = set()
     if missing:
         # A file renamed by another program while we listed can be missed
         # once; look again before calling anything gone.
@@ -110,8 +148,12 @@ def scan_folder(path: str, loaded: bool, uids: "array[int]", names: list[str],
                 vanished.add(uids[i])
             else:
                 kept_names[i] = now
-    fresh = sorted(listing.items(), key=lambda kv: delivery_order(kv[0]))
-    added = []
+    # Files another process gave UIDs keep them (they are above every UID
+    # this index has); the rest get new ones, in delivery order.
+    last = max(uids) if len(uids) else 0
+    added = sorted((disk[b], rel) for b, rel in listing.items() if disk.get(b, 0) > last)
+    fresh = sorted(((b, rel) for b, rel in listing.items() if disk.get(b, 0) <= last),
+                   key=lambda kv: delivery_order(kv[0]))
     for _, rel in fresh:
         added.append((next_uid, rel))
         next_uid += 1

@@ -1,0 +1,189 @@
+"""
+Two `twistd -n mailscreen` processes on one data directory (one shared
+Maildir volume behind a load balancer): IMAP UIDs stay unique and stable
+under concurrent APPEND and EXPUNGE through both, POP3's [IN-USE] holds
+across them, and a queued message is sent once when both queues run.
+
+Like tests/test_twistd.py, these need the non-editable install.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import poplib
+import re
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from relay_sink import Sink, wait_for
+from test_twistd import EPHEMERAL, pytestmark, twistd, wait_for_ports  # noqa: F401
+from twisted_mail_screen.relay.spool import QueueDirectory, QueuedMessage, Recipient
+from twisted_mail_screen.store.folderlock import try_lock, unlock
+
+USER = "shared@example.com"
+
+
+def node(tmp_path: Path, name: str, extra: str = "") -> tuple[subprocess.Popen, dict[str, int]]:
+    """One server process on the shared C{tmp_path/data}, with its own control socket."""
+    config = tmp_path / f"{name}.toml"
+    config.write_text(
+        f'data_dir = "{tmp_path / "data"}"\n'
+        f'control_socket = "{tmp_path / (name + ".sock")}"\n'
+        f'[listen]\nsmtp = ["{EPHEMERAL}"]\npop3 = ["{EPHEMERAL}"]\nimap = ["{EPHEMERAL}"]\n'
+        'submission = []\nweb = []\n' + extra)
+    proc = twistd(tmp_path, "--config", str(config))
+    ports = wait_for_ports(proc, {"smtp", "pop3", "imap"})
+    if not {"smtp", "pop3", "imap"} <= set(ports):
+        proc.kill()
+        raise AssertionError(f"node {name} did not start: {proc.communicate()[0][-3000:]}")
+    # Keep reading its log so the pipe never fills and blocks the server.
+    threading.Thread(target=proc.stdout.read, daemon=True).start()  # type: ignore[union-attr]
+    return proc, ports
+
+
+def stop(*procs: subprocess.Popen) -> None:
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        p.wait(30)
+
+
+def imap_login(port: int) -> imaplib.IMAP4:
+    c = imaplib.IMAP4("127.0.0.1", port, timeout=30)
+    c.login(USER, "whatever")
+    return c
+
+
+def uid_map(client: imaplib.IMAP4) -> dict[str, int]:
+    """Subject -> UID of every message in INBOX, as this server sees it."""
+    client.select("INBOX")
+    typ, data = client.uid("FETCH", "1:*", "(UID BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+    assert typ == "OK"
+    out: dict[str, int] = {}
+    for item in data:
+        if isinstance(item, tuple):
+            uid = int(re.search(rb"UID (\d+)", item[0]).group(1))
+            subject = item[1].decode().strip().removeprefix("Subject: ")
+            assert subject not in out, f"{subject} listed twice"
+            out[subject] = uid
+    return out
+
+
+def test_concurrent_append_and_expunge_through_two_nodes_keep_uids_unique_and_stable(tmp_path):
+    a, ports_a = node(tmp_path, "a")
+    b, ports_b = node(tmp_path, "b")
+    try:
+        setup = imap_login(ports_a["imap"])
+        setup.append("INBOX", None, None, b"Subject: first\r\n\r\nx\r\n")  # makes the mailbox
+        setup.logout()
+        appended: dict[str, int] = {}
+        errors: list[BaseException] = []
+
+        def writer(port: int, tag: str) -> None:
+            try:
+                c = imap_login(port)
+                c.select("INBOX")
+                for i in range(30):
+                    subject = f"{tag}-{i}"
+                    typ, data = c.append("INBOX", None, None, f"Subject: {subject}\r\n\r\nbody\r\n".encode())
+                    assert typ == "OK", data
+                    appended[subject] = int(re.search(rb"APPENDUID \d+ (\d+)", data[0]).group(1))
+                    if i % 5 == 4:
+                        # Expunge one of this writer's own earlier messages.
+                        victim = appended[f"{tag}-{i - 2}"]
+                        assert c.uid("STORE", str(victim), "+FLAGS", "(\\Deleted)")[0] == "OK"
+                        assert c.expunge()[0] == "OK"
+                        del appended[f"{tag}-{i - 2}"]
+                c.logout()
+            except BaseException as e:  # reported by the test thread
+                errors.append(e)
+
+        threads = [threading.Thread(target=writer, args=(ports_a["imap"], "a")),
+                   threading.Thread(target=writer, args=(ports_b["imap"], "b"))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors, errors
+        uids = list(appended.values())
+        assert len(set(uids)) == len(uids), "a UID was given to two messages"
+        seen_a = uid_map(imap_login(ports_a["imap"]))
+        seen_b = uid_map(imap_login(ports_b["imap"]))
+        expected = dict(appended, first=seen_a.get("first"))
+        # Both nodes show every surviving message under the UID its APPEND announced.
+        assert seen_a == expected
+        assert seen_b == expected
+    finally:
+        stop(a, b)
+
+
+def test_pop3_on_one_node_locks_the_mailbox_on_the_other(tmp_path):
+    a, ports_a = node(tmp_path, "a")
+    b, ports_b = node(tmp_path, "b")
+    try:
+        first = poplib.POP3("127.0.0.1", ports_a["pop3"], timeout=10)
+        first.user(USER)
+        first.pass_("x")
+        second = poplib.POP3("127.0.0.1", ports_b["pop3"], timeout=10)
+        second.user(USER)
+        with pytest.raises(poplib.error_proto, match=r"\[IN-USE\]"):
+            second.pass_("x")
+        second.quit()
+        first.quit()
+        third = poplib.POP3("127.0.0.1", ports_b["pop3"], timeout=10)
+        third.user(USER)
+        assert third.pass_("x").startswith(b"+OK")  # free again once the first session ended
+        third.quit()
+    finally:
+        stop(a, b)
+
+
+def test_a_crashed_holders_pop3_lock_is_gone_with_it(tmp_path):
+    """The lock is an flock: the kernel drops it with its holder, no stale file to take over."""
+    maildir = tmp_path / "box"
+    maildir.mkdir()
+    holder = subprocess.Popen(
+        ["python3", "-c", "import fcntl,os,sys,time;fd=os.open(sys.argv[1],os.O_RDWR|os.O_CREAT);"
+         "fcntl.flock(fd,fcntl.LOCK_EX);print('locked',flush=True);time.sleep(60)",
+         str(maildir / "pop3.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"  # type: ignore[union-attr]
+        assert try_lock(str(maildir)) is None
+        holder.kill()
+        holder.wait(10)
+        fd = try_lock(str(maildir))
+        assert fd is not None
+        unlock(fd)
+    finally:
+        holder.kill()
+
+
+def test_a_queued_message_is_sent_once_when_both_nodes_queues_run(tmp_path):
+    sink = Sink().start()
+    sink.hold_greeting()  # the first attempt stays in progress, claim held, until the gate opens
+    queue = QueueDirectory(str(tmp_path / "data" / "queue"))
+    now = time.time()
+    queue.store(QueuedMessage(id="00AB", sender="app@dev.test", created=now, next_attempt=0,
+                              recipients=[Recipient("friend@remote.example")]),
+                b"Subject: once\n\nhello\n")
+    relay = (f'[relay]\nenabled = true\nsmarthost = "tcp:host=127.0.0.1:port={sink.port}"\n'
+             'starttls = "none"\n')
+    a, _ = node(tmp_path, "a", relay)
+    b, _ = node(tmp_path, "b", relay)
+    try:
+        wait_for(lambda: sink.connections >= 1, 20, "a node connects to the smarthost")
+        time.sleep(3)  # both nodes' queues poll meanwhile (the claim is held while the greeting waits)
+        assert sink.connections == 1
+        sink.open_gate()
+        wait_for(lambda: len(sink.messages) >= 1, 20, "the message is relayed")
+        wait_for(lambda: not (tmp_path / "data/queue/env/00AB.json").exists(), 10, "the envelope is removed")
+        time.sleep(3)  # several more polls of both queues
+        assert len(sink.messages) == 1
+        assert sink.recipients() == ["friend@remote.example"]
+    finally:
+        stop(a, b)
+        sink.stop()
