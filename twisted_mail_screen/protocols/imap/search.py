@@ -167,6 +167,11 @@ class Candidate:
             self._data = self._read(True)
         return self._data
 
+    def preload(self, block: bytes | None) -> None:
+        """The header block, known already (from the header index)."""
+        if block is not None and self._data is None:
+            self._block = block
+
     def block(self) -> bytes:
         """The header block as stored."""
         if self._block is None:

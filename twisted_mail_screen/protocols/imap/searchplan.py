@@ -24,6 +24,7 @@ from array import array
 from typing import Any, Iterable, Sequence
 
 from twisted_mail_screen.protocols.imap.flags import FLAG_LETTERS, info_of, size_of_name
+from twisted_mail_screen.protocols.imap.headerindex import HeaderIndex, open_index, prepare
 from twisted_mail_screen.protocols.imap.parse import Token
 from twisted_mail_screen.protocols.imap.search import Candidate, Node, evaluate, needs, parse_search
 
@@ -119,6 +120,8 @@ class Search:
         self._memo: dict[Any, int] = {}
         self._groups: dict[str, int] | None = None
         self._sizes: list[int] | None = None
+        self._index: HeaderIndex | None = None
+        self._entries: list[int] = []
 
     def run(self, node: Node) -> list[tuple[int, int]]:
         mask = self.eval(simplify(node), self.full)
@@ -212,13 +215,42 @@ class Search:
             return within & ~self.eval(node[1], within)
         return self.leaf(node) & within
 
+    def entries(self) -> tuple[HeaderIndex, list[int]]:
+        """The folder's header index (locked until the search ends) and each message's entry."""
+        if self._index is None:
+            index = open_index(self.snap.path)
+            index.lock.acquire()
+            self._index = index
+            prepare(index)
+            self._entries = index.ensure(self.snap.path, self.rels)
+        return self._index, self._entries
+
+    def close(self) -> None:
+        if self._index is not None:
+            self._index.lock.release()
+            self._index = None
+
     def per_message(self, nodes: Sequence[Node], within: int) -> int:
-        """The messages of C{within} that match every one of C{nodes}, reading files."""
+        """
+        The messages of C{within} that match every one of C{nodes}. Header
+        blocks come from the header index, whose text narrows a header
+        key's candidates before any parsing; other keys read the files.
+        """
         snap, keep = self.snap, []
         sizes = self.sizes()
+        headers_only = all(needs(n) <= {"header"} for n in nodes)
+        index: HeaderIndex | None = None
+        if headers_only:
+            index, entry_of = self.entries()
+            for n in nodes:
+                if n[0] == "header" and n[2]:
+                    hits = index.hits(n[2])
+                    within &= mask_of((i for i, e in enumerate(entry_of) if e < 0 or e in hits), self.n)
         for i in bits_of(within):
             c = Candidate(snap.path, self.seqs[i], self.uids[i], self.rels[i], sizes[i],
                           self.uids[i] in snap.recent, snap.keywords)
+            if index is not None and entry_of[i] >= 0:
+                c.preload(index.block(entry_of[i]))
             if all(evaluate(n, c, self.max_seq, self.max_uid) for n in nodes):
                 keep.append(i)
         return mask_of(keep, self.n)
@@ -226,7 +258,11 @@ class Search:
 
 def search(snap: Snapshot, node: Node) -> list[tuple[int, int]]:
     """The (seq, uid) of each message of the view that matches (blocking: run in a worker)."""
-    return Search(snap).run(node)
+    s = Search(snap)
+    try:
+        return s.run(node)
+    finally:
+        s.close()
 
 
 def search_command(args: list[Token], charset: str, snap: Snapshot, uid: bool) -> bytes:

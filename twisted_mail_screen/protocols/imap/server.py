@@ -32,13 +32,11 @@ from twisted.python.failure import Failure
 from twisted_mail_screen.faults.seam import guard, imap_reply, imap_subject
 from twisted_mail_screen.protocols.imap.account import AccountFolders, FolderError
 from twisted_mail_screen.protocols.imap.account_commands import AccountCommands
-from twisted_mail_screen.protocols.imap import compress
-from twisted_mail_screen.protocols.imap.compress import CompressCommands
 from twisted_mail_screen.protocols.imap.core import Gone, No
-from twisted_mail_screen.protocols.imap.list_extended import CAPABILITIES as LIST_CAPS, ExtendedList
 from twisted_mail_screen.protocols.imap.message_commands import MessageCommands
 from twisted_mail_screen.protocols.imap.parse import Atom, BadCommand, Token, astring, tokenize
 from twisted_mail_screen.protocols.imap.registry import Registry
+from twisted_mail_screen.protocols.imap.sort_commands import CAPABILITIES as SORT_CAPS, SortCommands
 from twisted_mail_screen.protocols.session import SASLError, SessionFactory, sasl_plain
 from twisted_mail_screen.runtime.workers import Blocking
 from twisted_mail_screen.store.maildir import MailStore
@@ -54,12 +52,12 @@ MAX_COMMAND = 1024 * 1024
 ANY_STATE = {"CAPABILITY", "NOOP", "LOGOUT", "ID"}
 UNAUTH = {"STARTTLS", "AUTHENTICATE", "LOGIN"}
 AUTH = {"SELECT", "EXAMINE", "CREATE", "DELETE", "RENAME", "SUBSCRIBE", "UNSUBSCRIBE", "LIST",
-        "LSUB", "STATUS", "APPEND", "NAMESPACE", "ENABLE", "IDLE"} | compress.COMMANDS
+        "LSUB", "STATUS", "APPEND", "NAMESPACE", "ENABLE", "IDLE"}
 SELECTED = {"CHECK", "CLOSE", "UNSELECT", "EXPUNGE", "SEARCH", "FETCH", "STORE", "COPY", "MOVE",
-            "UID"}
-NO_EXPUNGE = {"FETCH", "STORE", "SEARCH"}
+            "UID", "SORT", "THREAD"}
+NO_EXPUNGE = {"FETCH", "STORE", "SEARCH", "SORT", "THREAD"}
 BASE_CAPS = ["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE", "UNSELECT",
-             "UIDPLUS", "MOVE", "SPECIAL-USE", "CHILDREN"] + LIST_CAPS
+             "UIDPLUS", "MOVE", "SPECIAL-USE", "CHILDREN"] + SORT_CAPS
 
 
 def _pending(d: Deferred) -> Deferred | None:
@@ -69,7 +67,7 @@ def _pending(d: Deferred) -> Deferred | None:
     return None if done else d
 
 
-class IMAPServer(ExtendedList, AccountCommands, MessageCommands, CompressCommands):
+class IMAPServer(AccountCommands, MessageCommands, SortCommands):
     """
     One IMAP session: the connection, the framing of lines and literals,
     dispatch by state, and the commands of any state and of login. The
@@ -122,8 +120,6 @@ class IMAPServer(ExtendedList, AccountCommands, MessageCommands, CompressCommand
                 caps.append("AUTH=PLAIN")
             else:
                 caps.append("LOGINDISABLED")
-        else:
-            caps += compress.CAPABILITIES
         return caps
 
     def _plaintext_ok(self) -> bool:
@@ -246,7 +242,7 @@ class IMAPServer(ExtendedList, AccountCommands, MessageCommands, CompressCommand
         if name == "UID":
             sub, _, args_text = args_text.partition(b" ")
             name = sub.upper().decode("ascii", "replace")
-            if name not in ("FETCH", "STORE", "SEARCH", "COPY", "MOVE", "EXPUNGE"):
+            if name not in ("FETCH", "STORE", "SEARCH", "COPY", "MOVE", "EXPUNGE", "SORT", "THREAD"):
                 self.tagged(tag, "BAD Unknown UID command")
                 return None
             uid = True
