@@ -32,7 +32,10 @@ from twisted.python.failure import Failure
 from twisted_mail_screen.faults.seam import guard, imap_reply, imap_subject
 from twisted_mail_screen.protocols.imap.account import AccountFolders, FolderError
 from twisted_mail_screen.protocols.imap.account_commands import AccountCommands
+from twisted_mail_screen.protocols.imap import compress
+from twisted_mail_screen.protocols.imap.compress import CompressCommands
 from twisted_mail_screen.protocols.imap.core import Gone, No
+from twisted_mail_screen.protocols.imap.list_extended import CAPABILITIES as LIST_CAPS, ExtendedList
 from twisted_mail_screen.protocols.imap.message_commands import MessageCommands
 from twisted_mail_screen.protocols.imap.parse import Atom, BadCommand, Token, astring, tokenize
 from twisted_mail_screen.protocols.imap.registry import Registry
@@ -52,12 +55,12 @@ MAX_COMMAND = 1024 * 1024
 ANY_STATE = {"CAPABILITY", "NOOP", "LOGOUT", "ID"}
 UNAUTH = {"STARTTLS", "AUTHENTICATE", "LOGIN"}
 AUTH = {"SELECT", "EXAMINE", "CREATE", "DELETE", "RENAME", "SUBSCRIBE", "UNSUBSCRIBE", "LIST",
-        "LSUB", "STATUS", "APPEND", "NAMESPACE", "ENABLE", "IDLE"}
+        "LSUB", "STATUS", "APPEND", "NAMESPACE", "ENABLE", "IDLE"} | compress.COMMANDS
 SELECTED = {"CHECK", "CLOSE", "UNSELECT", "EXPUNGE", "SEARCH", "FETCH", "STORE", "COPY", "MOVE",
             "UID", "SORT", "THREAD"}
 NO_EXPUNGE = {"FETCH", "STORE", "SEARCH", "SORT", "THREAD"}
 BASE_CAPS = ["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE", "UNSELECT",
-             "UIDPLUS", "MOVE", "SPECIAL-USE", "CHILDREN"] + SORT_CAPS
+             "UIDPLUS", "MOVE", "SPECIAL-USE", "CHILDREN"] + LIST_CAPS + SORT_CAPS
 
 
 def _pending(d: Deferred) -> Deferred | None:
@@ -67,7 +70,7 @@ def _pending(d: Deferred) -> Deferred | None:
     return None if done else d
 
 
-class IMAPServer(AccountCommands, MessageCommands, SortCommands):
+class IMAPServer(ExtendedList, AccountCommands, MessageCommands, CompressCommands, SortCommands):
     """
     One IMAP session: the connection, the framing of lines and literals,
     dispatch by state, and the commands of any state and of login. The
@@ -120,6 +123,8 @@ class IMAPServer(AccountCommands, MessageCommands, SortCommands):
                 caps.append("AUTH=PLAIN")
             else:
                 caps.append("LOGINDISABLED")
+        else:
+            caps += compress.CAPABILITIES
         return caps
 
     def _plaintext_ok(self) -> bool:
