@@ -23,7 +23,8 @@ setup(
                       # (RFC 8601), DMARC's organizational domain (a current Public
                       # Suffix List, shipped in the package)
                       "pyspf", "dnspython", "authres", "publicsuffixlist"],
-    extras_require={"test": ["pytest", "hypothesis", "selenium"]},
+    # imapclient: its live test suite runs against our IMAP server (tests/test_imapclient_live.py)
+    extras_require={"test": ["pytest", "hypothesis", "selenium", "imapclient==4.1.0"]},
     entry_points={"console_scripts": ["mailscreen = twisted_mail_screen.admin.cli:main"],
                   "pytest11": ["mailscreen = twisted_mail_screen.pytest_plugin"]},
 )
