@@ -9,6 +9,7 @@ The C{mailscreen} administration command.
     mailscreen [--config FILE] frozen list | freeze USER [--minutes N] | thaw USER
     mailscreen [--config FILE] queue list | flush | delete ID | hold ID | release ID
     mailscreen [--config FILE] faults list | add KIND [--match ...] | remove ID | clear
+    mailscreen [--config FILE] quota show USER | set USER [--storage-mb N] [--messages N] [--default] | list
     mailscreen [--config FILE] dkim keygen DOMAIN [--selector S] [--algorithm rsa|ed25519] | show DOMAIN
     mailscreen check-config FILE
 
@@ -30,7 +31,7 @@ import stat
 import sys
 from typing import Callable, Sequence
 
-from twisted_mail_screen.admin import dkim as dkim_cli, faults_cli
+from twisted_mail_screen.admin import dkim as dkim_cli, faults_cli, quota_cli
 from twisted_mail_screen.runtime import control
 from twisted_mail_screen.store.accounts import AccountError, AccountStore
 from twisted_mail_screen.config.settings import Config, load_config
@@ -264,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     queue.set_defaults(run=cmd_queue)
 
     faults_cli.add_parser(sub, cmd_faults)
+    quota_cli.add_parser(sub, lambda args, config: quota_cli.run_quota(args, config, CommandError))
     dkim_cli.add_parser(sub, lambda args, config: dkim_cli.run_dkim(args, config, CommandError))
 
     check = sub.add_parser("check-config", help="validate a configuration file")

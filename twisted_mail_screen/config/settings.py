@@ -20,6 +20,7 @@ from typing import Any
 from twisted_mail_screen.store.addresses import AddressError, normalise_address, valid_domain
 from twisted_mail_screen.config.base import ConfigError, Section
 from twisted_mail_screen.mailauth.config import DKIMConfig, MailAuthConfig, parse_dkim, parse_mail_auth
+from twisted_mail_screen.quota.config import QuotaConfig, parse_quota
 from twisted_mail_screen.relay.config import RelayConfig, parse_relay
 from twisted_mail_screen.screening.config import (
     FreezeConfig, ScreeningConfig, parse_freeze, parse_screening)
@@ -110,6 +111,7 @@ class Config:
     web: WebConfig = field(default_factory=WebConfig)
     dkim: DKIMConfig = field(default_factory=DKIMConfig)
     mail_auth: MailAuthConfig = field(default_factory=MailAuthConfig)
+    quota: QuotaConfig = field(default_factory=QuotaConfig)
 
     @property
     def test_host(self) -> bool:
@@ -288,13 +290,14 @@ def parse_config(table: dict[str, Any], overrides: dict[str, Any] | None = None)
     web = parse_web(top.section("web"))
     dkim = parse_dkim(top.section("dkim"), domains, mode == "test-host")
     mail_auth = parse_mail_auth(top.section("mail_auth"))
+    quota = parse_quota(top.section("quota"))
     top.finish()
     return Config(mode=mode, hostname=hostname, data_dir=data_dir,
                   control_socket=control_socket, domains=domains,
                   postmaster=postmaster, plaintext_auth=plaintext, listen=listen, tls=tls,
                   smtp=smtp, pop3=pop3, imap=imap, storage=storage, proxy=proxy,
                   screening=screening, freeze=freeze, relay=relay, web=web, dkim=dkim,
-                  mail_auth=mail_auth)
+                  mail_auth=mail_auth, quota=quota)
 
 
 def _merge_overrides(table: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

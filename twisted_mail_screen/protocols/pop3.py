@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from twisted_mail_screen.faults.seam import guard, pop3_reply
 from twisted_mail_screen.protocols.session import SASLError, ScreenedSession, SessionFactory, sasl_plain
 from twisted_mail_screen.protocols.pop3_drop import Drop, MailboxInUse, Retriever, open_drop, uidl_of
+from twisted_mail_screen.quota.service import QuotaService
 from twisted_mail_screen.store.maildir import MailStore
 from twisted_mail_screen.runtime.workers import Blocking
 
@@ -287,13 +288,13 @@ class POP3Server(ScreenedSession):
         assert drop is not None
         doomed = [drop.messages[i] for i in sorted(drop.deleted)]
 
-        def update() -> int:
-            for m in doomed:
-                drop.maildir.remove(m)
-            return len(doomed)
+        def update() -> list[str]:
+            return [m.name for m in doomed if drop.maildir.remove(m)]
 
-        def done(count: int) -> None:
-            self.ok(f"Bye, {count} messages deleted")
+        def done(removed: list[str]) -> None:
+            if self.factory.quota is not None:
+                self.factory.quota.removed(drop.address, removed)
+            self.ok(f"Bye, {len(doomed)} messages deleted")
             self.close()
 
         def failed(reason: Any) -> None:
@@ -309,8 +310,10 @@ class POP3Factory(SessionFactory):
 
     protocol = POP3Server
 
-    def __init__(self, *, store: MailStore, blocking: Blocking, locks: set[str], **services: Any) -> None:
+    def __init__(self, *, store: MailStore, blocking: Blocking, locks: set[str],
+                 quota: QuotaService | None = None, **services: Any) -> None:
         super().__init__(**services)
+        self.quota = quota  # told of deletions: the account's usage
         self.store = store
         self.blocking = blocking
         self.locks = locks

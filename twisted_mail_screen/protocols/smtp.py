@@ -33,6 +33,8 @@ from twisted_mail_screen.protocols.smtp_auth import Authentication
 from twisted_mail_screen.protocols.smtp_bdat import Chunking
 from twisted_mail_screen.protocols.smtp_params import Envelope, Refused, mail_params, rcpt_params
 from twisted_mail_screen.protocols.smtp_received import HeaderDate, received
+from twisted_mail_screen.protocols.smtp_quota import data_refusal, rcpt_refusal
+from twisted_mail_screen.quota.service import QuotaService
 from twisted_mail_screen.relay.notices import Notices
 from twisted_mail_screen.protocols.smtp_data import (BARE, INLINE_STORED_FORM, LINE, SIZE, DataReader,
                                                      stored_form)
@@ -259,6 +261,12 @@ class SMTPServer(Authentication, Chunking, ScreenedSession):
             if self.screen is not None and self.screen.rcpt_unknown():
                 self.close_for_block()
             return None
+        if f.quota is not None and route.mailboxes:  # a full mailbox refuses only its recipient
+            return rcpt_refusal(f.quota, route.mailboxes, env.options.size, path).addCallback(
+                lambda refusal: self.reply(*refusal) if refusal else self._add_rcpt(env, route, request))
+        return self._add_rcpt(env, route, request)
+
+    def _add_rcpt(self, env: Envelope, route: Any, request: Any) -> None:
         env.recipients.append(route)
         env.requests.append(request)
         self.reply(250, "2.1.5", "Ok")
@@ -338,6 +346,17 @@ class SMTPServer(Authentication, Chunking, ScreenedSession):
     def _deliver(self, env: Envelope, body: bytes, mailboxes: tuple[str, ...],
                  remote: tuple[str, ...]) -> Deferred:
         f = self.factory
+        if f.quota is not None and mailboxes and not remote:
+            # Counted as stored, with CRLF line ends (as IMAP reports it), and
+            # room for the Return-Path: and Received: lines put in front.
+            size = len(body) + body.count(b"\n") + 200
+            return data_refusal(f.quota, mailboxes, size).addCallback(
+                lambda refusal: self.reply(*refusal) if refusal else self._store(env, body, mailboxes, remote))
+        return self._store(env, body, mailboxes, remote)
+
+    def _store(self, env: Envelope, body: bytes, mailboxes: tuple[str, ...],
+               remote: tuple[str, ...]) -> Deferred:
+        f = self.factory
         request = env.request()
         d = f.delivery.deliver(env.sender, mailboxes, remote, self.received_header(env) + body,
                                request=request)
@@ -382,8 +401,9 @@ class SMTPFactory(SessionFactory):
 
     def __init__(self, *, router: Router, delivery: Delivery, freeze: FreezeStore, blocking: Workers,
                  protocol_name: str = "smtp", require_auth: bool = False, mail_auth: Any = None,
-                 **services: Any) -> None:
+                 quota: QuotaService | None = None, **services: Any) -> None:
         super().__init__(**services)
+        self.quota = quota
         self.mail_auth = mail_auth
         self.router = router
         self.delivery = delivery

@@ -42,6 +42,7 @@ class MailParams:
     smtputf8: bool = False
     ret: str = ""
     envid: str = ""
+    size: int = 0  # SIZE=, 0 when not declared (the quota check at RCPT)
 
 
 @dataclass
@@ -82,12 +83,13 @@ def mail_params(params: str, esmtp: bool, max_size: int) -> MailParams:
 
     @raise Refused: with the reply for the first bad one.
     """
-    smtputf8, ret, envid = False, "", ""
+    smtputf8, ret, envid, size = False, "", "", 0
     for key, value in _params(params, esmtp, "MAIL").items():
         if key == "SIZE":
             if not _SIZE_VALUE.fullmatch(value):
                 raise Refused(501, "5.5.4", "Bad SIZE parameter (RFC 1870: 1 to 20 digits)")
-            if int(value) > max_size:
+            size = int(value)
+            if size > max_size:
                 raise Refused(552, "5.3.4", "Message size exceeds fixed limit")
         elif key == "BODY":
             if value.upper() not in ("7BIT", "8BITMIME"):
@@ -109,7 +111,7 @@ def mail_params(params: str, esmtp: bool, max_size: int) -> MailParams:
                 raise Refused(501, "5.5.4", "Bad ENVID parameter: 1 to 100 characters")
         else:
             raise Refused(555, "5.5.4", f"Unsupported MAIL parameter {key}")
-    return MailParams(smtputf8, ret, envid)
+    return MailParams(smtputf8, ret, envid, size)
 
 
 def rcpt_params(params: str, esmtp: bool) -> RecipientRequest:

@@ -39,6 +39,9 @@ from twisted_mail_screen.store.maildir import MailStore, TmpCleaner
 from twisted_mail_screen.store.maildir_names import UniqueNames
 from twisted_mail_screen.relay.queue import OutboundQueue
 from twisted_mail_screen.protocols.pop3 import POP3Factory
+from twisted_mail_screen.quota.commands import QuotaCommands
+from twisted_mail_screen.quota.service import QuotaService
+from twisted_mail_screen.quota.state import QuotaFileError, read_overrides, state_path
 from twisted_mail_screen.protocols.session import SessionFactory
 from twisted_mail_screen.store.routing import Router
 from twisted_mail_screen.protocols.smtp import SMTPFactory
@@ -119,6 +122,7 @@ class MailService(MultiService):
     metrics: ServerMetrics
     queue: OutboundQueue | None
     faults: FaultPlan | None
+    quota: QuotaService
 
     def __init__(self, config: Config) -> None:
         super().__init__()
@@ -172,6 +176,9 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
     faults = service.faults = FaultPlan() if config.test_host else None
     # The outbound queue (docs/relay.md): only when relaying is enabled.
     delivery = Delivery(store, blocking, events=events)
+    quota = _build_quota(config, store, blocking)
+    delivery.stored = quota.stored
+    events.subscribe(quota.on_event)
     queue = None
     if config.relay.enabled:
         # The queue's spool work has a small pool of its own: a backlog
@@ -212,6 +219,7 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
     register_screening_commands(control, screening.admin, clock, config.freeze.minutes)
     if faults is not None:
         register_fault_commands(control, faults)
+    QuotaCommands(quota, accounts.users, store.root, blocking.run).register(control)
     # One holder every listener and STARTTLS asks per connection: certificate
     # renewals reach new connections without a restart (docs/deployment.md).
     tls = None
@@ -224,6 +232,7 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
     service.accounts = accounts
     service.store = store
     service.delivery = delivery
+    service.quota = quota
     service.screening = screening
     service.control = control
     service.events = events
@@ -250,23 +259,25 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
                            blocking=blocking,
                            authenticator=authenticator, screening=screening, freeze=freeze,
                            clock=clock, tls=tls, protocol_name=kind,
-                           require_auth=kind == "submission", faults=faults, mail_auth=mail_auth)
+                           require_auth=kind == "submission", faults=faults, mail_auth=mail_auth,
+                           quota=quota)
 
     factories: dict[str, Callable[[], Any]] = {
         "smtp": lambda: smtp_factory("smtp"),
         "submission": lambda: smtp_factory("submission"),
         "pop3": lambda: POP3Factory(config=config, store=store, blocking=blocking,
                                     authenticator=authenticator, screening=screening,
-                                    clock=clock, locks=pop3_locks, tls=tls, faults=faults),
+                                    clock=clock, locks=pop3_locks, tls=tls, faults=faults, quota=quota),
         "imap": lambda: IMAPFactory(config=config, store=store, blocking=blocking,
                                     authenticator=authenticator, screening=screening,
-                                    clock=clock, registry=imap_registry, tls=tls, faults=faults),
+                                    clock=clock, registry=imap_registry, tls=tls, faults=faults,
+                                    quota=quota),
     }
     factories["web"] = lambda: build_site(WebContext(
         config=config, reactor=reactor, clock=clock, events=events, store=store, delivery=delivery,
         accounts=accounts, authenticator=authenticator, screening=screening, queue=queue,
         faults=faults, blocking=blocking, lag=service.lag, metrics=metrics, ready=service.ready,
-        imap=imap_registry))
+        imap=imap_registry, quota=quota))
     for kind, descriptions in config.listen.items():
         if kind not in factories:
             continue
@@ -285,6 +296,17 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
     control_endpoint = endpoints.serverFromString(reactor, endpoint_description(config.control_socket))
     Listener("control", config.control_socket, control_endpoint, control).setServiceParent(service)
     return service
+
+
+def _build_quota(config: Config, store: MailStore, blocking: Blocking | Workers) -> QuotaService:
+    """The quota service with the accounts' own limits read (a bad file stops the start)."""
+    path = state_path(config.data_dir)
+    quota = QuotaService(store, blocking.run, config.quota.default, path)
+    try:
+        quota.replace_overrides(read_overrides(path))
+    except QuotaFileError as e:
+        raise ConfigError("quota", path, str(e)) from e
+    return quota
 
 
 def _build_screening(config: Config, clock: IReactorTime, accounts: AccountStore,

@@ -17,7 +17,7 @@ sends again; RFC 5321 6.1 prefers that to a loss.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from twisted.internet.defer import Deferred, ensureDeferred, fail
 from twisted.logger import Logger
@@ -53,6 +53,8 @@ class Delivery:
         self._blocking = blocking
         self.relay = relay
         self._events = events
+        #: Told of each stored message (mailbox, [file name]): the quota service's usage.
+        self.stored: Callable[[str, list[str]], None] | None = None
 
     def deliver_local(self, mailboxes: tuple[str, ...], message: bytes,
                       flags: str = "") -> "Deferred[str]":
@@ -65,8 +67,10 @@ class Delivery:
 
     def _delivered(self, name: str, mailboxes: tuple[str, ...]) -> str:
         """Tell the event bus (the web port's wait and live list) about each new message."""
-        if self._events is not None:
-            for mailbox in dict.fromkeys(m.lower() for m in mailboxes):
+        for mailbox in dict.fromkeys(m.lower() for m in mailboxes):
+            if self.stored is not None:
+                self.stored(mailbox, [name])
+            if self._events is not None:
                 self._events.publish("message.new", ID=message_id(mailbox, name),
                                      Mailbox=mailbox)
         return name

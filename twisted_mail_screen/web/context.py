@@ -12,6 +12,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted_mail_screen.config.settings import Config
 from twisted_mail_screen.faults.plan import FaultPlan
 from twisted_mail_screen.protocols.imap.registry import Registry
+from twisted_mail_screen.quota.service import QuotaService
 from twisted_mail_screen.relay.queue import OutboundQueue
 from twisted_mail_screen.runtime.events import EventBus
 from twisted_mail_screen.runtime.lagmonitor import LagMonitor
@@ -50,3 +51,5 @@ class WebContext:
     #: the IMAP folder indexes: the messages API takes their account locks
     #: and refreshes them after a change, so IMAP sessions see it at once
     imap: Registry | None = None
+    #: accounts' limits and usage (C{/api/v1/quota})
+    quota: QuotaService | None = None

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from twisted.web.server import Request, Site
 
-from twisted_mail_screen.web import events, faults, health, messages, metrics, queue, screening, ui
+from twisted_mail_screen.web import events, faults, health, messages, metrics, queue, quota, screening, ui
 from twisted_mail_screen.web.api import MAX_BODY, Router
 from twisted_mail_screen.web.context import WebContext
 from twisted_mail_screen.web.security import Guard, read_tokens
@@ -46,7 +46,7 @@ def build_site(context: WebContext) -> Site:
     guard = Guard(context.config, context.authenticator, context.clock,
                   read_tokens(context.config.web.token_file))
     router = Router(guard)
-    for concern in (health, messages, events, screening, queue, faults, metrics, ui):
+    for concern in (health, messages, events, screening, queue, quota, faults, metrics, ui):
         concern.register(router, context)
     site = Site(router, requestFactory=BoundedRequest)
     site.displayTracebacks = False

@@ -14,7 +14,7 @@ from typing import Any, Callable
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from twisted_mail_screen.protocols.imap import mailbox as mb
+from twisted_mail_screen.protocols.imap import mailbox as mb, quota_commands as quota
 from twisted_mail_screen.protocols.imap.account import DELIMITER, FolderError
 from twisted_mail_screen.protocols.imap.core import No
 from twisted_mail_screen.protocols.imap.filejobs import append_file
@@ -118,6 +118,7 @@ class AccountCommands(SelectedView):
 
         def done(_: object) -> str:
             self.factory.registry.forget(path)
+            quota.forget(self)  # its messages went with it
             return "OK DELETE completed"
 
         return self._account_call(self.folders.delete, name).addCallback(done)
@@ -252,6 +253,7 @@ class AccountCommands(SelectedView):
 
             def appended(result: tuple[int, str, list[str]]) -> int:
                 uid, rel, keywords = result
+                quota.changed(self, [rel], [])
                 folder.keywords = keywords
                 folder.add([(uid, rel)], uid + 1)
                 folder.notify()
@@ -274,4 +276,6 @@ class AccountCommands(SelectedView):
                 raise No("Mailbox is being changed by another server, try again", "INUSE")
             return failure
 
-        return folder.lock.run(locked).addCallbacks(done, failed)
+        # Checked before the folder lock: a full account waits for no one.
+        return quota.room(self, len(message), 1).addCallback(
+            lambda _: folder.lock.run(locked)).addCallbacks(done, failed)

@@ -22,6 +22,7 @@ from twisted_mail_screen.protocols.imap.filejobs import transfer_files
 from twisted_mail_screen.protocols.imap.flags import merge_keywords
 from twisted_mail_screen.protocols.imap.parse import (Atom, BadCommand, SeqSet, Section, Token, astring,
                                                       format_set, mailbox_name, parse_fetch_atts)
+from twisted_mail_screen.protocols.imap import quota_commands as quota
 from twisted_mail_screen.protocols.imap.searchplan import Snapshot, search_command
 from twisted_mail_screen.protocols.imap.selected import SelectedView
 from twisted_mail_screen.protocols.imap.store import store_files
@@ -279,6 +280,8 @@ class MessageCommands(SelectedView):
 
             def transferred(result: Any) -> list[tuple[int, int, str]]:
                 done, next_uid, keywords = result
+                if not move:  # a move within the account changes no usage
+                    quota.changed(self, [rel for _, _, rel in done], [])
                 target.keywords = keywords
                 target.add([(d, rel) for _, d, rel in done], next_uid)
                 target.notify()
@@ -305,7 +308,10 @@ class MessageCommands(SelectedView):
 
         def chosen(ranges: list[tuple[int, int]]) -> Deferred:
             wanted.extend(self.view[i] for i in self._iter_positions(ranges))
-            return source.lock.run(locked)
+            if move or not wanted:  # MOVE never adds: a full account can still clean up
+                return source.lock.run(locked)
+            octets = sum(source.size(u, source.name(u) or "") for u in wanted)
+            return quota.room(self, octets, len(wanted)).addCallback(lambda _: source.lock.run(locked))
 
         def busy(failure: Failure) -> Any:
             failure.trap(Stale)

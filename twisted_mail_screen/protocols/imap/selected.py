@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 from twisted.internet.defer import Deferred, succeed
 
-from twisted_mail_screen.protocols.imap import mailbox as mb
+from twisted_mail_screen.protocols.imap import mailbox as mb, quota_commands as quota
 from twisted_mail_screen.protocols.imap.core import SessionCore
 from twisted_mail_screen.protocols.imap.fetch import flags_item
 from twisted_mail_screen.protocols.imap.parse import Atom, SeqSet, Token, parse_seqset
@@ -137,6 +137,7 @@ class SelectedView(SessionCore):
 
         def locked() -> Deferred:
             def unlinked(gone: list[int]) -> None:
+                quota.changed(self, [], [n for u in gone if (n := folder.name(u)) is not None])
                 folder.remove(gone, self)
                 folder.notify()
 

@@ -38,10 +38,13 @@ from twisted_mail_screen.protocols.imap.core import Gone, No
 from twisted_mail_screen.protocols.imap.list_extended import CAPABILITIES as LIST_CAPS, ExtendedList
 from twisted_mail_screen.protocols.imap.message_commands import MessageCommands
 from twisted_mail_screen.protocols.imap.parse import Atom, BadCommand, Token, astring, tokenize
+from twisted_mail_screen.protocols.imap import quota_commands
+from twisted_mail_screen.protocols.imap.quota_commands import QuotaCommands
 from twisted_mail_screen.protocols.imap.registry import Registry
 from twisted_mail_screen.protocols.imap.sort_commands import CAPABILITIES as SORT_CAPS, SortCommands
 from twisted_mail_screen.protocols.session import SASLError, SessionFactory, sasl_plain
 from twisted_mail_screen.runtime.workers import Blocking
+from twisted_mail_screen.quota.service import QuotaService
 from twisted_mail_screen.store.maildir import MailStore
 
 __all__ = ["IMAPFactory", "IMAPServer", "No"]
@@ -55,12 +58,12 @@ MAX_COMMAND = 1024 * 1024
 ANY_STATE = {"CAPABILITY", "NOOP", "LOGOUT", "ID"}
 UNAUTH = {"STARTTLS", "AUTHENTICATE", "LOGIN"}
 AUTH = {"SELECT", "EXAMINE", "CREATE", "DELETE", "RENAME", "SUBSCRIBE", "UNSUBSCRIBE", "LIST",
-        "LSUB", "STATUS", "APPEND", "NAMESPACE", "ENABLE", "IDLE"} | compress.COMMANDS
+        "LSUB", "STATUS", "APPEND", "NAMESPACE", "ENABLE", "IDLE"} | quota_commands.COMMANDS | compress.COMMANDS
 SELECTED = {"CHECK", "CLOSE", "UNSELECT", "EXPUNGE", "SEARCH", "FETCH", "STORE", "COPY", "MOVE",
             "UID", "SORT", "THREAD"}
 NO_EXPUNGE = {"FETCH", "STORE", "SEARCH", "SORT", "THREAD"}
 BASE_CAPS = ["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE", "UNSELECT",
-             "UIDPLUS", "MOVE", "SPECIAL-USE", "CHILDREN"] + LIST_CAPS + SORT_CAPS
+             "UIDPLUS", "MOVE", "SPECIAL-USE", "CHILDREN"] + LIST_CAPS + quota_commands.CAPABILITIES + SORT_CAPS
 
 
 def _pending(d: Deferred) -> Deferred | None:
@@ -70,7 +73,7 @@ def _pending(d: Deferred) -> Deferred | None:
     return None if done else d
 
 
-class IMAPServer(ExtendedList, AccountCommands, MessageCommands, CompressCommands, SortCommands):
+class IMAPServer(ExtendedList, AccountCommands, MessageCommands, QuotaCommands, CompressCommands, SortCommands):
     """
     One IMAP session: the connection, the framing of lines and literals,
     dispatch by state, and the commands of any state and of login. The
@@ -397,8 +400,10 @@ class IMAPFactory(SessionFactory):
 
     protocol = IMAPServer
 
-    def __init__(self, *, store: MailStore, blocking: Blocking, registry: Registry, **services: Any) -> None:
+    def __init__(self, *, store: MailStore, blocking: Blocking, registry: Registry,
+                 quota: QuotaService, **services: Any) -> None:
         super().__init__(**services)
+        self.quota = quota
         self.store = store
         self.blocking = blocking
         self.registry = registry

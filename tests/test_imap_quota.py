@@ -1,0 +1,163 @@
+"""
+QUOTA (RFC 9208) over real sockets with imaplib: the capabilities, GETQUOTA
+and GETQUOTAROOT with the usage SMTP, APPEND, COPY and EXPUNGE make,
+APPEND and COPY refused with NO [OVERQUOTA], MOVE allowed, SETQUOTA for
+administrators only, over STARTTLS and implicit TLS too.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import smtplib
+import ssl
+
+import pytest
+
+from twisted_mail_screen.testing import EPHEMERAL
+
+KINDS = ("smtp", "imap")
+USER = "bob@localhost"
+MESSAGE = b"From: a@example.org\r\nSubject: hi\r\n\r\n" + (b"x" * 48 + b"\r\n") * 20
+
+
+def login(server, user: str = USER, password: str = "x") -> imaplib.IMAP4:
+    m = imaplib.IMAP4("127.0.0.1", server.port("imap"))
+    m.login(user, password)
+    return m
+
+
+def send(server, to: str = USER, body: bytes = MESSAGE) -> None:
+    with smtplib.SMTP("127.0.0.1", server.port("smtp")) as s:
+        s.sendmail("sender@example.org", [to], body)
+
+
+def quota(m: imaplib.IMAP4, root: str = '""') -> bytes:
+    typ, data = m._simple_command("GETQUOTA", root)  # imaplib's getquota() sends it unquoted
+    assert typ == "OK", data
+    return m._untagged_response(typ, data, "QUOTA")[1][0]
+
+
+def test_capabilities_announce_quota_and_its_resources(start_server):
+    server = start_server(kinds=KINDS)
+    m = login(server)
+    assert {"QUOTA", "QUOTA=RES-STORAGE", "QUOTA=RES-MESSAGE"} <= set(m.capabilities)
+    m.logout()
+
+
+def test_getquotaroot_and_getquota_report_usage_and_limits(start_server):
+    server = start_server(kinds=KINDS, quota__storage_mb=1, quota__messages=10)
+    send(server)
+    send(server)
+    m = login(server)
+    typ, data = m.getquotaroot("INBOX")
+    assert typ == "OK"
+    roots, quotas = data
+    assert roots == [b'"INBOX" ""']
+    used = quotas[0]
+    assert used.startswith(b'"" (STORAGE ') and used.endswith(b" 1024 MESSAGE 2 10)")
+    kib = int(used.split()[2])
+    assert 2 <= kib <= 4  # two messages of about 1.1 KiB with their headers
+    assert quota(m) == used
+    typ, data = m._simple_command("GETQUOTA", '"elsewhere"')
+    assert typ == "NO" and data[0].startswith(b"[NONEXISTENT]")
+    typ, data = m._simple_command("GETQUOTAROOT", "Nowhere")
+    assert typ == "NO" and data[0].startswith(b"[NONEXISTENT]")
+    m.logout()
+
+
+def test_unlimited_account_lists_no_resources(start_server):
+    server = start_server(kinds=KINDS)
+    m = login(server)
+    assert quota(m) == b'"" ()'
+    m.logout()
+
+
+def test_append_over_the_message_limit_is_refused_until_an_expunge(start_server):
+    server = start_server(kinds=KINDS, quota__messages=2)
+    m = login(server)
+    for _ in range(2):
+        assert m.append("INBOX", None, None, MESSAGE)[0] == "OK"
+    typ, data = m.append("INBOX", None, None, MESSAGE)
+    assert typ == "NO" and data[0].startswith(b"[OVERQUOTA]")
+    m.select("INBOX")
+    m.store("1", "+FLAGS", "\\Deleted")
+    m.expunge()
+    assert quota(m).endswith(b"MESSAGE 1 2)")
+    assert m.append("INBOX", None, None, MESSAGE)[0] == "OK"
+    m.logout()
+
+
+def test_append_larger_than_the_whole_quota_is_refused(start_server):
+    server = start_server(kinds=KINDS, quota__storage_mb=1)
+    m = login(server)
+    typ, data = m.append("INBOX", None, None, b"Subject: big\r\n\r\n" + (b"y" * 98 + b"\r\n") * 11300)
+    assert typ == "NO" and data[0].startswith(b"[OVERQUOTA]")
+    assert quota(m) == b'"" (STORAGE 0 1024)'
+    m.logout()
+
+
+def test_copy_over_quota_is_refused_and_move_is_not(start_server):
+    server = start_server(kinds=KINDS, quota__messages=3)
+    send(server)
+    send(server)
+    m = login(server)
+    m.select("INBOX")
+    typ, data = m.copy("1:2", "Trash")
+    assert typ == "NO" and data[0].startswith(b"[OVERQUOTA]")
+    assert m.copy("1", "Trash")[0] == "OK"
+    assert quota(m).endswith(b"MESSAGE 3 3)")
+    # Full, the account can still move mail to Trash (no usage changes) and expunge it there.
+    typ, _ = m._simple_command("MOVE", "1:2", "Trash")
+    assert typ == "OK"
+    assert quota(m).endswith(b"MESSAGE 3 3)")
+    m.select("Trash")
+    m.store("1:*", "+FLAGS", "\\Deleted")
+    m.expunge()
+    assert quota(m).endswith(b"MESSAGE 0 3)")
+    m.logout()
+
+
+def test_delete_of_a_folder_frees_its_messages(start_server):
+    server = start_server(kinds=KINDS, quota__messages=5)
+    m = login(server)
+    m.create("Old")
+    for _ in range(3):
+        m.append("Old", None, None, MESSAGE)
+    assert quota(m).endswith(b"MESSAGE 3 5)")
+    assert m.delete("Old")[0] == "OK"
+    assert quota(m).endswith(b"MESSAGE 0 5)")
+    m.logout()
+
+
+def test_setquota_only_for_administrators(start_server, accounts):
+    server = start_server(site=True, kinds=KINDS, web__admins=["alice@example.test"])
+    bob = login(server, "bob@example.test", "bob-secret")
+    typ, data = bob.setquota('""', "(STORAGE 10)")
+    assert typ == "NO" and data[0].startswith(b"[NOPERM]")
+    bob.logout()
+    alice = login(server, "alice@example.test", "alice-secret")
+    typ, data = alice.setquota('""', "(STORAGE 10 MESSAGE 5)")
+    assert typ == "OK", data
+    assert quota(alice) == b'"" (STORAGE 0 10 MESSAGE 0 5)'
+    assert alice.setquota('""', "(BOGUS 1)")[0] == "NO"
+    with pytest.raises(imaplib.IMAP4.error, match="BAD.*number"):
+        alice._simple_command("SETQUOTA", '""', "(STORAGE x)")
+    alice.logout()
+
+
+@pytest.mark.parametrize("mode", ["starttls", "implicit"])
+def test_getquota_over_tls(start_server, accounts, certificate, mode):
+    cert, key = certificate
+    server = start_server(site=True, kinds=KINDS, plaintext_auth="never", tls__certificate=cert,
+                          tls__key=key, listen__imap=[EPHEMERAL, "ssl:0:interface=127.0.0.1"],
+                          quota__messages=7)
+    context = ssl.create_default_context(cafile=cert)
+    ports = server.service.ports("imap")
+    if mode == "implicit":
+        m = imaplib.IMAP4_SSL("127.0.0.1", ports[1], ssl_context=context)
+    else:
+        m = imaplib.IMAP4("127.0.0.1", ports[0])
+        m.starttls(context)
+    m.login("alice@example.test", "alice-secret")
+    assert quota(m) == b'"" (MESSAGE 0 7)'
+    m.logout()
