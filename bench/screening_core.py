@@ -15,7 +15,12 @@ the previous run. Per size it measures:
   - auth: an authentication failure on a tracked address (open +
     auth_failed + closed), which adds the keyed hash;
   - RSS after all N addresses are tracked, minus nothing (the whole
-    process, interpreter and Twisted included).
+    process, interpreter and Twisted included);
+  - hostile: in a second fresh interpreter, N addresses that each connect
+    twice and fail a login (open + auth_failed + closed, then open +
+    closed), so every one holds a full record (connection times, a failed
+    pair, an event) under the default, non-zero limits; its RSS is the
+    figure the 200 MB goal is about.
 
 Usage: python bench/screening_core.py [--sizes 10000,100000,1000000]
 """
@@ -41,6 +46,45 @@ def rss_mb() -> float:
 
 def address(i: int) -> str:
     return f"{10 + (i >> 24)}.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}"
+
+
+def run_hostile(n: int) -> dict[str, float]:
+    """N hostile clients, each with a failure recorded, default limits (a fresh process)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from twisted.internet.task import Clock
+    from twisted.logger import Logger
+
+    from twisted_mail_screen.screening.blocklist import BlockList
+    from twisted_mail_screen.screening.config import ScreeningConfig
+    from twisted_mail_screen.screening.service import ScreeningService
+
+    clock = Clock()
+    clock.advance(1_800_000_000)
+    quiet = Logger(observer=lambda e: None)
+    config = ScreeningConfig(max_tracked_clients=max(n, 100), whitelist=())
+    assert config.max_connections and config.max_auth_failures
+    service = ScreeningService(config, clock, BlockList(None, clock, quiet), None, None,
+                               log=quiet)
+    gc.collect()
+    base = rss_mb()
+    hosts = [address(i) for i in range(n)]
+    gc.collect()
+    gc.disable()
+    t0 = time.perf_counter()
+    for host in hosts:
+        screen = service.open(host, "imap")
+        screen.auth_failed("user@example.com", b"wrong")
+        screen.closed()
+    clock.advance(1)
+    for host in hosts:
+        service.open(host, "smtp").closed()
+    elapsed = time.perf_counter() - t0
+    gc.enable()
+    gc.collect()
+    rss = rss_mb()
+    return {"n": n, "tracked": service.admin.stats()["tracked"], "rss_mb": rss,
+            "rss_before_mb": base, "bytes_per_client": (rss - base) * 1024 * 1024 / n,
+            "us_per_client": elapsed / n * 1e6}
 
 
 def run_one(n: int) -> dict[str, float]:
@@ -104,9 +148,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--hostile", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(run_one(args.one)))
+        return
+    if args.hostile:
+        print(json.dumps(run_hostile(args.hostile)))
         return
     rows = []
     for n in (int(s) for s in args.sizes.split(",")):
@@ -123,6 +171,15 @@ def main() -> None:
           "connecting again (open+closed); auth: open+auth_failed+closed.")
     print("RSS: whole process once all addresses are tracked; empty: before; "
           "RSS end: after the decide and auth rounds (up to 10^5 upgraded records).")
+    print(f"\n{'hostile':>10} {'us/client':>10} {'RSS MB':>8} {'empty MB':>9} {'B/client':>9}")
+    for n in (int(s) for s in args.sizes.split(",")):
+        out = subprocess.run([sys.executable, __file__, "--hostile", str(n)],
+                             check=True, capture_output=True, text=True).stdout
+        r = json.loads(out)
+        print(f"{r['n']:>10,} {r['us_per_client']:>10.2f} {r['rss_mb']:>8.1f} "
+              f"{r['rss_before_mb']:>9.1f} {r['bytes_per_client']:>9.0f}")
+    print("hostile: every address connected twice and failed a login (default limits), "
+          "each holds a full record.")
 
 
 if __name__ == "__main__":

@@ -25,8 +25,9 @@ Rules (C{docs/screening.md} has the full statement):
   - blocks grow for repeat offenders, up to a cap.
 
 Memory is bounded. A client seen once costs one float in a dict (about 130
-bytes with its key); a client that did more gets a small slotted record
-whose lists are capped by the limits themselves. Idle records are pruned
+bytes with its key); a client that did more gets a record packed into
+one bytes value (record.py) whose lists are capped by the limits
+themselves. Idle records are pruned
 from the front of the dict, which is kept in least-recently-seen order by
 re-inserting a key on every event, and the number of records is capped
 by evicting the idlest.
@@ -50,12 +51,13 @@ from twisted_mail_screen.screening.interfaces import (
 from twisted_mail_screen.screening.listfile import Entry, format_expiry
 from twisted_mail_screen.screening.netmatch import NetMatcher, key_for_parsed, parse_host
 from twisted_mail_screen.screening.notify import Event
+from twisted_mail_screen.screening.record import EVENTS_KEPT as _EVENTS_KEPT
+from twisted_mail_screen.screening.record import ClientRecord as _Client
 from twisted_mail_screen.screening.state import StateFiles
 
 RULES = ("connections", "simultaneous", "auth_failures", "failed_rcpts", "rsets",
          "session_auth", "manual")
 SMTP_PROTOCOLS = frozenset(("smtp", "submission"))
-_EVENTS_KEPT = 6
 
 
 
@@ -88,34 +90,6 @@ class _RefusedScreen(OpenScreen):
 
     def rset(self) -> bool:
         return True
-
-
-class _Client:
-    """
-    What is remembered about a client beyond its last connection time.
-
-    @ivar times: connection times inside the window, oldest first; never
-        longer than C{max_connections}.
-    @ivar last: when it was last seen (for pruning).
-    @ivar auth: C{[time, digest]} of distinct failed (user, secret) pairs
-        inside the window; never longer than C{max_auth_failures}.
-    @ivar events: the last few notable events, for the postmaster.
-    """
-
-    __slots__ = ("times", "last", "auth", "events")
-
-    def __init__(self, times: list[float], last: float) -> None:
-        self.times = times
-        self.last = last
-        self.auth: list[tuple[float, bytes]] | None = None
-        self.events: list[Event] | None = None
-
-    def note(self, now: float, protocol: str, what: str) -> None:
-        if self.events is None:
-            self.events = []
-        elif len(self.events) >= _EVENTS_KEPT:
-            del self.events[0]
-        self.events.append((now, protocol, what))
 
 
 class _Session:
@@ -272,6 +246,7 @@ class ScreeningRules:
                                         config.connection_window_minutes, protocol)
                     return _RefusedScreen(refusal_text(key, entry))
                 times.append(now)
+                record.times = times  # type: ignore[union-attr]  # a packed record: a copy was read
         active = self._active.get(key, 0)
         most = config.max_simultaneous
         if most and active >= most:
