@@ -224,6 +224,23 @@ def test_thread_references_merges_by_subject_and_handles_tricky_input(site):
     m.logout()
 
 
+def test_thread_references_keeps_first_links_and_prunes_placeholders(site):
+    m = login(site)
+    d = "Mon, 7 Feb 2022 1{}:00:00 +0000".format
+    append(m, msg("a", d(0), mid="<A@x>"))                                        # 1
+    append(m, msg("c", d(1), mid="<C@x>"))                                        # 2
+    append(m, msg("Re: a", d(2), mid="<B@x>", refs="<A@x>"))                     # 3
+    append(m, msg("Re: a", d(3), mid="<D@x>", refs="<C@x> <B@x>"))               # 4
+    append(m, msg("x", d(4), mid="<X@x>"))                                        # 5
+    append(m, msg("Re: x", d(5), mid="<Y@x>", refs="<missing@x>"))               # 6
+    m.select("INBOX")
+    typ, data = m.thread("REFERENCES", "UTF-8", "ALL")
+    # <B@x> keeps the parent its first mention gave it (not <C@x>); 6's absent parent is
+    # pruned, so 6 is a root, a reply, and goes under 5 (same base subject)
+    assert typ == "OK" and data == [b"(1 3 4)(2)(5 6)"]
+    m.logout()
+
+
 def test_deep_reference_chains_are_no_recursion():
     from twisted_mail_screen.protocols.imap.sortkeys import SortFields
     msgs = []
