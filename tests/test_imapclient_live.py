@@ -30,7 +30,7 @@ NEEDS = {"modseq": "CONDSTORE", "fetch_modifiers": "CONDSTORE", "sort": "SORT",
          "thread": "THREAD=REFERENCES"}
 
 #: Extensions that have landed: announced, so their tests run.
-LANDED = {"SORT", "THREAD=REFERENCES"}
+LANDED = {"SORT", "THREAD=REFERENCES", "CONDSTORE"}
 
 #: Failures that are the suite's (4.1.0) or the loopback's, whatever the
 #: server, each with the words of its error: test_fetch compares the

@@ -46,8 +46,18 @@ class AccountCommands(SelectedView):
     def do_ENABLE(self, tag: bytes, args: list) -> str:
         if not args:
             raise BadCommand("ENABLE needs capability names")
-        self.untagged("ENABLED")
+        enabled: list[str] = []
+        for arg in args:
+            if not isinstance(arg, Atom):
+                raise BadCommand("capability name expected")
+            if arg.upper() not in enabled and self.enable_extension(arg.upper()):
+                enabled.append(arg.upper())
+        self.untagged(" ".join(["ENABLED", *enabled]))
         return "OK ENABLE completed"
+
+    def enable_extension(self, name: str) -> bool:
+        """Turn on the extension C{name} (RFC 5161) for the session; whether it is one we have."""
+        return False
 
     def do_SELECT(self, tag: bytes, args: list, readonly: bool = False) -> Deferred:
         if len(args) != 1:
@@ -196,7 +206,7 @@ class AccountCommands(SelectedView):
         name = mailbox_name(args[0])
         items = [str(a).upper() for a in args[1]]
         for item in items:
-            if item not in ("MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN"):
+            if item not in ("MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "HIGHESTMODSEQ"):
                 raise BadCommand(f"unknown status item {item[:20]}")
         assert self.folders is not None
         try:
@@ -213,7 +223,8 @@ class AccountCommands(SelectedView):
             values = {"MESSAGES": len(folder.uids), "UIDNEXT": folder.next_uid,
                       "UIDVALIDITY": folder.uidvalidity,
                       "RECENT": folder.recent_count(),
-                      "UNSEEN": sum(1 for n in folder.names if "S" not in info_of(n))}
+                      "UNSEEN": sum(1 for n in folder.names if "S" not in info_of(n)),
+                      "HIGHESTMODSEQ": folder.ms.highest}
             body = " ".join(f"{i} {values[i]}" for i in items)
             self.untagged(b"STATUS " + encode_mailbox(name) + f" ({body})".encode())
             return "OK STATUS completed"
@@ -251,13 +262,13 @@ class AccountCommands(SelectedView):
                     append_file, self.factory.store, path, message, flags, date, list(folder.keywords),
                     folder.uidvalidity, folder.next_uid, array("L", folder.uids), list(folder.names)))
 
-            def appended(result: tuple[int, str, list[str]]) -> int:
+            def appended(result: tuple[int, str, list[str]]) -> Deferred:
                 uid, rel, keywords = result
                 quota.changed(self, [rel], [])
                 folder.keywords = keywords
                 folder.add([(uid, rel)], uid + 1)
                 folder.notify()
-                return uid
+                return registry.persist(folder, uid)
 
             return registry.ensure_loaded(folder).addCallback(lambda _: self.exists(path)).addCallback(
                 loaded).addCallback(appended)

@@ -25,7 +25,7 @@ from twisted_mail_screen.protocols.imap.parse import BadCommand, Section, format
 Row = tuple[int, int, str, int, bool]
 Att = Union[str, Section]
 
-META = {"UID", "FLAGS", "RFC822.SIZE"}
+META = {"UID", "FLAGS", "RFC822.SIZE", "MODSEQ"}  # MODSEQ: a modseq.ModSeqItem carrying its table
 CACHED = {"INTERNALDATE", "ENVELOPE"}
 HEADER_ATTS = {"ENVELOPE", "RFC822.HEADER"}
 HEADER_READ = 64 * 1024  # a header-only read starts with this much of the file
@@ -302,6 +302,8 @@ def render_rows(path: str, rows: Sequence[Row], atts: Sequence[Att], keywords: l
                 items.append(b"UID %d" % uid)
             elif att == "FLAGS":
                 items.append(flags_item(rel, keywords, recent))
+            elif att == "MODSEQ":
+                items.append(b"MODSEQ (%d)" % att.table.get(uid, 0))  # type: ignore[union-attr]
             elif att == "RFC822.SIZE":
                 items.append(b"RFC822.SIZE %d" % (len(data) if whole and data is not None else size))
             elif att == "INTERNALDATE":

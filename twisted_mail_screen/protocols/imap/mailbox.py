@@ -35,6 +35,7 @@ from twisted.logger import Logger
 
 from twisted_mail_screen.protocols.imap.fetch import Budget
 from twisted_mail_screen.protocols.imap.flags import base_of, flag_names, info_of, size_of_name
+from twisted_mail_screen.protocols.imap.modseq import ModSeqs
 from twisted_mail_screen.protocols.imap.scan import ScanResult
 from twisted_mail_screen.store.folderlock import Signature
 
@@ -90,7 +91,8 @@ class Folder:
         self.unclaimed: set[int] = set()
         self.keywords: list[str] = []
         self.log: list[tuple[int, int, FolderListener | None]] = []  # (kind, uid, origin)
-        self.log_start = 0  # modseq just before log[0]
+        self.log_start = 0  # change-log position just before log[0] (not an RFC 7162 mod-sequence)
+        self.ms = ModSeqs()  # the RFC 7162 mod-sequences, persistent
         self.stamp: tuple[int, int, int] | None = None
         self.identity: int | None = None
         # The version of the UID list and keyword file this index matches
@@ -169,6 +171,12 @@ class Folder:
 
     def record(self, kind: int, uid: int, origin: FolderListener | None) -> None:
         self.log.append((kind, uid, origin))
+        if kind == EXPUNGE:
+            self.ms.expunge(uid)
+        else:
+            rel = self.name(uid)
+            if rel is not None:
+                self.ms.touch(uid, rel)
 
     def entries_since(self, modseq: int) -> list[tuple[int, int, FolderListener | None]]:
         return self.log[max(0, modseq - self.log_start):]
@@ -197,7 +205,9 @@ class Folder:
             self.uidvalidity, self.next_uid = r.uidvalidity, r.next_uid
             self.uids, self.names, self.keywords = r.uids, r.names, r.keywords
             for uid in r.uids if self.sessions else ():
-                self.record(NEW, uid, None)
+                self.log.append((NEW, uid, None))  # not a change: their mod-sequences were reconciled
+            if r.modseqs is not None:
+                self.ms = r.modseqs
             self.sizes.update(r.sizes)
             if claimer is not None:
                 claimer.recent.update(r.claimed)

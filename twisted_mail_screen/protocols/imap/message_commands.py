@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from array import array
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
@@ -18,8 +18,10 @@ from twisted_mail_screen.protocols.imap import mailbox as mb
 from twisted_mail_screen.protocols.imap.core import No
 from twisted_mail_screen.protocols.imap.fetch import (PIECE_BYTES, cached_rows, chunk_rows, distinct_atts,
                                                       item_groups, needs_disk, render_rows, row_cost)
+from twisted_mail_screen.protocols.imap.fetch import Att
 from twisted_mail_screen.protocols.imap.filejobs import transfer_files
 from twisted_mail_screen.protocols.imap.flags import merge_keywords
+from twisted_mail_screen.protocols.imap.modseq import changed_ranges
 from twisted_mail_screen.protocols.imap.parse import (Atom, BadCommand, SeqSet, Section, Token, astring,
                                                       format_set, mailbox_name, parse_fetch_atts)
 from twisted_mail_screen.protocols.imap import quota_commands as quota
@@ -46,11 +48,13 @@ class MessageCommands(SelectedView):
             raise No("Mailbox is read-only", "READ-ONLY")
         return self._expunge(uids).addCallback(lambda _: "OK EXPUNGE completed")
 
-    def do_FETCH(self, tag: bytes, args: list, uid: bool = False) -> Deferred:
+    def do_FETCH(self, tag: bytes, args: list, uid: bool = False, since: int | None = None,
+                 extra: Sequence[Att] = ()) -> Deferred:
+        """FETCH; C{since} and C{extra} are CHANGEDSINCE and MODSEQ (L{CondStoreCommands})."""
         if len(args) != 2:
             raise BadCommand("FETCH needs a sequence set and attributes")
         seqset = self._seqset(args[0])
-        atts = distinct_atts(parse_fetch_atts(args[1]))
+        atts = distinct_atts(parse_fetch_atts(args[1]) + list(extra))
         if uid and "UID" not in atts:
             atts.insert(0, "UID")
         marks_seen = self.writable and any(
@@ -60,6 +64,8 @@ class MessageCommands(SelectedView):
 
         def fetch(ranges: list[tuple[int, int]]) -> Deferred:
             d: Deferred = succeed(None)
+            if since is not None and self.folder is not None:
+                ranges = changed_ranges(self.view, ranges, self.folder.ms.by_uid, since)
             if marks_seen:
                 uids = [self.view[i] for i in self._iter_positions(ranges)]
                 d = self._store_flags(uids, "+", ["\\Seen"])
@@ -211,7 +217,8 @@ class MessageCommands(SelectedView):
         return self._ranges(seqset, uid).addCallback(store).addCallback(
             lambda _: "OK STORE completed")
 
-    def _store_flags(self, uids: list[int], mode: str, flags: list[str]) -> Deferred:
+    def _store_flags(self, uids: list[int], mode: str, flags: list[str],
+                     unchanged_since: int | None = None, modified: list[int] | None = None) -> Deferred:
         folder = self.folder
         assert folder is not None
         registry = self.factory.registry
@@ -222,13 +229,18 @@ class MessageCommands(SelectedView):
             if keywords is None:
                 raise No("Too many keywords in this mailbox", "LIMIT")
             rows = [(u, folder.names[i]) for u in uids if (i := folder.position(u)) is not None]
+            if unchanged_since is not None and modified is not None:
+                # RFC 7162 UNCHANGEDSINCE: decided under the lock, with the renames.
+                table = folder.ms.by_uid
+                modified[:] = [u for u, _ in rows if table.get(u, 0) > unchanged_since]
+                rows = [r for r in rows if table.get(r[0], 0) <= unchanged_since]
             chosen[:] = keywords
             changed_keywords = keywords if keywords != folder.keywords else None
             # Which files change, and their renames, are the worker's job.
             return (store_files, folder.path, rows, mode, flags, list(folder.keywords), list(keywords),
                     changed_keywords)
 
-        def renamed(done: list[tuple[int, str]]) -> None:
+        def renamed(done: list[tuple[int, str]]) -> Deferred:
             folder.keywords = list(chosen)
             for u, rel in done:
                 i = folder.position(u)
@@ -236,6 +248,7 @@ class MessageCommands(SelectedView):
                     folder.names[i] = rel
                     folder.record(mb.FLAGS, u, self)
             folder.notify()
+            return registry.persist(folder)
 
         def locked() -> Any:
             job = make()
@@ -278,7 +291,7 @@ class MessageCommands(SelectedView):
                     list(target.keywords), move, names, target.uidvalidity, target.next_uid,
                     array("L", target.uids), list(target.names)))
 
-            def transferred(result: Any) -> list[tuple[int, int, str]]:
+            def transferred(result: Any) -> Deferred:
                 done, next_uid, keywords = result
                 if not move:  # a move within the account changes no usage
                     quota.changed(self, [rel for _, _, rel in done], [])
@@ -288,7 +301,7 @@ class MessageCommands(SelectedView):
                 if move:
                     source.remove([s for s, _, _ in done], self)
                     source.notify()
-                return done
+                return registry.persist(target).addCallback(lambda _: registry.persist(source, done))
 
             return registry.ensure_loaded(target).addCallback(lambda _: self.exists(path)).addCallback(
                 loaded).addCallback(transferred)
@@ -322,6 +335,10 @@ class MessageCommands(SelectedView):
     def do_MOVE(self, tag: bytes, args: list, uid: bool = False) -> Deferred:
         return self.do_COPY(tag, args, uid, move=True)
 
+    def search_reply(self, line: bytes, uid: bool) -> bytes:
+        """The C{* SEARCH} line as sent (CONDSTORE adds the highest MODSEQ of the matches)."""
+        return line
+
     def do_SEARCH(self, tag: bytes, args: list, uid: bool = False) -> Deferred:
         args = list(args)
         charset = "utf-8"
@@ -341,7 +358,7 @@ class MessageCommands(SelectedView):
         d = self.factory.blocking.run(search_command, args, charset, snap, uid)
 
         def answer(line: bytes) -> str:
-            self.send(line)
+            self.send(self.search_reply(line, uid))
             return "OK UID SEARCH completed" if uid else "OK SEARCH completed"
 
         return d.addCallback(answer)

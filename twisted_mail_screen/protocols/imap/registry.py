@@ -21,6 +21,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from twisted_mail_screen.protocols.imap.fetch import Budget
 from twisted_mail_screen.protocols.imap.mailbox import Folder, FolderListener
+from twisted_mail_screen.protocols.imap.modseq import write_pending
 from twisted_mail_screen.protocols.imap.scan import scan_folder
 from twisted_mail_screen.runtime.workers import Blocking
 from twisted_mail_screen.store.folderlock import Stale, run_locked
@@ -134,7 +135,20 @@ class Registry:
             args = (folder.path, False, array("L"), [], 0, 1, None, claimer is not None)
         d = self.blocking.run(scan_folder, *args)
         d.addCallback(folder.apply_scan, claimer)
+        d.addCallback(lambda _: self.persist(folder))
         return d
+
+    def persist(self, folder: Folder, result: object = None) -> Deferred:
+        """
+        Write the mod-sequences C{folder} gave out since the last call (under
+        the account lock, before the command that made the changes answers);
+        fires with C{result}.
+        """
+        lines = folder.ms.take_pending()
+        if not lines or folder.retired:
+            return succeed(result)
+        return self.blocking.run(write_pending, folder.path, folder.ms.uidvalidity, lines).addCallback(
+            lambda _: result)
 
     #: Rescans before a write gives up (another process writing the folder without pause).
     MAX_STALE = 20

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from twisted.logger import Logger
 
 from twisted_mail_screen.protocols.imap.flags import base_of, load_keywords, size_of_name
+from twisted_mail_screen.protocols.imap.modseq import ModSeqs, reconcile
 from twisted_mail_screen.store import maildir_names, uidlist
 from twisted_mail_screen.store.folderlock import Signature, folder_lock, signature
 from twisted_mail_screen.store.maildir import crlf_size
@@ -55,6 +56,8 @@ class ScanResult:
     signature: Signature | None = None
     #: the keyword table, when another process changed it
     reloaded_keywords: list[str] | None = None
+    #: the RFC 7162 mod-sequences, read and reconciled with the directory at load
+    modseqs: ModSeqs | None = None
 
 
 def _claim(path: str, rel: str) -> str | None:
@@ -192,6 +195,8 @@ def _scan(path: str, loaded: bool, uids: "array[int]", names: list[str], uidvali
             uidlist.UidList(uidvalidity, next_uid, all_uids, [base_of(n) for n in all_names]).save(path)
         r.uids, r.names = all_uids, all_names
     r.uidvalidity, r.next_uid = uidvalidity, next_uid
+    if not loaded:
+        r.modseqs = reconcile(path, uidvalidity, r.reason is not None, r.uids, r.names)
     r.stamp = stamp if time.time_ns() - max(stamp[:2]) > 2_000_000_000 else None
     r.identity = stamp[2]
     return r

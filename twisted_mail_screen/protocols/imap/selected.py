@@ -21,12 +21,16 @@ from twisted.internet.defer import Deferred, succeed
 from twisted_mail_screen.protocols.imap import mailbox as mb, quota_commands as quota
 from twisted_mail_screen.protocols.imap.core import SessionCore
 from twisted_mail_screen.protocols.imap.fetch import flags_item
-from twisted_mail_screen.protocols.imap.parse import Atom, SeqSet, Token, parse_seqset
+from twisted_mail_screen.protocols.imap.parse import Atom, SeqSet, Token, format_set, parse_seqset
 from twisted_mail_screen.protocols.imap.store import LONG_SET, expunge_files, set_positions
 
 
 class SelectedView(SessionCore):
     """The selected folder's view, its updates, IDLE, CLOSE/UNSELECT (state in L{SessionCore})."""
+
+    #: RFC 7162, turned on for the rest of the session by ENABLE or a CONDSTORE-enabling command
+    condstore = False
+    qresync = False
 
     def folder_changed(self) -> None:
         if self._idle_tag is not None and self.folder is not None:
@@ -64,7 +68,12 @@ class SelectedView(SessionCore):
                 if i < len(view) and view[i] == uid:
                     positions.append(i)
             positions.sort(reverse=True)
-            out += [b"* %d EXPUNGE\r\n" % (i + 1) for i in positions]
+            if self.qresync:  # RFC 7162: VANISHED replaces EXPUNGE, one line for all
+                if positions:
+                    gone_uids = format_set([view[i] for i in reversed(positions)])
+                    out.append(b"* VANISHED %s\r\n" % gone_uids.encode())
+            else:
+                out += [b"* %d EXPUNGE\r\n" % (i + 1) for i in positions]
             gone = self.doomed
             self.view = view = array("L", (u for u in view if u not in gone))
             self.recent -= gone
@@ -79,8 +88,9 @@ class SelectedView(SessionCore):
             i = bisect.bisect_left(view, uid)
             rel = f.name(uid)
             if i < len(view) and view[i] == uid and rel is not None:
-                out.append(b"* %d FETCH (UID %d %s)\r\n" % (
-                    i + 1, uid, flags_item(rel, f.keywords, uid in self.recent)))
+                modseq = b" MODSEQ (%d)" % f.ms.by_uid.get(uid, 0) if self.condstore else b""
+                out.append(b"* %d FETCH (UID %d %s%s)\r\n" % (
+                    i + 1, uid, flags_item(rel, f.keywords, uid in self.recent), modseq))
         f.trim()
         if out:
             self.send(b"".join(out))
@@ -136,10 +146,11 @@ class SelectedView(SessionCore):
         view = array("L", self.view)
 
         def locked() -> Deferred:
-            def unlinked(gone: list[int]) -> None:
+            def unlinked(gone: list[int]) -> Deferred:
                 quota.changed(self, [], [n for u in gone if (n := folder.name(u)) is not None])
                 folder.remove(gone, self)
                 folder.notify()
+                return self.factory.registry.persist(folder)
 
             # Choosing the victims (and resolving a long UID set) is the worker's.
             return self.factory.blocking.run(expunge_files, folder.path, array("L", folder.uids),

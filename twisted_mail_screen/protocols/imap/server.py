@@ -34,6 +34,8 @@ from twisted_mail_screen.protocols.imap.account import AccountFolders, FolderErr
 from twisted_mail_screen.protocols.imap.account_commands import AccountCommands
 from twisted_mail_screen.protocols.imap import compress
 from twisted_mail_screen.protocols.imap.compress import CompressCommands
+from twisted_mail_screen.protocols.imap.condstore_commands import CAPABILITIES as CONDSTORE_CAPS
+from twisted_mail_screen.protocols.imap.condstore_commands import CondStoreCommands
 from twisted_mail_screen.protocols.imap.core import Gone, No
 from twisted_mail_screen.protocols.imap.list_extended import CAPABILITIES as LIST_CAPS, ExtendedList
 from twisted_mail_screen.protocols.imap.message_commands import MessageCommands
@@ -63,7 +65,8 @@ SELECTED = {"CHECK", "CLOSE", "UNSELECT", "EXPUNGE", "SEARCH", "FETCH", "STORE",
             "UID", "SORT", "THREAD"}
 NO_EXPUNGE = {"FETCH", "STORE", "SEARCH", "SORT", "THREAD"}
 BASE_CAPS = ["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE", "UNSELECT",
-             "UIDPLUS", "MOVE", "SPECIAL-USE", "CHILDREN"] + LIST_CAPS + quota_commands.CAPABILITIES + SORT_CAPS
+             "UIDPLUS", "MOVE", "SPECIAL-USE", "CHILDREN"] + LIST_CAPS + quota_commands.CAPABILITIES + SORT_CAPS \
+    + CONDSTORE_CAPS
 
 
 def _pending(d: Deferred) -> Deferred | None:
@@ -73,7 +76,8 @@ def _pending(d: Deferred) -> Deferred | None:
     return None if done else d
 
 
-class IMAPServer(ExtendedList, AccountCommands, MessageCommands, QuotaCommands, CompressCommands, SortCommands):
+class IMAPServer(CondStoreCommands, ExtendedList, AccountCommands, MessageCommands, QuotaCommands,
+                 CompressCommands, SortCommands):
     """
     One IMAP session: the connection, the framing of lines and literals,
     dispatch by state, and the commands of any state and of login. The

@@ -1,0 +1,130 @@
+# -*- test-case-name: tests.test_imap_condstore -*-
+"""
+The persistent mod-sequences (RFC 7162) of one Maildir folder, in a file
+of their own beside C{dovecot-uidlist} (which older code, and Dovecot,
+read unchanged)::
+
+    1 V<uidvalidity> H<highest modseq> F<floor>
+    <uid> <modseq> =<maildir info letters>
+    -<uid> <modseq>
+    ...
+
+A C{<uid>} line gives a message's mod-sequence and the flag letters it had
+then (so a flag change made while no server watched, by another program
+or before a restart, is seen as a difference and given a new
+mod-sequence). A C{-<uid>} line records an expunge: QRESYNC clients are
+told which UIDs vanished since the mod-sequence they know. Only the
+newest expunges are kept; C{F} is the highest mod-sequence of those
+forgotten, below which every absent UID is reported as vanished.
+
+Changes are appended and fsync'd (one small write per command, like the
+UID list); later lines override earlier ones. A load that finds many
+appended lines rewrites the file atomically. A last line without its
+newline (a crash during an append) is dropped.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from twisted_mail_screen.runtime.atomic import write_and_fsync, write_atomically
+
+FILENAME = "mailscreen-modseq"
+#: Expunges remembered for VANISHED (EARLIER); older ones raise the floor.
+MAX_TOMBSTONES = 50_000
+MAX_MODSEQ = 2**63 - 1
+
+
+class ModSeqListCorrupt(ValueError):
+    """The file exists but cannot be read."""
+
+
+@dataclass
+class ModSeqList:
+    uidvalidity: int
+    highest: int = 0
+    floor: int = 0
+    entries: dict[int, tuple[int, str]] = field(default_factory=dict)  # uid -> (modseq, info)
+    tombstones: list[tuple[int, int]] = field(default_factory=list)  # (modseq, uid), ascending
+    lines: int = 0  # lines read (a measure of what appends left behind)
+
+    def render(self) -> bytes:
+        head = f"1 V{self.uidvalidity} H{self.highest} F{self.floor}\n"
+        body = "".join(f"{u} {m} ={i}\n" for u, (m, i) in sorted(self.entries.items()))
+        dead = "".join(f"-{u} {m}\n" for m, u in self.tombstones)
+        return (head + body + dead).encode("ascii")
+
+    def save(self, directory: str) -> None:
+        write_atomically(os.path.join(directory, FILENAME), self.render())
+
+
+def trim_tombstones(tombstones: list[tuple[int, int]], floor: int) -> int:
+    """Drop the oldest expunges beyond L{MAX_TOMBSTONES}; the new floor."""
+    extra = len(tombstones) - MAX_TOMBSTONES
+    if extra > 0:
+        floor = max(floor, tombstones[extra - 1][0])
+        del tombstones[:extra]
+    return floor
+
+
+def parse(data: bytes) -> ModSeqList:
+    """@raise ModSeqListCorrupt: on anything but a well-formed file (or one torn append)."""
+    try:
+        text = data.decode("ascii")
+    except UnicodeDecodeError:
+        raise ModSeqListCorrupt("not ASCII") from None
+    if not text.endswith("\n"):
+        cut = text.rfind("\n")
+        if cut < 0:
+            raise ModSeqListCorrupt("truncated (no complete header line)")
+        text = text[:cut + 1]
+    lines = text.split("\n")[:-1]
+    fields = {f[:1]: f[1:] for f in lines[0].split()[1:]}
+    if not lines[0].startswith("1 ") or not all(fields.get(k, "").isdigit() for k in "VHF"):
+        raise ModSeqListCorrupt("bad header line")
+    out = ModSeqList(int(fields["V"]), int(fields["H"]), int(fields["F"]))
+    dead: dict[int, int] = {}
+    for line in lines[1:]:
+        parts = line.split(" ", 2)
+        gone = parts[0].startswith("-")
+        uid_text = parts[0][1:] if gone else parts[0]
+        if len(parts) != (2 if gone else 3) or not uid_text.isdigit() or not parts[1].isdigit() \
+                or (not gone and not parts[2].startswith("=")):
+            raise ModSeqListCorrupt(f"bad line {line[:60]!r}")
+        uid, modseq = int(uid_text), int(parts[1])
+        if modseq > MAX_MODSEQ:
+            raise ModSeqListCorrupt(f"mod-sequence {modseq} too large")
+        out.highest = max(out.highest, modseq)
+        if gone:
+            out.entries.pop(uid, None)
+            dead[uid] = modseq
+        else:
+            out.entries[uid] = (modseq, parts[2][1:])
+            dead.pop(uid, None)
+    out.tombstones = sorted((m, u) for u, m in dead.items())
+    out.floor = trim_tombstones(out.tombstones, out.floor)
+    out.lines = len(lines)
+    return out
+
+
+def load(directory: str) -> tuple[ModSeqList | None, str | None]:
+    """The folder's list, or C{None} and why (missing, corrupt)."""
+    try:
+        with open(os.path.join(directory, FILENAME), "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None, "missing"
+    try:
+        return parse(data), None
+    except ModSeqListCorrupt as e:
+        return None, f"corrupt: {e}"
+
+
+def append_lines(directory: str, lines: list[str]) -> None:
+    """Append change lines and fsync. Raises C{FileNotFoundError} when there is no file."""
+    fd = os.open(os.path.join(directory, FILENAME), os.O_WRONLY | os.O_APPEND)
+    try:
+        write_and_fsync(fd, "".join(lines).encode("ascii"))
+    finally:
+        os.close(fd)
