@@ -19,7 +19,7 @@ class Deflating:
 
     _z_out: Any = None
     _z_in: Any = None
-    _z_buf = b""
+    _z_buf: bytearray
     #: Compressed octets read from the socket since compression started.
     wire_in = 0
 
@@ -28,6 +28,9 @@ class Deflating:
         if typ == "OK":
             self._z_out = zlib.compressobj(6, zlib.DEFLATED, -15)
             self._z_in = zlib.decompressobj(-15)
+            # A bytearray: appending to bytes would copy a 20 MB literal
+            # quadratically, holding the GIL the in-process server needs.
+            self._z_buf = bytearray()
         return typ, data
 
     def send(self, data: bytes) -> None:
@@ -47,15 +50,18 @@ class Deflating:
             return super().readline()  # type: ignore[misc]
         while b"\n" not in self._z_buf:
             self._fill()
-        line, _, self._z_buf = self._z_buf.partition(b"\n")
-        return line + b"\n"
+        end = self._z_buf.index(b"\n") + 1
+        line = bytes(self._z_buf[:end])
+        del self._z_buf[:end]
+        return line
 
     def read(self, size: int) -> bytes:
         if self._z_in is None:
             return super().read(size)  # type: ignore[misc]
         while len(self._z_buf) < size:
             self._fill()
-        data, self._z_buf = self._z_buf[:size], self._z_buf[size:]
+        data = bytes(self._z_buf[:size])
+        del self._z_buf[:size]
         return data
 
 
