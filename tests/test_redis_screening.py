@@ -36,6 +36,7 @@ LIMIT = 6          # max_connections
 MOST = 3           # max_simultaneous
 LEASE = 2          # lease_seconds
 PREFIX = "t16:"
+PERIOD = 0.1       # notify_period_minutes (6 s)
 
 
 class Redis:
@@ -102,7 +103,8 @@ whitelist = []
 max_connections = {LIMIT}
 connection_window_minutes = 1
 max_simultaneous = {MOST}
-notify_on_block = false
+notify_on_block = true
+notify_period_minutes = {PERIOD}
 """)
         self.proc = subprocess.Popen(
             [TWISTD, "-n", "--pidfile=", "mailscreen", "--config", str(self.config)],
@@ -127,16 +129,26 @@ notify_on_block = false
     def text(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def greet(self) -> tuple[int, str]:
-        """Connect: (greeting code, text); an accepted session says EHLO and QUIT."""
-        client = smtplib.SMTP(timeout=10)
+    def greet(self, source: str = "127.0.0.1") -> tuple[int, str]:
+        """
+        Connect, EHLO, QUIT: the refusal's code and text, or C{(220, greeting)}.
+        A connection that reached its node before the news that its client
+        is at the limit is refused one round trip late: 421 to its EHLO.
+        """
+        client = smtplib.SMTP(timeout=10, source_address=(source, 0))
         code, text = client.connect("127.0.0.1", self.port)
-        if code == 220:
-            client.ehlo("client.test")
-            client.quit()
-        else:
+        if code != 220:
             client.close()
-        return code, text.decode()
+            return code, text.decode()
+        try:
+            code, text = client.ehlo("client.test")
+            if code == 421:
+                client.close()
+                return code, text.decode()
+            client.quit()
+        except smtplib.SMTPServerDisconnected:
+            return 421, "closed"
+        return 220, ""
 
     def hold(self) -> smtplib.SMTP:
         client = smtplib.SMTP(timeout=10)
@@ -254,3 +266,30 @@ def test_redis_down_nodes_serve_alone_and_resume_counting_when_it_returns(nodes,
     assert redis.cli("ZCARD", key) == "3"
     for node in nodes:
         assert "Traceback" not in node.text()
+
+
+def postmaster_mails(data_dir: Path) -> list[str]:
+    return [p.read_text(errors="replace") for p in data_dir.glob("mail/*/postmaster/new/*")]
+
+
+def test_a_block_storm_over_three_nodes_sends_five_mails_and_one_digest(nodes, redis, tmp_path):
+    """The notifier's limit is the cluster's: 8 blocks over 3 nodes, 5 single notices, 3 held."""
+    for j in range(8):
+        source = f"127.0.0.{10 + j}"
+        for i in range(LIMIT):
+            assert nodes[(i + j) % 3].greet(source)[0] == 220
+        code, text = nodes[(LIMIT + j) % 3].greet(source)
+        assert code == 421 and "connections" in text
+    data_dir = tmp_path / "data"
+    wait_until(lambda: len(postmaster_mails(data_dir)) >= 5, 5.0)
+    assert redis.cli("LLEN", f"{PREFIX}notify:digest") == "3"
+    time.sleep(0.3)  # nothing more arrives: the other three wait for the digest
+    mails = postmaster_mails(data_dir)
+    assert len(mails) == 5 and all("[mailscreen] blocked 127.0.0." in m for m in mails)
+    # when the period ends, one node (the first to look) sends the one digest
+    wait_until(lambda: len(postmaster_mails(data_dir)) == 6, PERIOD * 60 + 5.0)
+    time.sleep(0.3)
+    mails = postmaster_mails(data_dir)
+    assert len(mails) == 6
+    assert len([m for m in mails if "digest: 3 screening events" in m]) == 1
+    assert redis.cli("LLEN", f"{PREFIX}notify:digest") == "0"

@@ -145,7 +145,16 @@ class ScreenedSession(CommandProtocol):
             self.refuse(self.screen.refusal)
             self.close()
             return False
+        watch = getattr(self.screen, "watch", None)
+        if watch is not None:  # a cluster backend's late answer (screening/redis_backend.py)
+            watch(self.refuse_late)
         return True
+
+    def refuse_late(self, reason: str) -> None:
+        """Refuse a session already greeted (the cluster's count came back over the limit)."""
+        if self.screen is not None:
+            self.refuse(reason)
+            self.close()
 
     def close_screen(self) -> None:
         """Tell the screening service the connection is gone (once)."""

@@ -317,7 +317,8 @@ def _build_screening(config: Config, clock: IReactorTime, accounts: AccountStore
         mailboxes = router.resolve(config.postmaster, may_relay=False).mailboxes
         return delivery.deliver_local(mailboxes or (config.postmaster,), message)
 
-    notifier = PostmasterNotifier(clock, to_postmaster, config.hostname, config.postmaster)
+    notifier = PostmasterNotifier(clock, to_postmaster, config.hostname, config.postmaster,
+                                  period_seconds=config.screening.notify_period_minutes * 60)
     return ScreeningService.in_directory(
         config.screening, config.freeze, clock, config.data_dir, notifier,
         known_account=accounts.exists if not config.test_host else None)

@@ -84,6 +84,7 @@ class ScreeningConfig:
     close_smtp_after_block: bool = True
     exempt_authenticated: bool = True
     notify_on_block: bool = True
+    notify_period_minutes: float = 10.0
     whitelist: tuple[str, ...] = ()
     ipv6_prefix: int = 64
     max_tracked_clients: int = 100_000
@@ -159,6 +160,8 @@ def parse_screening(section: Section, mode: str) -> ScreeningConfig:
         exempt_authenticated=section.get("exempt_authenticated", bool,
                                          d.exempt_authenticated),
         notify_on_block=section.get("notify_on_block", bool, d.notify_on_block),
+        notify_period_minutes=section.number("notify_period_minutes",
+                                             d.notify_period_minutes, 0.05),
         whitelist=whitelist,
         ipv6_prefix=section.integer("ipv6_prefix", d.ipv6_prefix, 16, 128),
         max_tracked_clients=section.integer("max_tracked_clients",

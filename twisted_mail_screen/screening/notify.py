@@ -80,6 +80,9 @@ class PostmasterNotifier:
         self._pending: list[Notice] = []
         self._overflow = 0
         self.messages_sent = 0
+        #: A cluster backend's shared limit (screening/redis_notify.py): given
+        #: each notice first; C{False} (Redis down) leaves it to the local limit.
+        self.shared: Callable[[Notice], bool] | None = None
 
     # Building notices
 
@@ -163,6 +166,11 @@ class PostmasterNotifier:
     # Rate limiting
 
     def _submit(self, notice: Notice) -> None:
+        if self.shared is None or not self.shared(notice):
+            self.submit_locally(notice)
+
+    def submit_locally(self, notice: Notice) -> None:
+        """Send or hold C{notice} under this node's own limit."""
         if self._call is None:
             self._start_period()
         if not self._digest_only and self._sent < self._max:
@@ -189,13 +197,17 @@ class PostmasterNotifier:
     def _send_digest(self) -> None:
         notices, self._pending = self._pending, []
         overflow, self._overflow = self._overflow, 0
-        total = len(notices) + overflow
+        self.send_digest([n.summary for n in notices], overflow)
+
+    def send_digest(self, summaries: Sequence[str], overflow: int) -> None:
+        """One digest of C{summaries} (and C{overflow} more not listed)."""
+        total = len(summaries) + overflow
         lines = [
             f"The screening service on {self._hostname} had {total} more events "
             f"than it sends single notices for (at most {self._max} per "
             f"{int(self._period // 60)} minutes). They are listed here, oldest first.",
             "",
-            *("  " + n.summary for n in notices),
+            *("  " + summary for summary in summaries),
         ]
         if overflow:
             lines += ["", f"  ... and {overflow} more; run `mailscreen block list` "
@@ -229,6 +241,10 @@ class PostmasterNotifier:
         msg["X-Mailscreen-Event"] = "screening"
         msg.set_content(body)
         return msg.as_bytes()
+
+    def send(self, subject: str, body: str) -> None:
+        """Deliver one notice now, whatever the limit (the cluster's limit said so)."""
+        self._send(subject, body)
 
     def _send(self, subject: str, body: str) -> None:
         self.messages_sent += 1

@@ -37,6 +37,8 @@ from twisted.logger import Logger
 
 from twisted_mail_screen.screening.config import RedisConfig
 from twisted_mail_screen.screening.interfaces import ClientScreen, OpenScreen
+from twisted_mail_screen.screening.notify import PostmasterNotifier
+from twisted_mail_screen.screening.redis_notify import SharedNotices
 from twisted_mail_screen.screening.redis_state import SharedLists
 from twisted_mail_screen.screening.resp import RedisLink
 from twisted_mail_screen.screening.rules import ScreeningRules, refusal_text
@@ -122,7 +124,7 @@ class _Refused(OpenScreen):
 class _ClusterSession:
     """The node's session screen, with its lease and failures also counted in Redis."""
 
-    __slots__ = ("_inner", "_owner", "member", "key", "leased")
+    __slots__ = ("_inner", "_owner", "member", "key", "leased", "refuse", "open")
     refusal = None
 
     def __init__(self, inner: Any, owner: "RedisScreening", member: str) -> None:
@@ -131,6 +133,12 @@ class _ClusterSession:
         self.member = member
         self.key: str = inner.key
         self.leased = False
+        self.refuse: Callable[[str], None] | None = None
+        self.open = True
+
+    def watch(self, refuse: Callable[[str], None]) -> None:
+        """The session's way to refuse after its greeting (a raced connection)."""
+        self.refuse = refuse
 
     @property
     def blocked(self) -> bool:
@@ -159,8 +167,10 @@ class _ClusterSession:
         return bool(self._inner.rset())
 
     def closed(self) -> None:
-        self._inner.closed()
-        self._owner.released(self)
+        if self.open:
+            self.open = False
+            self._inner.closed()
+            self._owner.released(self)
 
 
 class RedisScreening(Service):
@@ -206,6 +216,12 @@ class RedisScreening(Service):
         self.lists = SharedLists(self._link.call, self._prefix, self._channel, self.node,
                                  tables, clock, self._log)
         self.lists.on_block = self._forget
+        notifier = screening.notifier
+        self.notices = (SharedNotices(self._link.call, lambda: self.up, self._prefix,
+                                      self._channel, notifier, clock,
+                                      period_seconds=self._settings.notify_period_minutes * 60,
+                                      log=self._log)
+                        if isinstance(notifier, PostmasterNotifier) else None)
         screening.front = self.open
 
     # lifecycle
@@ -220,8 +236,10 @@ class RedisScreening(Service):
         if self._renewal is not None and self._renewal.active():
             self._renewal.cancel()
         self._renewal = None
-        self._link.stop()
-        return None
+        if self.notices is None:
+            self._link.stop()
+            return None
+        return self.notices.stop().addBoth(lambda _: self._link.stop())
 
     def _renew_every(self) -> float:
         return self.config.lease_seconds / 3.0
@@ -300,12 +318,15 @@ class RedisScreening(Service):
         def counted(reply: list[int]) -> None:
             count, active = reply
             limit, most = settings.max_connections, settings.max_simultaneous
-            # Two connections inside one round trip can both pass the local
-            # check; the later one blocks its client here instead.
+            # A connection that reached this node before the news that its
+            # client is at the limit passed the local check: it is refused
+            # now, one round trip late, and blocks its client as it would have.
             if limit and count > limit and self._blockable(session):
-                self._rules.block_client(session.key, "connections", count, limit,
-                                         settings.connection_window_minutes, protocol)
+                entry = self._rules.block_client(session.key, "connections", count, limit,
+                                                 settings.connection_window_minutes, protocol)
                 session.blocked = True
+                if session.open and session.refuse is not None:
+                    session.refuse(refusal_text(session.key, entry))
             elif most and active > most and settings.block_on_simultaneous \
                     and self._blockable(session):
                 self._rules.block_client(session.key, "simultaneous", active, most, None,
@@ -358,6 +379,10 @@ class RedisScreening(Service):
         if not isinstance(message, dict):
             return
         kind = message.get("t")
+        if kind == "held":
+            if self.notices is not None and isinstance(message.get("u"), int):
+                self.notices.held(message["u"])
+            return
         if kind in ("sat", "full"):
             key, until = message.get("k"), message.get("u")
             if isinstance(key, str) and isinstance(until, (int, float)):
