@@ -37,7 +37,7 @@ class AccountCommands(SelectedView):
     def _mailbox_arg(self, args: list, count: int = 1) -> str:
         if len(args) < count:
             raise BadCommand("mailbox name expected")
-        return mailbox_name(args[0])
+        return mailbox_name(args[0], self.utf8)
 
     def do_NAMESPACE(self, tag: bytes, args: list) -> str:
         self.untagged(f'NAMESPACE (("" "{DELIMITER}")) NIL NIL')
@@ -63,7 +63,7 @@ class AccountCommands(SelectedView):
         if len(args) != 1:
             raise BadCommand("SELECT needs one mailbox name" if len(args) < 2 else
                              "SELECT parameters are not supported")
-        name = mailbox_name(args[0])
+        name = mailbox_name(args[0], self.utf8)
         assert self.folders is not None
         self._deselect()
         try:
@@ -136,7 +136,7 @@ class AccountCommands(SelectedView):
     def do_RENAME(self, tag: bytes, args: list) -> Deferred:
         if len(args) != 2:
             raise BadCommand("RENAME needs two mailbox names")
-        old, new = mailbox_name(args[0]), mailbox_name(args[1]).rstrip(DELIMITER)
+        old, new = mailbox_name(args[0], self.utf8), mailbox_name(args[1], self.utf8).rstrip(DELIMITER)
         assert self.folders is not None
         registry = self.factory.registry
 
@@ -171,9 +171,9 @@ class AccountCommands(SelectedView):
             args = args[:2]
         if len(args) != 2:
             raise BadCommand("LIST needs a reference and a mailbox pattern")
-        reference = mailbox_text(args[0])
+        reference = mailbox_text(args[0], self.utf8)
         patterns = args[1] if isinstance(args[1], list) else [args[1]]
-        pats = [mailbox_text(p) for p in patterns]
+        pats = [mailbox_text(p, self.utf8) for p in patterns]
         word = "LSUB" if lsub else "LIST"
         if pats == [""] and not lsub:
             self.untagged(f'LIST (\\Noselect) "{DELIMITER}" ""')
@@ -188,7 +188,7 @@ class AccountCommands(SelectedView):
             # Scan and match in the worker: a thousand folders and a long
             # pattern cost the reactor only the writing of the lines.
             return list_lines(folders.names(), folders.subscriptions(), matchers, lsub,
-                              select_opts, return_opts)
+                              select_opts, return_opts, self.utf8)
 
         def answer(lines: list[bytes]) -> str:
             for line in lines:
@@ -203,7 +203,7 @@ class AccountCommands(SelectedView):
     def do_STATUS(self, tag: bytes, args: list) -> Deferred:
         if len(args) != 2 or not isinstance(args[1], list):
             raise BadCommand("STATUS needs a mailbox and a list of items")
-        name = mailbox_name(args[0])
+        name = mailbox_name(args[0], self.utf8)
         items = [str(a).upper() for a in args[1]]
         for item in items:
             if item not in ("MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "HIGHESTMODSEQ"):
@@ -226,7 +226,7 @@ class AccountCommands(SelectedView):
                       "UNSEEN": sum(1 for n in folder.names if "S" not in info_of(n)),
                       "HIGHESTMODSEQ": folder.ms.highest}
             body = " ".join(f"{i} {values[i]}" for i in items)
-            self.untagged(b"STATUS " + encode_mailbox(name) + f" ({body})".encode())
+            self.untagged(b"STATUS " + encode_mailbox(name, self.utf8) + f" ({body})".encode())
             return "OK STATUS completed"
 
         return registry.open(self.folders.inbox, path).addCallback(
@@ -235,7 +235,7 @@ class AccountCommands(SelectedView):
     def do_APPEND(self, tag: bytes, args: list) -> Deferred:
         if len(args) < 2:
             raise BadCommand("APPEND needs a mailbox and a message")
-        name = mailbox_name(args[0])
+        name = mailbox_name(args[0], self.utf8)
         rest = list(args[1:])
         flags: list[str] = []
         date = None

@@ -82,6 +82,8 @@ class SessionCore(ScreenedSession):
         self.recent: set[int] = set()
         self.doomed: set[int] = set()
         self.seen = 0
+        #: UTF8=ACCEPT (RFC 6855) is enabled: mailbox names are UTF-8 both ways.
+        self.utf8 = False
         self._idle_tag: bytes | None = None
         self._sasl: Callable[[bytes], Any] | None = None
 

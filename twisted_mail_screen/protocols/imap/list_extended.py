@@ -108,11 +108,11 @@ class ExtendedList(AccountCommands):
         returns, status = self._return_options(args[2:])
         if len(args) < 2:
             raise BadCommand("LIST needs a reference and a mailbox pattern")
-        reference = mailbox_text(args[0])
+        reference = mailbox_text(args[0], self.utf8)
         raw = args[1] if isinstance(args[1], list) else [args[1]]
         if not raw or len(raw) > MAX_PATTERNS:
             raise BadCommand("between 1 and %d mailbox patterns" % MAX_PATTERNS)
-        pats = [mailbox_text(p) for p in raw]
+        pats = [mailbox_text(p, self.utf8) for p in raw]
         assert self.folders is not None
         folders = self.folders
         matchers = [ListPattern(reference, p) for p in pats]
@@ -156,14 +156,16 @@ class ExtendedList(AccountCommands):
 
         def next_entry(_: object = None) -> Any:
             for name, attrs, childinfo in todo:
-                line = f"LIST ({' '.join(attrs)}) \"{DELIMITER}\" ".encode() + encode_mailbox(name)
+                line = f"LIST ({' '.join(attrs)}) \"{DELIMITER}\" ".encode() \
+                    + encode_mailbox(name, self.utf8)
                 if childinfo:
                     line += b' ("CHILDINFO" ("SUBSCRIBED"))'
                 self.untagged(line)
                 if status and not any(a in ("\\NonExistent", "\\Noselect") for a in attrs):
                     # RFC 5819: STATUS right after the mailbox's LIST; a folder that
                     # vanished meanwhile just has none.
-                    d = maybeDeferred(self.do_STATUS, tag, [name.encode("imap4-utf-7"), list(status)])
+                    raw = name.encode("utf-8" if self.utf8 else "imap4-utf-7")
+                    d = maybeDeferred(self.do_STATUS, tag, [raw, list(status)])
                     return d.addErrback(lambda f: f.trap(No, FolderError)).addCallback(next_entry)
             return succeed("OK LIST completed")
 

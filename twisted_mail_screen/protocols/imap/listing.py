@@ -127,7 +127,7 @@ def list_entries(names: list[str], regex: "ListPattern | _Everything") -> list[t
 
 
 def list_lines(names: list[str], subs: list[str], patterns: list[ListPattern], lsub: bool,
-               select_opts: set[str], return_opts: set[str]) -> list[bytes]:
+               select_opts: set[str], return_opts: set[str], utf8: bool = False) -> list[bytes]:
     """The untagged LIST (or LSUB) lines, without the C{* }: blocking-free but long, for a worker."""
     word = "LSUB" if lsub else "LIST"
     subscribed = set(subs)
@@ -172,5 +172,5 @@ def list_lines(names: list[str], subs: list[str], patterns: list[ListPattern], l
                                                  "SUBSCRIBED" in select_opts):
                 attrs = attrs + ["\\Subscribed"]
             lines.append(f"{word} ({' '.join(attrs)}) \"{DELIMITER}\" ".encode()
-                         + encode_mailbox(n))
+                         + encode_mailbox(n, utf8))
     return lines

@@ -267,7 +267,7 @@ class MessageCommands(SelectedView):
         if len(args) != 2:
             raise BadCommand("COPY needs a sequence set and a mailbox")
         seqset = self._seqset(args[0])
-        name = mailbox_name(args[1])
+        name = mailbox_name(args[1], self.utf8)
         if move and not self.writable:
             raise No("Mailbox is read-only", "READ-ONLY")
         assert self.folders is not None and self.folder is not None

@@ -145,7 +145,12 @@ def astring(tok: Token) -> bytes:
     raise BadCommand("string expected")
 
 
-def _decode_mailbox(raw: bytes) -> str:
+def _decode_mailbox(raw: bytes, utf8: bool = False) -> str:
+    if utf8:  # RFC 6855 3: once UTF8=ACCEPT is enabled names are UTF-8, and "&" is just "&"
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadCommand("mailbox name is not valid UTF-8") from None
     # Twisted's codec raises for 8-bit bytes whatever the errors argument says.
     try:
         return raw.decode("imap4-utf-7")
@@ -156,14 +161,14 @@ def _decode_mailbox(raw: bytes) -> str:
             raise BadCommand("mailbox name is not valid modified UTF-7") from None
 
 
-def mailbox_text(tok: Token) -> str:
+def mailbox_text(tok: Token, utf8: bool = False) -> str:
     """A LIST reference or pattern, decoded as a mailbox name is (without folding INBOX)."""
-    return _decode_mailbox(astring(tok))
+    return _decode_mailbox(astring(tok), utf8)
 
 
-def mailbox_name(tok: Token) -> str:
-    """A mailbox argument, decoded from modified UTF-7; INBOX case-folded."""
-    name = _decode_mailbox(astring(tok))
+def mailbox_name(tok: Token, utf8: bool = False) -> str:
+    """A mailbox argument, decoded from modified UTF-7 (UTF-8 once UTF8=ACCEPT is on); INBOX case-folded."""
+    name = _decode_mailbox(astring(tok), utf8)
     if name.upper() == "INBOX":
         return "INBOX"
     if name[:6].upper() == "INBOX/":
@@ -171,8 +176,9 @@ def mailbox_name(tok: Token) -> str:
     return name
 
 
-def encode_mailbox(name: str) -> bytes:
-    return quote(name.encode("imap4-utf-7"))
+def encode_mailbox(name: str, utf8: bool = False) -> bytes:
+    """A name for a response: modified UTF-7, or UTF-8 once the client enabled UTF8=ACCEPT."""
+    return quote(name.encode("utf-8"), utf8=True) if utf8 else quote(name.encode("imap4-utf-7"))
 
 
 # Sequence sets -------------------------------------------------------------
@@ -383,11 +389,11 @@ def format_datetime(ts: float) -> str:
 
 # Response strings --------------------------------------------------------------
 
-def quote(value: bytes | None) -> bytes:
-    """A string as a quoted string when it can be one, else as a literal."""
+def quote(value: bytes | None, utf8: bool = False) -> bytes:
+    """A string as a quoted string when it can be one (UTF-8 ones too when C{utf8}), else as a literal."""
     if value is None:
         return b"NIL"
-    if len(value) < 1024 and value.isascii() and b"\r" not in value and b"\n" not in value \
+    if len(value) < 1024 and (value.isascii() or utf8) and b"\r" not in value and b"\n" not in value \
             and b"\0" not in value:
         return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
     return literal(value)

@@ -37,6 +37,7 @@ from twisted_mail_screen.protocols.imap.compress import CompressCommands
 from twisted_mail_screen.protocols.imap.condstore_commands import CAPABILITIES as CONDSTORE_CAPS
 from twisted_mail_screen.protocols.imap.condstore_commands import CondStoreCommands
 from twisted_mail_screen.protocols.imap.core import Gone, No
+from twisted_mail_screen.protocols.imap.utf8_accept import CAPABILITIES as UTF8_CAPS, Utf8Accept
 from twisted_mail_screen.protocols.imap.list_extended import CAPABILITIES as LIST_CAPS, ExtendedList
 from twisted_mail_screen.protocols.imap.message_commands import MessageCommands
 from twisted_mail_screen.protocols.imap.parse import Atom, BadCommand, Token, astring, tokenize
@@ -65,7 +66,7 @@ SELECTED = {"CHECK", "CLOSE", "UNSELECT", "EXPUNGE", "SEARCH", "FETCH", "STORE",
             "UID", "SORT", "THREAD"}
 NO_EXPUNGE = {"FETCH", "STORE", "SEARCH", "SORT", "THREAD"}
 BASE_CAPS = ["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE", "UNSELECT",
-             "UIDPLUS", "MOVE", "SPECIAL-USE", "CHILDREN"] + LIST_CAPS + quota_commands.CAPABILITIES + SORT_CAPS \
+             "UIDPLUS", "MOVE", "SPECIAL-USE", "CHILDREN"] + LIST_CAPS + UTF8_CAPS + quota_commands.CAPABILITIES + SORT_CAPS \
     + CONDSTORE_CAPS
 
 
@@ -76,7 +77,7 @@ def _pending(d: Deferred) -> Deferred | None:
     return None if done else d
 
 
-class IMAPServer(CondStoreCommands, ExtendedList, AccountCommands, MessageCommands, QuotaCommands,
+class IMAPServer(CondStoreCommands, Utf8Accept, ExtendedList, AccountCommands, MessageCommands, QuotaCommands,
                  CompressCommands, SortCommands):
     """
     One IMAP session: the connection, the framing of lines and literals,
