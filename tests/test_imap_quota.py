@@ -161,3 +161,17 @@ def test_getquota_over_tls(start_server, accounts, certificate, mode):
     m.login("alice@example.test", "alice-secret")
     assert quota(m) == b'"" (MESSAGE 0 7)'
     m.logout()
+
+
+def test_first_count_of_a_big_account_does_not_hold_the_reactor(start_server, accounts, tmp_path):
+    """20,000 messages in INBOX and a folder: the first GETQUOTA counts them in the pool, NOOPs flow."""
+    from tests.test_reactor_budget import LIMIT, Client, fill, mailbox, measured
+
+    fill(mailbox(tmp_path, "alice@example.test"), 10000)
+    fill(mailbox(tmp_path, "alice@example.test", "Archive"), 10000)
+    server = start_server(site=True, kinds=KINDS, quota__messages=50000)
+    client = Client(server.port("imap"))
+    worst, lines = measured(server.port("imap"), lambda: client.command(b"q", b'GETQUOTA ""'))
+    assert lines == [b'* QUOTA "" (MESSAGE 20000 50000)', b"q OK GETQUOTA completed"]
+    print(f"first GETQUOTA of 20,000 messages: slowest NOOP {worst * 1000:.1f} ms")
+    assert worst < LIMIT
