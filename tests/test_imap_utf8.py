@@ -48,6 +48,7 @@ def test_names_are_utf8_once_enabled(server):
     assert ok(modern, b'STATUS "' + CAFE + b'" (MESSAGES)') == [b'* STATUS "' + CAFE + b'" (MESSAGES 0)']
     assert ok(modern, b'LIST "" "Caf%" RETURN (STATUS (MESSAGES))')[1] == b'* STATUS "' + CAFE + b'" (MESSAGES 0)'
     assert ok(legacy, b'STATUS "Caf&AOk-" (MESSAGES)') == [b'* STATUS "Caf&AOk-" (MESSAGES 0)']
+    assert ok(modern, b'GETQUOTAROOT "' + CAFE + b'"')[0] == b'* QUOTAROOT "' + CAFE + b'" ""'
 
 
 def test_append_utf8_literal8_then_search(server):

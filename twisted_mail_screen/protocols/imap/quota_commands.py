@@ -106,7 +106,7 @@ class QuotaCommands(SessionCore):
     def do_GETQUOTAROOT(self, tag: bytes, args: list) -> Deferred:
         if len(args) != 1:
             raise BadCommand("GETQUOTAROOT needs one mailbox name")
-        name = mailbox_name(args[0])
+        name = mailbox_name(args[0], self.utf8)
         assert self.folders is not None
         try:
             path = self.folders.path(name)
@@ -116,7 +116,7 @@ class QuotaCommands(SessionCore):
         def answer(exists: bool) -> Deferred:
             if not exists:
                 raise No("No such mailbox", "NONEXISTENT")
-            self.untagged(b"QUOTAROOT " + encode_mailbox(name) + f' "{ROOT}"'.encode())
+            self.untagged(b"QUOTAROOT " + encode_mailbox(name, self.utf8) + f' "{ROOT}"'.encode())
             return self._send_quota()
 
         return self.exists(path).addCallback(answer).addCallback(
