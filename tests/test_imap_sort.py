@@ -301,14 +301,14 @@ def test_header_index_torn_or_garbage_file_is_rebuilt(tmp_path):
     (box / headerindex.FILENAME).write_bytes(data[:-5])  # a crash during an append
     torn = headerindex.HeaderIndex(str(box))
     torn.load()
-    assert len(torn.entries) == 2  # the torn record dropped, the file rewritten without it
+    assert len(torn.bases) == 2  # the torn record dropped, the file rewritten without it
     assert len((box / headerindex.FILENAME).read_bytes()) < len(data) - 5
     assert torn.ensure(str(box), rels) == [0, 1, 2]
     assert torn.hits("x") == {0, 1, 2} and torn.hits("nowhere") == set()
     (box / headerindex.FILENAME).write_bytes(b"not an index at all")
     broken = headerindex.HeaderIndex(str(box))
     broken.load()
-    assert broken.entries == [] and broken.ensure(str(box), rels) == [0, 1, 2]
+    assert broken.bases == [] and broken.ensure(str(box), rels) == [0, 1, 2]
     assert (box / headerindex.FILENAME).read_bytes().startswith(headerindex.MAGIC)
 
 
@@ -321,7 +321,7 @@ def test_header_index_compacts_expunged_entries(tmp_path):
     index.ensure(str(box), rels)
     size = (box / headerindex.FILENAME).stat().st_size
     assert index.ensure(str(box), rels[:10]) == list(range(10))  # 290 expunged
-    assert len(index.entries) == 10
+    assert len(index.bases) == 10
     assert (box / headerindex.FILENAME).stat().st_size < size / 20
 
 

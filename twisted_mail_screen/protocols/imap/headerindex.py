@@ -31,7 +31,6 @@ import re
 import struct
 import threading
 from collections import OrderedDict
-from typing import Iterable, Sequence
 
 from twisted_mail_screen.protocols.imap.fetch import read_message
 from twisted_mail_screen.protocols.imap.flags import base_of
@@ -39,29 +38,32 @@ from twisted_mail_screen.protocols.imap.sortkeys import SortFields, fields_of
 from twisted_mail_screen.runtime.atomic import write_atomically
 
 FILENAME = "mailscreen-headers"
-MAGIC = b"MSHI1\n"
+MAGIC = b"MSHI2\n"
 #: header blocks larger than this are not copied into the index (their messages are read)
 MAX_BLOCK = 256 * 1024
 #: bytes of loaded indexes kept in memory across searches, all folders together
 MEMORY_LIMIT = 256 * 1024 * 1024
-_REC = struct.Struct("<III")
+_REC = struct.Struct("<IIIB")  # base, metadata and block lengths; block is plain text
 _BIG = 0xFFFFFFFF
 _BLANK_LINE = re.compile(rb"^\r?\n|\n\r?\n")
 _PLAIN = re.compile(rb"^[\x00-\x7f]*$")
+_UNKNOWN = (0.0, SortFields(None, "", False, "", "", "", None, ()))
 
 
-class Entry:
-    __slots__ = ("base", "mtime", "fields", "start", "end", "plain")
-
-    def __init__(self, base: str, mtime: float, fields: SortFields, start: int, end: int,
-                 plain: bool) -> None:
-        self.base, self.mtime, self.fields = base, mtime, fields
-        self.start, self.end = start, end  # in the index's blob; -1 when the block was too big
-        self.plain = plain  # ASCII without encoded words: its text is its decoded text
+def _record(base: str, mtime: float, fields: SortFields, block: bytes | None) -> bytes:
+    b = base.encode("utf-8", "surrogateescape")
+    m = marshal.dumps((mtime, fields.as_tuple()))
+    plain = block is not None and bool(_PLAIN.match(block)) and b"=?" not in block
+    return _REC.pack(len(b), len(m), _BIG if block is None else len(block), plain) + b + m + (block or b"")
 
 
 class HeaderIndex:
-    """One folder's loaded index (see the module docstring)."""
+    """
+    One folder's loaded index (see the module docstring). Its blob is the
+    file's bytes (records and all) as read and appended, so an entry's
+    block is a slice of it and one search of the lowered blob finds a
+    string in every block at once.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -69,7 +71,11 @@ class HeaderIndex:
         self._clear()
 
     def _clear(self) -> None:
-        self.entries: list[Entry] = []
+        # One slot per entry in each list (parallel lists: loading makes no object per entry).
+        self.bases: list[str] = []
+        self.metas: list[bytes] = []
+        self.ends: list[int] = []  # end of the block in the blob; -1 when not stored, -2 superseded
+        self.decoded_cache: dict[int, tuple[float, SortFields]] = {}
         self.by_base: dict[str, int] = {}
         self.chunks: list[bytes] = []
         self.blob = b""
@@ -78,13 +84,14 @@ class HeaderIndex:
         self.starts: list[int] = []
         self.identity: tuple[int, int] | None = None
         self.unplain: set[int] = set()
+        self._last: tuple[list[str], list[int]] | None = None
 
     @property
     def file(self) -> str:
         return os.path.join(self.path, FILENAME)
 
     def memory(self) -> int:
-        return self.blob_len * (2 if self.lowered is not None else 1) + 200 * len(self.entries)
+        return self.blob_len * (2 if self.lowered is not None else 1) + 120 * len(self.bases)
 
     # the file
 
@@ -97,35 +104,54 @@ class HeaderIndex:
         except FileNotFoundError:
             return
         if not data.startswith(MAGIC):
-            self._rewrite()
+            self._rewrite([])
             return
-        pos, good = len(MAGIC), True
-        records = []
-        while pos < len(data):
-            if pos + _REC.size > len(data):
-                good = False
+        good = self._parse(data, 0)
+        if good == len(data):
+            self._note_identity()
+        else:
+            self._rewrite(self._live_records())
+
+    def _parse(self, data: bytes, offset: int) -> int:
+        """Add the records of C{data} (at C{offset} in the blob); how many octets were whole."""
+        pos = len(MAGIC) if offset == 0 else 0
+        size_all = len(data)
+        unpack = _REC.unpack_from
+        bases, metas, ends = self.bases, self.metas, self.ends
+        by_base, starts, unplain = self.by_base, self.starts, self.unplain
+        while pos < size_all:
+            if pos + _REC.size > size_all:
                 break
-            nb, nm, nblock = _REC.unpack_from(data, pos)
-            size = nb + nm + (0 if nblock == _BIG else nblock)
+            nb, nm, nblock, plain = unpack(data, pos)
             body = pos + _REC.size
-            if body + size > len(data):
-                good = False
+            end = body + nb + nm + (0 if nblock == _BIG else nblock)
+            if end > size_all:
                 break
             try:
                 base = data[body:body + nb].decode("utf-8", "surrogateescape")
-                mtime, values = marshal.loads(data[body + nb:body + nb + nm])
-                fields = SortFields(*values)
-            except (ValueError, TypeError, EOFError):
-                good = False
+            except ValueError:
                 break
-            block = None if nblock == _BIG else data[body + nb + nm:body + size]
-            records.append((base, mtime, fields, block))
-            pos = body + size
-        self._add(records)
-        if good:
-            self._note_identity()
-        else:
-            self._rewrite()
+            old = by_base.get(base)
+            if old is not None:
+                ends[old] = -2  # superseded
+            n = len(bases)
+            by_base[base] = n
+            if not plain:
+                unplain.add(n)
+            bases.append(base)
+            metas.append(data[body + nb:body + nb + nm])
+            if nblock == _BIG:
+                starts.append(offset + end)
+                ends.append(-1)
+            else:
+                starts.append(offset + body + nb + nm)
+                ends.append(offset + end)
+            pos = end
+        self.chunks.append(data[:pos] if pos < size_all else data)
+        self.blob_len += pos
+        self.lowered = None
+        self._last = None
+        return pos
 
     def _note_identity(self) -> None:
         try:
@@ -141,108 +167,95 @@ class HeaderIndex:
             return False
         return self.identity == (st.st_size, st.st_ino)
 
-    @staticmethod
-    def _record(base: str, mtime: float, fields: SortFields, block: bytes | None) -> bytes:
-        b = base.encode("utf-8", "surrogateescape")
-        m = marshal.dumps((mtime, fields.as_tuple()))
-        return _REC.pack(len(b), len(m), _BIG if block is None else len(block)) + b + m + (block or b"")
+    def _live_records(self, live: set[str] | None = None) -> list[bytes]:
+        """The records of entries not superseded (and, given C{live}, of those messages only)."""
+        out = []
+        for i, base in enumerate(self.bases):
+            if self.ends[i] == -2 or (live is not None and base not in live):
+                continue
+            mtime, fields = self.decoded(i)
+            out.append(_record(base, mtime, fields, self.block(i)))
+        return out
 
-    def _rewrite(self) -> None:
-        keep = [(e.base, e.mtime, e.fields, None if e.start < 0 else self.blob_at(e))
-                for e in self.entries if e.start != -2]
-        data = MAGIC + b"".join(self._record(*r) for r in keep)
+    def _rewrite(self, records: list[bytes]) -> None:
+        data = MAGIC + b"".join(records)
         write_atomically(self.file, data)
         self._clear()
-        self._add(keep)
+        self._parse(data, 0)
         self._note_identity()
 
-    def _append(self, records: list[tuple[str, float, SortFields, bytes | None]]) -> None:
-        data = b"".join(self._record(*r) for r in records)
-        exists = self.identity is not None and self.current()
-        if not exists:
-            self._add(records)
-            self._rewrite()
+    def _append(self, records: list[bytes]) -> None:
+        if self.identity is None or not self.current():
+            self._rewrite(self._live_records() + records)
             return
+        data = b"".join(records)
         # A cache: not fsync'd (a torn tail after a crash is dropped at load).
         fd = os.open(self.file, os.O_WRONLY | os.O_APPEND)
         try:
             os.write(fd, data)
         finally:
             os.close(fd)
-        self._add(records)
+        self._parse(data, self.blob_len)
         self._note_identity()
 
-    # memory
-
-    def _add(self, records: Iterable[tuple[str, float, SortFields, bytes | None]]) -> None:
-        for base, mtime, fields, block in records:
-            if block is None:
-                start = end = -1
-                plain = False
-            else:
-                start = self.blob_len
-                self.chunks.append(block)
-                self.blob_len += len(block)
-                end = self.blob_len
-                plain = bool(_PLAIN.match(block)) and b"=?" not in block
-            old = self.by_base.get(base)
-            self.by_base[base] = len(self.entries)
-            if old is not None:
-                self.entries[old].start = self.entries[old].end = -2  # superseded
-            if not plain:
-                self.unplain.add(len(self.entries))
-            self.entries.append(Entry(base, mtime, fields, start, end, plain))
-            self.starts.append(start if start >= 0 else self.blob_len)
-        self.lowered = None
-
     def _joined(self) -> bytes:
-        if len(self.chunks) != 1 or len(self.blob) != self.blob_len:
+        if len(self.chunks) != 1:
             self.blob = b"".join(self.chunks)
             self.chunks = [self.blob]
+        else:
+            self.blob = self.chunks[0]
         return self.blob
 
-    def blob_at(self, e: Entry) -> bytes:
-        return self._joined()[e.start:e.end]
+    def decoded(self, entry: int) -> tuple[float, SortFields]:
+        """The entry's (internal date, SORT/THREAD keys), decoded when first asked."""
+        got = self.decoded_cache.get(entry)
+        if got is None:
+            try:
+                mtime, values = marshal.loads(self.metas[entry])
+                got = (float(mtime), SortFields(*values))
+            except (ValueError, TypeError, EOFError):
+                got = _UNKNOWN  # unreadable: sorts as a message without headers
+            self.decoded_cache[entry] = got
+        return got
 
     # what searches ask
 
-    def ensure(self, path: str, rels: Sequence[str]) -> list[int]:
+    def ensure(self, path: str, rels: list[str]) -> list[int]:
         """The entry of each message (C{rels} relative to the folder), indexing those missing."""
+        if self._last is not None and self._last[0] == rels:
+            return self._last[1]  # the same folder as last time: nothing to look up
         out: list[int] = []
-        missing: list[tuple[int, str]] = []
+        missing: list[str] = []
         get = self.by_base.get
-        for i, rel in enumerate(rels):
+        for rel in rels:
             e = get(base_of(rel))
             out.append(-1 if e is None else e)
             if e is None:
-                missing.append((i, rel))
+                missing.append(rel)
         if missing:
             records = []
-            for i, rel in missing:
+            for rel in missing:
                 rel2, data, mtime = read_message(path, rel, False, True)
                 if data is None:
                     continue  # gone: not indexed, its search reads it (and finds nothing)
                 m = _BLANK_LINE.search(data)
                 block = data[:m.end()] if m else data
-                records.append((base_of(rel2), mtime or 0.0, fields_of(block),
-                                block if len(block) <= MAX_BLOCK else None))
+                records.append(_record(base_of(rel2), mtime or 0.0, fields_of(block),
+                                       block if len(block) <= MAX_BLOCK else None))
             if records:
                 self._append(records)
-        if missing or len(self.entries) > 2 * max(len(rels), 64):
-            if len(self.entries) > 2 * max(len(rels), 64):
-                self._rewrite_live(set(base_of(r) for r in rels))
+        if missing or len(self.bases) > 2 * max(len(rels), 64):
+            if len(self.bases) > 2 * max(len(rels), 64):
+                # Compaction: only the entries of messages still present
+                self._rewrite(self._live_records(set(base_of(r) for r in rels)))
             get = self.by_base.get
             out = [get(base_of(rel), -1) for rel in rels]
+        self._last = (list(rels), out)
         return out
 
-    def _rewrite_live(self, live: set[str]) -> None:
-        """Compaction: only the entries of messages still present (and not superseded)."""
-        self.entries = [e for e in self.entries if e.base in live and e.start != -2]
-        self._rewrite()
-
     def block(self, entry: int) -> bytes | None:
-        e = self.entries[entry]
-        return None if e.start < 0 else self.blob_at(e)
+        end = self.ends[entry]
+        return None if end < 0 else self._joined()[self.starts[entry]:end]
 
     def hits(self, needle: str) -> set[int]:
         """
@@ -257,14 +270,16 @@ class HeaderIndex:
             return out  # an ASCII block cannot hold it
         if self.lowered is None:
             self.lowered = self._joined().lower()
-        lowered, starts = self.lowered, self.starts
+        lowered, starts, ends = self.lowered, self.starts, self.ends
         find = lowered.find
         at = find(raw)
         while at >= 0:
             i = bisect.bisect_right(starts, at) - 1
-            e = self.entries[i]
-            out.add(i)
-            at = find(raw, max(e.end, at + 1)) if e.end > at else find(raw, at + 1)
+            if i >= 0 and at + len(raw) <= ends[i]:  # inside entry i's block (not its record header)
+                out.add(i)
+                at = find(raw, ends[i])
+            else:
+                at = find(raw, at + 1)
         return out
 
 

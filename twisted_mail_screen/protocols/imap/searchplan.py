@@ -104,14 +104,18 @@ class Search:
 
     def __init__(self, snap: Snapshot) -> None:
         self.snap = snap
-        seqs, uids, rels = [], [], []
+        seqs: list[int] | range
         folder_uids, names = snap.uids, snap.names
-        for i, u in enumerate(snap.view):
-            j = bisect.bisect_left(folder_uids, u)
-            if j < len(folder_uids) and folder_uids[j] == u:
-                seqs.append(i + 1)
-                uids.append(u)
-                rels.append(names[j])
+        if snap.view == folder_uids:  # the session has seen every change: no lookups
+            seqs, uids, rels = range(1, len(names) + 1), list(folder_uids), names
+        else:
+            seqs, uids, rels = [], [], []
+            for i, u in enumerate(snap.view):
+                j = bisect.bisect_left(folder_uids, u)
+                if j < len(folder_uids) and folder_uids[j] == u:
+                    seqs.append(i + 1)
+                    uids.append(u)
+                    rels.append(names[j])
         self.seqs, self.uids, self.rels = seqs, uids, rels
         self.n = len(seqs)
         self.full = (1 << self.n) - 1
@@ -237,7 +241,6 @@ class Search:
         key's candidates before any parsing; other keys read the files.
         """
         snap, keep = self.snap, []
-        sizes = self.sizes()
         headers_only = all(needs(n) <= {"header"} for n in nodes)
         index: HeaderIndex | None = None
         if headers_only:
@@ -247,8 +250,9 @@ class Search:
                     hits = index.hits(n[2])
                     within &= mask_of((i for i, e in enumerate(entry_of) if e < 0 or e in hits), self.n)
         for i in bits_of(within):
-            c = Candidate(snap.path, self.seqs[i], self.uids[i], self.rels[i], sizes[i],
-                          self.uids[i] in snap.recent, snap.keywords)
+            rel, u = self.rels[i], self.uids[i]
+            size = s if (s := size_of_name(rel)) is not None else snap.sizes.get(u, 0)
+            c = Candidate(snap.path, self.seqs[i], u, rel, size, u in snap.recent, snap.keywords)
             if index is not None and entry_of[i] >= 0:
                 c.preload(index.block(entry_of[i]))
             if all(evaluate(n, c, self.max_seq, self.max_uid) for n in nodes):

@@ -52,24 +52,26 @@ def parse_criteria(tok: Token) -> list[tuple[str, bool]]:
     return out
 
 
-def _matching(snap: Snapshot, keys: list[Token], charset: str, uid: bool) -> tuple[list[Msg], dict[int, int]]:
+def _matching(snap: Snapshot, keys: list[Token], charset: str, uid: bool,
+              with_sizes: bool = False) -> tuple[list[Msg], dict[int, int]]:
     """The messages matching C{keys}, with their keys from the header index, and their sizes."""
     node = parse_search(keys, charset)
     s = Search(snap)
     try:
         mask = s.eval(simplify(node), s.full)
         index, entry_of = s.entries()
-        sizes = s.sizes()
+        numbers = s.uids if uid else s.seqs
         msgs: list[Msg] = []
         size_of: dict[int, int] = {}
         for i in bits_of(mask):
             e = entry_of[i]
             if e < 0:
                 continue  # gone since the snapshot
-            entry = index.entries[e]
-            number = s.uids[i] if uid else s.seqs[i]
-            msgs.append((number, entry.fields, entry.mtime))
-            size_of[number] = sizes[i]
+            mtime, fields = index.decoded(e)
+            msgs.append((numbers[i], fields, mtime))
+        if with_sizes:
+            sizes = s.sizes()
+            size_of = {numbers[i]: sizes[i] for i in bits_of(mask)}
         return msgs, size_of
     finally:
         s.close()
@@ -81,7 +83,8 @@ def sort_command(args: list[Token], snap: Snapshot, uid: bool) -> bytes:
         raise BadCommand("SORT needs sort criteria, a charset and search keys")
     criteria = parse_criteria(args[0])
     charset = _charset(args[1])
-    msgs, sizes = _matching(snap, list(args[2:]), charset, uid)
+    msgs, sizes = _matching(snap, list(args[2:]), charset, uid,
+                            any(k == "SIZE" for k, _ in criteria))
     numbers = sort_numbers(msgs, criteria, sizes)
     return b"* SORT" + b"".join(b" %d" % n for n in numbers) + b"\r\n"
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import email.utils
 import re
 import unicodedata
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from twisted_mail_screen.protocols.imap.message import decoded_header_values, fast_headers
 
@@ -26,9 +26,11 @@ _ONE_BLOB = re.compile(r"^" + _BLOB)
 _MSGID = re.compile(r"<([^<>\s]+)>")
 
 
-@dataclass(frozen=True)
-class SortFields:
-    """One message's SORT and THREAD keys (strings in their comparison form)."""
+class SortFields(NamedTuple):
+    """
+    One message's SORT and THREAD keys (strings in their comparison form).
+    A tuple: the header index stores it as one and makes it again cheaply.
+    """
 
     date: float | None  # sent date, seconds since the epoch (UTC); None when unknown
     subject: str  # base subject, in its comparison form (L{casemap})
@@ -40,8 +42,7 @@ class SortFields:
     references: tuple[str, ...]
 
     def as_tuple(self) -> tuple:
-        return (self.date, self.subject, self.reply, self.from_, self.to, self.cc,
-                self.message_id, self.references)
+        return tuple(self)
 
 
 def base_subject(subject: str) -> tuple[str, bool]:

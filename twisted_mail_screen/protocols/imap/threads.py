@@ -12,7 +12,6 @@ sent date (RFC 5256 section 2.2).
 
 from __future__ import annotations
 
-from functools import cmp_to_key
 from typing import Any, Iterable, Sequence
 
 from twisted_mail_screen.protocols.imap.sortkeys import SortFields
@@ -29,32 +28,25 @@ def _date(m: Msg) -> float:
 
 def sort_numbers(msgs: Sequence[Msg], criteria: Sequence[tuple[str, bool]],
                  sizes: dict[int, int]) -> list[int]:
-    """The numbers in the order C{criteria} (key, reversed) give; ties by number."""
-    def value(m: Msg, k: str) -> Any:
-        f = m[1]
+    """
+    The numbers in the order C{criteria} (key, reversed) give; ties by
+    ascending number, also under REVERSE. One stable sort per criterion,
+    the last first (a reversed stable sort keeps equal items in order).
+    """
+    def value(k: str) -> Any:
         if k == "ARRIVAL":
-            return m[2]
+            return lambda m: m[2]
         if k == "DATE":
-            return _date(m)
+            return _date
         if k == "SIZE":
-            return sizes.get(m[0], 0)
-        if k == "SUBJECT":
-            return f.subject
-        if k == "FROM":
-            return f.from_
-        if k == "TO":
-            return f.to
-        return f.cc
+            return lambda m: sizes.get(m[0], 0)
+        field = {"SUBJECT": 1, "FROM": 3, "TO": 4, "CC": 5}[k]  # SortFields positions
+        return lambda m: m[1][field]
 
-    def cmp(a: Msg, b: Msg) -> int:
-        for k, rev in criteria:
-            x, y = value(a, k), value(b, k)
-            if x != y:
-                c = -1 if x < y else 1
-                return -c if rev else c
-        return -1 if a[0] < b[0] else (1 if a[0] > b[0] else 0)
-
-    return [m[0] for m in sorted(msgs, key=cmp_to_key(cmp))]
+    ordered = sorted(msgs, key=lambda m: m[0])
+    for k, rev in reversed(criteria):
+        ordered.sort(key=value(k), reverse=rev)
+    return [m[0] for m in ordered]
 
 
 class Node:
