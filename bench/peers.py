@@ -319,10 +319,13 @@ class Dovecot:
         self.proc: subprocess.Popen | None = None
         self.error: str | None = None
         self.mail = os.path.join(self.base, "mail")
+        # Debian ships each protocol in its own package: configure only those installed
+        # (a listed protocol without its binary is fatal at start-up).
+        self.protocols = [p for p in ("pop3", "imap") if os.path.exists(f"/usr/lib/dovecot/{p}")]
 
     def start(self) -> bool:
         ids = _debian_user("dovecot")
-        if shutil.which("dovecot") is None or ids is None:
+        if shutil.which("dovecot") is None or ids is None or not self.protocols:
             self.error = "not installed (apt-get install -y dovecot-pop3d dovecot-imapd)"
             return False
         if os.geteuid() != 0:
@@ -338,10 +341,20 @@ class Dovecot:
         self.chown()
         os.chown(home, uid, gid)
         self.conf = os.path.join(self.base, "dovecot.conf")
+        services = {p: f"""service {p}-login {{
+  inet_listener {p} {{
+    address = 127.0.0.1
+    port = {self.ports[p]}
+  }}
+  inet_listener {p}s {{
+    port = 0
+  }}
+}}
+""" for p in self.protocols}
         with open(self.conf, "w") as f:
             f.write(f"""base_dir = {run}
 state_dir = {run}/state
-protocols = pop3 imap
+protocols = {" ".join(self.protocols)}
 listen = 127.0.0.1
 ssl = no
 disable_plaintext_auth = no
@@ -360,32 +373,21 @@ userdb {{
   driver = static
   args = uid={uid} gid={gid} home={home}
 }}
-service imap-login {{
-  inet_listener imap {{
-    address = 127.0.0.1
-    port = {self.ports['imap']}
-  }}
-  inet_listener imaps {{
-    port = 0
-  }}
-}}
-service pop3-login {{
-  inet_listener pop3 {{
-    address = 127.0.0.1
-    port = {self.ports['pop3']}
-  }}
-  inet_listener pop3s {{
-    port = 0
-  }}
-}}
-""")
+""" + "".join(services.values()))
         self.proc = subprocess.Popen(["dovecot", "-c", self.conf, "-F"], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)
-        if not (wait_port(self.ports["pop3"]) and wait_port(self.ports["imap"])):
-            self.error = "did not start"
+        if not all(wait_port(self.ports[p]) for p in self.protocols):
+            self.error = "did not start: " + self._log_tail()
             self.stop()
             return False
         return True
+
+    def _log_tail(self) -> str:
+        try:
+            with open(os.path.join(self.base, "dovecot.log")) as f:
+                return f.read()[-300:].strip()
+        except OSError:
+            return "no log"
 
     def chown(self) -> None:
         ids = _debian_user("dovecot")
@@ -397,10 +399,11 @@ service pop3-login {{
                 os.chown(os.path.join(dirpath, n), *ids)
 
     def has(self, kind: str) -> bool:
-        return True
+        return kind in self.protocols
 
     def stop(self) -> None:
         _stop(self.proc)
+        self.proc = None
 
 
 BANNER = r"""

@@ -1,0 +1,242 @@
+"""
+The IMAP workloads of the benchmark, ours against Dovecot on copies of one
+Maildir (5,000 and 100,000 messages by default), interleaved per
+repetition:
+
+- warm (the folder opened and searched before): SELECT + FETCH 1:* (FLAGS
+  RFC822.SIZE ENVELOPE), FETCH 1:* BODY.PEEK[], UID SEARCH HEADER Subject,
+  UID SEARCH FROM, UID SORT (SUBJECT);
+- right after a restart of the server (its files on disk, the page cache
+  warm): UID SEARCH HEADER Subject, UID SORT (SUBJECT), and the first FETCH
+  1:* ENVELOPE ("cold ENVELOPE"), each after its own restart.
+
+Each figure is the command's time alone (login and SELECT not counted,
+except in the SELECT + metadata workload). Targets: ours within 1.5 x
+Dovecot's time, the cold ENVELOPE within 2 x.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import os
+import shutil
+import time
+from typing import Any, Callable
+
+USER = "imap@bench.test"
+SEARCH_FROM = "s7@client.test"  # one sender in 100
+
+WARM = [("imap_select_meta", "SELECT + FETCH 1:* (FLAGS RFC822.SIZE ENVELOPE)", 1.5),
+        ("imap_fetch_bodies", "FETCH 1:* BODY.PEEK[]", 1.5),
+        ("imap_search_header", "UID SEARCH HEADER Subject", 1.5),
+        ("imap_search_from", "UID SEARCH FROM", 1.5),
+        ("imap_sort", "UID SORT (SUBJECT)", 1.5)]
+RESTART = [("imap_restart_search_header", "UID SEARCH HEADER Subject after a restart", 1.5),
+           ("imap_restart_sort", "UID SORT (SUBJECT) after a restart", 1.5),
+           ("imap_cold_envelope", "first FETCH 1:* ENVELOPE after a restart", 2.0)]
+
+
+def populate(maildir: str, count: int, size: int = 2048) -> None:
+    """C{count} messages, LF endings, S= and W= in their names; 100 senders, distinct dates."""
+    for sub in ("new", "cur", "tmp"):
+        os.makedirs(os.path.join(maildir, sub), exist_ok=True)
+    start = int(time.time()) - count
+    for i in range(1, count + 1):
+        day, minute = divmod(i * 7 % 40000, 1440)
+        data = (f"Return-Path: <s@client.test>\nFrom: Sender {i % 100} <s{i % 100}@client.test>\n"
+                f"To: <r@bench.test>\nSubject: {'Re: ' if i % 3 == 0 else ''}bench {i}\n"
+                f"Date: {1 + day % 28} Jan 2024 {minute // 60:02d}:{minute % 60:02d}:00 +0000\n"
+                f"Message-ID: <{i}@client.test>\n\n").encode()
+        data += (b"y" * 74 + b"\n") * max(1, (size - len(data)) // 75)
+        wsize = len(data) + data.count(b"\n")
+        name = f"{start + i}.M{i}P1Q{i}.bench,S={len(data)},W={wsize}:2,S"
+        with open(os.path.join(maildir, "cur", name), "wb") as f:
+            f.write(data)
+
+
+def _session(port: int) -> imaplib.IMAP4:
+    c = imaplib.IMAP4("127.0.0.1", port, timeout=300)
+    c.login(USER, "x")
+    return c
+
+
+def _timed(f: Callable[[], tuple[str, Any]], what: str) -> tuple[float, Any]:
+    t = time.monotonic()
+    typ, data = f()
+    took = time.monotonic() - t
+    if typ != "OK":
+        raise RuntimeError(f"IMAP {what}: {typ} {str(data)[:200]}")
+    return took, data
+
+
+def warm(port: int, count: int) -> dict[str, float]:
+    c = _session(port)
+    out: dict[str, float] = {}
+    t_sel, data = _timed(lambda: c.select("INBOX"), "SELECT")
+    if int(data[0]) < count:
+        raise RuntimeError(f"IMAP SELECT: {data[0]!r} messages, expected {count}")
+    t_meta, data = _timed(lambda: c.fetch("1:*", "(FLAGS RFC822.SIZE ENVELOPE)"), "FETCH")
+    out["imap_select_meta"] = t_sel + t_meta
+    out["imap_fetch_bodies"], data = _timed(lambda: c.fetch("1:*", "(BODY.PEEK[])"), "FETCH bodies")
+    out["imap_search_header"], data = _timed(
+        lambda: c.uid("SEARCH", None, "HEADER", "Subject", f'"bench {count // 2}"'), "SEARCH HEADER")
+    if not data[0]:
+        raise RuntimeError("IMAP SEARCH HEADER found nothing")
+    out["imap_search_from"], data = _timed(lambda: c.uid("SEARCH", None, "FROM", SEARCH_FROM),
+                                           "SEARCH FROM")
+    if len(data[0].split()) < count // 100:
+        raise RuntimeError(f"IMAP SEARCH FROM found {len(data[0].split())}")
+    out["imap_sort"], data = _timed(lambda: c.uid("SORT", "(SUBJECT)", "UTF-8", "ALL"), "SORT")
+    if len(data[0].split()) != count:
+        raise RuntimeError(f"IMAP SORT gave {len(data[0].split())} numbers")
+    c.logout()
+    return out
+
+
+def after_restart(server: Any, port: int, count: int, workload: str) -> float:
+    server.stop()
+    if not server.start():
+        raise RuntimeError(f"{server.name} did not restart: {server.error}")
+    from peers import wait_port
+    wait_port(port)
+    c = _session(port)
+    c.select("INBOX")
+    if workload == "imap_restart_search_header":
+        took, _ = _timed(lambda: c.uid("SEARCH", None, "HEADER", "Subject", f'"bench {count // 3}"'),
+                         "SEARCH HEADER")
+    elif workload == "imap_restart_sort":
+        took, _ = _timed(lambda: c.uid("SORT", "(SUBJECT)", "UTF-8", "ALL"), "SORT")
+    else:
+        took, _ = _timed(lambda: c.fetch("1:*", "(ENVELOPE)"), "FETCH ENVELOPE")
+    c.logout()
+    return took
+
+
+def steps(counts: list[int], reps: int, servers: int) -> int:
+    return len(counts) * reps * servers * (1 + len(RESTART))
+
+
+def run(ours: Any, dovecot: Any | None, counts: list[int], reps: int,
+        record: Callable[..., None], notes: dict[str, Any], step: Callable[[str], None]) -> None:
+    """Every IMAP workload for each folder size; records are (workload, {messages}, server)."""
+    servers = [ours] + ([dovecot] if dovecot is not None else [])
+    for count in counts:
+        box = ours.maildir(USER)
+        shutil.rmtree(box, ignore_errors=True)
+        populate(box, count)
+        if dovecot is not None:
+            shutil.rmtree(dovecot.mail, ignore_errors=True)
+            shutil.copytree(box, dovecot.mail)
+            dovecot.chown()
+            dovecot.stop()
+            dovecot.start()
+        failed: set[str] = set()
+        for server in servers:  # warm-up: indexes built, page cache filled
+            try:
+                warm(server.ports["imap"], count)
+            except Exception as e:  # noqa: BLE001
+                notes[f"imap-{server.name}-{count}"] = f"failed: {e}"[:200]
+                failed.add(server.name)
+        for rep in range(reps):
+            for server in servers:
+                step(f"imap {count} warm {server.name}")
+                if server.name in failed:
+                    continue
+                try:
+                    for wl, value in warm(server.ports["imap"], count).items():
+                        record(wl, {"messages": count}, server.name, rep, {"value": value}, "s", "lower")
+                    for wl, _, _ in RESTART:
+                        step(f"imap {count} {wl[5:]} {server.name}")
+                        value = after_restart(server, server.ports["imap"], count, wl)
+                        record(wl, {"messages": count}, server.name, rep, {"value": value}, "s", "lower")
+                except Exception as e:  # noqa: BLE001
+                    notes[f"imap-{server.name}-{count}"] = f"failed: {e}"[:200]
+                    failed.add(server.name)
+        shutil.rmtree(box, ignore_errors=True)
+
+
+def targets(summary: dict[str, Any], counts: list[int], target: Callable[..., None],
+            why_missing: str) -> None:
+    """One target row per workload and size: Dovecot's time / ours >= 1 / goal."""
+    for count in counts:
+        for wl, label, goal in WARM + RESTART:
+            row = summary.get(f"{wl} messages={count}", {})
+            mine = row.get("ours", {}).get("median")
+            dv = row.get("dovecot", {}).get("median")
+            target(f"IMAP {label}, {count:,}: Dovecot time / ours (>= 1/{goal})",
+                   dv / mine if mine and dv else None, round(1 / goal, 3), why_missing)
+
+
+def main() -> int:
+    """Run the IMAP workloads alone (python bench/imap_bench.py); results as bench/run.py writes them."""
+    import argparse
+    import json
+    import platform
+    import sys
+    import tempfile
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path.insert(0, here)
+    import peers
+    import run as bench_run
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--messages", default="5000,100000", help="folder sizes, comma list")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", default=os.path.join(here, "results-imap"))
+    args = ap.parse_args()
+    counts = [int(x) for x in args.messages.split(",")]
+    workdir = tempfile.mkdtemp(prefix="imapbench-", dir=os.environ.get("BENCH_TMP"))
+    os.chmod(workdir, 0o755)
+    os.makedirs(args.out, exist_ok=True)
+    class Ours(peers.Ours):
+        def overrides(self) -> dict[str, Any]:
+            return {**super().overrides(), "listen.web": []}  # the web port is not measured here
+
+    ours, dovecot = Ours(workdir, "ours"), peers.Dovecot(workdir)
+    notes: dict[str, Any] = {}
+    records: list[dict[str, Any]] = []
+
+    def record(workload: str, params: dict[str, Any], server: str, rep: int, result: dict[str, Any],
+               unit: str, better: str) -> None:
+        records.append({"workload": workload, "params": params, "server": server, "rep": rep,
+                        "unit": unit, "better": better, **result})
+
+    progress = bench_run.Progress(steps(counts, args.reps, 2))
+    if not ours.start():
+        print(f"our server did not start: {ours.error}", file=sys.stderr)
+        return 1
+    have_dovecot = dovecot.start() and dovecot.has("imap")
+    if not have_dovecot:
+        notes["dovecot"] = f"not run: {dovecot.error}"
+    try:
+        run(ours, dovecot if have_dovecot else None, counts, args.reps, record, notes, progress.step)
+    finally:
+        progress.finish()
+        ours.stop()
+        dovecot.stop()
+    summary = bench_run.summarise(records)
+    rows: list[dict[str, Any]] = []
+
+    def target(name: str, value: float | None, goal: float, why_missing: str) -> None:
+        rows.append({"target": name, "goal": goal, "value": value, "at_most": False,
+                     "met": None if value is None else value >= goal,
+                     "note": why_missing if value is None else ""})
+
+    targets(summary, counts, target, notes.get("dovecot", "not measured"))
+    meta = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "python": platform.python_version(),
+            "machine": f"{os.cpu_count()} CPUs, {platform.platform()}", "reps": args.reps,
+            "duration_s": "-", "quick": False, "workdir": workdir}
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"meta": meta, "records": records, "summary": summary, "targets": rows,
+                   "notes": notes}, f, indent=1, default=str)
+    md = bench_run.markdown(meta, summary, rows, notes)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(md)
+    print(md)
+    shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
