@@ -175,3 +175,23 @@ def test_first_count_of_a_big_account_does_not_hold_the_reactor(start_server, ac
     assert lines == [b'* QUOTA "" (MESSAGE 20000 50000)', b"q OK GETQUOTA completed"]
     print(f"first GETQUOTA of 20,000 messages: slowest NOOP {worst * 1000:.1f} ms")
     assert worst < LIMIT
+
+
+def test_malformed_quota_commands_get_bad_or_no(start_server, accounts):
+    from tests.test_imap import Raw
+
+    server = start_server(site=True, kinds=KINDS, web__admins=["alice@example.test"])
+    raw = Raw(server.port("imap"))
+    assert raw.command(b"a", b"GETQUOTA \"\"")[-1].startswith(b"a BAD")  # before login
+    raw.command(b"l", b"LOGIN alice@example.test alice-secret")
+    for command, answer in ((b"GETQUOTA", b"BAD"), (b"GETQUOTA (x)", b"BAD"),
+                            (b'GETQUOTA "" ""', b"BAD"), (b"GETQUOTAROOT", b"BAD"),
+                            (b"GETQUOTAROOT ../etc", b"NO [NONEXISTENT]"),
+                            (b'SETQUOTA ""', b"BAD"), (b'SETQUOTA "" STORAGE', b"BAD"),
+                            (b'SETQUOTA "" (STORAGE)', b"BAD"),
+                            (b'SETQUOTA "" (STORAGE 99999999999999999999999)', b"BAD"),
+                            (b'SETQUOTA "" ((STORAGE) 1)', b"BAD"),
+                            (b'SETQUOTA other (STORAGE 1)', b"NO [NONEXISTENT]")):
+        lines = raw.command(b"t", command)
+        assert lines[-1].startswith(b"t " + answer), (command, lines)
+    assert raw.command(b"n", b"NOOP") == [b"n OK NOOP completed"]
