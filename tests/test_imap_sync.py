@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import log_lines
 from tests.test_imap import Raw, send
 
 KINDS = ("smtp", "pop3", "imap")
@@ -147,7 +148,7 @@ class OfflineIMAP(Sync):
     """The same with offlineimap: local folders nested as C{a/b}, state in C{home}."""
 
     def __init__(self, tmp: Path, port: int, transport: str = "plain", ca: str = "",
-                 server: object = None) -> None:
+                 server: object = None, compress: bool = False) -> None:
         super().__init__(tmp, port, transport, ca, server)
         port = self.port
         self.rc = self.home / "offlineimaprc"
@@ -170,6 +171,7 @@ remoteuser = {USER}
 remotepass = secret
 ssl = {"yes" if transport == "implicit" else "no"}
 starttls = {"yes" if transport == "starttls" else "no"}
+usecompression = {"yes" if compress else "no"}
 {f"sslcacertfile = {ca}" if ca else ""}
 """)
 
@@ -405,11 +407,14 @@ def mbsync_scenario(server, tmp_path: Path, transport: str = "plain", ca: str = 
 
 
 @pytest.mark.tool("offlineimap")
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_two_way_sync_with_offlineimap(start_server, certificate, tmp_path, transport):
+@pytest.mark.parametrize("transport,compress", [pytest.param(t, False, id=t) for t in TRANSPORTS] + [
+    pytest.param("plain", True, id="plain-compress"), pytest.param("implicit", True, id="implicit-compress")])
+def test_two_way_sync_with_offlineimap(start_server, certificate, tmp_path, transport, compress):
+    """Also with COMPRESS=DEFLATE (offlineimap's usecompression), in the clear and inside TLS."""
     server = tls_server(start_server, certificate, transport)
     port = server.port("imap")
-    sync = OfflineIMAP(tmp_path, port, transport, certificate[0] if transport != "plain" else "", server)
+    sync = OfflineIMAP(tmp_path, port, transport, certificate[0] if transport != "plain" else "", server,
+                       compress=compress)
     for subject in ("m1", "m2", "m3", "m4"):
         send(server, to=USER, subject=subject, body=f"{subject} body\r\n")
     m = imaplib.IMAP4("127.0.0.1", port)
@@ -421,7 +426,9 @@ def test_two_way_sync_with_offlineimap(start_server, certificate, tmp_path, tran
     m.logout()
     sync.put("INBOX", message("l1"), "S")
     sync.put("Local", message("l2"), "F")
-    sync.run()
+    with log_lines("COMPRESS=DEFLATE active") as compressed:
+        sync.run()
+    assert bool(compressed) == compress
     state = assert_identical(sync, port)
     assert subjects(state, "INBOX") == {"m1": "", "m2": "", "m3": "", "m4": "", "l1": "S"}
     assert subjects(state, "Local") == {"l2": "F"}

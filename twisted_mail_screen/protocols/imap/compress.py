@@ -36,6 +36,7 @@ class CompressCommands(SessionCore):
         # The OK goes out uncompressed; everything after it, both ways, is deflated.
         self.tagged(tag, "OK DEFLATE active")
         self.add_layer(self._deflate_layer)
+        self.log.debug("imap: {peer}: COMPRESS=DEFLATE active", peer=self.peer_host)
         return None
 
     def _deflate_layer(self, transport: Any, pending: bytes) -> DeflateTransport:
