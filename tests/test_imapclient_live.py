@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_imap import Raw
+
 imapclient = pytest.importorskip("imapclient")
 
 KINDS = ("smtp", "imap")
@@ -104,3 +106,48 @@ def server_capabilities(port: int) -> list[str]:
     caps = m.capability()[1][0].decode().upper().split()
     m.logout()
     return caps
+
+
+def test_what_the_suites_defective_tests_check(start_server):
+    """
+    test_fetch and the non-UID test_move fail in the suite whatever the
+    server (SUITE_DEFECTS): their checks, done here with IMAPClient the way
+    the suite means them (the envelope compared with ==, MOVE by sequence number).
+    """
+    from datetime import datetime
+    from email.utils import make_msgid
+
+    from imapclient import IMAPClient
+    from imapclient.fixed_offset import FixedOffset
+    from imapclient.livetest import MULTIPART_MESSAGE
+    from imapclient.response_types import Address, Envelope
+
+    server = start_server(kinds=KINDS)
+    client = IMAPClient("127.0.0.1", port=server.port("imap"), ssl=False)
+    client.login("live@localhost", "secret")
+    client.enable("CONDSTORE")
+    msg_id = make_msgid()
+    msg = f"Message-ID: {msg_id}\r\n" + MULTIPART_MESSAGE
+    client.append("INBOX", msg)
+    for use_uid in (True, False):
+        client.use_uid = use_uid
+        client.select_folder("INBOX")
+        client.normalise_times = False
+        n = client.search()[0]
+        info = client.fetch(n, ["RFC822", "FLAGS", "INTERNALDATE", "ENVELOPE"])[n]
+        assert set(info) == {b"RFC822", b"FLAGS", b"INTERNALDATE", b"ENVELOPE", b"SEQ", b"MODSEQ"}
+        assert info[b"SEQ"] == 1 and info[b"RFC822"] == msg.encode()
+        bob = Address(b"Bob Smith", None, b"bob", b"smith.com")
+        assert info[b"ENVELOPE"] == Envelope(
+            datetime(2010, 3, 16, 16, 45, 32, tzinfo=FixedOffset(0)), b"A multipart message",
+            (bob,), (bob,), (bob,),
+            (Address(b"Some One", None, b"some", b"one.com"), Address(None, None, b"foo", b"foo.com")),
+            None, None, None, msg_id.encode())
+    client.create_folder("moved")
+    raw = Raw(server.port("imap"))  # MOVE by sequence number, what the suite's non-UID move() means
+    raw.command(b"l", b"LOGIN live@localhost secret")
+    raw.command(b"s", b"SELECT INBOX")
+    assert raw.command(b"m", b"MOVE 1 moved")[-1].startswith(b"m OK")
+    raw.close()
+    assert client.folder_status("moved", ["MESSAGES"])[b"MESSAGES"] == 1
+    client.logout()
