@@ -266,15 +266,19 @@ def test_header_index_is_kept_in_step_and_persisted(site, tmp_path, start_server
     assert numbers(m.uid("SEARCH", None, "SUBJECT", "needle")[1]) == [1]
     index_file = box / headerindex.FILENAME
     assert index_file.exists()
-    # delivery after the index was built
+    assert numbers(m.uid("SORT", "(REVERSE SUBJECT)", "UTF-8", "ALL")[1]) == [2, 1]
+    # delivery after the index was built (and a SORT order kept for the folder as it was)
     append(m, msg("third NEEDLE"))
     m.noop()
     assert numbers(m.uid("SEARCH", None, "SUBJECT", "needle")[1]) == [1, 3]
+    assert numbers(m.uid("SORT", "(REVERSE SUBJECT)", "UTF-8", "ALL")[1]) == [3, 2, 1]
+    assert numbers(m.uid("SORT", "(REVERSE SUBJECT)", "UTF-8", "SUBJECT", "needle")[1]) == [3, 1]
     # flag changes do not hide a message; expunge removes it
     m.store("1", "+FLAGS", "(\\Deleted)")
     assert numbers(m.uid("SEARCH", None, "HEADER", "Subject", "needle")[1]) == [1, 3]
     m.expunge()
     assert numbers(m.uid("SEARCH", None, "SUBJECT", "needle")[1]) == [3]
+    assert numbers(m.sort("(REVERSE SUBJECT)", "UTF-8", "ALL")[1]) == [2, 1]  # sequence numbers
     m.logout()
     site.stop()
     # after a restart, the entries on disk answer (the file is kept, not rebuilt)

@@ -31,6 +31,7 @@ import re
 import struct
 import threading
 from collections import OrderedDict
+from typing import Any
 
 from twisted_mail_screen.protocols.imap.fetch import read_message
 from twisted_mail_screen.protocols.imap.flags import base_of
@@ -38,11 +39,13 @@ from twisted_mail_screen.protocols.imap.sortkeys import SortFields, fields_of
 from twisted_mail_screen.runtime.atomic import write_atomically
 
 FILENAME = "mailscreen-headers"
-MAGIC = b"MSHI2\n"
+MAGIC = b"MSHI3\n"
 #: header blocks larger than this are not copied into the index (their messages are read)
 MAX_BLOCK = 256 * 1024
 #: bytes of loaded indexes kept in memory across searches, all folders together
 MEMORY_LIMIT = 256 * 1024 * 1024
+#: results kept per folder until it changes (SORT orders, one per criteria list)
+MEMO_ENTRIES = 8
 _REC = struct.Struct("<IIIB")  # base, metadata and block lengths; block is plain text
 _BIG = 0xFFFFFFFF
 _BLANK_LINE = re.compile(rb"^\r?\n|\n\r?\n")
@@ -52,7 +55,8 @@ _UNKNOWN = (0.0, SortFields(None, "", False, "", "", "", None, ()))
 
 def _record(base: str, mtime: float, fields: SortFields, block: bytes | None) -> bytes:
     b = base.encode("utf-8", "surrogateescape")
-    m = marshal.dumps((mtime, fields.as_tuple()))
+    # marshal version 2 writes no back-references, so records concatenate into one list
+    m = marshal.dumps((float(mtime), tuple(fields)), 2)
     plain = block is not None and bool(_PLAIN.match(block)) and b"=?" not in block
     return _REC.pack(len(b), len(m), _BIG if block is None else len(block), plain) + b + m + (block or b"")
 
@@ -75,7 +79,7 @@ class HeaderIndex:
         self.bases: list[str] = []
         self.metas: list[bytes] = []
         self.ends: list[int] = []  # end of the block in the blob; -1 when not stored, -2 superseded
-        self.decoded_cache: dict[int, tuple[float, SortFields]] = {}
+        self.decoded_list: list[tuple[float, SortFields]] = []
         self.by_base: dict[str, int] = {}
         self.chunks: list[bytes] = []
         self.blob = b""
@@ -85,6 +89,7 @@ class HeaderIndex:
         self.identity: tuple[int, int] | None = None
         self.unplain: set[int] = set()
         self._last: tuple[list[str], list[int]] | None = None
+        self.memo: dict[Any, Any] = {}  # results over the folder as last seen (SORT orders)
 
     @property
     def file(self) -> str:
@@ -207,16 +212,30 @@ class HeaderIndex:
         return self.blob
 
     def decoded(self, entry: int) -> tuple[float, SortFields]:
-        """The entry's (internal date, SORT/THREAD keys), decoded when first asked."""
-        got = self.decoded_cache.get(entry)
-        if got is None:
+        """The entry's (internal date, SORT/THREAD keys as a plain tuple in SortFields order)."""
+        if entry >= len(self.decoded_list):
+            self._decode()
+        return self.decoded_list[entry]
+
+    def _decode(self) -> None:
+        # One marshal call for every entry not yet decoded: the records' metadata
+        # joined behind a list header (a C loop, not one Python call per message).
+        done = len(self.decoded_list)
+        todo = self.metas[done:]
+        try:
+            values = marshal.loads(b"[" + struct.pack("<i", len(todo)) + b"".join(todo))
+            if len(values) != len(todo):
+                raise ValueError("short")
+            self.decoded_list.extend(values)
+            return
+        except (ValueError, TypeError, EOFError):
+            pass
+        for meta in todo:  # one bad record: the others still count
             try:
-                mtime, values = marshal.loads(self.metas[entry])
-                got = (float(mtime), SortFields(*values))
+                mtime, fields = marshal.loads(meta)
+                self.decoded_list.append((float(mtime), tuple(fields)))  # type: ignore[arg-type]
             except (ValueError, TypeError, EOFError):
-                got = _UNKNOWN  # unreadable: sorts as a message without headers
-            self.decoded_cache[entry] = got
-        return got
+                self.decoded_list.append(_UNKNOWN)
 
     # what searches ask
 
@@ -224,6 +243,7 @@ class HeaderIndex:
         """The entry of each message (C{rels} relative to the folder), indexing those missing."""
         if self._last is not None and self._last[0] == rels:
             return self._last[1]  # the same folder as last time: nothing to look up
+        self.memo.clear()
         out: list[int] = []
         missing: list[str] = []
         get = self.by_base.get
@@ -252,6 +272,12 @@ class HeaderIndex:
             out = [get(base_of(rel), -1) for rel in rels]
         self._last = (list(rels), out)
         return out
+
+    def remember(self, key: Any, value: Any) -> None:
+        """Keep a result over the folder until it changes (a few at most)."""
+        if len(self.memo) >= MEMO_ENTRIES:
+            self.memo.pop(next(iter(self.memo)))
+        self.memo[key] = value
 
     def block(self, entry: int) -> bytes | None:
         end = self.ends[entry]

@@ -16,6 +16,7 @@ from twisted_mail_screen.protocols.imap.parse import Atom, BadCommand, Token, as
 from twisted_mail_screen.protocols.imap.search import parse_search
 from twisted_mail_screen.protocols.imap.searchplan import Search, Snapshot, bits_of, simplify
 from twisted_mail_screen.protocols.imap.selected import SelectedView
+from twisted_mail_screen.protocols.imap.sortkeys import SortFields
 from twisted_mail_screen.protocols.imap.threads import (SORT_KEYS, Msg, ordered_subject, references,
                                                         render, sort_numbers)
 
@@ -52,9 +53,8 @@ def parse_criteria(tok: Token) -> list[tuple[str, bool]]:
     return out
 
 
-def _matching(snap: Snapshot, keys: list[Token], charset: str, uid: bool,
-              with_sizes: bool = False) -> tuple[list[Msg], dict[int, int]]:
-    """The messages matching C{keys}, with their keys from the header index, and their sizes."""
+def _matching(snap: Snapshot, keys: list[Token], charset: str, uid: bool) -> list[Msg]:
+    """The messages matching C{keys}, with their keys from the header index."""
     node = parse_search(keys, charset)
     s = Search(snap)
     try:
@@ -62,31 +62,52 @@ def _matching(snap: Snapshot, keys: list[Token], charset: str, uid: bool,
         index, entry_of = s.entries()
         numbers = s.uids if uid else s.seqs
         msgs: list[Msg] = []
-        size_of: dict[int, int] = {}
         for i in bits_of(mask):
             e = entry_of[i]
             if e < 0:
                 continue  # gone since the snapshot
             mtime, fields = index.decoded(e)
-            msgs.append((numbers[i], fields, mtime))
-        if with_sizes:
-            sizes = s.sizes()
-            size_of = {numbers[i]: sizes[i] for i in bits_of(mask)}
-        return msgs, size_of
+            msgs.append((numbers[i], SortFields(*fields), mtime))
+        return msgs
     finally:
         s.close()
 
 
 def sort_command(args: list[Token], snap: Snapshot, uid: bool) -> bytes:
-    """The untagged SORT line (blocking: run in a worker)."""
+    """
+    The untagged SORT line (blocking: run in a worker). The whole folder's
+    order for the criteria is kept with the header index until the folder
+    changes (a client that lists a folder sorts it again and again), and
+    the messages the keys match are picked from it.
+    """
     if len(args) < 3:
         raise BadCommand("SORT needs sort criteria, a charset and search keys")
     criteria = parse_criteria(args[0])
     charset = _charset(args[1])
-    msgs, sizes = _matching(snap, list(args[2:]), charset, uid,
-                            any(k == "SIZE" for k, _ in criteria))
-    numbers = sort_numbers(msgs, criteria, sizes)
-    return b"* SORT" + b"".join(b" %d" % n for n in numbers) + b"\r\n"
+    node = parse_search(list(args[2:]), charset)
+    s = Search(snap)
+    try:
+        mask = s.eval(simplify(node), s.full)
+        index, entry_of = s.entries()
+        key = ("sort", tuple(criteria))
+        order = index.memo.get(key)
+        if order is None:
+            # positions in the folder stand for the numbers: both grow with it
+            msgs: list[Msg] = []
+            for i, e in enumerate(entry_of):
+                if e >= 0:
+                    mtime, fields = index.decoded(e)
+                    msgs.append((i, fields, mtime))
+            sizes = dict(enumerate(s.sizes())) if any(k == "SIZE" for k, _ in criteria) else {}
+            order = sort_numbers(msgs, criteria, sizes)
+            index.remember(key, order)
+        numbers = s.uids if uid else s.seqs
+        if mask != s.full:
+            wanted = set(bits_of(mask))
+            order = [i for i in order if i in wanted]
+        return b"* SORT" + b"".join(b" %d" % numbers[i] for i in order) + b"\r\n"
+    finally:
+        s.close()
 
 
 def thread_command(args: list[Token], snap: Snapshot, uid: bool) -> bytes:
@@ -97,7 +118,7 @@ def thread_command(args: list[Token], snap: Snapshot, uid: bool) -> bytes:
     if algorithm not in ALGORITHMS:
         raise BadCommand("unknown threading algorithm")
     charset = _charset(args[1])
-    msgs, _ = _matching(snap, list(args[2:]), charset, uid)
+    msgs = _matching(snap, list(args[2:]), charset, uid)
     roots = references(msgs) if algorithm == "REFERENCES" else ordered_subject(msgs)
     threads = render(roots)
     return b"* THREAD" + (b" " + threads if threads else b"") + b"\r\n"

@@ -23,7 +23,8 @@ SORT_KEYS = {"ARRIVAL", "CC", "DATE", "FROM", "SIZE", "SUBJECT", "TO"}
 
 
 def _date(m: Msg) -> float:
-    return m[1].date if m[1].date is not None else m[2]
+    sent = m[1][0]  # SortFields.date, by position: SORT passes the index's plain tuples
+    return sent if sent is not None else m[2]
 
 
 def sort_numbers(msgs: Sequence[Msg], criteria: Sequence[tuple[str, bool]],
