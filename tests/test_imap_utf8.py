@@ -46,7 +46,8 @@ def test_names_are_utf8_once_enabled(server):
     assert ok(legacy, b'LIST "" "K*"') == [b'* LIST (\\HasNoChildren) "/" "K&APY-ln &- Bonn"']
     assert ok(modern, b'LIST "" "K*"') == [b'* LIST (\\HasNoChildren) "/" "K' + "ö".encode() + b'ln & Bonn"']
     assert ok(modern, b'STATUS "' + CAFE + b'" (MESSAGES)') == [b'* STATUS "' + CAFE + b'" (MESSAGES 0)']
-    assert ok(modern, b'LIST "" "Caf%" RETURN (STATUS (MESSAGES))')[1] == b'* STATUS "' + CAFE + b'" (MESSAGES 0)'
+    listed = ok(modern, b'LIST "" "Caf%" RETURN (STATUS (MESSAGES))')
+    assert listed[1] == b'* STATUS "' + CAFE + b'" (MESSAGES 0)'
     assert ok(legacy, b'STATUS "Caf&AOk-" (MESSAGES)') == [b'* STATUS "Caf&AOk-" (MESSAGES 0)']
     assert ok(modern, b'GETQUOTAROOT "' + CAFE + b'"')[0] == b'* QUOTAROOT "' + CAFE + b'" ""'
 
@@ -58,7 +59,13 @@ def test_append_utf8_literal8_then_search(server):
     assert lines == []
     ok(r, b'SELECT "' + CAFE + b'"')
     assert ok(r, 'SEARCH SUBJECT "grüße"'.encode()) == [b"* SEARCH 1"]
-    assert ok(r, 'SEARCH CHARSET UTF-8 SUBJECT "köln"'.encode()) == [b"* SEARCH 1"]
+    assert ok(r, 'UID SEARCH FROM "a@example.org" SUBJECT "köln"'.encode())[0].startswith(b"* SEARCH ")
+    # RFC 6855 3 and erratum 4029: no charset label but UTF-8 once enabled
+    assert r.command(b"b", 'SEARCH CHARSET UTF-8 SUBJECT "köln"'.encode())[-1].startswith(b"b BAD")
+    assert r.command(b"b", b"SORT (SUBJECT) US-ASCII ALL")[-1].startswith(b"b BAD")
+    assert ok(r, b"SORT (SUBJECT) UTF-8 ALL") == [b"* SORT 1"]
+    assert r.command(b"b", b"THREAD REFERENCES ISO-8859-1 ALL")[-1].startswith(b"b BAD")
+    assert ok(r, b"THREAD REFERENCES UTF-8 ALL") == [b"* THREAD (1)"]
     fetched = r.command(b"f", b"FETCH 1 (BODY.PEEK[])")
     assert fetched[-1].startswith(b"f OK") and MESSAGE.split(b"\r\n")[1] in fetched
 

@@ -77,7 +77,7 @@ def _pending(d: Deferred) -> Deferred | None:
     return None if done else d
 
 
-class IMAPServer(CondStoreCommands, Utf8Accept, ExtendedList, AccountCommands, MessageCommands, QuotaCommands,
+class IMAPServer(Utf8Accept, CondStoreCommands, ExtendedList, AccountCommands, MessageCommands, QuotaCommands,
                  CompressCommands, SortCommands):
     """
     One IMAP session: the connection, the framing of lines and literals,
