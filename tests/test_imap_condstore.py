@@ -7,6 +7,7 @@ by delivery, by the web API and by hand on the Maildir each bumping them.
 
 from __future__ import annotations
 
+import gc
 import imaplib
 import os
 import poplib
@@ -234,3 +235,91 @@ def test_file_format_torn_and_corrupt(tmp_path):
     for bad in (b"2 V7 H9 F0\n", b"1 V7 H9 F0\nx 1 =\n", b"1 V7 H9 F0\n1 2 S\n", b"\xff\n"):
         with pytest.raises(modseqlist.ModSeqListCorrupt):
             modseqlist.parse(bad)
+
+
+# The reactor while whole-folder CONDSTORE/QRESYNC commands run (tests/test_reactor_budget.py's probe).
+
+BIG = 5000  # as tests/test_reactor_budget.py's whole-folder cases
+
+
+def test_whole_folder_condstore_commands_keep_the_reactor_free(start_server, accounts, tmp_path):
+    from tests.test_reactor_budget import ALICE, Client, check, fill, mailbox, measured
+    fill(mailbox(tmp_path, ALICE[0]), BIG)
+    server = start_server(site=True, kinds=("smtp", "pop3", "imap"))
+    port = server.port("imap")
+    c = Client(port)
+    assert c.command(b"e", b"ENABLE QRESYNC")[-1].startswith(b"e OK")
+    lines = c.command(b"s", b"SELECT INBOX")
+    validity = int(re.search(rb"UIDVALIDITY (\d+)", b" ".join(lines)).group(1))
+    start = int(re.search(rb"HIGHESTMODSEQ (\d+)", b" ".join(lines)).group(1))
+    half = BIG // 2
+    for what, tag, text in (
+            ("STORE 1:* +FLAGS", b"a", b"STORE 1:* +FLAGS (\\Flagged)"),
+            ("SEARCH MODSEQ", b"b", b"SEARCH MODSEQ %d" % (start + 1)),
+            ("FETCH CHANGEDSINCE", b"c", b"FETCH 1:* (FLAGS) (CHANGEDSINCE %d)" % start),
+            ("STORE UNCHANGEDSINCE", b"d", b"STORE 1:%d (UNCHANGEDSINCE %d) +FLAGS.SILENT (\\Deleted)"
+             % (half, start + BIG)),
+            ("EXPUNGE as VANISHED", b"f", b"EXPUNGE"),
+            ("SELECT QRESYNC", b"g", b"SELECT INBOX (QRESYNC (%d %d 1:%d))" % (validity, start, BIG)),
+            ("UID FETCH VANISHED", b"h", b"UID FETCH 1:* (FLAGS) (CHANGEDSINCE %d VANISHED)" % start)):
+        # A full collection of the test process's heap (clients and server share it) is not the
+        # command's: start each with the collector's counts at zero.
+        gc.collect()
+        worst, (line, size) = measured(port, lambda: c.drain(tag, text))
+        assert line.startswith(tag + b" OK"), line
+        # Each answered a line per message, but for EXPUNGE's one "* VANISHED 1:2500".
+        assert size > (half * 8 if tag != b"f" else 0), (what, size)
+        check(worst, what)
+
+
+@pytest.mark.parametrize("mode", ["starttls", "implicit"])
+def test_qresync_over_tls_with_imaplib(start_server, certificate, mode):
+    import ssl
+
+    from twisted_mail_screen.testing import EPHEMERAL
+    cert, key = certificate
+    server = start_server(kinds=("smtp", "imap"), tls__certificate=cert, tls__key=key,
+                          listen__imap=[EPHEMERAL, "ssl:0:interface=127.0.0.1"])
+    for i in range(3):
+        send(server, f"m{i}")
+    context = ssl.create_default_context(cafile=cert)
+    plain, implicit = server.service.ports("imap")
+    if mode == "implicit":
+        m = imaplib.IMAP4_SSL("127.0.0.1", implicit, ssl_context=context)
+    else:
+        m = imaplib.IMAP4("127.0.0.1", plain)
+        m.starttls(context)
+    m.login(USER, "x")
+    assert m.enable("QRESYNC")[0] == "OK" and m.untagged_responses.pop("ENABLED") == [b"QRESYNC"]
+    m.select("INBOX")
+    start = int(m.untagged_responses.pop("HIGHESTMODSEQ")[0])
+    m.store("2", "+FLAGS.SILENT", "(\\Deleted)")
+    typ, data = m.expunge()
+    assert typ == "OK" and m.untagged_responses.pop("VANISHED") == [b"2"]
+    typ, data = m.uid("FETCH", "1:*", "(FLAGS)", "(CHANGEDSINCE %d VANISHED)" % start)
+    assert m.untagged_responses.pop("VANISHED") == [b"(EARLIER) 2"] and data == [None]
+    m.logout()
+
+
+def test_lost_or_corrupt_modseq_file_restarts_above_every_value_given(server, start_server, tmp_path):
+    for i in range(2):
+        send(server, f"m{i}")
+    r = raw_login(server)
+    r("SELECT INBOX")
+    r("STORE 1:* +FLAGS (\\Seen)")
+    before = highest(r("SELECT INBOX")[0])
+    r.close()
+    server.stop()
+    path = folder(tmp_path) / modseqlist.FILENAME
+    for damage in (lambda: path.write_bytes(b"garbage\n"), path.unlink):
+        damage()
+        server = start_server(kinds=KINDS)
+        r = raw_login(server)
+        lines, _ = r("SELECT INBOX")
+        after = highest(lines)
+        assert after > before  # a client that knew `before` still sees every later change
+        lines, _ = r(f"FETCH 1:* (UID FLAGS) (CHANGEDSINCE {before})")
+        assert set(modseqs(lines)) == {1, 2}
+        r.close()
+        server.stop()
+        before = after

@@ -199,7 +199,6 @@ class CondStoreCommands(MessageCommands):
         folder = self.folder
         assert folder is not None
         modified: list[int] = []
-        before = folder.ms.highest
 
         def store(ranges: list[tuple[int, int]]) -> Deferred:
             uids = [self.view[i] for i in self._iter_positions(ranges)]
@@ -207,13 +206,12 @@ class CondStoreCommands(MessageCommands):
             return d.addCallback(lambda _: answer(ranges))
 
         def answer(ranges: list[tuple[int, int]]) -> Any:
-            skip = set(modified)
-            table = folder.ms.by_uid
-            # .SILENT still tells the new mod-sequence of what changed (RFC 7162 3.1.3's example).
-            kept = [i for i in self._iter_positions(ranges) if self.view[i] not in skip and
-                    (not m.group(2) or table.get(self.view[i], 0) > before)]
+            if modified:  # the messages that failed the test are not told of
+                skip = set(modified)
+                ranges = merged([i for i in self._iter_positions(ranges) if self.view[i] not in skip])
+            # .SILENT still tells the mod-sequences (RFC 7162 3.1.3's example), of every message stored.
             atts: list = (["UID"] if uid else []) + ([] if m.group(2) else ["FLAGS"])
-            return self._stream_fetch(merged(kept), atts + [ModSeqItem(table)])
+            return self._stream_fetch(ranges, atts + [ModSeqItem(folder.ms.by_uid)])
 
         def done(_: object) -> str:
             if not modified:

@@ -169,12 +169,13 @@ class Folder:
 
     # changes (reactor thread, under the account lock)
 
-    def record(self, kind: int, uid: int, origin: FolderListener | None) -> None:
+    def record(self, kind: int, uid: int, origin: FolderListener | None, rel: str | None = None) -> None:
+        """Log a change for the sessions and give it a mod-sequence (C{rel}: the name now, if known)."""
         self.log.append((kind, uid, origin))
         if kind == EXPUNGE:
             self.ms.expunge(uid)
         else:
-            rel = self.name(uid)
+            rel = rel if rel is not None else self.name(uid)
             if rel is not None:
                 self.ms.touch(uid, rel)
 
@@ -222,14 +223,14 @@ class Folder:
                 old = self.names[i]
                 self.names[i] = rel
                 if info_of(old) != info_of(rel):
-                    self.record(FLAGS, uid, None)
+                    self.record(FLAGS, uid, None, rel)
         if r.vanished:
             self.remove(r.vanished, None)
         claimed = set(r.claimed)
         for uid, rel in r.added:
             self.uids.append(uid)
             self.names.append(rel)
-            self.record(NEW, uid, claimer if uid in claimed else None)
+            self.record(NEW, uid, claimer if uid in claimed else None, rel)
         if claimer is not None:
             claimer.recent.update(r.claimed)
         self.sizes.update(r.sizes)
@@ -274,7 +275,7 @@ class Folder:
         for uid, rel in entries:
             self.uids.append(uid)
             self.names.append(rel)
-            self.record(NEW, uid, claimer)
+            self.record(NEW, uid, claimer, rel)
             if claimer is None:
                 self.unclaimed.add(uid)
         self.next_uid = max(self.next_uid, next_uid)

@@ -246,7 +246,7 @@ class MessageCommands(SelectedView):
                 i = folder.position(u)
                 if i is not None:
                     folder.names[i] = rel
-                    folder.record(mb.FLAGS, u, self)
+                    folder.record(mb.FLAGS, u, self, rel)
             folder.notify()
             return registry.persist(folder)
 

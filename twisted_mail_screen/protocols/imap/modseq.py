@@ -66,23 +66,26 @@ class ModSeqs:
         self.floor = 0
         self.by_uid: dict[int, int] = {}
         self.tombstones: list[tuple[int, int]] = []  # (modseq, uid), ascending
-        self.pending: list[str] = []
+        # (uid, modseq, name or None for an expunge): formatted by the worker
+        # (a STORE of 1:* on a large folder must cost the reactor little per message)
+        self.pending: list[tuple[int, int, str | None]] = []
 
     def touch(self, uid: int, rel: str) -> None:
         self.highest += 1
         self.by_uid[uid] = self.highest
-        self.pending.append(f"{uid} {self.highest} ={letters(rel)}\n")
+        self.pending.append((uid, self.highest, rel))
 
     def expunge(self, uid: int) -> None:
         self.highest += 1
         self.by_uid.pop(uid, None)
         self.tombstones.append((self.highest, uid))
-        self.floor = trim_tombstones(self.tombstones, self.floor)
-        self.pending.append(f"-{uid} {self.highest}\n")
+        if len(self.tombstones) > modseqlist.MAX_TOMBSTONES * 5 // 4:  # trimmed in batches: amortised O(1)
+            self.floor = trim_tombstones(self.tombstones, self.floor)
+        self.pending.append((uid, self.highest, None))
 
-    def take_pending(self) -> list[str]:
-        lines, self.pending = self.pending, []
-        return lines
+    def take_pending(self) -> list[tuple[int, int, str | None]]:
+        changes, self.pending = self.pending, []
+        return changes
 
     def vanished(self, since: int, uids: "array[int]", next_uid: int,
                  within: SeqSet | None) -> str:
@@ -173,8 +176,9 @@ def reconcile(path: str, uidvalidity: int, fresh: bool, uids: "array[int]", name
     return out
 
 
-def write_pending(path: str, uidvalidity: int, lines: list[str]) -> None:
+def write_pending(path: str, uidvalidity: int, changes: list[tuple[int, int, str | None]]) -> None:
     """Append a command's changes (worker thread); a folder deleted meanwhile has nothing to keep."""
+    lines = [f"-{u} {m}\n" if rel is None else f"{u} {m} ={letters(rel)}\n" for u, m, rel in changes]
     try:
         modseqlist.append_lines(path, lines)
     except FileNotFoundError:
