@@ -17,6 +17,7 @@ import pytest
 from tests.test_imap import Raw
 from tests.test_reactor_budget import ALICE, check, fill, mailbox, measured
 from twisted_mail_screen.protocols.imap import headerindex
+from twisted_mail_screen.protocols.imap.fetch import read_message
 from twisted_mail_screen.protocols.imap.sortkeys import base_subject, fields_of
 from twisted_mail_screen.protocols.imap.threads import references, render
 
@@ -279,6 +280,7 @@ def test_header_index_is_kept_in_step_and_persisted(site, tmp_path, start_server
     m.expunge()
     assert numbers(m.uid("SEARCH", None, "SUBJECT", "needle")[1]) == [3]
     assert numbers(m.sort("(REVERSE SUBJECT)", "UTF-8", "ALL")[1]) == [2, 1]  # sequence numbers
+    typ, from_files = m.fetch("1:*", "(ENVELOPE INTERNALDATE)")
     m.logout()
     site.stop()
     # after a restart, the entries on disk answer (the file is kept, not rebuilt)
@@ -290,6 +292,11 @@ def test_header_index_is_kept_in_step_and_persisted(site, tmp_path, start_server
     assert numbers(m.uid("SORT", "(SUBJECT)", "UTF-8", "ALL")[1]) == [2, 3]
     assert numbers(m.uid("SEARCH", None, "SUBJECT", "needle")[1]) == [3]
     assert index_file.stat().st_ino == before
+    # the first ENVELOPE/INTERNALDATE fetch after the restart takes the index's blocks
+    typ, data = m.fetch("1:*", "(ENVELOPE INTERNALDATE)")
+    assert typ == "OK" and data == from_files
+    assert [time.mktime(imaplib.Internaldate2tuple(line)) for line in data] == [1_600_000_000.0] * 2
+    assert b'"second"' in data[0] and b'"third NEEDLE"' in data[1]
     m.logout()
 
 
@@ -300,19 +307,19 @@ def test_header_index_torn_or_garbage_file_is_rebuilt(tmp_path):
     index = headerindex.HeaderIndex(str(box))
     with index.lock:
         headerindex.prepare(index)
-        assert index.ensure(str(box), rels) == [0, 1, 2]
+        assert index.ensure(str(box), rels, read_message) == [0, 1, 2]
     data = (box / headerindex.FILENAME).read_bytes()
     (box / headerindex.FILENAME).write_bytes(data[:-5])  # a crash during an append
     torn = headerindex.HeaderIndex(str(box))
     torn.load()
     assert len(torn.bases) == 2  # the torn record dropped, the file rewritten without it
     assert len((box / headerindex.FILENAME).read_bytes()) < len(data) - 5
-    assert torn.ensure(str(box), rels) == [0, 1, 2]
+    assert torn.ensure(str(box), rels, read_message) == [0, 1, 2]
     assert torn.hits("x") == {0, 1, 2} and torn.hits("nowhere") == set()
     (box / headerindex.FILENAME).write_bytes(b"not an index at all")
     broken = headerindex.HeaderIndex(str(box))
     broken.load()
-    assert broken.bases == [] and broken.ensure(str(box), rels) == [0, 1, 2]
+    assert broken.bases == [] and broken.ensure(str(box), rels, read_message) == [0, 1, 2]
     assert (box / headerindex.FILENAME).read_bytes().startswith(headerindex.MAGIC)
 
 
@@ -322,9 +329,9 @@ def test_header_index_compacts_expunged_entries(tmp_path):
     rels = sorted("cur/" + n for n in os.listdir(box / "cur"))
     index = headerindex.HeaderIndex(str(box))
     index.load()
-    index.ensure(str(box), rels)
+    index.ensure(str(box), rels, read_message)
     size = (box / headerindex.FILENAME).stat().st_size
-    assert index.ensure(str(box), rels[:10]) == list(range(10))  # 290 expunged
+    assert index.ensure(str(box), rels[:10], read_message) == list(range(10))  # 290 expunged
     assert len(index.bases) == 10
     assert (box / headerindex.FILENAME).stat().st_size < size / 20
 

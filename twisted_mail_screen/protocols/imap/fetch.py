@@ -20,6 +20,7 @@ from typing import Any, Sequence, Union
 
 from twisted_mail_screen.protocols.imap.message import Part, envelope, literal, section_response, to_crlf
 from twisted_mail_screen.protocols.imap.flags import base_of, find_file, flag_names
+from twisted_mail_screen.protocols.imap.headerindex import indexed_headers
 from twisted_mail_screen.protocols.imap.parse import BadCommand, Section, format_datetime
 
 Row = tuple[int, int, str, int, bool]
@@ -272,6 +273,11 @@ def render_rows(path: str, rows: Sequence[Row], atts: Sequence[Att], keywords: l
     want_env = "ENVELOPE" in atts
     want_date = "INTERNALDATE" in atts
     entries = cache.entries if cache is not None else {}
+    # ENVELOPE and INTERNALDATE alone: the header index's blocks, where it has them, not the files
+    # (only when some are not cached: a chunk rendered on the reactor never opens the index)
+    unknown = [b for r in rows if (b := base_of(r[2])) not in entries] \
+        if (want_env or want_date) and not (whole or header) else []
+    indexed = indexed_headers(path, unknown) if unknown else {}
     for seq, uid, rel, size, recent in rows:
         env: bytes | None = None
         mtime: float | None = None
@@ -282,7 +288,13 @@ def render_rows(path: str, rows: Sequence[Row], atts: Sequence[Att], keywords: l
                 env, mtime = entry
         data: bytes | None = None
         root: Part | None = None
-        if whole or header or (want_env and env is None) or (want_date and mtime is None):
+        known = indexed.get(base_of(rel)) if indexed else None
+        if known is not None and ((want_env and env is None) or (want_date and mtime is None)):
+            block = to_crlf(known[0])
+            env = env if env is not None or not want_env else envelope(Part(block, 0, len(block)).fields)
+            mtime = known[1]
+            learned[base_of(rel)] = [env if want_env else None, mtime]
+        elif whole or header or (want_env and env is None) or (want_date and mtime is None):
             rel, data, got = read_message(path, rel, whole, want_date and mtime is None)
             if data is None:
                 if head and tail:

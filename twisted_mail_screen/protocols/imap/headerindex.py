@@ -31,9 +31,8 @@ import re
 import struct
 import threading
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Callable
 
-from twisted_mail_screen.protocols.imap.fetch import read_message
 from twisted_mail_screen.protocols.imap.flags import base_of
 from twisted_mail_screen.protocols.imap.sortkeys import SortFields, fields_of
 from twisted_mail_screen.runtime.atomic import write_atomically
@@ -50,6 +49,8 @@ _REC = struct.Struct("<IIIB")  # base, metadata and block lengths; block is plai
 _BIG = 0xFFFFFFFF
 _BLANK_LINE = re.compile(rb"^\r?\n|\n\r?\n")
 _PLAIN = re.compile(rb"^[\x00-\x7f]*$")
+#: reads a message's header block: (path, rel, whole, want_stat) -> (rel, data, mtime)
+Reader = Callable[[str, str, bool, bool], tuple[str, "bytes | None", "float | None"]]
 _UNKNOWN = (0.0, SortFields(None, "", False, "", "", "", None, ()))
 
 
@@ -239,8 +240,11 @@ class HeaderIndex:
 
     # what searches ask
 
-    def ensure(self, path: str, rels: list[str]) -> list[int]:
-        """The entry of each message (C{rels} relative to the folder), indexing those missing."""
+    def ensure(self, path: str, rels: list[str], read: Reader) -> list[int]:
+        """
+        The entry of each message (C{rels} relative to the folder), indexing
+        those missing, whose header blocks C{read} gives (fetch.read_message).
+        """
         if self._last is not None and self._last[0] == rels:
             return self._last[1]  # the same folder as last time: nothing to look up
         self.memo.clear()
@@ -255,7 +259,7 @@ class HeaderIndex:
         if missing:
             records = []
             for rel in missing:
-                rel2, data, mtime = read_message(path, rel, False, True)
+                rel2, data, mtime = read(path, rel, False, True)
                 if data is None:
                     continue  # gone: not indexed, its search reads it (and finds nothing)
                 m = _BLANK_LINE.search(data)
@@ -306,6 +310,24 @@ class HeaderIndex:
                 at = find(raw, ends[i])
             else:
                 at = find(raw, at + 1)
+        return out
+
+
+def indexed_headers(path: str, bases: list[str]) -> dict[str, tuple[bytes, float]]:
+    """
+    The header blocks and internal dates the folder's index already has for
+    C{bases} (FETCH ENVELOPE and INTERNALDATE take them instead of opening
+    the files); nothing is indexed here.
+    """
+    index = open_index(path)
+    with index.lock:
+        prepare(index)
+        out = {}
+        get = index.by_base.get
+        for base in bases:
+            e = get(base)
+            if e is not None and (block := index.block(e)) is not None:
+                out[base] = (block, index.decoded(e)[0])
         return out
 
 

@@ -23,6 +23,7 @@ import bisect
 from array import array
 from typing import Any, Iterable, Sequence
 
+from twisted_mail_screen.protocols.imap.fetch import read_message
 from twisted_mail_screen.protocols.imap.flags import FLAG_LETTERS, info_of, size_of_name
 from twisted_mail_screen.protocols.imap.headerindex import HeaderIndex, open_index, prepare
 from twisted_mail_screen.protocols.imap.parse import Token
@@ -226,7 +227,7 @@ class Search:
             index.lock.acquire()
             self._index = index
             prepare(index)
-            self._entries = index.ensure(self.snap.path, self.rels)
+            self._entries = index.ensure(self.snap.path, self.rels, read_message)
         return self._index, self._entries
 
     def close(self) -> None:
