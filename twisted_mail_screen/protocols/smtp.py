@@ -346,11 +346,8 @@ class SMTPServer(Authentication, Chunking, ScreenedSession):
     def _deliver(self, env: Envelope, body: bytes, mailboxes: tuple[str, ...],
                  remote: tuple[str, ...]) -> Deferred:
         f = self.factory
-        if f.quota is not None and mailboxes and not remote:
-            # Counted as stored, with CRLF line ends (as IMAP reports it), and
-            # room for the Return-Path: and Received: lines put in front.
-            size = len(body) + body.count(b"\n") + 200
-            return data_refusal(f.quota, mailboxes, size).addCallback(
+        if f.quota is not None and mailboxes and not remote and f.quota.any_limited(mailboxes):
+            return data_refusal(f.quota, f.blocking, mailboxes, body).addCallback(
                 lambda refusal: self.reply(*refusal) if refusal else self._store(env, body, mailboxes, remote))
         return self._store(env, body, mailboxes, remote)
 

@@ -16,6 +16,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 
 from twisted_mail_screen.quota.service import TOO_BIG, QuotaService
+from twisted_mail_screen.runtime.workers import Workers
 
 log = Logger(namespace="smtp")
 
@@ -50,11 +51,23 @@ def rcpt_refusal(quota: QuotaService, mailboxes: tuple[str, ...], declared: int,
     return _checked(quota, mailboxes, max(declared, 1)).addCallbacks(answer, _failed)
 
 
-def data_refusal(quota: QuotaService, mailboxes: tuple[str, ...], octets: int) -> "Deferred[Reply | None]":
+def stored_size(body: bytes) -> int:
+    """
+    The size C{body} (LF line ends) is counted at: with CRLF line ends, as
+    IMAP reports it, and room for the Return-Path: and Received: lines
+    delivery puts in front.
+    """
+    return len(body) + body.count(b"\n") + 200
+
+
+def data_refusal(quota: QuotaService, blocking: Workers, mailboxes: tuple[str, ...],
+                 body: bytes) -> "Deferred[Reply | None]":
     """The reply refusing the message when no local mailbox can take it, or C{None}."""
     def answer(verdicts: list[str | None]) -> Reply | None:
         if not verdicts or None in verdicts:
             return None
         return _reply(TOO_BIG if all(v == TOO_BIG for v in verdicts) else "full", "")
 
-    return _checked(quota, mailboxes, octets).addCallbacks(answer, _failed)
+    # Counting the lines of a 25 MB message is the pool's work, not the reactor's.
+    return blocking.run(stored_size, body).addCallback(
+        lambda octets: _checked(quota, mailboxes, octets)).addCallbacks(answer, _failed)

@@ -87,6 +87,10 @@ class QuotaService:
     def limits(self, account: str) -> Limits:
         return limits_of(self._overrides.get(account.lower()), self.default)
 
+    def any_limited(self, accounts: tuple[str, ...]) -> bool:
+        """Whether any of C{accounts} has a limit (else no check needs their usage)."""
+        return any(self.limits(a).limited for a in accounts)
+
     def overrides(self) -> dict[str, Override]:
         return dict(self._overrides)
 
