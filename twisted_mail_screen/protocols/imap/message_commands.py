@@ -321,7 +321,7 @@ class MessageCommands(SelectedView):
 
         def chosen(ranges: list[tuple[int, int]]) -> Deferred:
             wanted.extend(self.view[i] for i in self._iter_positions(ranges))
-            if move or not wanted:  # MOVE never adds: a full account can still clean up
+            if move or not wanted or not quota.limited(self):  # MOVE never adds: a full account can clean up
                 return source.lock.run(locked)
             octets = sum(source.size(u, source.name(u) or "") for u in wanted)
             return quota.room(self, octets, len(wanted)).addCallback(lambda _: source.lock.run(locked))

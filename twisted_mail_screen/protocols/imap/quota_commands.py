@@ -43,6 +43,11 @@ def _service(session: SessionCore) -> QuotaService:
     return session.factory.quota  # type: ignore[attr-defined, no-any-return]
 
 
+def limited(session: SessionCore) -> bool:
+    """Whether the session's account has a limit (else COPY need not add up sizes)."""
+    return session.address is not None and _service(session).limits(session.address).limited
+
+
 def room(session: SessionCore, octets: int, messages: int) -> Deferred:
     """
     Fires if C{messages} more of C{octets} fit in the session's account
