@@ -11,7 +11,8 @@ import pytest
 
 from twisted_mail_screen.config.base import ConfigError, Section
 from twisted_mail_screen.screening.config import (
-    FreezeConfig, ScreeningConfig, SessionAuthConfig, parse_freeze, parse_screening)
+    FreezeConfig, RedisConfig, ScreeningConfig, SessionAuthConfig, parse_freeze,
+    parse_screening)
 
 
 def screening(table: dict[str, Any], mode: str = "site") -> ScreeningConfig:
@@ -86,3 +87,36 @@ def test_freeze_section() -> None:
     with pytest.raises(ConfigError) as raised:
         parse_freeze(Section({"minute": 0}, "freeze"))
     assert raised.value.key == "freeze.minute"
+
+
+def test_redis_backend_keys(tmp_path) -> None:
+    """backend = "redis" gives the Redis settings; the memory backend has none."""
+    assert screening({}).redis is None
+    assert screening({"redis": "unix:/run/redis.sock"}).redis is None
+    password = tmp_path / "redis.pass"
+    password.write_text("secret\n")
+    config = screening({"backend": "redis", "redis": "unix:/run/redis/redis.sock",
+                        "key_prefix": "site1:", "password_file": str(password),
+                        "lease_seconds": 30, "redis_timeout_seconds": 0.5,
+                        "notify_period_minutes": 2})
+    assert config.redis == RedisConfig("unix:/run/redis/redis.sock", "site1:", str(password),
+                                       30, 0.5)
+    assert config.notify_period_minutes == 2.0
+    assert screening({"backend": "redis"}).redis == RedisConfig()
+    assert RedisConfig().endpoint == "tcp:127.0.0.1:6379"
+
+
+@pytest.mark.parametrize("table, key, words", [
+    ({"backend": "memcached"}, "screening.backend", "'memory' or 'redis'"),
+    ({"backend": "redis", "redis": "localhost:6379"}, "screening.redis", "tcp:HOST:PORT"),
+    ({"backend": "redis", "redis": "tcp:localhost:99999"}, "screening.redis", "tcp:HOST:PORT"),
+    ({"backend": "redis", "key_prefix": "a b"}, "screening.key_prefix", "without spaces"),
+    ({"backend": "redis", "password_file": "/nonexistent/pass"}, "screening.password_file",
+     "readable"),
+    ({"backend": "redis", "lease_seconds": 1}, "screening.lease_seconds", "at least 2"),
+    ({"notify_period_minutes": 0}, "screening.notify_period_minutes", "at least"),
+])
+def test_redis_errors_name_the_key(table: dict[str, Any], key: str, words: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        screening(table)
+    assert key in str(e.value) and words in str(e.value)

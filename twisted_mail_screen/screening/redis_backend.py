@@ -7,10 +7,10 @@ The connection decision stays in memory: each node keeps its own copy of
 the block list, white list and freezes (L{SharedLists}, updated by
 pub/sub), and its own set of clients the cluster has already seen
 C{max_connections} times in the window (or C{max_simultaneous} times at
-once). A connection is decided from those, then counted in Redis by one
-atomic script; when the script finds a client at its limit it publishes
-that, so the next connection, on whichever node, is refused (and blocked)
-without a round trip. Authentication failures are counted the same way.
+once). A connection is decided from those, then counted in Redis by the
+atomic batch script of its reactor turn (L{BatchedCounts}); when that finds
+a client at its limit it publishes that, so the next connection, on
+whichever node, is refused (and blocked) without a round trip. Authentication failures are counted the same way.
 
 Every counter key has a TTL: connection windows live as long as the window,
 simultaneous connections are leases that each node renews for its open
@@ -32,60 +32,20 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from twisted_mail_screen.screening.config import RedisConfig
 from twisted_mail_screen.screening.interfaces import ClientScreen, OpenScreen
 from twisted_mail_screen.screening.notify import PostmasterNotifier
+from twisted_mail_screen.screening.redis_counts import BatchedCounts
 from twisted_mail_screen.screening.redis_notify import SharedNotices
 from twisted_mail_screen.screening.redis_state import SharedLists
 from twisted_mail_screen.screening.resp import RedisLink
 from twisted_mail_screen.screening.rules import ScreeningRules, refusal_text
 from twisted_mail_screen.screening.service import ScreeningService
 
-# KEYS: window, lease, channel. ARGV: now, window s, limit, member,
-# lease expiry, lease ttl ms, most, client key.
-CONNECT = """
-local now = tonumber(ARGV[1])
-local window = tonumber(ARGV[2])
-local limit = tonumber(ARGV[3])
-local most = tonumber(ARGV[7])
-local count = 0
-if limit > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
-  redis.call('ZADD', KEYS[1], now, ARGV[4])
-  redis.call('PEXPIRE', KEYS[1], math.ceil(window * 1000))
-  count = redis.call('ZCARD', KEYS[1])
-  if count >= limit then
-    local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-    redis.call('PUBLISH', KEYS[3], cjson.encode({t='sat', k=ARGV[8],
-               u=tonumber(oldest[2]) + window}))
-  end
-end
-local active = 0
-if most > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-  redis.call('ZADD', KEYS[2], ARGV[5], ARGV[4])
-  redis.call('PEXPIRE', KEYS[2], ARGV[6])
-  active = redis.call('ZCARD', KEYS[2])
-  if active >= most then
-    redis.call('PUBLISH', KEYS[3], cjson.encode({t='full', k=ARGV[8], u=tonumber(ARGV[5])}))
-  end
-end
-return {count, active}
-"""
-# KEYS: lease, channel. ARGV: member, now, most, client key.
-RELEASE = """
-local before = redis.call('ZCARD', KEYS[1])
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
-local after = redis.call('ZCARD', KEYS[1])
-if before >= tonumber(ARGV[3]) and after < tonumber(ARGV[3]) then
-  redis.call('PUBLISH', KEYS[2], cjson.encode({t='full', k=ARGV[4], u=0}))
-end
-return after
-"""
 # KEYS: the lease sets. ARGV: expiry, ttl ms, then one member per key.
 RENEW = """
 for i = 1, #KEYS do
@@ -93,13 +53,6 @@ for i = 1, #KEYS do
   redis.call('PEXPIRE', KEYS[i], ARGV[2])
 end
 return #KEYS
-"""
-# KEYS: failures. ARGV: now, window s, digest. A repeated pair counts once.
-AUTH_FAILED = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[1]) - tonumber(ARGV[2]))
-local added = redis.call('ZADD', KEYS[1], 'NX', ARGV[1], ARGV[3])
-redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2]) * 1000))
-return {added, redis.call('ZCARD', KEYS[1])}
 """
 
 
@@ -216,6 +169,8 @@ class RedisScreening(Service):
         self.lists = SharedLists(self._link.call, self._prefix, self._channel, self.node,
                                  tables, clock, self._log)
         self.lists.on_block = self._forget
+        self.counts = BatchedCounts(self._link.call, clock, self._prefix, self._channel,
+                                    self._settings, config.lease_seconds)
         notifier = screening.notifier
         self.notices = (SharedNotices(self._link.call, lambda: self.up, self._prefix,
                                       self._channel, notifier, clock,
@@ -307,13 +262,7 @@ class RedisScreening(Service):
 
     def _connect(self, session: _ClusterSession, protocol: str, now: float) -> None:
         settings = self._settings
-        lease = self.config.lease_seconds
         session.leased = True
-        d = self._link.call(
-            "EVAL", CONNECT, 3, f"{self._prefix}conn:{session.key}",
-            f"{self._prefix}lease:{session.key}", self._channel,
-            now, settings.connection_window_minutes * 60, settings.max_connections,
-            session.member, now + lease, lease * 1000, settings.max_simultaneous, session.key)
 
         def counted(reply: list[int]) -> None:
             count, active = reply
@@ -333,7 +282,7 @@ class RedisScreening(Service):
                                          protocol)
                 session.blocked = True
 
-        d.addCallbacks(counted, lambda _: None)
+        self.counts.connected(session.key, session.member, counted)
 
     def _blockable(self, session: _ClusterSession) -> bool:
         return self._screening.state.blocklist.get(session.key) is None
@@ -342,9 +291,7 @@ class RedisScreening(Service):
         self._sessions.pop(session.member, None)
         if not (self.up and session.leased and self._settings.max_simultaneous):
             return
-        self._link.call("EVAL", RELEASE, 2, f"{self._prefix}lease:{session.key}",
-                        self._channel, session.member, self._clock.seconds(),
-                        self._settings.max_simultaneous, session.key).addErrback(lambda _: None)
+        self.counts.released(session.key, session.member)
 
     def auth_failed(self, session: _ClusterSession, username: str, secret: bytes) -> None:
         settings = self._settings
@@ -357,8 +304,6 @@ class RedisScreening(Service):
         digest = hmac.digest(self._secret, username.encode("utf-8", "surrogatepass")
                              + b"\0" + secret, "sha256")[:8].hex()
         window = settings.auth_failure_window_minutes
-        d = self._link.call("EVAL", AUTH_FAILED, 1, f"{self._prefix}auth:{session.key}",
-                            self._clock.seconds(), window * 60, digest)
 
         def counted(reply: list[int]) -> None:
             added, count = reply
@@ -367,7 +312,7 @@ class RedisScreening(Service):
                                          session.inner.protocol)
                 session.blocked = True
 
-        d.addCallbacks(counted, lambda _: None)
+        self.counts.auth_failed(session.key, digest, counted)
 
     # what the other nodes say
 
@@ -421,6 +366,11 @@ class RedisScreening(Service):
             session.leased = True
         self._link.call("EVAL", RENEW, len(keys), *keys, self._clock.seconds() + lease,
                         lease * 1000, *[s.member for s in sessions]).addErrback(lambda _: None)
+
+    def settled(self) -> Deferred:
+        """Fires once Redis has answered everything sent so far (the bench's barrier)."""
+        self.counts.flush()
+        return self._link.call("PING")
 
     def status(self) -> dict[str, object]:
         """For the control channel and the web API."""
