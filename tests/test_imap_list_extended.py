@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from tests.test_imap import Raw
+from tests.test_reactor_budget import LIMIT, fill, measured
 
 KINDS = ("smtp", "imap")
 
@@ -120,3 +121,23 @@ def test_bad_options(raw, command):
 
 def test_plain_list_unchanged(raw):
     assert listed(raw, b'LIST "" "Fruit"') == [b'* LIST (\\HasChildren) "/" "Fruit"']
+
+
+def test_list_status_of_many_folders_keeps_the_reactor_free(start_server, tmp_path):
+    """
+    200 folders of 100 messages each, LIST-STATUS over all (one STATUS, its
+    scan in the worker pool, after another): another session's NOOPs stay quick.
+    """
+    server = start_server(kinds=KINDS)
+    port = server.port("imap")
+    box = tmp_path / "data" / "mail" / "localhost" / "bob"
+    for i in range(200):
+        fill(box / f".F{i:03}", 100)
+    r = Raw(port)
+    r.command(b"l", b"LOGIN bob@localhost x")
+    worst, lines = measured(port, lambda: r.command(b"t", b'LIST "" "*" RETURN (STATUS (MESSAGES UNSEEN))'))
+    assert lines[-1].startswith(b"t OK")
+    assert b'* STATUS "F199" (MESSAGES 100 UNSEEN 50)' in lines
+    assert sum(line.startswith(b"* STATUS ") for line in lines) == 206  # and INBOX and the standard five
+    assert worst < LIMIT, worst
+    r.close()
