@@ -79,6 +79,9 @@ def test_service_sections_are_typed_and_frozen(tmp_path):
      "unknown protocol"),
     ('[freeze]\nminutes = -1', "freeze.minutes", "at least 0"),
     ('[relay]\nenabled = true', "relay.enabled", "relays only to a relay.smarthost"),
+    ('mode = "site"\ndomains = ["example.test"]\n[storage]\nfsync = false', "storage.fsync",
+     "only a test host"),
+    ('[storage]\nfsync = "no"', "storage.fsync", "must be true or false"),
 ])
 def test_bad_values_name_the_key(tmp_path, text, key, words):
     """Each kind of mistake raises ConfigError naming the key and the problem."""

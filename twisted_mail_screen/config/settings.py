@@ -78,6 +78,9 @@ class IMAPConfig:
 @dataclass(frozen=True)
 class StorageConfig:
     threads: int = 16
+    #: fsync each delivered message and the directories it lands in; only a
+    #: test host may turn it off (its mail is thrown away with the test).
+    fsync: bool = True
 
 
 @dataclass(frozen=True)
@@ -279,7 +282,11 @@ def parse_config(table: dict[str, Any], overrides: dict[str, Any] | None = None)
     )
     i.finish()
     st = top.section("storage")
-    storage = StorageConfig(threads=st.integer("threads", StorageConfig.threads, 1, 256))
+    storage = StorageConfig(threads=st.integer("threads", StorageConfig.threads, 1, 256),
+                            fsync=st.get("fsync", bool, StorageConfig.fsync))
+    if not storage.fsync and not test_host:
+        raise ConfigError("storage.fsync", False, "site mode keeps every delivery durable: "
+                          "only a test host (mode = \"test-host\") may turn fsync off")
     st.finish()
 
     # Sections owned by the services that use them, each parsed by its own

@@ -9,15 +9,19 @@ comes back, or sends the refusal.
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twisted_mail_screen.mailauth.sign import Signer
 from twisted_mail_screen.runtime.workers import Blocking, Workers
+
+if TYPE_CHECKING:
+    # dkim (and dnspython under it) is imported only when a key is configured:
+    # every server, the pytest plugin's among them, would pay for it otherwise.
+    from twisted_mail_screen.mailauth.sign import Signer
 
 #: Threads for the inbound checks' blocking DNS lookups.
 DNS_THREADS = 8
@@ -62,7 +66,11 @@ def build_mail_auth(config: Any, reactor: Any, blocking: Workers,
     The hook for C{config}, or C{None} when there is nothing to do.
     C{workers} replaces every pool (a unit test's inline workers).
     """
-    signer = Signer(config.dkim) if config.dkim.keys else None
+    signer = None
+    if config.dkim.keys:
+        from twisted_mail_screen.mailauth.sign import Signer
+
+        signer = Signer(config.dkim)
     if signer is None and not config.mail_auth.enabled:
         return None
     if not config.mail_auth.enabled:

@@ -12,8 +12,6 @@ import base64
 import os
 import re
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 ALGORITHMS = ("rsa", "ed25519")
 RSA_BITS = 2048
@@ -28,6 +26,9 @@ class DKIMKeyError(ValueError):
 
 def generate(algorithm: str) -> bytes:
     """A new private key, PEM."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
     if algorithm == "rsa":
         key = rsa.generate_private_key(public_exponent=65537, key_size=RSA_BITS)
         return key.private_bytes(serialization.Encoding.PEM,
@@ -56,6 +57,11 @@ def load(pem: bytes, algorithm: str) -> tuple[bytes, str]:
 
     @raise DKIMKeyError: the file is not a private key of C{algorithm}.
     """
+    # Imported here: the config parser imports this module for every
+    # server, and only one with DKIM keys needs cryptography's key loaders.
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
     try:
         key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError) as e:

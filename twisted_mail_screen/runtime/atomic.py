@@ -18,11 +18,16 @@ def fsync_directory(path: str) -> None:
         os.close(fd)
 
 
-def write_and_fsync(fd: int, data: bytes) -> None:
-    """Write all of C{data} to C{fd} and fsync it."""
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of C{data} to C{fd} (a short write is continued)."""
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
+
+
+def write_and_fsync(fd: int, data: bytes) -> None:
+    """Write all of C{data} to C{fd} and fsync it."""
+    write_all(fd, data)
     os.fsync(fd)
 
 

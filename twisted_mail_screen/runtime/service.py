@@ -169,7 +169,8 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
         blocking.setServiceParent(service)
     accounts = AccountStore(config.data_dir)
     if store is None:
-        store = MailStore(os.path.join(config.data_dir, "mail"), UniqueNames(config.hostname))
+        store = MailStore(os.path.join(config.data_dir, "mail"), UniqueNames(config.hostname),
+                          durable=config.storage.fsync)
     TmpCleaner(store, blocking.run, clock).setServiceParent(service)
     router = Router(config, accounts)
     # Injected faults (docs/faults.md) exist only on a test host; in site mode nothing asks.

@@ -10,6 +10,7 @@ thirty routes that need nothing but a pattern match and a guard.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable
@@ -123,6 +124,7 @@ class Route:
     admin: bool
 
 
+@functools.lru_cache(maxsize=256)  # the same few dozen paths for every site a process builds
 def _compile(path: str) -> re.Pattern[str]:
     regex = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(path))
     return re.compile(f"^{regex}$")

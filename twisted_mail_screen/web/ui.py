@@ -6,13 +6,14 @@ build step and nothing is loaded from anywhere else, so the page works on a
 host with no network and its Content-Security-Policy can allow C{'self'}
 only.
 
-The files are read once, when the site is built: a request never touches
-the disk, and only the names found then are served (a path is never
-joined from what the client sent).
+The files are read once per process, when the first site is built: a
+request never touches the disk, and only the names found then are served
+(a path is never joined from what the client sent).
 """
 
 from __future__ import annotations
 
+import functools
 from importlib.resources import files
 
 from twisted_mail_screen.web.api import ApiError, ApiRequest, Raw, Router
@@ -41,14 +42,24 @@ TYPES = {
 }
 
 
-def load_static() -> dict[str, Raw]:
-    """Every page file of the package's C{static/} folder, by name, ready to answer."""
-    found: dict[str, Raw] = {}
+@functools.lru_cache(maxsize=1)
+def _static_files() -> tuple[tuple[str, bytes, str], ...]:
+    """
+    (name, content, type) of every page file, read once per process: a
+    test suite builds a site per test, and the package's files do not
+    change under a running process.
+    """
+    found = []
     for entry in files("twisted_mail_screen.web").joinpath("static").iterdir():
         suffix = "." + entry.name.rpartition(".")[2]
         if entry.is_file() and suffix in TYPES:
-            found[entry.name] = Raw(entry.read_bytes(), TYPES[suffix], dict(HEADERS))
-    return found
+            found.append((entry.name, entry.read_bytes(), TYPES[suffix]))
+    return tuple(found)
+
+
+def load_static() -> dict[str, Raw]:
+    """Every page file of the package's C{static/} folder, by name, ready to answer."""
+    return {name: Raw(body, kind, dict(HEADERS)) for name, body, kind in _static_files()}
 
 
 def register(router: Router, context: WebContext) -> None:

@@ -1,0 +1,100 @@
+"""
+What keeps a function-scoped C{mailserver} cheap (bench/plugin_startup.py,
+docs/performance.md): no fsyncs on a test host, DKIM's libraries imported
+only when a key is configured, the web page's files read once per process,
+plain C{tcp:} listen strings built without the strports parser.
+"""
+
+from __future__ import annotations
+
+import os
+import smtplib
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactor
+
+from twisted_mail_screen.pytest_plugin.server import build
+from twisted_mail_screen.runtime.endpoints import server_endpoint
+from twisted_mail_screen.web.ui import load_static
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Every os.fsync of this process (the real call still happens), by fd."""
+    calls: list[int] = []
+    real: Callable[[int], None] = os.fsync
+
+    def counted(fd: int) -> None:
+        calls.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", counted)
+    return calls
+
+
+def _send_and_read(options: dict[str, Any], data_dir: Path, fsyncs: list[int]) -> int:
+    """Deliver one message to b@example.test; the fsyncs of the delivery."""
+    server = build(str(data_dir), options, 5.0, lambda: ("", ""))
+    try:
+        if server.site:
+            server.add_user("b@example.test", "secret")
+        del fsyncs[:]
+        with smtplib.SMTP(server.host, server.smtp_port) as client:
+            client.sendmail("a@example.test", ["b@example.test"], b"Subject: hi\r\n\r\nx\r\n")
+        found = server.wait_for("addressed:b@example.test")
+        assert [m["Subject"] for m in found] == ["hi"]
+        return len(fsyncs)
+    finally:
+        server.stop()
+
+
+def test_a_test_host_delivers_without_fsync(tmp_path: Path, fsyncs: list[int]) -> None:
+    assert _send_and_read({}, tmp_path / "host", fsyncs) == 0
+
+
+def test_site_mode_and_the_marker_keep_every_fsync(tmp_path: Path, fsyncs: list[int]) -> None:
+    """The file, the three new directories up to mail/, and new/ after the rename."""
+    assert _send_and_read({"site": True}, tmp_path / "site", fsyncs) == 5
+    assert _send_and_read({"storage__fsync": True}, tmp_path / "durable", fsyncs) == 5
+
+
+def test_dkim_and_dnspython_are_imported_only_for_a_key(tmp_path: Path) -> None:
+    """A server with no [dkim] keys and no [mail_auth] never imports them."""
+    script = (
+        "import sys\n"
+        "from twisted_mail_screen.pytest_plugin.server import build\n"
+        f"build({str(tmp_path / 'data')!r}, {{}}, 5.0, lambda: ('', '')).stop()\n"
+        "print(sorted(m for m in ('dkim', 'dns.resolver', 'twisted_mail_screen.mailauth.sign')"
+        " if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("description", [
+    "tcp:0:interface=127.0.0.1", "tcp:2525", "tcp:port=25:interface=0.0.0.0",
+    "tcp:0:interface=\\:\\:1", "tcp:0:backlog=7:interface=127.0.0.1",
+])
+def test_plain_tcp_strings_listen_as_the_strports_parser_would(description: str) -> None:
+    """The shortcut for the commonest strings asks the reactor for exactly the same listen."""
+    ours, theirs = MemoryReactor(), MemoryReactor()
+    server_endpoint(ours, description, Clock()).listen(object())  # type: ignore[arg-type]
+    serverFromString(theirs, description).listen(object())  # type: ignore[arg-type]
+    assert [(port, backlog, interface) for port, _, backlog, interface in ours.tcpServers] == \
+        [(port, backlog, interface) for port, _, backlog, interface in theirs.tcpServers]
+
+
+def test_page_files_read_once_but_each_site_gets_its_own_answers() -> None:
+    first, second = load_static(), load_static()
+    assert "index.html" in first and first["index.html"].body == second["index.html"].body
+    first["index.html"].headers["x-test"] = "changed"
+    assert "x-test" not in second["index.html"].headers
