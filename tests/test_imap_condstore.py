@@ -225,6 +225,16 @@ def test_modseqs_persist_and_follow_pop3_delivery_web_and_disk(server, start_ser
     assert lines[0] == "* VANISHED (EARLIER) 2"
     changed = modseqs(lines)
     assert set(changed) == {1, 4} and min(changed.values()) > mark  # uid 1 is the oldest: read via the web
+    lines, _ = r("STATUS INBOX (HIGHESTMODSEQ)")
+    mark = int(re.search(r"HIGHESTMODSEQ (\d+)", lines[0]).group(1))
+    assert mark >= max(changed.values())
+    # The web API's delete of the newest (uid 4) is an expunge with a mod-sequence too.
+    assert call(server.port("web"), "DELETE", "/api/v1/messages", {"IDs": ids[:1]}).body == b"ok"
+    lines, _ = r("NOOP")
+    assert "* VANISHED 4" in lines
+    lines, _ = r(f"UID FETCH 1:* (FLAGS) (CHANGEDSINCE {mark} VANISHED)")
+    assert lines == ["* VANISHED (EARLIER) 4"]
+    assert highest(r("SELECT INBOX")[0]) > mark
     r.close()
 
 
