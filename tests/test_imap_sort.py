@@ -262,8 +262,10 @@ def test_header_index_is_kept_in_step_and_persisted(site, tmp_path, start_server
     box = mailbox(tmp_path, ALICE[0])
     m = login(site)
     append(m, msg("first needle"))
-    append(m, msg("second"))
+    append(m, msg("second", frm='"Second Sender" <s@example.org>', cc="c@example.org"))
     m.select("INBOX")
+    typ, early = m.fetch("2", "(ENVELOPE)")  # read from the file: no index yet
+    assert not (box / headerindex.FILENAME).exists()
     assert numbers(m.uid("SEARCH", None, "SUBJECT", "needle")[1]) == [1]
     index_file = box / headerindex.FILENAME
     assert index_file.exists()
@@ -297,6 +299,7 @@ def test_header_index_is_kept_in_step_and_persisted(site, tmp_path, start_server
     assert typ == "OK" and data == from_files
     assert [time.mktime(imaplib.Internaldate2tuple(line)) for line in data] == [1_600_000_000.0] * 2
     assert b'"second"' in data[0] and b'"third NEEDLE"' in data[1]
+    assert early[0].split(b" (ENVELOPE ", 1)[1][:-1] in data[0]  # the same text as from the file
     m.logout()
 
 

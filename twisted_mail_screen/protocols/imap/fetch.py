@@ -273,7 +273,7 @@ def render_rows(path: str, rows: Sequence[Row], atts: Sequence[Att], keywords: l
     want_env = "ENVELOPE" in atts
     want_date = "INTERNALDATE" in atts
     entries = cache.entries if cache is not None else {}
-    # ENVELOPE and INTERNALDATE alone: the header index's blocks, where it has them, not the files
+    # ENVELOPE and INTERNALDATE alone: the header index's, where it has them, not the files
     # (only when some are not cached: a chunk rendered on the reactor never opens the index)
     unknown = [b for r in rows if (b := base_of(r[2])) not in entries] \
         if (want_env or want_date) and not (whole or header) else []
@@ -289,9 +289,9 @@ def render_rows(path: str, rows: Sequence[Row], atts: Sequence[Att], keywords: l
         data: bytes | None = None
         root: Part | None = None
         known = indexed.get(base_of(rel)) if indexed else None
-        if known is not None and ((want_env and env is None) or (want_date and mtime is None)):
-            block = to_crlf(known[0])
-            env = env if env is not None or not want_env else envelope(Part(block, 0, len(block)).fields)
+        if known is not None and (known[0] is not None or not want_env) and \
+                ((want_env and env is None) or (want_date and mtime is None)):
+            env = env if env is not None or not want_env else known[0]
             mtime = known[1]
             learned[base_of(rel)] = [env if want_env else None, mtime]
         elif whole or header or (want_env and env is None) or (want_date and mtime is None):

@@ -34,11 +34,12 @@ from collections import OrderedDict
 from typing import Any, Callable
 
 from twisted_mail_screen.protocols.imap.flags import base_of
+from twisted_mail_screen.protocols.imap.message import Part, envelope, to_crlf
 from twisted_mail_screen.protocols.imap.sortkeys import SortFields, fields_of
 from twisted_mail_screen.runtime.atomic import write_atomically
 
 FILENAME = "mailscreen-headers"
-MAGIC = b"MSHI3\n"
+MAGIC = b"MSHI4\n"
 #: header blocks larger than this are not copied into the index (their messages are read)
 MAX_BLOCK = 256 * 1024
 #: bytes of loaded indexes kept in memory across searches, all folders together
@@ -51,15 +52,21 @@ _BLANK_LINE = re.compile(rb"^\r?\n|\n\r?\n")
 _PLAIN = re.compile(rb"^[\x00-\x7f]*$")
 #: reads a message's header block: (path, rel, whole, want_stat) -> (rel, data, mtime)
 Reader = Callable[[str, str, bool, bool], tuple[str, "bytes | None", "float | None"]]
-_UNKNOWN = (0.0, SortFields(None, "", False, "", "", "", None, ()))
+_UNKNOWN = (0.0, SortFields(None, "", False, "", "", "", None, ()), None)
 
 
-def _record(base: str, mtime: float, fields: SortFields, block: bytes | None) -> bytes:
+def _record(base: str, mtime: float, fields: SortFields | tuple, envelope_: bytes | None,
+            block: bytes | None) -> bytes:
     b = base.encode("utf-8", "surrogateescape")
     # marshal version 2 writes no back-references, so records concatenate into one list
-    m = marshal.dumps((float(mtime), tuple(fields)), 2)
+    m = marshal.dumps((float(mtime), tuple(fields), envelope_), 2)
     plain = block is not None and bool(_PLAIN.match(block)) and b"=?" not in block
     return _REC.pack(len(b), len(m), _BIG if block is None else len(block), plain) + b + m + (block or b"")
+
+
+def _envelope_of(block: bytes) -> bytes:
+    crlf = to_crlf(block)
+    return envelope(Part(crlf, 0, len(crlf)).fields)
 
 
 class HeaderIndex:
@@ -179,8 +186,8 @@ class HeaderIndex:
         for i, base in enumerate(self.bases):
             if self.ends[i] == -2 or (live is not None and base not in live):
                 continue
-            mtime, fields = self.decoded(i)
-            out.append(_record(base, mtime, fields, self.block(i)))
+            mtime, fields, env = self.decoded(i)
+            out.append(_record(base, mtime, fields, env, self.block(i)))
         return out
 
     def _rewrite(self, records: list[bytes]) -> None:
@@ -212,8 +219,11 @@ class HeaderIndex:
             self.blob = self.chunks[0]
         return self.blob
 
-    def decoded(self, entry: int) -> tuple[float, SortFields]:
-        """The entry's (internal date, SORT/THREAD keys as a plain tuple in SortFields order)."""
+    def decoded(self, entry: int) -> tuple[float, SortFields, bytes | None]:
+        """
+        The entry's internal date, SORT/THREAD keys (a plain tuple in
+        SortFields order) and FETCH ENVELOPE text.
+        """
         if entry >= len(self.decoded_list):
             self._decode()
         return self.decoded_list[entry]
@@ -233,8 +243,8 @@ class HeaderIndex:
             pass
         for meta in todo:  # one bad record: the others still count
             try:
-                mtime, fields = marshal.loads(meta)
-                self.decoded_list.append((float(mtime), tuple(fields)))  # type: ignore[arg-type]
+                mtime, fields, env = marshal.loads(meta)
+                self.decoded_list.append((float(mtime), tuple(fields), env))  # type: ignore[arg-type]
             except (ValueError, TypeError, EOFError):
                 self.decoded_list.append(_UNKNOWN)
 
@@ -264,7 +274,7 @@ class HeaderIndex:
                     continue  # gone: not indexed, its search reads it (and finds nothing)
                 m = _BLANK_LINE.search(data)
                 block = data[:m.end()] if m else data
-                records.append(_record(base_of(rel2), mtime or 0.0, fields_of(block),
+                records.append(_record(base_of(rel2), mtime or 0.0, fields_of(block), _envelope_of(block),
                                        block if len(block) <= MAX_BLOCK else None))
             if records:
                 self._append(records)
@@ -313,11 +323,11 @@ class HeaderIndex:
         return out
 
 
-def indexed_headers(path: str, bases: list[str]) -> dict[str, tuple[bytes, float]]:
+def indexed_headers(path: str, bases: list[str]) -> dict[str, tuple[bytes | None, float]]:
     """
-    The header blocks and internal dates the folder's index already has for
-    C{bases} (FETCH ENVELOPE and INTERNALDATE take them instead of opening
-    the files); nothing is indexed here.
+    The ENVELOPE texts and internal dates the folder's index already has for
+    C{bases} (FETCH takes them instead of opening the files); nothing is
+    indexed here.
     """
     index = open_index(path)
     with index.lock:
@@ -326,8 +336,9 @@ def indexed_headers(path: str, bases: list[str]) -> dict[str, tuple[bytes, float
         get = index.by_base.get
         for base in bases:
             e = get(base)
-            if e is not None and (block := index.block(e)) is not None:
-                out[base] = (block, index.decoded(e)[0])
+            if e is not None:
+                mtime, _, env = index.decoded(e)
+                out[base] = (env, mtime)
         return out
 
 

@@ -66,7 +66,7 @@ def _matching(snap: Snapshot, keys: list[Token], charset: str, uid: bool) -> lis
             e = entry_of[i]
             if e < 0:
                 continue  # gone since the snapshot
-            mtime, fields = index.decoded(e)
+            mtime, fields, _ = index.decoded(e)
             msgs.append((numbers[i], SortFields(*fields), mtime))
         return msgs
     finally:
@@ -96,7 +96,7 @@ def sort_command(args: list[Token], snap: Snapshot, uid: bool) -> bytes:
             msgs: list[Msg] = []
             for i, e in enumerate(entry_of):
                 if e >= 0:
-                    mtime, fields = index.decoded(e)
+                    mtime, fields, _ = index.decoded(e)
                     msgs.append((i, fields, mtime))
             sizes = dict(enumerate(s.sizes())) if any(k == "SIZE" for k, _ in criteria) else {}
             order = sort_numbers(msgs, criteria, sizes)
