@@ -333,3 +333,25 @@ def test_lost_or_corrupt_modseq_file_restarts_above_every_value_given(server, st
         r.close()
         server.stop()
         before = after
+
+
+def test_changes_by_another_process_on_the_folder_get_higher_modseqs(server, tmp_path):
+    """Another server on the same Maildir appends its mod-sequences; ours go above them."""
+    for i in range(2):
+        send(server, f"m{i}")
+    r = raw_login(server)
+    r("ENABLE CONDSTORE")
+    mark = highest(r("SELECT INBOX")[0])
+    theirs = mark + 1000
+    box = folder(tmp_path)
+    cur = box / "cur"
+    name = sorted(os.listdir(cur))[0]
+    # What the other process does for a STORE 1 +FLAGS (\Flagged): rename, then append its line.
+    os.rename(cur / name, cur / (name.split(":2,")[0] + ":2,F"))
+    with open(box / modseqlist.FILENAME, "a") as f:
+        f.write(f"1 {theirs} =F\n")
+    lines, _ = r("NOOP")
+    assert modseqs(lines)[1] > theirs, lines
+    lines, _ = r(f"FETCH 1:* (UID FLAGS) (CHANGEDSINCE {theirs})")
+    assert set(modseqs(lines)) == {1}
+    r.close()

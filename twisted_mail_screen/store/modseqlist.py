@@ -128,3 +128,29 @@ def append_lines(directory: str, lines: list[str]) -> None:
         write_and_fsync(fd, "".join(lines).encode("ascii"))
     finally:
         os.close(fd)
+
+
+def recent_highest(directory: str, tail: int = 16384) -> int:
+    """
+    The highest mod-sequence in the file's last C{tail} octets (0 if none):
+    another process sharing the folder appends its changes there, so this
+    is what it has given out lately, without reading the whole file.
+    """
+    try:
+        with open(os.path.join(directory, FILENAME), "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - tail))
+            data = f.read(tail)
+    except FileNotFoundError:
+        return 0
+    lines = data.split(b"\n")
+    if size > tail:
+        lines = lines[1:]  # the first is likely cut
+    best = 0
+    for line in lines[:-1]:  # the last is empty, or an append under way
+        parts = line.split(b" ")
+        if len(parts) >= 2 and parts[1].isdigit():
+            best = max(best, int(parts[1]))
+        elif parts[0] == b"1":  # the header: H<highest>
+            best = max([best] + [int(p[1:]) for p in parts if p[:1] == b"H" and p[1:].isdigit()])
+    return min(best, MAX_MODSEQ)

@@ -217,6 +217,8 @@ class Folder:
             return
         if r.reloaded_keywords is not None:
             self.keywords = r.reloaded_keywords
+        # Above what another process sharing the folder gave out, so its clients' values stay below ours.
+        self.ms.highest = max(self.ms.highest, r.others_modseq)
         for uid, rel in r.renamed:
             i = self.position(uid)
             if i is not None:

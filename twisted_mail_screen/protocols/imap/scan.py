@@ -17,7 +17,7 @@ from twisted.logger import Logger
 
 from twisted_mail_screen.protocols.imap.flags import base_of, load_keywords, size_of_name
 from twisted_mail_screen.protocols.imap.modseq import ModSeqs, reconcile
-from twisted_mail_screen.store import maildir_names, uidlist
+from twisted_mail_screen.store import maildir_names, modseqlist, uidlist
 from twisted_mail_screen.store.folderlock import Signature, folder_lock, signature
 from twisted_mail_screen.store.maildir import crlf_size
 from twisted_mail_screen.store.maildir_names import delivery_order
@@ -58,6 +58,8 @@ class ScanResult:
     reloaded_keywords: list[str] | None = None
     #: the RFC 7162 mod-sequences, read and reconciled with the directory at load
     modseqs: ModSeqs | None = None
+    #: what another process sharing the folder last gave out (its changes get higher ones here)
+    others_modseq: int = 0
 
 
 def _claim(path: str, rel: str) -> str | None:
@@ -197,6 +199,8 @@ def _scan(path: str, loaded: bool, uids: "array[int]", names: list[str], uidvali
     r.uidvalidity, r.next_uid = uidvalidity, next_uid
     if not loaded:
         r.modseqs = reconcile(path, uidvalidity, r.reason is not None, r.uids, r.names)
+    elif r.renamed or r.vanished or r.added:
+        r.others_modseq = modseqlist.recent_highest(path)
     r.stamp = stamp if time.time_ns() - max(stamp[:2]) > 2_000_000_000 else None
     r.identity = stamp[2]
     return r
