@@ -1,7 +1,7 @@
 """
 What keeps a function-scoped C{mailserver} cheap (bench/plugin_startup.py,
 docs/performance.md): no fsyncs on a test host, DKIM's libraries imported
-only when a key is configured, the web page's files read once per process,
+only when a key is configured (zoneinfo when a query names a zone), the web page's files read once per process,
 plain C{tcp:} listen strings built without the strports parser.
 """
 
@@ -67,13 +67,16 @@ def test_site_mode_and_the_marker_keep_every_fsync(tmp_path: Path, fsyncs: list[
 
 
 def test_dkim_and_dnspython_are_imported_only_for_a_key(tmp_path: Path) -> None:
-    """A server with no [dkim] keys and no [mail_auth] never imports them."""
+    """
+    A server with no [dkim] keys and no [mail_auth] never imports them;
+    zoneinfo waits for a query that names a time zone.
+    """
     script = (
         "import sys\n"
         "from twisted_mail_screen.pytest_plugin.server import build\n"
         f"build({str(tmp_path / 'data')!r}, {{}}, 5.0, lambda: ('', '')).stop()\n"
-        "print(sorted(m for m in ('dkim', 'dns.resolver', 'twisted_mail_screen.mailauth.sign')"
-        " if m in sys.modules))\n")
+        "print(sorted(m for m in ('dkim', 'dns.resolver', 'twisted_mail_screen.mailauth.sign',"
+        " 'zoneinfo') if m in sys.modules))\n")
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
                           text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr

@@ -23,7 +23,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone, tzinfo
 from email.utils import parsedate_to_datetime
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from twisted_mail_screen.web.summary import Summary, clean_text
 
@@ -106,6 +105,10 @@ def parse_query(text: str, zone: str | None = None) -> Query:
 def _zone(name: str | None) -> tzinfo:
     if not name:
         return timezone.utc
+    # Imported here: zoneinfo imports sysconfig, tens of milliseconds for
+    # every process that reads a mailbox (the pytest plugin's first test).
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError) as e:
