@@ -154,8 +154,9 @@ def test_qresync_select_vanished_and_fetch(server):
     fetched = [x for x in lines if "FETCH" in x]
     assert len(fetched) == 1 and "UID 5 " in fetched[0] and "\\Seen" in fetched[0]
     assert highest(lines) > known
-    # Another UIDVALIDITY: nothing but the ordinary SELECT responses.
+    # Another UIDVALIDITY: nothing but the ordinary SELECT responses, after [CLOSED] for the old one.
     lines, ok = r(f"SELECT INBOX (QRESYNC ({validity + 1} {known}))")
+    assert lines[0] == "* OK [CLOSED] Previous mailbox closed"
     assert not any("VANISHED" in x or "FETCH" in x for x in lines)
     lines, ok = r(f"UID FETCH 1:* (FLAGS) (CHANGEDSINCE {known} VANISHED)")
     assert lines[0] == "* VANISHED (EARLIER) 2,4" and len(lines) == 2 and "UID 5 " in lines[1]

@@ -76,6 +76,9 @@ class CondStoreCommands(MessageCommands):
         if len(args) == 2 and isinstance(args[1], list):
             resync = self._select_params(args[1])
             args = args[:1]
+        if self.qresync and self.folder is not None:
+            # RFC 7162 3.2.11: what follows is the new mailbox's, not the old one's.
+            self.untagged("OK [CLOSED] Previous mailbox closed")
         d: Deferred = super().do_SELECT(tag, args, readonly)  # type: ignore[misc]
         return d.addCallback(self._selected, resync)
 
