@@ -44,3 +44,22 @@ def test_a_hostile_clients_record_is_small():
     r.note(1_800_000_000.0, "imap", "auth failed user=user@example.com")
     size = sys.getsizeof(r) + sys.getsizeof(r._b)
     assert size <= 160, size
+
+
+def test_counts_past_a_byte_or_a_short_are_kept():
+    """A site may set limits in the hundreds of thousands: the counts do not wrap or fail."""
+    r = ClientRecord([], 0.0)
+    r.times = [float(i) for i in range(70_000)]
+    assert r.connect(70_000.0, -1.0, 10**9) is None
+    assert len(r.times) == 70_001 and r.last == 70_000.0
+    r.auth = [(float(i), i.to_bytes(8, "big")) for i in range(300)]
+    assert len(r.auth) == 300 and r.auth[-1] == (299.0, (299).to_bytes(8, "big"))
+
+
+def test_connect_drops_what_left_the_window_and_refuses_at_the_limit():
+    r = ClientRecord([1.0, 2.0, 3.0], 3.0)
+    assert r.connect(10.0, 2.0, 3) is None  # 1 and 2 leave the window, 3 and 10 remain
+    assert r.times == [3.0, 10.0] and r.last == 10.0
+    assert r.connect(11.0, 2.0, 3) is None
+    assert r.connect(12.0, 2.0, 3) == 3  # the limit: refused, nothing recorded
+    assert r.times == [3.0, 10.0, 11.0] and r.last == 11.0

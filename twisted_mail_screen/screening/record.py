@@ -14,7 +14,7 @@ the few entries a record ever holds (each list is capped by a limit).
 
 Layout (little-endian)::
 
-    last: f64, n_times: u16, n_auth: u8, n_events: u8
+    last: f64, n_times: u32, n_auth: u32, n_events: u8
     n_times x time: f64
     n_auth x (time: f64, digest: 8 bytes)
     n_events x (time: f64, protocol: u8, kind: u8, length: u16, text: UTF-8)
@@ -26,6 +26,7 @@ usual "auth failed user=..." stores only the user name.
 from __future__ import annotations
 
 import struct
+from bisect import bisect_right
 from typing import Iterable
 
 from twisted_mail_screen.screening.notify import Event
@@ -33,7 +34,7 @@ from twisted_mail_screen.screening.notify import Event
 #: The last few notable events kept per client, for the postmaster.
 EVENTS_KEPT = 6
 
-_HEAD = struct.Struct("<dHBB")
+_HEAD = struct.Struct("<dIIB")  # counts as wide as a limit can be set
 _TIME = struct.Struct("<d")
 _AUTH = struct.Struct("<d8s")
 _EVENT = struct.Struct("<dBBH")
@@ -93,6 +94,26 @@ class ClientRecord:
         last, _, n_auth, n_events, auth_at, _ = self._parts()
         self._b = (_HEAD.pack(last, len(value), n_auth, n_events)
                    + struct.pack(f"<{len(value)}d", *value) + self._b[auth_at:])
+
+    def connect(self, now: float, cutoff: float, limit: int) -> int | None:
+        """
+        A connection at C{now}: times at or before C{cutoff} leave the
+        window; when C{limit} remain it is refused and their count returned
+        (nothing recorded), else it is recorded (and C{last} set) in one
+        repack, the decision's hot path.
+        """
+        b = self._b
+        _, n_times, n_auth, n_events = _HEAD.unpack_from(b)
+        end = _HEAD.size + 8 * n_times
+        drop = 0
+        if n_times and _TIME.unpack_from(b, _HEAD.size)[0] <= cutoff:
+            drop = bisect_right(struct.unpack_from(f"<{n_times}d", b, _HEAD.size), cutoff)
+        kept = n_times - drop
+        if kept >= limit:
+            return kept
+        self._b = (_HEAD.pack(now, kept + 1, n_auth, n_events) + b[_HEAD.size + 8 * drop:end]
+                   + _TIME.pack(now) + b[end:])
+        return None
 
     @property
     def auth(self) -> list[tuple[float, bytes]] | None:

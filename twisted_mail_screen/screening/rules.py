@@ -38,7 +38,6 @@ from __future__ import annotations
 import hmac
 import math
 import os
-from bisect import bisect_right
 from collections.abc import Callable
 from itertools import islice
 
@@ -235,18 +234,14 @@ class ScreeningRules:
             if type(record) is float:
                 record = _Client([record], record)
             clients[key] = record
-            record.last = now  # type: ignore[union-attr]
-            if limit:
-                times = record.times  # type: ignore[union-attr]
-                cutoff = now - self._conn_window
-                if times and times[0] <= cutoff:
-                    del times[:bisect_right(times, cutoff)]
-                if len(times) >= limit:
-                    entry = self._block(key, "connections", len(times) + 1, limit,
+            if not limit:
+                record.last = now  # type: ignore[union-attr]
+            else:
+                count = record.connect(now, now - self._conn_window, limit)  # type: ignore[union-attr]
+                if count is not None:
+                    entry = self._block(key, "connections", count + 1, limit,
                                         config.connection_window_minutes, protocol)
                     return _RefusedScreen(refusal_text(key, entry))
-                times.append(now)
-                record.times = times  # type: ignore[union-attr]  # a packed record: a copy was read
         active = self._active.get(key, 0)
         most = config.max_simultaneous
         if most and active >= most:
