@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import smtplib
+import socket
 import subprocess
 import sys
 import tempfile
@@ -145,10 +146,28 @@ notify_period_minutes = {PERIOD}
             if code == 421:
                 client.close()
                 return code, text.decode()
-            client.quit()
+            code, text = client.quit()
+            if code == 421:  # the late refusal came after the EHLO's answer
+                return code, text.decode()
         except smtplib.SMTPServerDisconnected:
             return 421, "closed"
         return 220, ""
+
+    def over_limit(self, source: str = "127.0.0.1") -> str:
+        """
+        The connection past a limit, which says nothing and waits: the line
+        that refused it, at the greeting or, when it reached this node before
+        the news of its client's limit, one round trip later (then 421 too).
+        """
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5,
+                                      source_address=(source, 0)) as s:
+            data = b""
+            while not data.startswith(b"421") and b"\r\n421 " not in data:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+        return data.decode(errors="replace")
 
     def hold(self) -> smtplib.SMTP:
         client = smtplib.SMTP(timeout=10)
@@ -212,8 +231,8 @@ def test_connections_spread_over_three_nodes_are_counted_together(nodes):
     for i in range(LIMIT):
         code, _ = nodes[i % 3].greet()
         assert code == 220, f"connection {i + 1} refused"
-    code, text = nodes[LIMIT % 3 + 1].greet()
-    assert code == 421 and "connections" in text
+    refused = nodes[LIMIT % 3 + 1].over_limit()
+    assert "421 4.7.0" in refused and "(connections)" in refused
     # the block it set off is the whole cluster's
     for node in nodes:
         code, text = node.greet()
@@ -252,7 +271,7 @@ def test_killed_node_leaves_no_lease_after_its_ttl(nodes, redis):
 def test_redis_down_nodes_serve_alone_and_resume_counting_when_it_returns(nodes, redis):
     key = f"{PREFIX}conn:127.0.0.1"
     assert nodes[0].greet()[0] == 220
-    assert redis.cli("ZCARD", key) == "1"
+    wait_until(lambda: redis.cli("ZCARD", key) == "1", 1.0)
     redis.stop()
     for node in nodes:
         wait_until(lambda n=node: "unreachable" in n.text(), 3.0)
@@ -263,7 +282,7 @@ def test_redis_down_nodes_serve_alone_and_resume_counting_when_it_returns(nodes,
         wait_until(lambda n=node: n.text().count("shares screening") == 2, 10.0)
     for node in nodes:
         assert node.greet()[0] == 220
-    assert redis.cli("ZCARD", key) == "3"
+    wait_until(lambda: redis.cli("ZCARD", key) == "3", 1.0)
     for node in nodes:
         assert "Traceback" not in node.text()
 
@@ -278,8 +297,8 @@ def test_a_block_storm_over_three_nodes_sends_five_mails_and_one_digest(nodes, r
         source = f"127.0.0.{10 + j}"
         for i in range(LIMIT):
             assert nodes[(i + j) % 3].greet(source)[0] == 220
-        code, text = nodes[(LIMIT + j) % 3].greet(source)
-        assert code == 421 and "connections" in text
+        refused = nodes[(LIMIT + j) % 3].over_limit(source)
+        assert "421 4.7.0" in refused and "(connections)" in refused
     data_dir = tmp_path / "data"
     wait_until(lambda: len(postmaster_mails(data_dir)) >= 5, 5.0)
     assert redis.cli("LLEN", f"{PREFIX}notify:digest") == "3"

@@ -8,9 +8,11 @@ here as three short strings (the operation, the client, a member) and sent
 at the end of the turn as one C{EVALSHA} of L{BATCH}; the settings every
 operation shares go once per batch. The first version sent one script per
 event, with its keys and settings: the node then accepted 0.64x the
-connections of the in-memory backend (bench/screening_redis.py); one
-round trip per turn is what brings a busy node's Redis cost down to a few
-microseconds an event (docs/performance.md).
+connections of the in-memory backend; batched per turn, a node's CPU per
+connection is 0.79x-0.88x the in-memory one's (bench/screening_redis.py,
+docs/performance.md). Holding events for 5 ms made bigger batches (0.88x)
+but let a client's next connection reach a node before the news that it
+was at its limit: per turn keeps the cluster's count exact.
 
 Keys (all with a TTL, so a node that dies leaves nothing behind past it):
 C{PREFIX conn:CLIENT} the sliding connection window (a sorted set of
