@@ -187,3 +187,36 @@ def test_a_queued_message_is_sent_once_when_both_nodes_queues_run(tmp_path):
     finally:
         stop(a, b)
         sink.stop()
+
+
+def test_a_crashed_nodes_claim_is_taken_over_and_the_message_sent_once(tmp_path):
+    """
+    Node A takes a message queued after it started (as if another node had
+    accepted it) and dies mid-attempt (kill -9); node B sends it, once.
+    """
+    sink = Sink().start()
+    sink.hold_greeting()  # A's attempt hangs, claim held
+    relay = (f'[relay]\nenabled = true\nsmarthost = "tcp:host=127.0.0.1:port={sink.port}"\n'
+             'starttls = "none"\n')
+    a, _ = node(tmp_path, "a", relay)
+    b = None
+    try:
+        QueueDirectory(str(tmp_path / "data" / "queue")).store(
+            QueuedMessage(id="00CD", sender="app@dev.test", created=time.time(), next_attempt=0,
+                          recipients=[Recipient("friend@remote.example")]),
+            b"Subject: taken over\n\nhello\n")
+        wait_for(lambda: sink.connections == 1, 20, "node A picks the message up and connects")
+        b, _ = node(tmp_path, "b", relay)
+        time.sleep(2)
+        assert sink.connections == 1  # B knows the message but A has the claim
+        a.kill()
+        a.wait(10)
+        wait_for(lambda: sink.connections == 2, 20, "node B takes the claim over")
+        sink.open_gate()
+        wait_for(lambda: len(sink.messages) >= 1, 20, "the message is relayed")
+        time.sleep(3)
+        assert len(sink.messages) == 1
+        assert not (tmp_path / "data/queue/env/00CD.json").exists()
+    finally:
+        stop(*[p for p in (a, b) if p is not None])
+        sink.stop()

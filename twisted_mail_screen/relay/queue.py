@@ -298,7 +298,7 @@ class OutboundQueue(MultiService):
         changes = self._hold_changes
         d = self._blocking.run(self.directory.scan)
 
-        def scanned(result: tuple[bool, set[str], set[str]]) -> None:
+        def scanned(result: tuple[bool, set[str], set[str]]) -> Deferred | None:
             flush, held, on_disk = result
             if changes == self._hold_changes:
                 # Holds and releases made through the files (mailscreen queue).
@@ -312,6 +312,10 @@ class OutboundQueue(MultiService):
                     del self._messages[queue_id]
                     self.log.info("queue: {id} removed from the queue directory", id=queue_id)
                     self._publish("queue.deleted", id=queue_id)
+            others = on_disk - known - set(self._unstarted)  # queued by another process sharing it
+            if others:
+                return self._blocking.run(self.directory.read_envelopes, others).addCallback(
+                    adopt, self._messages).addCallback(lambda _: self.flush() if flush else self._run_due())
             if flush:
                 self.log.info("queue: flush requested")
                 self.flush()
@@ -446,3 +450,9 @@ class OutboundQueue(MultiService):
                               "reply={reply!r} next={next}", id=queued.id, rcpt=address,
                               host=host or "-", verdict=verdict, reply=r.reply or str(reply),
                               next=nxt)
+
+
+def adopt(found: list[QueuedMessage], messages: dict[str, QueuedMessage]) -> None:
+    """Messages another process sharing the queue accepted join C{messages} (it may have died)."""
+    for m in found:
+        messages.setdefault(m.id, m)

@@ -193,6 +193,16 @@ class QueueDirectory:
                               id=queue_id, error=e)
         return out
 
+    def read_envelopes(self, ids: set[str]) -> list[QueuedMessage]:
+        """The envelopes of C{ids} that are there and readable."""
+        out = []
+        for queue_id in sorted(ids):
+            try:
+                out.append(self.read_envelope(queue_id))
+            except (FileNotFoundError, ValueError, TypeError, KeyError):
+                continue  # gone meanwhile; an unreadable one is logged at start
+        return out
+
     def remove_orphans(self, now: float) -> list[str]:
         """Message files without an envelope (a crash before commit), once old."""
         removed = []

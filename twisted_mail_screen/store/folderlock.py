@@ -101,3 +101,9 @@ def try_lock(path: str, name: str = POP3_LOCK_FILE) -> int | None:
 def unlock(fd: int) -> None:
     """Give up a lock L{try_lock} took."""
     os.close(fd)
+
+
+def locked(path: str, job: Callable[..., T], *args: Any) -> T:
+    """C{job(*args)} under the folder's lock (blocking: worker thread), for other per-folder state files."""
+    with folder_lock(path):
+        return job(*args)

@@ -24,7 +24,7 @@ from twisted_mail_screen.protocols.imap.mailbox import Folder, FolderListener
 from twisted_mail_screen.protocols.imap.modseq import write_pending
 from twisted_mail_screen.protocols.imap.scan import scan_folder
 from twisted_mail_screen.runtime.workers import Blocking
-from twisted_mail_screen.store.folderlock import Stale, run_locked
+from twisted_mail_screen.store.folderlock import Stale, locked, run_locked
 
 
 class Registry:
@@ -147,8 +147,9 @@ class Registry:
         lines = folder.ms.take_pending()
         if not lines or folder.retired:
             return succeed(result)
-        return self.blocking.run(write_pending, folder.path, folder.ms.uidvalidity, lines).addCallback(
-            lambda _: result)
+        # Under the folder's cross-process lock, as the UID list is (store/folderlock.py).
+        return self.blocking.run(locked, folder.path, write_pending, folder.path, folder.ms.uidvalidity,
+                                 lines).addCallback(lambda _: result)
 
     #: Rescans before a write gives up (another process writing the folder without pause).
     MAX_STALE = 20
