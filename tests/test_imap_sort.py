@@ -16,7 +16,7 @@ import pytest
 
 from tests.test_imap import Raw
 from tests.test_reactor_budget import ALICE, check, fill, mailbox, measured
-from twisted_mail_screen.protocols.imap import headerindex
+from twisted_mail_screen.protocols.imap import headerindex, sortcache
 from twisted_mail_screen.protocols.imap.fetch import read_message
 from twisted_mail_screen.protocols.imap.sortkeys import base_subject, fields_of
 from twisted_mail_screen.protocols.imap.threads import references, render
@@ -294,6 +294,7 @@ def test_header_index_is_kept_in_step_and_persisted(site, tmp_path, start_server
     assert numbers(m.uid("SORT", "(SUBJECT)", "UTF-8", "ALL")[1]) == [2, 3]
     assert numbers(m.uid("SEARCH", None, "SUBJECT", "needle")[1]) == [3]
     assert index_file.stat().st_ino == before
+    assert (box / sortcache.FILENAME).exists()  # that SORT came from the order kept on disk
     # the first ENVELOPE/INTERNALDATE fetch after the restart takes the index's blocks
     typ, data = m.fetch("1:*", "(ENVELOPE INTERNALDATE)")
     assert typ == "OK" and data == from_files
@@ -324,6 +325,24 @@ def test_header_index_torn_or_garbage_file_is_rebuilt(tmp_path):
     broken.load()
     assert broken.bases == [] and broken.ensure(str(box), rels, read_message) == [0, 1, 2]
     assert (box / headerindex.FILENAME).read_bytes().startswith(headerindex.MAGIC)
+
+
+def test_sort_orders_kept_on_disk(tmp_path):
+    box = tmp_path / "box"
+    os.makedirs(box)
+    rels = ["cur/a:2,", "cur/b:2,S", "cur/c:2,"]
+    key = sortcache.key_of([("DATE", True)], rels)
+    assert sortcache.lookup(str(box), key, 3) is None
+    sortcache.store(str(box), key, [2, 0, 1])
+    assert sortcache.lookup(str(box), key, 3) == [2, 0, 1]
+    assert sortcache.lookup(str(box), key, 2) is None  # positions past the folder: not used
+    assert key != sortcache.key_of([("DATE", True)], ["cur/a:2,S"] + rels[1:])  # a flag changed
+    assert key != sortcache.key_of([("DATE", False)], rels)
+    for i in range(sortcache.KEEP + 2):
+        sortcache.store(str(box), f"k{i}", [0])
+    assert sortcache.lookup(str(box), key, 3) is None  # the oldest went
+    (box / sortcache.FILENAME).write_bytes(b"garbage")
+    assert sortcache.lookup(str(box), "k9", 3) is None
 
 
 def test_header_index_compacts_expunged_entries(tmp_path):

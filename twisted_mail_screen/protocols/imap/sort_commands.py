@@ -11,6 +11,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 
+from twisted_mail_screen.protocols.imap import sortcache
 from twisted_mail_screen.protocols.imap.core import No
 from twisted_mail_screen.protocols.imap.parse import Atom, BadCommand, Token, astring
 from twisted_mail_screen.protocols.imap.search import parse_search
@@ -76,9 +77,10 @@ def _matching(snap: Snapshot, keys: list[Token], charset: str, uid: bool) -> lis
 def sort_command(args: list[Token], snap: Snapshot, uid: bool) -> bytes:
     """
     The untagged SORT line (blocking: run in a worker). The whole folder's
-    order for the criteria is kept with the header index until the folder
-    changes (a client that lists a folder sorts it again and again), and
-    the messages the keys match are picked from it.
+    order for the criteria is kept (L{sortcache} on disk, and with the
+    loaded header index) until the folder changes: a client that lists a
+    folder sorts it again and again. The messages the keys match are
+    picked from it.
     """
     if len(args) < 3:
         raise BadCommand("SORT needs sort criteria, a charset and search keys")
@@ -88,19 +90,11 @@ def sort_command(args: list[Token], snap: Snapshot, uid: bool) -> bytes:
     s = Search(snap)
     try:
         mask = s.eval(simplify(node), s.full)
-        index, entry_of = s.entries()
-        key = ("sort", tuple(criteria))
-        order = index.memo.get(key)
+        kept = sortcache.key_of(criteria, s.rels)
+        order = sortcache.lookup(snap.path, kept, len(s.rels))
         if order is None:
-            # positions in the folder stand for the numbers: both grow with it
-            msgs: list[Msg] = []
-            for i, e in enumerate(entry_of):
-                if e >= 0:
-                    mtime, fields, _ = index.decoded(e)
-                    msgs.append((i, fields, mtime))
-            sizes = dict(enumerate(s.sizes())) if any(k == "SIZE" for k, _ in criteria) else {}
-            order = sort_numbers(msgs, criteria, sizes)
-            index.remember(key, order)
+            order = _folder_order(s, criteria)
+            sortcache.store(snap.path, kept, order)
         numbers = s.uids if uid else s.seqs
         if mask != s.full:
             wanted = set(bits_of(mask))
@@ -108,6 +102,24 @@ def sort_command(args: list[Token], snap: Snapshot, uid: bool) -> bytes:
         return b"* SORT" + b"".join(b" %d" % numbers[i] for i in order) + b"\r\n"
     finally:
         s.close()
+
+
+def _folder_order(s: Search, criteria: list[tuple[str, bool]]) -> list[int]:
+    """The whole folder's order (positions) for C{criteria}, from the header index."""
+    index, entry_of = s.entries()
+    key = ("sort", tuple(criteria))
+    order = index.memo.get(key)
+    if order is None:
+        # positions in the folder stand for the numbers: both grow with it
+        msgs: list[Msg] = []
+        for i, e in enumerate(entry_of):
+            if e >= 0:
+                mtime, fields, _ = index.decoded(e)
+                msgs.append((i, fields, mtime))
+        sizes = dict(enumerate(s.sizes())) if any(k == "SIZE" for k, _ in criteria) else {}
+        order = sort_numbers(msgs, criteria, sizes)
+        index.remember(key, order)
+    return order
 
 
 def thread_command(args: list[Token], snap: Snapshot, uid: bool) -> bytes:
