@@ -35,9 +35,18 @@ async def _reply(reader: asyncio.StreamReader) -> bytes:
             return line
 
 
-async def _connect(port: int, stats: dict[str, Any]) -> tuple[Any, Any] | None:
+def source_address(i: int) -> str:
+    """The C{i}-th of many loopback source addresses (Linux routes all of 127/8 to lo)."""
+    i = i % (250 * 250 * 250)
+    return f"127.{1 + i // 62500}.{1 + i // 250 % 250}.{1 + i % 250}"
+
+
+async def _connect(port: int, stats: dict[str, Any],
+                   source: str | None = None) -> tuple[Any, Any] | None:
     """A connection to the server, or C{None} (counted as an error) after a short pause."""
     try:
+        if source is not None:
+            return await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
         return await asyncio.open_connection("127.0.0.1", port)
     except OSError:
         stats["errors"] += 1
@@ -113,13 +122,19 @@ def smtp_ingest(port: int, concurrency: int, size: int, per_conn: int,
             "bad_replies": sorted(r.decode("latin-1") for r in stats["replies"])[:3]}
 
 
-def accept_rate(port: int, concurrency: int, duration: float) -> dict[str, Any]:
-    """connect, greeting, QUIT, 221, close: sessions a second."""
+def accept_rate(port: int, concurrency: int, duration: float, sources: int = 0) -> dict[str, Any]:
+    """
+    connect, greeting, QUIT, 221, close: sessions a second. With C{sources},
+    each connection comes from the next of that many loopback addresses, so
+    the server's screening tracks that many clients.
+    """
     stats = {"ok": 0, "errors": 0}
+    counter = iter(range(1 << 62))
 
     async def worker(deadline: float) -> None:
         while time.monotonic() < deadline:
-            conn = await _connect(port, stats)
+            source = source_address(next(counter) % sources) if sources else None
+            conn = await _connect(port, stats, source)
             if conn is None:
                 continue
             reader, writer = conn
@@ -237,7 +252,11 @@ def imap_workload(port: int, user: str, count: int) -> dict[str, Any]:
 
 def fsync_ceiling(directory: str, threads: int = 16, duration: float = 2.0,
                   size: int = 2048) -> dict[str, Any]:
-    """fsync'd create+write+rename of 2 KB files from C{threads} threads, per second."""
+    """
+    What a delivery does to the disk, from C{threads} threads, per second:
+    create and write C{size} bytes in tmp/, fsync the file, rename it into
+    new/, fsync new/ (as store/maildir.py does before the 250).
+    """
     tmp, new = os.path.join(directory, "tmp"), os.path.join(directory, "new")
     os.makedirs(tmp, exist_ok=True)
     os.makedirs(new, exist_ok=True)
@@ -255,6 +274,9 @@ def fsync_ceiling(directory: str, threads: int = 16, duration: float = 2.0,
             os.fsync(fd)
             os.close(fd)
             os.rename(p, os.path.join(new, name))
+            dfd = os.open(new, os.O_RDONLY | os.O_DIRECTORY)
+            os.fsync(dfd)
+            os.close(dfd)
             i += 1
         counts[t] = i
 

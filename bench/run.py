@@ -2,12 +2,18 @@
 """
 Benchmark twisted-mail-screen against its peers in one run.
 
-Starts our server and, in the same run, aiosmtpd (Maildir handler, without
-and with fsync before 250), Postfix (SMTP) and Dovecot (POP3/IMAP) when
+Starts our server twice (test-host mode, and site mode: a domain, an
+accounts file, loopback not whitelisted so screening counts every
+connection) and, in the same run, aiosmtpd (Maildir handler, without and
+with fsync before 250), Postfix (SMTP) and Dovecot (POP3/IMAP) when
 installed, each on its own loopback port, and runs every workload
-interleaved (A B C A B C ...) for several repetitions. Reports medians with
-min-max, every figure as a ratio to each peer, the machine's ceilings
-measured in the same run, and the targets met or missed.
+interleaved for several repetitions, the order of the servers rotated each
+repetition (A B C, B C A, C A B). The fsync ceiling (what a delivery does to
+the disk: file fsync, rename, directory fsync) runs as one more entrant in
+every SMTP cell, so it is measured next to the runs it is compared with.
+Reports medians with min-max, and each ratio as the median of the per-pair
+ratios of the same repetition (not a ratio of medians), the machine's
+ceilings, and the targets met or missed.
 
     pip install -r bench/requirements.txt      # aiosmtpd, matplotlib
     apt-get install -y postfix dovecot-pop3d dovecot-imapd   # optional peers (root)
@@ -135,6 +141,7 @@ def main() -> int:
     os.makedirs(args.out, exist_ok=True)
 
     ours = peers.Ours(workdir, "ours")
+    ours_site = peers.Ours(workdir, "ours-site", site=True)
     smtp_peers: list[Any] = [peers.AioSMTPD(workdir, False), peers.AioSMTPD(workdir, True),
                              peers.Postfix(workdir)]
     dovecot = peers.Dovecot(workdir)
@@ -155,7 +162,7 @@ def main() -> int:
     if not start(ours):
         print(f"our server did not start: {ours.error}", file=sys.stderr)
         return 1
-    smtp_servers = [ours] + [p for p in smtp_peers if start(p)]
+    smtp_servers = [ours] + [p for p in [ours_site] + smtp_peers if start(p)]
     no_direct = peers.Ours(workdir, "ours-no-direct-send", direct_send=False)
     if args.no_direct_send and start(no_direct):
         smtp_servers.insert(1, no_direct)
@@ -172,15 +179,15 @@ def main() -> int:
         cells = [tuple(int(x) for x in c.split(":")) for c in args.cells.split(",")]  # type: ignore[misc]
     steps = 0
     if "ceiling" in only:
-        steps += 2 * args.reps
+        steps += args.reps
     if "smtp" in only:
-        steps += len(cells) * args.reps * len(smtp_servers)
+        steps += len(cells) * args.reps * (len(smtp_servers) + 1)
     if "accept" in only:
         steps += args.reps * (len(smtp_servers) + 2)
     if "pop3" in only:
-        steps += args.reps * 2
+        steps += args.reps * 3
     if "imap" in only:
-        steps += args.reps * 2
+        steps += args.reps * 3
     if "core" in only:
         steps += 1
     progress = Progress(steps)
@@ -192,13 +199,8 @@ def main() -> int:
 
     try:
         if "ceiling" in only:
-            ceiling_dir = os.path.join(ours.data, "fsync-ceiling")
             banner_ok = start(banner)
             for rep in range(args.reps):
-                progress.step("ceiling: fsync")
-                r = clients.fsync_ceiling(ceiling_dir, 16, min(args.duration, 2.0))
-                record("fsync_ceiling", {"threads": 16, "size": 2048}, "machine", rep, r,
-                       "ops/s", HIGHER)
                 progress.step("ceiling: client accept")
                 if banner_ok:
                     r = clients.accept_rate(banner.ports["smtp"], 16, min(args.duration, 2.0))
@@ -211,11 +213,18 @@ def main() -> int:
             banner.stop()
 
         if "smtp" in only:
+            ceiling_dir = os.path.join(ours.data, "fsync-ceiling")
             for conc, size, per_conn in cells:
                 params = {"concurrency": conc, "size": size, "per_conn": per_conn}
                 for rep in range(args.reps):
-                    for server in smtp_servers:  # interleaved: A B C A B C
-                        progress.step(f"smtp c={conc} {size // 1024}K x{per_conn} {server.name}")
+                    for server in rotated(smtp_servers + [CEILING], rep):
+                        progress.step(f"smtp c={conc} {size // 1024}K x{per_conn} "
+                                      f"{getattr(server, 'name', CEILING)}")
+                        if server is CEILING:
+                            # The disk work of as many deliveries at once as there are clients.
+                            r = clients.fsync_ceiling(ceiling_dir, conc, args.duration, size)
+                            record("smtp_ingest", params, CEILING, rep, r, "msg/s", HIGHER)
+                            continue
                         box = server.maildir(clients.RCPT)
                         clear_maildir(box)
                         r = clients.smtp_ingest(server.ports["smtp"], conc, size, per_conn,
@@ -236,6 +245,7 @@ def main() -> int:
 
         if "accept" in only:
             accept_servers = list(smtp_servers)
+            sources = 10_000
             for s in (screen_on, screen_off):
                 if start(s):
                     accept_servers.append(s)
@@ -245,22 +255,32 @@ def main() -> int:
                                       "service is not wired into build_service yet "
                                       f"(factory screening = {screen_on.info.get('screening')})")
             for rep in range(args.reps):
-                for server in accept_servers:
+                for server in rotated(accept_servers, rep):
                     progress.step(f"accept c=16 {server.name}")
-                    r = clients.accept_rate(server.ports["smtp"], 16, min(args.duration, 2.0))
-                    record("accept", {"concurrency": 16}, server.name, rep, r, "conn/s", HIGHER)
+                    # From many addresses: screening tracks (and counts) each of them.
+                    r = clients.accept_rate(server.ports["smtp"], 16, min(args.duration, 2.0),
+                                            sources)
+                    record("accept", {"concurrency": 16, "sources": sources}, server.name, rep, r,
+                           "conn/s", HIGHER)
             for s in (screen_on, screen_off):
                 s.stop()
 
         pop_box = ours.maildir("pop@bench.test")
+        site_ok = ours_site in smtp_servers
         if {"pop3", "imap"} & only:
             populate(pop_box, args.messages, 2048)
+            if site_ok:
+                populate(ours_site.maildir("pop@bench.test"), args.messages, 2048)
             if have_dovecot:
                 shutil.rmtree(dovecot.mail, ignore_errors=True)
                 shutil.copytree(pop_box, dovecot.mail)
                 dovecot.chown()
         pop_servers = [(ours, ours.ports["pop3"])] + ([(dovecot, dovecot.ports["pop3"])]
-                                                      if have_dovecot else [])
+                                                      if have_dovecot and dovecot.has("pop3") else [])
+        if have_dovecot and not dovecot.has("pop3"):
+            notes["dovecot"] = "POP3 not run: dovecot-pop3d not installed"
+        if site_ok:
+            pop_servers.insert(1, (ours_site, ours_site.ports["pop3"]))
         if no_direct in smtp_servers and "pop3" in only:
             populate(no_direct.maildir("pop@bench.test"), args.messages, 2048)
             pop_servers.insert(1, (no_direct, no_direct.ports["pop3"]))
@@ -268,7 +288,7 @@ def main() -> int:
             for server, port in pop_servers:  # warm-up: indexes, page cache
                 clients.pop3_list_retr(port, "pop@bench.test", args.messages)
             for rep in range(args.reps):
-                for server, port in pop_servers:
+                for server, port in rotated(pop_servers, rep):
                     progress.step(f"pop3 LIST+RETR {args.messages} {server.name}")
                     r = clients.pop3_list_retr(port, "pop@bench.test", args.messages)
                     record("pop3_list_retr", {"messages": args.messages}, server.name, rep, r,
@@ -280,7 +300,9 @@ def main() -> int:
                 imap_servers.append((ours, ours.ports["imap"]))
             else:
                 notes["imap"] = "ours pending: no IMAP listener in this build"
-            if have_dovecot:
+            if site_ok and peers.wait_port(ours_site.ports["imap"], 1):
+                imap_servers.append((ours_site, ours_site.ports["imap"]))
+            if have_dovecot and dovecot.has("imap"):
                 imap_servers.append((dovecot, dovecot.ports["imap"]))
             for server, port in imap_servers:
                 try:
@@ -288,7 +310,7 @@ def main() -> int:
                 except Exception as e:  # noqa: BLE001
                     notes[f"imap-{server.name}"] = f"failed: {e}"[:200]
             for rep in range(args.reps):
-                for server, port in imap_servers:
+                for server, port in rotated(imap_servers, rep):
                     progress.step(f"imap {args.messages} {server.name}")
                     if f"imap-{server.name}" in notes:
                         continue
@@ -326,6 +348,15 @@ def main() -> int:
     return 0
 
 
+CEILING = "fsync-ceiling"
+
+
+def rotated(entrants: list[Any], rep: int) -> list[Any]:
+    """The order of repetition C{rep}: A B C, then B C A, then C A B, ..."""
+    k = rep % len(entrants) if entrants else 0
+    return entrants[k:] + entrants[:k]
+
+
 def run_screening_core(quick: bool) -> Any:
     script = os.path.join(HERE, "screening_core.py")
     if not os.path.exists(script):
@@ -333,18 +364,41 @@ def run_screening_core(quick: bool) -> Any:
     sizes = [10_000] if quick else [10_000, 100_000, 1_000_000]
     rows = []
     for n in sizes:
-        p = subprocess.run([sys.executable, script, "--one", str(n)], capture_output=True,
-                           text=True, timeout=300)
-        try:
-            rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
-        except (ValueError, IndexError):
-            return f"failed: {p.stderr[-300:]}"
+        for mode in ("--one", "--hostile"):
+            p = subprocess.run([sys.executable, script, mode, str(n)], capture_output=True,
+                               text=True, timeout=600)
+            try:
+                row = json.loads(p.stdout.strip().splitlines()[-1])
+            except (ValueError, IndexError):
+                return f"failed: {p.stderr[-300:]}"
+            row["kind"] = mode[2:]
+            rows.append(row)
     return rows
 
 
 def key(rec: dict[str, Any]) -> str:
     p = rec["params"]
     return rec["workload"] + "".join(f" {k}={v}" for k, v in p.items())
+
+
+OURS = ("ours", "ours-site")
+
+
+def pair_ratio(recs: list[dict[str, Any]], other: list[dict[str, Any]]) -> float | None:
+    """
+    The median over repetitions of C{recs}' value relative to C{other}'s in
+    the same repetition (> 1: C{recs} better, whichever way "better" points):
+    runs made next to each other are compared, so a swing of the machine
+    between repetitions cancels instead of landing on one side.
+    """
+    theirs = {r["rep"]: r["value"] for r in other}
+    ratios = []
+    for r in recs:
+        o = theirs.get(r["rep"])
+        if not o or not r["value"]:
+            continue
+        ratios.append(r["value"] / o if r["better"] == HIGHER else o / r["value"])
+    return statistics.median(ratios) if ratios else None
 
 
 def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -360,15 +414,17 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
                            "unit": recs[0]["unit"], "better": recs[0]["better"],
                            "files_match": all(r.get("files_match", True) for r in recs),
                            "errors": sum(r.get("errors", 0) for r in recs)}
-        if "ours" in row:
-            mine = row["ours"]
-            for server, s in row.items():
-                if server == "ours" or not s["median"]:
-                    continue
-                # ratio > 1 means ours is better, whichever way "better" points
-                ratio = (mine["median"] / s["median"] if mine["better"] == HIGHER
-                         else s["median"] / mine["median"] if mine["median"] else 0)
-                mine.setdefault("ratios", {})[server] = ratio
+        for me in OURS:
+            if me not in row:
+                continue
+            for server in row:
+                if server != me:
+                    ratio = pair_ratio(by_server[me], by_server[server])
+                    if ratio is not None:
+                        row[me].setdefault("ratios", {})[server] = ratio
+        if "ours-screening-on" in by_server and "ours-screening-off" in by_server:
+            row["ours-screening-on"]["ratios"] = {"ours-screening-off": pair_ratio(
+                by_server["ours-screening-on"], by_server["ours-screening-off"])}
         out[k] = row
     return out
 
@@ -377,10 +433,13 @@ def _median(summary: dict[str, Any], k: str, server: str) -> float | None:
     return summary.get(k, {}).get(server, {}).get("median")
 
 
+def _ratio(summary: dict[str, Any], k: str | None, server: str, peer: str) -> float | None:
+    return summary.get(k or "", {}).get(server, {}).get("ratios", {}).get(peer)
+
+
 def evaluate(summary: dict[str, Any], notes: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     smtp = "smtp_ingest concurrency=16 size=2048 per_conn=1"
-    ours = _median(summary, smtp, "ours")
 
     def target(name: str, value: float | None, goal: float, why_missing: str,
                at_most: bool = False) -> None:
@@ -388,31 +447,29 @@ def evaluate(summary: dict[str, Any], notes: dict[str, Any]) -> list[dict[str, A
         out.append({"target": name, "goal": goal, "value": value, "met": met, "at_most": at_most,
                     "note": why_missing if value is None else ""})
 
-    ceiling = _median(summary, "fsync_ceiling threads=16 size=2048", "machine")
-    target("SMTP fsync'd ingest / fsync ceiling", ours / ceiling if ours and ceiling else None,
-           0.85, "no ceiling measured")
-    for peer, goal in (("postfix", 1.3), ("aiosmtpd-fsync", 1.4)):
-        p = _median(summary, smtp, peer)
-        target(f"SMTP ingest / {peer}", ours / p if ours and p else None, goal,
-               notes.get(peer, "not measured"))
-    for wl, label in (("pop3_list_retr", "POP3 LIST+RETR"), ("imap_select_fetch", "IMAP SELECT+FETCH")):
-        k = next((x for x in summary if x.startswith(wl)), None)
-        mine = _median(summary, k, "ours") if k else None
-        dv = _median(summary, k, "dovecot") if k else None
-        # within 1.5x Dovecot's time: dovecot_time / our_time >= 1/1.5
-        target(f"{label}: Dovecot time / ours (>= 1/1.5)", dv / mine if mine and dv else None,
-               round(1 / 1.5, 3), notes.get("imap" if wl.startswith("imap") else "dovecot",
-                                            "not measured"))
-    on = _median(summary, "accept concurrency=16", "ours-screening-on")
-    off = _median(summary, "accept concurrency=16", "ours-screening-off")
-    target("accept rate screening on / off (>= 0.95)",
-           on / off if on and off and "screening" not in notes else None, 0.95,
-           notes.get("screening", "not measured"))
+    for me in OURS:
+        target(f"SMTP fsync'd ingest / fsync ceiling ({me})", _ratio(summary, smtp, me, CEILING),
+               0.85, "no ceiling measured")
+        for peer, goal in (("postfix", 1.3), ("aiosmtpd-fsync", 1.4)):
+            target(f"SMTP ingest / {peer} ({me})", _ratio(summary, smtp, me, peer), goal,
+                   notes.get(peer, "not measured"))
+        for wl, label in (("pop3_list_retr", "POP3 LIST+RETR"),
+                          ("imap_select_fetch", "IMAP SELECT+FETCH")):
+            k = next((x for x in summary if x.startswith(wl)), None)
+            # within 1.5x Dovecot's time: dovecot_time / our_time >= 1/1.5
+            target(f"{label}: Dovecot time / ours (>= 1/1.5) ({me})",
+                   _ratio(summary, k, me, "dovecot"), round(1 / 1.5, 3),
+                   notes.get("imap" if wl.startswith("imap") else "dovecot", "not measured"))
+    accept = next((x for x in summary if x.startswith("accept ")), None)
+    target("accept rate screening on / off, 10^4 source addresses (>= 0.95)",
+           _ratio(summary, accept, "ours-screening-on", "ours-screening-off")
+           if "screening" not in notes else None, 0.95, notes.get("screening", "not measured"))
     core = notes.get("screening_core")
-    million = next((r for r in core if r["n"] == 1_000_000), None) if isinstance(core, list) else None
-    # RSS after the decide and auth rounds: the larger, more honest figure
-    target("screening core: RSS with 10^6 addresses tracked (MB)",
-           million["rss_end_mb"] if million else None, 200, "10^6 not measured", at_most=True)
+    rows = core if isinstance(core, list) else []
+    million = next((r for r in rows if r["n"] == 1_000_000 and r.get("kind") == "one"), None)
+    hostile = next((r for r in rows if r["n"] == 1_000_000 and r.get("kind") == "hostile"), None)
+    target("screening core: RSS with 10^6 hostile clients, a failure each (MB)",
+           hostile["rss_mb"] if hostile else None, 200, "10^6 not measured", at_most=True)
     target("screening core: decision with 10^6 tracked (us)",
            million["decide_us"] if million else None, 5, "10^6 not measured", at_most=True)
     return out
@@ -431,17 +488,24 @@ def markdown(meta: dict[str, Any], summary: dict[str, Any], targets: list[dict[s
     lines = [f"# Benchmark results ({meta['when']})", "",
              f"{meta['machine']}; Python {meta['python']}; {meta['reps']} repetitions, "
              f"{meta['duration_s']} s per SMTP/accept run, interleaved. Median (min-max). "
-             "Ratios are ours relative to the peer, > 1 = ours better (rates: ours/peer; "
-             "times: peer/ours). `!` = Maildir file count differed from the 250s counted.", "",
-             "| workload | server | median | min-max | unit | ours vs this peer |",
-             "| --- | --- | ---: | ---: | --- | ---: |"]
+             "Server order rotated each repetition. Ratios are ours (test-host mode) and "
+             "ours-site (site mode) relative to the peer, each the median of the per-repetition "
+             "ratios; > 1 = ours better (rates: ours/peer; times: peer/ours). "
+             "`!` = Maildir file count differed from the 250s counted.", "",
+             "| workload | server | median | min-max | unit | ours vs this | ours-site vs this |",
+             "| --- | --- | ---: | ---: | --- | ---: | ---: |"]
     for k, row in summary.items():
-        ratios = row.get("ours", {}).get("ratios", {})
+        cols = []
+        for me in OURS:
+            cols.append(row.get(me, {}).get("ratios", {}))
+        if "ours-screening-on" in row and "ours" not in row:
+            cols[0] = row["ours-screening-on"].get("ratios", {})
         for server, s in row.items():
             flag = "" if s["files_match"] else " !"
-            r = f"{ratios[server]:.2f}x" if server in ratios else ""
+            rs = [f"{c[server]:.2f}x" if c.get(server) else "" for c in cols]
             lines.append(f"| {k} | {server}{flag} | {fmt(s['median'], s['unit'])} | "
-                         f"{fmt(s['min'], s['unit'])}-{fmt(s['max'], s['unit'])} | {s['unit']} | {r} |")
+                         f"{fmt(s['min'], s['unit'])}-{fmt(s['max'], s['unit'])} | {s['unit']} | "
+                         f"{rs[0]} | {rs[1]} |")
     lines += ["", "## Targets (2 cores, 2 KB, concurrency 16)", "",
               "| target | goal | measured | met |", "| --- | ---: | ---: | --- |"]
     for t in targets:
@@ -455,9 +519,19 @@ def markdown(meta: dict[str, Any], summary: dict[str, Any], targets: list[dict[s
                   "| addresses | insert us | decide us | auth us | RSS MB | RSS after auth MB | B/client |",
                   "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in core:
+            if r.get("kind", "one") != "one":
+                continue
             lines.append(f"| {r['n']:,} | {r['insert_us']:.2f} | {r['decide_us']:.2f} | "
                          f"{r['auth_us']:.2f} | {r['rss_mb']:.1f} | {r['rss_end_mb']:.1f} | "
                          f"{r['bytes_per_client']:.0f} |")
+        lines += ["", "Hostile clients: every address connected twice and failed a login "
+                  "(default, non-zero limits), so each holds a full record.", "",
+                  "| addresses | us per client | RSS MB | empty MB | B/client |",
+                  "| ---: | ---: | ---: | ---: | ---: |"]
+        for r in core:
+            if r.get("kind") == "hostile":
+                lines.append(f"| {r['n']:,} | {r['us_per_client']:.2f} | {r['rss_mb']:.1f} | "
+                             f"{r['rss_before_mb']:.1f} | {r['bytes_per_client']:.0f} |")
     lines += ["", "## Notes", ""]
     for k, v in notes.items():
         if k != "screening_core" or not isinstance(v, list):
