@@ -44,6 +44,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 import clients  # noqa: E402
+import imap_bench  # noqa: E402
 import peers  # noqa: E402
 
 HIGHER, LOWER = "higher", "lower"  # which direction is better, per unit
@@ -120,7 +121,9 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=None, help="repetitions (3; --quick: 1)")
     ap.add_argument("--duration", type=float, default=None,
                     help="seconds per SMTP run (2.5; --quick: 1)")
-    ap.add_argument("--messages", type=int, default=5000, help="POP3/IMAP folder size")
+    ap.add_argument("--messages", type=int, default=5000, help="POP3 maildrop size")
+    ap.add_argument("--imap-messages", default="",
+                    help="IMAP folder sizes, comma list (5000,100000; --quick: 5000)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--workdir", default=None, help="data directories (default: a temp dir)")
     ap.add_argument("--only", default="", help="comma list: smtp,accept,pop3,imap,core,ceiling")
@@ -132,6 +135,8 @@ def main() -> int:
     args = ap.parse_args()
     args.reps = args.reps or (1 if args.quick else 3)
     args.duration = args.duration or (1.0 if args.quick else 2.5)
+    imap_counts = [int(x) for x in
+                   (args.imap_messages or ("5000" if args.quick else "5000,100000")).split(",")]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop the servers on the way out
     only = set(filter(None, args.only.split(","))) or {"smtp", "accept", "pop3", "imap", "core",
                                                        "ceiling"}
@@ -187,7 +192,7 @@ def main() -> int:
     if "pop3" in only:
         steps += args.reps * 3
     if "imap" in only:
-        steps += args.reps * 3
+        steps += imap_bench.steps(imap_counts, args.reps, 3)
     if "core" in only:
         steps += 1
     progress = Progress(steps)
@@ -294,33 +299,12 @@ def main() -> int:
                     record("pop3_list_retr", {"messages": args.messages}, server.name, rep, r,
                            "s", LOWER)
 
-        if "imap" in only:
-            imap_servers = []
-            if ours.has("imap") and peers.wait_port(ours.ports["imap"], 1):
-                imap_servers.append((ours, ours.ports["imap"]))
-            else:
+        if "imap" in only:  # every IMAP workload, warm and after restarts (bench/imap_bench.py)
+            mine = [o for o in (ours, ours_site) if o.has("imap") and peers.wait_port(o.ports["imap"], 1)]
+            if ours not in mine:
                 notes["imap"] = "ours pending: no IMAP listener in this build"
-            if site_ok and peers.wait_port(ours_site.ports["imap"], 1):
-                imap_servers.append((ours_site, ours_site.ports["imap"]))
-            if have_dovecot and dovecot.has("imap"):
-                imap_servers.append((dovecot, dovecot.ports["imap"]))
-            for server, port in imap_servers:
-                try:
-                    clients.imap_workload(port, "pop@bench.test", args.messages)
-                except Exception as e:  # noqa: BLE001
-                    notes[f"imap-{server.name}"] = f"failed: {e}"[:200]
-            for rep in range(args.reps):
-                for server, port in rotated(imap_servers, rep):
-                    progress.step(f"imap {args.messages} {server.name}")
-                    if f"imap-{server.name}" in notes:
-                        continue
-                    try:
-                        r = clients.imap_workload(port, "pop@bench.test", args.messages)
-                    except Exception as e:  # noqa: BLE001
-                        notes[f"imap-{server.name}"] = f"failed: {e}"[:200]
-                        continue
-                    record("imap_select_fetch", {"messages": args.messages}, server.name, rep,
-                           r, "s", LOWER)
+            imap_bench.run(mine, dovecot if have_dovecot and dovecot.has("imap") else None,
+                           imap_counts, args.reps, record, notes, progress.step)
 
         if "core" in only:
             progress.step("screening core")
@@ -331,7 +315,7 @@ def main() -> int:
             s.stop()
 
     summary = summarise(records)
-    targets = evaluate(summary, notes)
+    targets = evaluate(summary, notes, imap_counts)
     meta = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "python": platform.python_version(),
             "machine": f"{os.cpu_count()} CPUs, {platform.platform()}", "reps": args.reps,
             "duration_s": args.duration, "quick": args.quick, "workdir": workdir}
@@ -437,7 +421,8 @@ def _ratio(summary: dict[str, Any], k: str | None, server: str, peer: str) -> fl
     return summary.get(k or "", {}).get(server, {}).get("ratios", {}).get(peer)
 
 
-def evaluate(summary: dict[str, Any], notes: dict[str, Any]) -> list[dict[str, Any]]:
+def evaluate(summary: dict[str, Any], notes: dict[str, Any],
+             imap_counts: list[int]) -> list[dict[str, Any]]:
     out = []
     smtp = "smtp_ingest concurrency=16 size=2048 per_conn=1"
 
@@ -453,13 +438,12 @@ def evaluate(summary: dict[str, Any], notes: dict[str, Any]) -> list[dict[str, A
         for peer, goal in (("postfix", 1.3), ("aiosmtpd-fsync", 1.4)):
             target(f"SMTP ingest / {peer} ({me})", _ratio(summary, smtp, me, peer), goal,
                    notes.get(peer, "not measured"))
-        for wl, label in (("pop3_list_retr", "POP3 LIST+RETR"),
-                          ("imap_select_fetch", "IMAP SELECT+FETCH")):
-            k = next((x for x in summary if x.startswith(wl)), None)
-            # within 1.5x Dovecot's time: dovecot_time / our_time >= 1/1.5
-            target(f"{label}: Dovecot time / ours (>= 1/1.5) ({me})",
-                   _ratio(summary, k, me, "dovecot"), round(1 / 1.5, 3),
-                   notes.get("imap" if wl.startswith("imap") else "dovecot", "not measured"))
+        k = next((x for x in summary if x.startswith("pop3_list_retr")), None)
+        # within 1.5x Dovecot's time: dovecot_time / our_time >= 1/1.5
+        target(f"POP3 LIST+RETR: Dovecot time / ours (>= 1/1.5) ({me})",
+               _ratio(summary, k, me, "dovecot"), round(1 / 1.5, 3), notes.get("dovecot", "not measured"))
+        imap_bench.targets(summary, imap_counts, target, notes.get("imap", notes.get("dovecot", "not measured")),
+                           me, lambda k, me=me: _ratio(summary, k, me, "dovecot"))
     accept = next((x for x in summary if x.startswith("accept ")), None)
     target("accept rate screening on / off, 10^4 source addresses (>= 0.95)",
            _ratio(summary, accept, "ours-screening-on", "ours-screening-off")
