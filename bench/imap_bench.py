@@ -241,7 +241,9 @@ def main() -> int:
                      "met": None if value is None else value >= goal,
                      "note": why_missing if value is None else ""})
 
-    targets(summary, counts, target, notes.get("dovecot", "not measured"))
+    # as bench/run.py: the median of the per-repetition ratios
+    targets(summary, counts, target, notes.get("dovecot", "not measured"), "ours",
+            lambda k: summary.get(k, {}).get("ours", {}).get("ratios", {}).get("dovecot"))
     meta = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "python": platform.python_version(),
             "machine": f"{os.cpu_count()} CPUs, {platform.platform()}", "reps": args.reps,
             "duration_s": "-", "quick": False, "workdir": workdir}
