@@ -320,3 +320,21 @@ def test_a_block_storm_over_three_nodes_sends_five_mails_and_one_digest(nodes, r
     assert len(mails) == 6
     assert len([m for m in mails if "digest: 3 screening events" in m]) == 1
     assert redis.cli("LLEN", f"{PREFIX}notify:digest") == "0"
+
+
+def test_resp_framing_and_fail_fast():
+    """The client's codec round-trips; while the link is down a command fails at once."""
+    from twisted.internet.task import Clock
+
+    from twisted_mail_screen.screening.resp import RedisDown, RedisError, RedisLink, encode, parse
+
+    assert encode(("SET", "k", 1.5, b"\x00")) == b"*4\r\n$3\r\nSET\r\n$1\r\nk\r\n$3\r\n1.5\r\n$1\r\n\x00\r\n"
+    reply = b"*3\r\n:7\r\n$-1\r\n*2\r\n+OK\r\n-ERR no\r\n"
+    value, end = parse(reply, 0)
+    assert end == len(reply) and value[:2] == [7, None] and value[2][0] == "OK"
+    assert isinstance(value[2][1], RedisError)
+    link = RedisLink(None, Clock(), "unix:/nonexistent", None, "ch", lambda c, d: None,
+                     lambda: None, lambda why: None)
+    failures = []
+    link.call("PING").addErrback(failures.append)
+    assert failures and failures[0].check(RedisDown)
