@@ -338,3 +338,18 @@ def test_resp_framing_and_fail_fast():
     failures = []
     link.call("PING").addErrback(failures.append)
     assert failures and failures[0].check(RedisDown)
+
+
+def test_whitelist_and_freezes_made_on_one_node_reach_the_others(nodes, redis):
+    """The run-time white list and freezes are shared as blocks are: the CLI on C sees A's."""
+    a, _, c = nodes
+    a.mailscreen("whitelist", "add", "127.0.0.9", "--reason", "office")
+    a.mailscreen("frozen", "freeze", "someone@example.test", "--minutes", "5")
+    # through Redis (the shared data directory's files would carry them too, later)
+    assert "127.0.0.9" in redis.cli("HKEYS", f"{PREFIX}list:white")
+    assert "someone@example.test" in redis.cli("HKEYS", f"{PREFIX}list:freeze")
+    wait_until(lambda: "127.0.0.9" in c.mailscreen("whitelist", "list"), 5.0)
+    wait_until(lambda: "someone@example.test" in c.mailscreen("frozen", "list"), 5.0)
+    a.mailscreen("frozen", "thaw", "someone@example.test")
+    wait_until(lambda: "someone@example.test" not in c.mailscreen("frozen", "list"), 5.0)
+    assert "someone@example.test" not in redis.cli("HKEYS", f"{PREFIX}list:freeze")
