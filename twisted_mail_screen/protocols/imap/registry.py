@@ -144,12 +144,12 @@ class Registry:
         the account lock, before the command that made the changes answers);
         fires with C{result}.
         """
-        lines = folder.ms.take_pending()
-        if not lines or folder.retired:
+        changes = folder.ms.take_pending()
+        if not changes or folder.retired:
             return succeed(result)
         # Under the folder's cross-process lock, as the UID list is (store/folderlock.py).
         return self.blocking.run(locked, folder.path, write_pending, folder.path, folder.ms.uidvalidity,
-                                 lines).addCallback(lambda _: result)
+                                 changes).addCallback(lambda _: result)
 
     #: Rescans before a write gives up (another process writing the folder without pause).
     MAX_STALE = 20
