@@ -37,13 +37,13 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from twisted_mail_screen.screening.config import RedisConfig
-from twisted_mail_screen.screening.interfaces import ClientScreen, OpenScreen
+from twisted_mail_screen.screening.interfaces import ClientScreen
 from twisted_mail_screen.screening.notify import PostmasterNotifier
 from twisted_mail_screen.screening.redis_counts import BatchedCounts
 from twisted_mail_screen.screening.redis_notify import SharedNotices
 from twisted_mail_screen.screening.redis_state import SharedLists
 from twisted_mail_screen.screening.resp import RedisLink
-from twisted_mail_screen.screening.rules import ScreeningRules, refusal_text
+from twisted_mail_screen.screening.rules import RefusedScreen, ScreeningRules, refusal_text
 from twisted_mail_screen.screening.service import ScreeningService
 
 # KEYS: the lease sets. ARGV: expiry, ttl ms, then one member per key.
@@ -54,24 +54,6 @@ for i = 1, #KEYS do
 end
 return #KEYS
 """
-
-
-class _Refused(OpenScreen):
-    """A connection the cluster refused: every event says close."""
-
-    __slots__ = ("refusal",)
-
-    def __init__(self, refusal: str) -> None:
-        self.refusal = refusal  # type: ignore[misc]
-
-    def auth_failed(self, username: str, secret: bytes) -> bool:
-        return True
-
-    def rcpt_unknown(self) -> bool:
-        return True
-
-    def rset(self) -> bool:
-        return True
 
 
 class _ClusterSession:
@@ -241,17 +223,17 @@ class RedisScreening(Service):
             limit = settings.max_connections
             entry = self._rules.block_client(key, "connections", limit + 1, limit,
                                              settings.connection_window_minutes, protocol)
-            return _Refused(refusal_text(key, entry))
+            return RefusedScreen(refusal_text(key, entry))
         if self._full and self._full.get(key, 0.0) > now:
             screen.closed()
             most = settings.max_simultaneous
             if settings.block_on_simultaneous:
                 entry = self._rules.block_client(key, "simultaneous", most + 1, most, None,
                                                  protocol)
-                return _Refused(refusal_text(key, entry))
+                return RefusedScreen(refusal_text(key, entry))
             self._rules.decision("refuse", key, "simultaneous", count=f"{most + 1}/{most}",
                                  protocol=protocol, scope="cluster")
-            return _Refused(f"{key} has too many simultaneous connections ({most}) "
+            return RefusedScreen(f"{key} has too many simultaneous connections ({most}) "
                             "(simultaneous)")
         self._serial += 1
         session = _ClusterSession(screen, self, f"{self.node}:{self._serial}")

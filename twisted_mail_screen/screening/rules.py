@@ -73,8 +73,8 @@ def refusal_text(address: str, entry: Entry) -> str:
     return f"{address} blocked {until} ({rule_of(entry.reason)})"
 
 
-class _RefusedScreen(OpenScreen):
-    """A connection refused at connect: every event says close."""
+class RefusedScreen(OpenScreen):
+    """A connection refused at connect (here or by the cluster): every event says close."""
 
     __slots__ = ("refusal",)
 
@@ -241,17 +241,17 @@ class ScreeningRules:
                 if count is not None:
                     entry = self._block(key, "connections", count + 1, limit,
                                         config.connection_window_minutes, protocol)
-                    return _RefusedScreen(refusal_text(key, entry))
+                    return RefusedScreen(refusal_text(key, entry))
         active = self._active.get(key, 0)
         most = config.max_simultaneous
         if most and active >= most:
             if config.block_on_simultaneous:
                 entry = self._block(key, "simultaneous", active + 1, most, None, protocol)
-                return _RefusedScreen(refusal_text(key, entry))
+                return RefusedScreen(refusal_text(key, entry))
             self.decision("refuse", key, "simultaneous", count=f"{active + 1}/{most}",
                            protocol=protocol)
             self._note(key, now, protocol, f"refused: simultaneous {active + 1}/{most}")
-            return _RefusedScreen(
+            return RefusedScreen(
                 f"{key} has too many simultaneous connections ({most}) (simultaneous)")
         self._active[key] = active + 1
         return _Session(self, key, host, protocol)
@@ -259,7 +259,7 @@ class ScreeningRules:
     def _refuse(self, host: str, protocol: str, entry: Entry) -> ClientScreen:
         self.decision("refuse", host, rule_of(entry.reason), blocked=entry.name,
                        until=format_expiry(entry.expires), protocol=protocol)
-        return _RefusedScreen(refusal_text(host, entry))
+        return RefusedScreen(refusal_text(host, entry))
 
     def _closed(self, key: str) -> None:
         active = self._active.get(key, 0) - 1

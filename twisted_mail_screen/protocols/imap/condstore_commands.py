@@ -16,12 +16,10 @@ once QRESYNC is enabled, expunges are told as C{VANISHED}.
 
 from __future__ import annotations
 
-import re
 from typing import Any, NamedTuple
 
 from twisted.internet.defer import Deferred
 
-from twisted_mail_screen.protocols.imap.core import No
 from twisted_mail_screen.protocols.imap.message_commands import MessageCommands
 from twisted_mail_screen.protocols.imap.modseq import ModSeqItem, changed_ranges
 from twisted_mail_screen.protocols.imap.parse import Atom, BadCommand, SeqSet, Token, format_set, parse_seqset
@@ -189,23 +187,14 @@ class CondStoreCommands(MessageCommands):
             args = [args[0], args[2], args[3]]
         elif not self.condstore:
             return super().do_STORE(tag, args, uid)
-        if len(args) != 3:
-            raise BadCommand("STORE needs a sequence set, an item and flags")
-        seqset = self._seqset(args[0])
-        item = str(args[1]).upper() if isinstance(args[1], Atom) else ""
-        m = re.match(r"^([+-]?)FLAGS(\.SILENT)?$", item)
-        if not m:
-            raise BadCommand("STORE item must be [+-]FLAGS[.SILENT]")
-        flags = [f for f in self._flag_list(args[2]) if f != "\\Recent"]
-        if not self.writable:
-            raise No("Mailbox is read-only", "READ-ONLY")
+        seqset, mode, silent, flags = self._store_args(args)
         folder = self.folder
         assert folder is not None
         modified: list[int] = []
 
         def store(ranges: list[tuple[int, int]]) -> Deferred:
             uids = [self.view[i] for i in self._iter_positions(ranges)]
-            d = self._store_flags(uids, m.group(1) or "=", flags, unchanged, modified)
+            d = self._store_flags(uids, mode, flags, unchanged, modified)
             return d.addCallback(lambda _: answer(ranges))
 
         def answer(ranges: list[tuple[int, int]]) -> Any:
@@ -213,7 +202,7 @@ class CondStoreCommands(MessageCommands):
                 skip = set(modified)
                 ranges = merged([i for i in self._iter_positions(ranges) if self.view[i] not in skip])
             # .SILENT still tells the mod-sequences (RFC 7162 3.1.3's example), of every message stored.
-            atts: list = (["UID"] if uid else []) + ([] if m.group(2) else ["FLAGS"])
+            atts: list = (["UID"] if uid else []) + ([] if silent else ["FLAGS"])
             return self._stream_fetch(ranges, atts + [ModSeqItem(folder.ms.by_uid)])
 
         def done(_: object) -> str:

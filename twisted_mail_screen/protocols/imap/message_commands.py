@@ -195,7 +195,8 @@ class MessageCommands(SelectedView):
         step()
         return done
 
-    def do_STORE(self, tag: bytes, args: list, uid: bool = False) -> Deferred:
+    def _store_args(self, args: list) -> tuple[Any, str, bool, list[str]]:
+        """STORE's sequence set, mode (C{+}, C{-} or C{=}), C{.SILENT} and flags, checked."""
         if len(args) != 3:
             raise BadCommand("STORE needs a sequence set, an item and flags")
         seqset = self._seqset(args[0])
@@ -206,10 +207,15 @@ class MessageCommands(SelectedView):
         flags = [f for f in self._flag_list(args[2]) if f != "\\Recent"]
         if not self.writable:
             raise No("Mailbox is read-only", "READ-ONLY")
+        return seqset, m.group(1) or "=", bool(m.group(2)), flags
+
+    def do_STORE(self, tag: bytes, args: list, uid: bool = False) -> Deferred:
+        seqset, mode, silent, flags = self._store_args(args)
+
         def store(ranges: list[tuple[int, int]]) -> Deferred:
             uids = [self.view[i] for i in self._iter_positions(ranges)]
-            d = self._store_flags(uids, m.group(1) or "=", flags)
-            if m.group(2):
+            d = self._store_flags(uids, mode, flags)
+            if silent:
                 return d
             atts = ["UID", "FLAGS"] if uid else ["FLAGS"]
             return d.addCallback(lambda _: self._stream_fetch(ranges, atts))
