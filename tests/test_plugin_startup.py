@@ -2,7 +2,7 @@
 What keeps a function-scoped C{mailserver} cheap (bench/plugin_startup.py,
 docs/performance.md): no fsyncs on a test host, DKIM's libraries imported
 only when a key is configured (zoneinfo when a query names a zone), the web page's files read once per process,
-plain C{tcp:} listen strings built without the strports parser.
+plain C{tcp:} listen strings and the control socket built without the strports parser.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor
 
 from twisted_mail_screen.pytest_plugin.server import build
+from twisted_mail_screen.runtime.control import control_endpoint, endpoint_description
 from twisted_mail_screen.runtime.endpoints import server_endpoint
 from twisted_mail_screen.web.ui import load_static
 
@@ -94,6 +95,17 @@ def test_plain_tcp_strings_listen_as_the_strports_parser_would(description: str)
     serverFromString(theirs, description).listen(object())  # type: ignore[arg-type]
     assert [(port, backlog, interface) for port, _, backlog, interface in ours.tcpServers] == \
         [(port, backlog, interface) for port, _, backlog, interface in theirs.tcpServers]
+
+
+@pytest.mark.parametrize("path", ["/run/mailscreen/control.sock", "/tmp/a:b\\d/control.sock"])
+def test_control_socket_listens_as_its_strports_string_would(path: str) -> None:
+    """Same path, backlog, mode 0600 and PID lock file as C{unix:PATH:mode=600:lockfile=1}."""
+    ours, theirs = MemoryReactor(), MemoryReactor()
+    control_endpoint(ours, path).listen(object())  # type: ignore[arg-type]
+    serverFromString(theirs, endpoint_description(path)).listen(object())  # type: ignore[arg-type]
+    assert [(a, backlog, mode, pid) for a, _, backlog, mode, pid in ours.unixServers] == \
+        [(a, backlog, mode, pid) for a, _, backlog, mode, pid in theirs.unixServers]
+    assert ours.unixServers[0][0] == path and ours.unixServers[0][3] == 0o600
 
 
 def test_page_files_read_once_but_each_site_gets_its_own_answers() -> None:

@@ -11,7 +11,6 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import MultiService, Service
-from twisted.internet import endpoints
 from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.logger import Logger
 
@@ -29,7 +28,7 @@ from twisted_mail_screen.runtime.events import EventBus
 from twisted_mail_screen.runtime.lagmonitor import LagMonitor
 from twisted_mail_screen.runtime.metrics import (
     BackendCollector, MeasuredDelivery, ServerMetrics, StateCollector)
-from twisted_mail_screen.runtime.control import ControlFactory, endpoint_description
+from twisted_mail_screen.runtime.control import ControlFactory, control_endpoint
 from twisted_mail_screen.screening.notify import PostmasterNotifier
 from twisted_mail_screen.runtime.endpoints import server_endpoint
 from twisted_mail_screen.screening.redis_backend import RedisScreening
@@ -294,8 +293,8 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
             listener.setServiceParent(service)
             service.listeners.append(listener)
     os.makedirs(os.path.dirname(config.control_socket), mode=0o750, exist_ok=True)
-    control_endpoint = endpoints.serverFromString(reactor, endpoint_description(config.control_socket))
-    Listener("control", config.control_socket, control_endpoint, control).setServiceParent(service)
+    Listener("control", config.control_socket, control_endpoint(reactor, config.control_socket),
+             control).setServiceParent(service)
     return service
 
 
