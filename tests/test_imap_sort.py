@@ -9,6 +9,7 @@ rebuilt when broken).
 from __future__ import annotations
 
 import imaplib
+import marshal
 import os
 import time
 
@@ -16,7 +17,7 @@ import pytest
 
 from tests.test_imap import Raw
 from tests.test_reactor_budget import ALICE, check, fill, mailbox, measured
-from twisted_mail_screen.protocols.imap import headerindex, sortcache
+from twisted_mail_screen.protocols.imap import headerdir, headerindex, sortcache
 from twisted_mail_screen.protocols.imap.fetch import read_message
 from twisted_mail_screen.protocols.imap.sortkeys import base_subject, fields_of
 from twisted_mail_screen.protocols.imap.threads import references, render
@@ -325,6 +326,73 @@ def test_header_index_torn_or_garbage_file_is_rebuilt(tmp_path):
     broken.load()
     assert broken.bases == [] and broken.ensure(str(box), rels, read_message) == [0, 1, 2]
     assert (box / headerindex.FILENAME).read_bytes().startswith(headerindex.MAGIC)
+
+
+def _state(index: headerindex.HeaderIndex) -> tuple:
+    return (index.bases, index.metas, index.starts, index.ends, index.by_base, index.unplain,
+            index._joined())
+
+
+def test_header_index_directory_is_used_and_a_stale_torn_or_foreign_one_ignored(tmp_path):
+    box, other = tmp_path / "box", tmp_path / "other"
+    fill(box, 300)
+    fill(other, 300, body=b"other\n")
+    rels = sorted("cur/" + n for n in os.listdir(box / "cur"))
+    for b in (box, other):
+        first = headerindex.HeaderIndex(str(b))
+        first.load()
+        first.ensure(str(b), sorted("cur/" + n for n in os.listdir(b / "cur")), read_message)
+    walked = headerindex.HeaderIndex(str(box))
+    walked.load()  # 300 records walked: the directory is written
+    directory = box / headerdir.DIRNAME
+    assert directory.read_bytes().startswith(headerdir.MAGIC)
+    assert directory.stat().st_mode & 0o077 == 0
+    loaded = headerindex.HeaderIndex(str(box))
+    loaded.load()
+    assert _state(loaded) == _state(walked)
+    assert loaded.hits("example.org") == set(range(300)) and loaded.hits("nowhere") == set()
+
+    # the directory is what a load takes: a name planted in it shows
+    covered, ino, head, tail, bases, *rest = marshal.loads(directory.read_bytes()[len(headerdir.MAGIC):])
+    directory.write_bytes(headerdir.MAGIC + marshal.dumps(
+        (covered, ino, head, tail, ["planted"] + bases[1:], *rest), 2))
+    planted = headerindex.HeaderIndex(str(box))
+    planted.load()
+    assert planted.bases[0] == "planted" and planted.by_base["planted"] == 0
+
+    # records appended after it: walked on top of it
+    data = b"Subject: late\nFrom: a@example.org\n\nlate\n"
+    for i in range(3):
+        (box / "cur" / f"1700000000.M{i}P2Q1.host,S={len(data)}:2,").write_bytes(data)
+    rels = sorted("cur/" + n for n in os.listdir(box / "cur"))
+    directory.write_bytes(headerdir.MAGIC + marshal.dumps((covered, ino, head, tail, bases, *rest), 2))
+    grown = headerindex.HeaderIndex(str(box))
+    grown.load()
+    assert grown.ensure(str(box), rels, read_message) == list(range(303))
+    reloaded = headerindex.HeaderIndex(str(box))
+    reloaded.load()
+    assert _state(reloaded) == _state(grown) and len(reloaded.bases) == 303
+
+    # torn, garbage, another folder's, or describing a file since rewritten: the records are walked
+    good = directory.read_bytes()
+    other_index = headerindex.HeaderIndex(str(other))
+    other_index.load()  # writes other's directory
+    for bad in (good[:len(good) // 2], b"garbage", headerdir.MAGIC + b"\xff\x00",
+                (other / headerdir.DIRNAME).read_bytes()):
+        directory.write_bytes(bad)
+        again = headerindex.HeaderIndex(str(box))
+        again.load()
+        assert _state(again) == _state(reloaded)
+        assert directory.read_bytes() != bad  # written again
+    covered, ino, head, tail, bases, *rest = marshal.loads(good[len(headerdir.MAGIC):])
+    directory.write_bytes(headerdir.MAGIC + marshal.dumps(
+        (covered, ino, head, tail, ["planted"] + bases[1:], *rest), 2))
+    copy = box / "copy"
+    copy.write_bytes((box / headerindex.FILENAME).read_bytes())
+    os.replace(copy, box / headerindex.FILENAME)  # the same octets in another file (a rewrite)
+    again = headerindex.HeaderIndex(str(box))
+    again.load()
+    assert _state(again) == _state(reloaded) and "planted" not in again.by_base
 
 
 def test_sort_orders_kept_on_disk(tmp_path):

@@ -26,13 +26,16 @@ from __future__ import annotations
 
 import bisect
 import marshal
+import operator
 import os
 import re
 import struct
 import threading
 from collections import OrderedDict
+from itertools import compress
 from typing import Any, Callable
 
+from twisted_mail_screen.protocols.imap import headerdir
 from twisted_mail_screen.protocols.imap.flags import base_of
 from twisted_mail_screen.protocols.imap.message import Part, envelope, to_crlf
 from twisted_mail_screen.protocols.imap.sortkeys import SortFields, fields_of
@@ -114,52 +117,71 @@ class HeaderIndex:
         try:
             with open(self.file, "rb") as f:
                 data = f.read()
+                ino = os.fstat(f.fileno()).st_ino
         except FileNotFoundError:
             return
         if not data.startswith(MAGIC):
             self._rewrite([])
             return
-        good = self._parse(data, 0)
+        good = headerdir.restore(self, data, ino)
+        walked = len(self.bases)
+        if good < len(data):
+            good += self._parse(data[good:] if good else data, good)
         if good == len(data):
             self._note_identity()
+            if len(self.bases) - walked >= headerdir.WRITE_AFTER:
+                headerdir.save(self, data, ino)
         else:
             self._rewrite(self._live_records())
 
     def _parse(self, data: bytes, offset: int) -> int:
         """Add the records of C{data} (at C{offset} in the blob); how many octets were whole."""
+        # The walk does only what needs a record's lengths (the slices, the
+        # spans); names are decoded, mapped and flagged for the whole batch
+        # by C loops after it: about half the Python work of the first
+        # search after a restart.
         pos = len(MAGIC) if offset == 0 else 0
         size_all = len(data)
         unpack = _REC.unpack_from
-        bases, metas, ends = self.bases, self.metas, self.ends
-        by_base, starts, unplain = self.by_base, self.starts, self.unplain
-        while pos < size_all:
-            if pos + _REC.size > size_all:
-                break
+        head = _REC.size
+        raw: list[bytes] = []
+        plains: list[int] = []
+        metas, starts, ends = self.metas, self.starts, self.ends
+        while pos + head <= size_all:
             nb, nm, nblock, plain = unpack(data, pos)
-            body = pos + _REC.size
-            end = body + nb + nm + (0 if nblock == _BIG else nblock)
+            name = pos + head
+            meta = name + nb
+            end = meta + nm + (0 if nblock == _BIG else nblock)
             if end > size_all:
                 break
-            try:
-                base = data[body:body + nb].decode("utf-8", "surrogateescape")
-            except ValueError:
-                break
-            old = by_base.get(base)
-            if old is not None:
-                ends[old] = -2  # superseded
-            n = len(bases)
-            by_base[base] = n
-            if not plain:
-                unplain.add(n)
-            bases.append(base)
-            metas.append(data[body + nb:body + nb + nm])
+            raw.append(data[name:meta])
+            metas.append(data[meta:meta + nm])
+            plains.append(plain)
             if nblock == _BIG:
                 starts.append(offset + end)
                 ends.append(-1)
             else:
-                starts.append(offset + body + nb + nm)
+                starts.append(offset + meta + nm)
                 ends.append(offset + end)
             pos = end
+        if raw:
+            # "/" cannot occur in a file name: one decode and split for every name
+            names = b"/".join(raw).decode("utf-8", "surrogateescape").split("/")
+            if len(names) != len(raw):  # a damaged record with a "/" in its name
+                names = [r.decode("utf-8", "surrogateescape") for r in raw]
+            first = len(self.bases)
+            self.bases += names
+            batch = dict(zip(names, range(first, first + len(names))))
+            by_base = self.by_base
+            if len(batch) != len(names) or not by_base.keys().isdisjoint(batch):
+                for n, base in enumerate(names, first):  # a message indexed again: the older entry is superseded
+                    old = by_base.get(base)
+                    if old is not None:
+                        ends[old] = -2
+                    by_base[base] = n
+            else:
+                by_base.update(batch)
+            self.unplain.update(compress(range(first, first + len(names)), map(operator.not_, plains)))
         self.chunks.append(data[:pos] if pos < size_all else data)
         self.blob_len += pos
         self.lowered = None
