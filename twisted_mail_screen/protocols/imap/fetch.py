@@ -299,25 +299,27 @@ def render_rows(path: str, rows: Sequence[Row], atts: Sequence[Att], keywords: l
     entries = cache.entries if cache is not None else {}
     # ENVELOPE and INTERNALDATE alone: the header index's, where it has them, not the files
     # (only when some are not cached: a chunk rendered on the reactor never opens the index)
-    unknown = [b for r in rows if (b := base_of(r[2])) not in entries] \
+    # a row's base name once (it keys the cache, the index and what is learnt; a rename keeps it)
+    bases = [base_of(r[2]) for r in rows] if want_env or want_date else [""] * len(rows)
+    unknown = [b for b in bases if b not in entries] \
         if (want_env or want_date) and not (whole or header) else []
     indexed = indexed_headers(path, unknown) if unknown else {}
-    for seq, uid, rel, size, recent in rows:
+    for (seq, uid, rel, size, recent), base in zip(rows, bases):
         env: bytes | None = None
         mtime: float | None = None
         entry = None
         if want_env or want_date:
-            entry = entries.get(base_of(rel))
+            entry = entries.get(base)
             if entry is not None:
                 env, mtime = entry
         data: bytes | None = None
         root: Part | None = None
-        known = indexed.get(base_of(rel)) if indexed else None
+        known = indexed.get(base) if indexed else None
         if known is not None and (known[0] is not None or not want_env) and \
                 ((want_env and env is None) or (want_date and mtime is None)):
             env = env if env is not None or not want_env else known[0]
             mtime = known[1]
-            learned[base_of(rel)] = [env if want_env else None, mtime]
+            learned[base] = [env if want_env else None, mtime]
         elif whole or header or (want_env and env is None) or (want_date and mtime is None):
             rel, data, got = read_message(path, rel, whole, want_date and mtime is None)
             if data is None:
@@ -331,7 +333,7 @@ def render_rows(path: str, rows: Sequence[Row], atts: Sequence[Att], keywords: l
             if want_env and env is None:
                 env = envelope(root.fields)
             if got is not None or (want_env and (entry is None or entry[0] is None)):
-                learned[base_of(rel)] = [env if want_env else None, got]
+                learned[base] = [env if want_env else None, got]
         items: list[bytes | tuple[bytes, bytes]] = []  # a tuple: a literal's prefix and its octets
         for att in atts:
             if att == "UID":
