@@ -108,6 +108,15 @@ def test_control_socket_listens_as_its_strports_string_would(path: str) -> None:
     assert ours.unixServers[0][0] == path and ours.unixServers[0][3] == 0o600
 
 
+def test_a_started_server_control_socket_is_0600_with_its_pid_lock(tmp_path: Path) -> None:
+    server = build(str(tmp_path / "data"), {}, 5.0, lambda: ("", ""))
+    try:
+        assert os.stat(server.control_socket).st_mode & 0o777 == 0o600
+        assert os.path.lexists(server.control_socket + ".lock")
+    finally:
+        server.stop()
+
+
 def test_page_files_read_once_but_each_site_gets_its_own_answers() -> None:
     first, second = load_static(), load_static()
     assert "index.html" in first and first["index.html"].body == second["index.html"].body
