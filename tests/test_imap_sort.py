@@ -395,6 +395,17 @@ def test_header_index_directory_is_used_and_a_stale_torn_or_foreign_one_ignored(
     assert _state(again) == _state(reloaded) and "planted" not in again.by_base
 
 
+def test_header_index_a_name_indexed_twice_keeps_the_later_entry(tmp_path):
+    box = tmp_path / "box"
+    os.makedirs(box)
+    records = [headerindex._record("a", 1.0, (), None, b"Subject: %s\r\n\r\n" % s) for s in (b"old", b"new")]
+    (box / headerindex.FILENAME).write_bytes(headerindex.MAGIC + b"".join(records))
+    index = headerindex.HeaderIndex(str(box))
+    index.load()
+    assert index.by_base == {"a": 1} and index.ends[0] == -2
+    assert index.hits("old") == set() and index.hits("new") == {1}
+
+
 def test_sort_orders_kept_on_disk(tmp_path):
     box = tmp_path / "box"
     os.makedirs(box)
