@@ -28,12 +28,28 @@ LINE, SIZE, BARE = "line", "size", "bare"
 INLINE_STORED_FORM = 1024 * 1024
 
 
+#: The stored form is made a slice at a time: a worker converting a 25 MB
+#: message in two whole-message replaces held the GIL, and so the reactor
+#: thread, for up to ~120 ms at once (probe NOOPs of 117-121 ms seen); a
+#: slice of 256 KiB holds it well under a millisecond.
+FORM_SLICE = 256 * 1024
+
+
 def stored_form(raw: bytes) -> bytes:
     """
     The octets of DATA (from the CRLF before the first line) as stored:
     dot-unstuffed, with LF line endings (no CR is left but in CRLF pairs).
+    Slices are cut just before a CRLF, so no C{CRLF..} or CRLF spans two.
     """
-    return raw.replace(b"\r\n..", b"\r\n.")[2:].replace(b"\r\n", b"\n")
+    pieces = []
+    start = 0
+    while start < len(raw):
+        cut = raw.find(b"\r\n", start + FORM_SLICE)
+        stop = len(raw) if cut < 0 else cut
+        pieces.append(raw[start:stop].replace(b"\r\n..", b"\r\n.").replace(b"\r\n", b"\n"))
+        start = stop
+    # The sentinel CRLF, an LF now, goes.
+    return b"".join(pieces)[1:]
 
 
 @dataclass
