@@ -8,26 +8,21 @@ a slow reader dropped instead of buffered for.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import smtplib
 import socket
-import time
 
 import pytest
-from twisted.internet.task import Clock
 
 from conftest import log_lines
 from relay_sink import Sink, wait_for
-from webclient import basic, call
+from webclient import ADMIN, basic, site_with_clock
 
 from twisted_mail_screen.relay.spool import QueueDirectory
 from twisted_mail_screen.runtime import control
 from twisted_mail_screen.testing import in_reactor
 from twisted_mail_screen.web import events as web_events
-
-TOKEN = "events-token"
 
 
 class SSE:
@@ -77,21 +72,6 @@ class SSE:
 
     def close(self) -> None:
         self.sock.close()
-
-
-def site_with_clock(start_server, tmp_path, **overrides):
-    """Site mode (loopback not whitelisted), an admin token, time on a Clock started at now."""
-    tokens = tmp_path / "tokens"
-    tokens.write_text(TOKEN + "\n")
-    clock = Clock()
-    clock.advance(time.time() // 1)
-    server = start_server(site=True, clock=clock, kinds=("smtp", "web"),
-                          web__admins=["alice@example.test"], web__token_file=str(tokens),
-                          plaintext_auth="always", **overrides)
-    return server, clock
-
-
-ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def failed_logins(port: int, count: int) -> None:

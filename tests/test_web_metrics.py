@@ -10,31 +10,15 @@ from __future__ import annotations
 import base64
 import smtplib
 import socket
-import time
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.task import Clock
 
 from relay_sink import Sink, wait_for
-from webclient import basic, call
+from webclient import ADMIN, basic, call, site_with_clock as site
 
 from twisted_mail_screen.runtime import control
 from twisted_mail_screen.runtime.metrics import MinuteCounts
-
-TOKEN = "metrics-token"
-ADMIN = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def site(start_server, tmp_path, **overrides):
-    tokens = tmp_path / "tokens"
-    tokens.write_text(TOKEN + "\n")
-    clock = Clock()
-    clock.advance(time.time() // 1)
-    server = start_server(site=True, clock=clock, kinds=("smtp", "web"),
-                          web__admins=["alice@example.test"], web__token_file=str(tokens),
-                          plaintext_auth="always", **overrides)
-    return server, clock
 
 
 def scrape(server) -> dict[tuple[str, tuple], float]:

@@ -53,3 +53,28 @@ def call(port: int, method: str, path: str, body: Any = None,
 def basic(user: str, password: str) -> dict[str, str]:
     token = base64.b64encode(f"{user}:{password}".encode()).decode()
     return {"Authorization": f"Basic {token}"}
+
+
+#: The bearer token L{site_with_clock} writes; C{ADMIN} sends it.
+TOKEN = "web-test-token"
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def site_with_clock(start_server: Any, tmp_path: Any, **overrides: Any) -> tuple[Any, Any]:
+    """
+    A site-mode server with SMTP and web (loopback not whitelisted, alice an
+    administrator, L{TOKEN} an admin token, plaintext AUTH allowed), its time
+    on a C{Clock} started at now.
+    """
+    import time
+
+    from twisted.internet.task import Clock
+
+    tokens = tmp_path / "tokens"
+    tokens.write_text(TOKEN + "\n")
+    clock = Clock()
+    clock.advance(time.time() // 1)
+    server = start_server(site=True, clock=clock, kinds=("smtp", "web"),
+                          web__admins=["alice@example.test"], web__token_file=str(tokens),
+                          plaintext_auth="always", **overrides)
+    return server, clock
