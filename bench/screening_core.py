@@ -34,6 +34,7 @@ import os
 import subprocess
 import sys
 import time
+from typing import Any
 
 
 def rss_mb() -> float:
@@ -48,8 +49,8 @@ def address(i: int) -> str:
     return f"{10 + (i >> 24)}.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}"
 
 
-def run_hostile(n: int) -> dict[str, float]:
-    """N hostile clients, each with a failure recorded, default limits (a fresh process)."""
+def quiet_service(n: int, whitelist: tuple[str, ...]) -> tuple[Any, Any]:
+    """A screening service with default limits, tracking up to C{n} clients, logging nothing, on a Clock."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     from twisted.internet.task import Clock
     from twisted.logger import Logger
@@ -61,10 +62,15 @@ def run_hostile(n: int) -> dict[str, float]:
     clock = Clock()
     clock.advance(1_800_000_000)
     quiet = Logger(observer=lambda e: None)
-    config = ScreeningConfig(max_tracked_clients=max(n, 100), whitelist=())
-    assert config.max_connections and config.max_auth_failures
-    service = ScreeningService(config, clock, BlockList(None, clock, quiet), None, None,
-                               log=quiet)
+    config = ScreeningConfig(max_tracked_clients=max(n, 100), whitelist=whitelist)
+    service = ScreeningService(config, clock, BlockList(None, clock, quiet), None, None, log=quiet)
+    return service, clock
+
+
+def run_hostile(n: int) -> dict[str, float]:
+    """N hostile clients, each with a failure recorded, default limits (a fresh process)."""
+    service, clock = quiet_service(n, whitelist=())
+    assert service.config.max_connections and service.config.max_auth_failures
     gc.collect()
     base = rss_mb()
     hosts = [address(i) for i in range(n)]
@@ -88,20 +94,7 @@ def run_hostile(n: int) -> dict[str, float]:
 
 
 def run_one(n: int) -> dict[str, float]:
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-    from twisted.internet.task import Clock
-    from twisted.logger import Logger
-
-    from twisted_mail_screen.screening.blocklist import BlockList
-    from twisted_mail_screen.screening.service import ScreeningService
-    from twisted_mail_screen.screening.config import ScreeningConfig
-
-    clock = Clock()
-    clock.advance(1_800_000_000)
-    quiet = Logger(observer=lambda e: None)
-    config = ScreeningConfig(max_tracked_clients=max(n, 100), whitelist=("127.0.0.0/8", "::1"))
-    service = ScreeningService(config, clock, BlockList(None, clock, quiet), None, None,
-                               log=quiet)
+    service, clock = quiet_service(n, whitelist=("127.0.0.0/8", "::1"))
     gc.collect()
     base = rss_mb()
     # The address strings become the dict keys, as the transport's host
