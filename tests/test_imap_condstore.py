@@ -356,3 +356,36 @@ def test_changes_by_another_process_on_the_folder_get_higher_modseqs(server, tmp
     lines, _ = r(f"FETCH 1:* (UID FLAGS) (CHANGEDSINCE {theirs})")
     assert set(modseqs(lines)) == {1}
     r.close()
+
+
+def test_values_another_process_gave_out_unseen_are_caught_up_before_ours_are_written(server, tmp_path):
+    """
+    Another server on the same Maildir gave out mod-sequences this one has
+    not seen (no file of ours changed, so no rescan reads them): under the
+    folder's lock, before writing, ours are moved above them, for flag
+    changes and expunges alike, and the file stays ascending.
+    """
+    for i in range(3):
+        send(server, f"m{i}")
+    r = raw_login(server)
+    r("ENABLE QRESYNC")
+    mark = highest(r("SELECT INBOX")[0])
+    box = folder(tmp_path)
+    theirs = mark + 500
+    with open(box / modseqlist.FILENAME, "a") as f:  # as if it changed a message of another folder view
+        f.write(f"99 {theirs} =S\n")
+    lines, ok = r("UID STORE 1 +FLAGS (\\Flagged)")
+    assert ok.startswith("OK")
+    assert modseqs(lines) == {1: theirs + 1}
+    with open(box / modseqlist.FILENAME, "a") as f:
+        f.write(f"-98 {theirs + 10}\n")
+    r("UID STORE 2 +FLAGS (\\Deleted)")
+    lines, ok = r("EXPUNGE")
+    assert ok.startswith("OK")
+    lines, _ = r(f"UID FETCH 1:* (FLAGS) (CHANGEDSINCE {theirs + 10} VANISHED)")
+    assert lines[0] == "* VANISHED (EARLIER) 2", lines  # the expunge is above their values
+    assert modseqs(lines) == {}  # the STORE of 1 was below them, and 3 never changed
+    r.close()
+    written = [int(line.split()[1]) for line in (box / modseqlist.FILENAME).read_text().splitlines()[1:]]
+    tail = written[-5:]
+    assert tail == sorted(set(tail)), written

@@ -220,3 +220,82 @@ def test_a_crashed_nodes_claim_is_taken_over_and_the_message_sent_once(tmp_path)
     finally:
         stop(*[p for p in (a, b) if p is not None])
         sink.stop()
+
+
+def _modseq_of(data: list) -> list[int]:
+    return [int(m) for item in data if isinstance(item, bytes)
+            for m in re.findall(rb"MODSEQ \((\d+)\)", item)]
+
+
+def test_concurrent_stores_through_two_nodes_get_unique_rising_modseqs(tmp_path):
+    """
+    CONDSTORE across processes: each node gives out mod-sequences from its
+    memory, caught up under the folder's lock with what the other appended,
+    so the values are unique, rise in the file's order, and CHANGEDSINCE on
+    either node sees the other's changes.
+    """
+    a, ports_a = node(tmp_path, "a")
+    b, ports_b = node(tmp_path, "b")
+    try:
+        setup = imap_login(ports_a["imap"])
+        for i in range(10):
+            assert setup.append("INBOX", None, None, f"Subject: m{i}\r\n\r\nx\r\n".encode())[0] == "OK"
+        setup.logout()
+        given: dict[str, list[int]] = {"a": [], "b": []}
+        errors: list[BaseException] = []
+
+        def writer(port: int, tag: str, uids: range) -> None:
+            try:
+                c = imap_login(port)
+                assert c.enable("CONDSTORE")[0] == "OK"
+                c.select("INBOX")
+                for i in range(40):
+                    mode = "+FLAGS" if (i // len(uids)) % 2 == 0 else "-FLAGS"
+                    typ, data = c.uid("STORE", str(uids[i % len(uids)]), mode, "(\\Flagged)")
+                    assert typ == "OK", data
+                    got = _modseq_of(data)
+                    assert len(got) == 1, data
+                    given[tag] += got
+                c.logout()
+            except BaseException as e:  # reported by the test thread
+                errors.append(e)
+
+        threads = [threading.Thread(target=writer, args=(ports_a["imap"], "a", range(1, 6))),
+                   threading.Thread(target=writer, args=(ports_b["imap"], "b", range(6, 11)))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors, errors
+        for tag in "ab":
+            assert given[tag] == sorted(set(given[tag])), f"node {tag}'s values do not rise"
+        every = given["a"] + given["b"]
+        assert len(set(every)) == len(every), "a mod-sequence was given twice"
+        # The file's appended lines ascend: each was written above all before it.
+        lines = (tmp_path / "data/mail/example.com/shared/mailscreen-modseq").read_text().splitlines()
+        written = [int(line.split()[1]) for line in lines[1:]]
+        tail = written[-len(every):]
+        assert tail == sorted(set(tail))
+        assert set(every) <= set(written)
+
+        # CHANGEDSINCE on each node sees a change made through the other.
+        for via, seen_on, uid in ((ports_a, ports_b, 1), (ports_b, ports_a, 6)):
+            writer_c, reader = imap_login(via["imap"]), imap_login(seen_on["imap"])
+            assert writer_c.enable("CONDSTORE")[0] == "OK" and reader.enable("CONDSTORE")[0] == "OK"
+            writer_c.select("INBOX")
+            reader.select("INBOX")
+            mark = max(_modseq_of(reader.uid("FETCH", "1:*", "(MODSEQ)")[1]))
+            typ, data = writer_c.uid("STORE", str(uid), "+FLAGS", "(\\Answered)")
+            assert typ == "OK"
+            assert _modseq_of(data)[0] > mark
+            reader.noop()  # the reader's node rescans the folder
+            reader.untagged_responses.clear()  # the NOOP's own FETCH of the change
+            typ, data = reader.uid("FETCH", "1:*", "(FLAGS)", f"(CHANGEDSINCE {mark})")
+            assert typ == "OK"
+            changed = [int(m) for item in data if isinstance(item, bytes)
+                       for m in re.findall(rb"UID (\d+)", item)]
+            assert changed == [uid], data
+            writer_c.logout()
+            reader.logout()
+    finally:
+        stop(a, b)

@@ -154,3 +154,55 @@ def recent_highest(directory: str, tail: int = 16384) -> int:
         elif parts[0] == b"1":  # the header: H<highest>
             best = max([best] + [int(p[1:]) for p in parts if p[:1] == b"H" and p[1:].isdigit()])
     return min(best, MAX_MODSEQ)
+
+
+#: Which version of the file a process last read or wrote: (inode, size, mtime in ns).
+FileState = tuple[int, int, int]
+
+
+def file_state(directory: str) -> FileState | None:
+    try:
+        st = os.stat(os.path.join(directory, FILENAME))
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _highest_in(data: bytes, header: bool) -> int:
+    best = 0
+    lines = data.split(b"\n")
+    for line in lines[:-1]:  # the last is empty, or an append cut short
+        parts = line.split(b" ", 2)
+        if len(parts) >= 2 and parts[1].isdigit():
+            best = max(best, int(parts[1]))
+        elif header and parts[0] == b"1":
+            best = max([best] + [int(p[1:]) for p in line.split() if p[:1] == b"H" and p[1:].isdigit()])
+    return min(best, MAX_MODSEQ)
+
+
+def highest_since(directory: str, known: FileState | None) -> tuple[int, FileState | None]:
+    """
+    What other processes sharing the folder wrote to the file since this
+    one last saw it at C{known}: the highest mod-sequence among those lines
+    (0 when none), and the file's state now. Run under the folder's lock
+    (store/folderlock.py), so nothing is appended meanwhile. The same
+    file grown: only the new part is read; rewritten (another inode, or
+    shorter): all of it.
+    """
+    try:
+        fd = os.open(os.path.join(directory, FILENAME), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return 0, None
+    try:
+        st = os.fstat(fd)
+        now = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if now == known:
+            return 0, now
+        start = known[1] if known is not None and known[0] == st.st_ino and known[1] <= st.st_size else 0
+        chunks = []
+        os.lseek(fd, start, os.SEEK_SET)
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return _highest_in(b"".join(chunks), start == 0), now

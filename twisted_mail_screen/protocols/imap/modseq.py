@@ -69,6 +69,9 @@ class ModSeqs:
         # (uid, modseq, name or None for an expunge): formatted by the worker
         # (a STORE of 1:* on a large folder must cost the reactor little per message)
         self.pending: list[tuple[int, int, str | None]] = []
+        # The version of the file this process last read or wrote: another
+        # process sharing the folder that appended since is caught up with.
+        self.file: modseqlist.FileState | None = None
 
     def touch(self, uid: int, rel: str) -> None:
         self.highest += 1
@@ -86,6 +89,28 @@ class ModSeqs:
     def take_pending(self) -> list[tuple[int, int, str | None]]:
         changes, self.pending = self.pending, []
         return changes
+
+    def shifted(self, changes: list[tuple[int, int, str | None]], shift: int) -> None:
+        """
+        C{changes} were written C{shift} higher than given (another process
+        had given out their values meanwhile): take the values written.
+        """
+        if not changes:
+            return
+        moved = {(m, u): m + shift for u, m, rel in changes if rel is None}
+        for uid, modseq, rel in changes:
+            if rel is not None and self.by_uid.get(uid) == modseq:
+                self.by_uid[uid] = modseq + shift
+        if moved:  # the newest expunges, at the end of the list
+            for i in range(len(self.tombstones) - 1, -1, -1):
+                key = self.tombstones[i]
+                if key in moved:
+                    self.tombstones[i] = (moved.pop(key), key[1])
+                    if not moved:
+                        break
+                elif key[0] < changes[0][1]:
+                    break
+        self.highest = max(self.highest, changes[-1][1] + shift)
 
     def vanished(self, since: int, uids: "array[int]", next_uid: int,
                  within: SeqSet | None) -> str:
@@ -173,13 +198,30 @@ def reconcile(path: str, uidvalidity: int, fresh: bool, uids: "array[int]", name
     if dirty:
         rows = {u: (out.by_uid[u], letters(rel)) for u, rel in zip(uids, names)}
         ModSeqList(uidvalidity, out.highest, out.floor, rows, list(out.tombstones)).save(path)
+    out.file = modseqlist.file_state(path)
     return out
 
 
-def write_pending(path: str, uidvalidity: int, changes: list[tuple[int, int, str | None]]) -> None:
-    """Append a command's changes (worker thread); a folder deleted meanwhile has nothing to keep."""
-    lines = [f"-{u} {m}\n" if rel is None else f"{u} {m} ={letters(rel)}\n" for u, m, rel in changes]
+def write_pending(path: str, uidvalidity: int, changes: list[tuple[int, int, str | None]],
+                  known: modseqlist.FileState | None = None) -> tuple[int, modseqlist.FileState | None]:
+    """
+    Append a command's changes (worker thread, under the folder's
+    cross-process lock); a folder deleted meanwhile has nothing to keep.
+
+    Another process serving the same folder gives out mod-sequences from
+    its own memory: when it appended to the file since this one last saw
+    it at C{known}, and its values reach this command's, the changes are
+    written above them (so every value in the file is unique and the file
+    ascends). Returns that shift (0 mostly) and the file's state after.
+    """
+    shift = 0
+    if changes:
+        others, _ = modseqlist.highest_since(path, known)
+        shift = max(0, others - changes[0][1] + 1)
+    lines = [f"-{u} {m + shift}\n" if rel is None else f"{u} {m + shift} ={letters(rel)}\n"
+             for u, m, rel in changes]
     try:
         modseqlist.append_lines(path, lines)
     except FileNotFoundError:
         pass
+    return shift, modseqlist.file_state(path)

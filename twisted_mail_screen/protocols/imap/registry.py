@@ -147,9 +147,17 @@ class Registry:
         changes = folder.ms.take_pending()
         if not changes or folder.retired:
             return succeed(result)
+        ms = folder.ms
+
+        def written(out: tuple[int, Any]) -> object:
+            shift, ms.file = out
+            if shift:  # another process sharing the folder had given these values out
+                ms.shifted(changes, shift)
+            return result
+
         # Under the folder's cross-process lock, as the UID list is (store/folderlock.py).
-        return self.blocking.run(locked, folder.path, write_pending, folder.path, folder.ms.uidvalidity,
-                                 changes).addCallback(lambda _: result)
+        return self.blocking.run(locked, folder.path, write_pending, folder.path, ms.uidvalidity,
+                                 changes, ms.file).addCallback(written)
 
     #: Rescans before a write gives up (another process writing the folder without pause).
     MAX_STALE = 20
