@@ -145,8 +145,10 @@ def node(directory: str, backend: str, sock: str) -> tuple[subprocess.Popen, int
                    if backend == "redis" else ""))
     twistd = shutil.which("twistd", path=os.path.dirname(sys.executable)) or "twistd"
     log = open(os.path.join(directory, f"{backend}.log"), "w")
+    # the node runs this source tree, not whatever version was last installed
+    env = dict(os.environ, PYTHONPATH=ROOT)
     proc = subprocess.Popen([twistd, "-n", "--pidfile=", "mailscreen", "--config", config],
-                            cwd=directory, stdout=log, stderr=subprocess.STDOUT)
+                            cwd=directory, stdout=log, stderr=subprocess.STDOUT, env=env)
     import re
     for _ in range(600):
         text = open(os.path.join(directory, f"{backend}.log")).read()

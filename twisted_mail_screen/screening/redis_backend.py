@@ -8,9 +8,12 @@ the block list, white list and freezes (L{SharedLists}, updated by
 pub/sub), and its own set of clients the cluster has already seen
 C{max_connections} times in the window (or C{max_simultaneous} times at
 once). A connection is decided from those, then counted in Redis by the
-atomic batch script of its reactor turn (L{BatchedCounts}); when that finds
-a client at its limit it publishes that, so the next connection, on
-whichever node, is refused (and blocked) without a round trip. Authentication failures are counted the same way.
+atomic batch script of its reactor turn (L{BatchedCounts}), sent without a
+reply; when that finds a client at its limit it publishes that, so the next
+connection, on whichever node, is refused (and blocked) without a round
+trip; a connection past a limit (one that raced that news) is published
+too, for the node that holds it to refuse. Authentication failures are
+counted the same way.
 
 Every counter key has a TTL: connection windows live as long as the window,
 simultaneous connections are leases that each node renews for its open
@@ -39,7 +42,7 @@ from twisted.logger import Logger
 from twisted_mail_screen.screening.config import RedisConfig
 from twisted_mail_screen.screening.interfaces import ClientScreen
 from twisted_mail_screen.screening.notify import PostmasterNotifier
-from twisted_mail_screen.screening.redis_counts import BatchedCounts
+from twisted_mail_screen.screening.redis_counts import BATCH, BatchedCounts
 from twisted_mail_screen.screening.redis_notify import SharedNotices
 from twisted_mail_screen.screening.redis_state import SharedLists
 from twisted_mail_screen.screening.resp import RedisLink
@@ -151,8 +154,10 @@ class RedisScreening(Service):
         self.lists = SharedLists(self._link.call, self._prefix, self._channel, self.node,
                                  tables, clock, self._log)
         self.lists.on_block = self._forget
-        self.counts = BatchedCounts(self._link.call, clock, self._prefix, self._channel,
-                                    self._settings, config.lease_seconds)
+        self.counts = BatchedCounts(self._link.send_quiet, self._link.call, clock,
+                                    self._prefix, self._channel, self._settings,
+                                    config.lease_seconds)
+        self._link.probe = self.counts.probe
         notifier = screening.notifier
         self.notices = (SharedNotices(self._link.call, lambda: self.up, self._prefix,
                                       self._channel, notifier, clock,
@@ -173,6 +178,7 @@ class RedisScreening(Service):
         if self._renewal is not None and self._renewal.active():
             self._renewal.cancel()
         self._renewal = None
+        self.counts.flush()
         if self.notices is None:
             self._link.stop()
             return None
@@ -184,6 +190,10 @@ class RedisScreening(Service):
     def _link_up(self) -> None:
         def secret(reply: Any) -> Any:
             self._secret = reply if isinstance(reply, bytes) else b""
+            # counting is sent without replies: the script must be there first
+            return self._link.call("SCRIPT", "LOAD", BATCH)
+
+        def loaded(_: object) -> Any:
             return self.lists.resync()
 
         def done(_: object) -> None:
@@ -198,11 +208,13 @@ class RedisScreening(Service):
         d = self._link.call("SET", f"{self._prefix}secret", os.urandom(32).hex(), "NX")
         d.addCallback(lambda _: self._link.call("GET", f"{self._prefix}secret"))
         d.addCallback(secret)
+        d.addCallback(loaded)
         d.addCallbacks(done, lambda f: self._log.warn(
             "screening: redis re-sync failed: {why}", why=f.getErrorMessage()))
 
     def _link_down(self, why: str) -> None:
         was_up, self.up = self.up, False
+        self.counts.drop()
         self.outages += 1
         if was_up or self.outages == 1:
             self._log.warn("screening: redis {endpoint} unreachable ({why}): deciding and "
@@ -236,7 +248,8 @@ class RedisScreening(Service):
             return RefusedScreen(f"{key} has too many simultaneous connections ({most}) "
                             "(simultaneous)")
         self._serial += 1
-        session = _ClusterSession(screen, self, f"{self.node}:{self._serial}")
+        # the protocol rides in the member, for a refusal that comes after the session
+        session = _ClusterSession(screen, self, f"{self.node}:{self._serial}:{protocol}")
         self._sessions[session.member] = session
         if self.up:
             self._connect(session, protocol, now)
@@ -244,27 +257,9 @@ class RedisScreening(Service):
 
     def _connect(self, session: _ClusterSession, protocol: str, now: float) -> None:
         settings = self._settings
-        session.leased = True
-
-        def counted(reply: list[int]) -> None:
-            count, active = reply
-            limit, most = settings.max_connections, settings.max_simultaneous
-            # A connection that reached this node before the news that its
-            # client is at the limit passed the local check: it is refused
-            # now, one round trip late, and blocks its client as it would have.
-            if limit and count > limit and self._blockable(session):
-                entry = self._rules.block_client(session.key, "connections", count, limit,
-                                                 settings.connection_window_minutes, protocol)
-                session.blocked = True
-                if session.open and session.refuse is not None:
-                    session.refuse(refusal_text(session.key, entry))
-            elif most and active > most and settings.block_on_simultaneous \
-                    and self._blockable(session):
-                self._rules.block_client(session.key, "simultaneous", active, most, None,
-                                         protocol)
-                session.blocked = True
-
-        self.counts.connected(session.key, session.member, counted)
+        if settings.max_connections or settings.max_simultaneous:
+            session.leased = True
+            self.counts.connected(session.key, session.member)
 
     def _blockable(self, session: _ClusterSession) -> bool:
         return self._screening.state.blocklist.get(session.key) is None
@@ -273,7 +268,8 @@ class RedisScreening(Service):
         self._sessions.pop(session.member, None)
         if not (self.up and session.leased and self._settings.max_simultaneous):
             return
-        self.counts.released(session.key, session.member)
+        # a full client's release clears the cluster's flag: that one goes at once
+        self.counts.released(session.key, session.member, urgent=session.key in self._full)
 
     def auth_failed(self, session: _ClusterSession, username: str, secret: bytes) -> None:
         settings = self._settings
@@ -285,16 +281,42 @@ class RedisScreening(Service):
             return
         digest = hmac.digest(self._secret, username.encode("utf-8", "surrogatepass")
                              + b"\0" + secret, "sha256")[:8].hex()
-        window = settings.auth_failure_window_minutes
+        self.counts.auth_failed(session.key, digest, session.member)
 
-        def counted(reply: list[int]) -> None:
-            added, count = reply
-            if added and count >= limit and self._blockable(session):
-                self._rules.block_client(session.key, "auth_failures", count, limit, window,
-                                         session.inner.protocol)
-                session.blocked = True
-
-        self.counts.auth_failed(session.key, digest, counted)
+    def _over(self, message: dict[str, Any]) -> None:
+        """
+        Redis counted one of this node's sessions past a limit: it passed
+        the local check before the news of its client's limit arrived. It
+        is refused now (if still open), one round trip late, and its client
+        blocked as it would have been.
+        """
+        member, key, rule, count = (message.get("m"), message.get("k"), message.get("r"),
+                                    message.get("c"))
+        if not (isinstance(member, str) and member.startswith(self.node + ":")
+                and isinstance(key, str) and isinstance(count, int)):
+            return
+        if self._screening.state.blocklist.get(key) is not None:
+            return
+        settings = self._settings
+        session = self._sessions.get(member)
+        protocol = member.rsplit(":", 1)[1]
+        if rule == "connections" and settings.max_connections:
+            entry = self._rules.block_client(key, "connections", count,
+                                             settings.max_connections,
+                                             settings.connection_window_minutes, protocol)
+            if session is not None and session.refuse is not None:
+                session.refuse(refusal_text(key, entry))
+        elif rule == "simultaneous" and settings.max_simultaneous \
+                and settings.block_on_simultaneous:
+            self._rules.block_client(key, "simultaneous", count, settings.max_simultaneous,
+                                     None, protocol)
+        elif rule == "auth_failures" and settings.max_auth_failures:
+            self._rules.block_client(key, "auth_failures", count, settings.max_auth_failures,
+                                     settings.auth_failure_window_minutes, protocol)
+        else:
+            return
+        if session is not None:
+            session.blocked = True
 
     # what the other nodes say
 
@@ -306,6 +328,9 @@ class RedisScreening(Service):
         if not isinstance(message, dict):
             return
         kind = message.get("t")
+        if kind == "over":
+            self._over(message)
+            return
         if kind == "held":
             if self.notices is not None and isinstance(message.get("u"), int):
                 self.notices.held(message["u"])

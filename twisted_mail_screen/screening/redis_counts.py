@@ -1,18 +1,32 @@
 # -*- test-case-name: tests.test_redis_screening -*-
 """
 The counters screening keeps in Redis, updated by one atomic script per
-reactor turn.
+batch of events, sent without waiting for (or reading) a reply.
 
-Every connection, closed connection and failed login of a turn is queued
-here as three short strings (the operation, the client, a member) and sent
-at the end of the turn as one C{EVALSHA} of L{BATCH}; the settings every
-operation shares go once per batch. The first version sent one script per
-event, with its keys and settings: the node then accepted 0.64x the
-connections of the in-memory backend; batched per turn, a node's CPU per
-connection is 0.79x-0.88x the in-memory one's (bench/screening_redis.py,
-docs/performance.md). Holding events for 5 ms made bigger batches (0.88x)
-but let a client's next connection reach a node before the news that it
-was at its limit: per turn keeps the cluster's count exact.
+Every connection, closed connection and failed login is queued here as
+three pre-encoded RESP strings (the operation, the client, a member) and
+sent as one C{EVALSHA} of L{BATCH} behind C{CLIENT REPLY SKIP}: the
+decision is made from the node's local copy, and what a node must learn
+from the count comes by pub/sub, so nobody waits for the answer and the
+node does not read, parse or dispatch one. The script publishes:
+
+ - C{sat}/C{full}: a client at C{max_connections} in the window or at
+   C{max_simultaneous} leases; every node refuses its next connection
+   from memory;
+ - C{over}: a connection (or failed login) that went past a limit on the
+   node named in its member (it passed that node's local check before the
+   news above arrived); that node blocks the client and refuses the
+   session, one round trip late, as it would have with a reply.
+
+A connection or failed login is sent at the end of its reactor turn, so the
+news of a client at its limit races its next connection no longer than a
+round trip (holding them 5 ms made bigger batches but let the limit+1-th
+connection through). A closed connection is not urgent: it only lowers a
+count, so holding it makes the cluster refuse a little early, never accept
+a connection past a limit. It rides with the next connection's batch or
+goes after L{BatchedCounts.hold_seconds}, at once when the cluster said its
+client was full. At about one connection a reactor turn that halves the
+writes (docs/performance.md, "Screening with the Redis backend").
 
 Keys (all with a TTL, so a node that dies leaves nothing behind past it):
 C{PREFIX conn:CLIENT} the sliding connection window (a sorted set of
@@ -27,42 +41,42 @@ The script names its keys in ARGV, not KEYS: it is for one Redis server
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
-from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from twisted_mail_screen.screening.config import ScreeningConfig
 
-Answer = Callable[[Any], None]
-
-# ARGV: prefix, channel, now, window s, limit, most, lease expiry, lease ms,
-# auth window s; then triples (op, client, member). Answers one per op.
-# A client at its limit is announced on the channel ('sat': connections,
-# 'full': simultaneous), so every node refuses its next connection from memory.
+# ARGV: prefix, channel, window s, limit, most, lease ms, auth window s, auth
+# limit, now, lease expiry; then triples (op, client, member). op 'c' is a
+# connection (member: the session), 'r' its end, 'a' .. session a failed
+# login (member: the digest of its user and password).
 BATCH = """
 local prefix, channel = ARGV[1], ARGV[2]
-local now, window, limit = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local most, expiry, lease_ms = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
-local auth_window = tonumber(ARGV[9])
-local out = {}
-local i = 10
+local window, limit, most = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local lease_ms, auth_window = tonumber(ARGV[6]), tonumber(ARGV[7])
+local auth_limit, now, expiry = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+local i = 11
 while i <= #ARGV do
   local op, client, member = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   i = i + 3
   if op == 'c' then
-    local count, active = 0, 0
     if limit > 0 then
       local k = prefix .. 'conn:' .. client
       redis.call('ZREMRANGEBYSCORE', k, '-inf', now - window)
       redis.call('ZADD', k, now, member)
       redis.call('PEXPIRE', k, math.ceil(window * 1000))
-      count = redis.call('ZCARD', k)
+      local count = redis.call('ZCARD', k)
       if count >= limit then
         local oldest = redis.call('ZRANGE', k, 0, 0, 'WITHSCORES')
         redis.call('PUBLISH', channel, cjson.encode({t='sat', k=client,
                    u=tonumber(oldest[2]) + window}))
+        if count > limit then
+          redis.call('PUBLISH', channel, cjson.encode({t='over', k=client, m=member,
+                     r='connections', c=count}))
+        end
       end
     end
     if most > 0 then
@@ -70,12 +84,15 @@ while i <= #ARGV do
       redis.call('ZREMRANGEBYSCORE', k, '-inf', now)
       redis.call('ZADD', k, expiry, member)
       redis.call('PEXPIRE', k, lease_ms)
-      active = redis.call('ZCARD', k)
+      local active = redis.call('ZCARD', k)
       if active >= most then
         redis.call('PUBLISH', channel, cjson.encode({t='full', k=client, u=expiry}))
+        if active > most then
+          redis.call('PUBLISH', channel, cjson.encode({t='over', k=client, m=member,
+                     r='simultaneous', c=active}))
+        end
       end
     end
-    out[#out + 1] = {count, active}
   elseif op == 'r' then
     local k = prefix .. 'lease:' .. client
     local before = redis.call('ZCARD', k)
@@ -85,79 +102,115 @@ while i <= #ARGV do
     if most > 0 and before >= most and after < most then
       redis.call('PUBLISH', channel, cjson.encode({t='full', k=client, u=0}))
     end
-    out[#out + 1] = after
-  elseif op == 'a' then
+  elseif op:sub(1, 1) == 'a' then
     local k = prefix .. 'auth:' .. client
     redis.call('ZREMRANGEBYSCORE', k, '-inf', now - auth_window)
     local added = redis.call('ZADD', k, 'NX', now, member)
     redis.call('PEXPIRE', k, math.ceil(auth_window * 1000))
-    out[#out + 1] = {added, redis.call('ZCARD', k)}
-  else
-    out[#out + 1] = 0
+    if added == 1 and auth_limit > 0 then
+      local count = redis.call('ZCARD', k)
+      if count >= auth_limit then
+        redis.call('PUBLISH', channel, cjson.encode({t='over', k=client, m=op:sub(2),
+                   r='auth_failures', c=count}))
+      end
+    end
   end
 end
-return out
+return (i - 11) / 3
 """
+
+#: The script's name in Redis (C{EVALSHA}); loaded before the first batch.
+BATCH_SHA = hashlib.sha1(BATCH.encode()).hexdigest()
+
+
+def bulk(data: bytes) -> bytes:
+    """One RESP bulk string."""
+    return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
+def _number(value: float) -> bytes:
+    return str(value).encode()
 
 
 class BatchedCounts:
     """
-    Operations queued during one reactor turn and sent as one batch.
+    Operations queued and sent as one batch without a reply.
+
+    C{send(data)} writes one encoded command whose reply Redis skips (it
+    returns C{False} while Redis is down: the batch is dropped, the node
+    counts alone); C{call} sends one with a reply (the probe).
 
     @ivar batches: how many batches were sent (for the bench).
+    @ivar hold_seconds: the longest a closed connection waits for company.
     """
 
-    def __init__(self, call: Callable[..., Deferred], clock: IReactorTime, prefix: str,
-                 channel: str, settings: ScreeningConfig, lease_seconds: int) -> None:
+    hold_seconds = 0.0
+
+    def __init__(self, send: Callable[[bytes], bool], call: Callable[..., Deferred],
+                 clock: IReactorTime, prefix: str, channel: str, settings: ScreeningConfig,
+                 lease_seconds: int) -> None:
+        self._send = send
         self._call = call
         self._clock = clock
-        self._prefix = prefix
-        self._channel = channel
-        self._window = settings.connection_window_minutes * 60
-        self._limit = settings.max_connections
-        self._most = settings.max_simultaneous
-        self._auth_window = settings.auth_failure_window_minutes * 60
         self._lease = lease_seconds
-        self._ops: list[str] = []
-        self._answers: list[Answer | None] = []
+        self._settings = (prefix, channel, settings.connection_window_minutes * 60,
+                          settings.max_connections, settings.max_simultaneous,
+                          lease_seconds * 1000, settings.auth_failure_window_minutes * 60,
+                          settings.max_auth_failures)
+        # everything up to "now" is the same for every batch
+        self._head = (b"$7\r\nEVALSHA\r\n" + bulk(BATCH_SHA.encode()) + bulk(b"0")
+                      + b"".join(bulk(str(v).encode()) for v in self._settings))
+        self._ops: list[bytes] = []
         self._flush_call: IDelayedCall | None = None
+        self._urgent = False
         self.batches = 0
 
-    def connected(self, client: str, member: str, answer: Answer) -> None:
-        """A connection: answers C{[count in window, active leases]}."""
-        self._add("c", client, member, answer)
+    def connected(self, client: str, member: str) -> None:
+        self._add(b"$1\r\nc\r\n" + bulk(client.encode()) + bulk(member.encode()), True)
 
-    def released(self, client: str, member: str) -> None:
-        self._add("r", client, member, None)
+    def released(self, client: str, member: str, urgent: bool = False) -> None:
+        self._add(b"$1\r\nr\r\n" + bulk(client.encode()) + bulk(member.encode()), urgent)
 
-    def auth_failed(self, client: str, digest: str, answer: Answer) -> None:
-        """A failed login: answers C{[1 if the pair is new, distinct pairs in window]}."""
-        self._add("a", client, digest, answer)
+    def auth_failed(self, client: str, digest: str, member: str) -> None:
+        self._add(bulk(b"a" + member.encode()) + bulk(client.encode()) + bulk(digest.encode()),
+                  True)
 
-    def _add(self, op: str, client: str, member: str, answer: Answer | None) -> None:
-        if self._flush_call is None:
-            self._flush_call = self._clock.callLater(0, self.flush)
-        self._ops += (op, client, member)
-        self._answers.append(answer)
+    def _add(self, op: bytes, urgent: bool) -> None:
+        self._ops.append(op)
+        call = self._flush_call
+        if call is None:
+            self._flush_call = self._clock.callLater(0 if urgent else self.hold_seconds,
+                                                     self.flush)
+            self._urgent = urgent
+        elif urgent and not self._urgent:
+            call.reset(0)
+            self._urgent = True
+
+    def encoded(self, now: float) -> bytes:
+        """The queued operations as one C{EVALSHA} command (and the queue emptied)."""
+        ops, self._ops = self._ops, []
+        return b"".join((b"*%d\r\n" % (13 + 3 * len(ops)), self._head,
+                         bulk(_number(now)), bulk(_number(now + self._lease)), *ops))
 
     def flush(self) -> None:
-        """Send what is queued now (the end of the turn)."""
-        if self._flush_call is not None and self._flush_call.active():
-            self._flush_call.cancel()
-        self._flush_call = None
+        """Send what is queued now."""
+        call, self._flush_call = self._flush_call, None
+        if call is not None and call.active():
+            call.cancel()
         if not self._ops:
             return
-        ops, self._ops = self._ops, []
-        answers, self._answers = self._answers, []
-        now = self._clock.seconds()
         self.batches += 1
-        d = self._call("EVAL", BATCH, 0, self._prefix, self._channel, now, self._window,
-                       self._limit, self._most, now + self._lease, self._lease * 1000,
-                       self._auth_window, *ops)
+        self._send(self.encoded(self._clock.seconds()))
 
-        def answered(results: list[Any]) -> None:
-            for answer, result in zip(answers, results):
-                if answer is not None:
-                    answer(result)
+    def drop(self) -> None:
+        """Forget what is queued (Redis went away: the leases lapse on their own)."""
+        self._ops = []
 
-        d.addCallbacks(answered, lambda _: None)
+    def probe(self) -> Deferred:
+        """
+        The batch script with no operations, answered: Redis is alive and
+        has the script (a restarted or flushed Redis gets it again by
+        C{EVAL}, as the link falls back on C{NOSCRIPT}).
+        """
+        now = self._clock.seconds()
+        return self._call("EVAL", BATCH, 0, *self._settings, now, now + self._lease)

@@ -14,6 +14,11 @@ while the link is down fails immediately (L{RedisDown}) and an unanswered
 one is cut off by a watchdog on the injected clock. Screening needs six
 commands (EVAL, PUBLISH, SUBSCRIBE, HSET, HDEL, HGETALL), which is what this
 module is sized for (docs/screening.md, "Several nodes").
+
+Counting is sent with no reply (L{RedisLink.send_quiet}: C{CLIENT REPLY
+SKIP}, Redis 3.2 and later), which says nothing of Redis's health; so while
+such commands go out, the watchdog asks a question every tick (the probe)
+and a Redis that stops answering it is down as before.
 """
 
 from __future__ import annotations
@@ -51,6 +56,10 @@ def encode(args: tuple[object, ...]) -> bytes:
         parts += (b"$%d" % len(data), data)
     parts.append(b"")
     return b"\r\n".join(parts)
+
+
+#: Put before a command whose reply nobody reads: Redis then sends none.
+SKIP = encode(("CLIENT", "REPLY", "SKIP"))
 
 
 class _Incomplete(Exception):
@@ -117,6 +126,11 @@ class RESPProtocol(Protocol):
         assert self.transport is not None
         self.transport.write(encode(args))
         return d
+
+    def send_quiet(self, data: bytes) -> None:
+        """Write one encoded command whose reply Redis skips."""
+        assert self.transport is not None
+        self.transport.write(SKIP + data)
 
     def oldest_pending(self) -> float | None:
         return self._pending[0][0] if self._pending else None
@@ -196,7 +210,10 @@ class RedisLink:
         self._attempt = 0
         self._shas: dict[str, str] = {}
         self._tick = 0.0
+        self._quiet = False
         self.up = False
+        #: What the watchdog asks when only quiet commands went out (default C{PING}).
+        self.probe: Callable[[], Deferred] = lambda: self.call("PING")
 
     def start(self) -> None:
         self._running = True
@@ -234,6 +251,18 @@ class RedisLink:
             return failure
 
         return command.call("EVALSHA", sha, *args[2:]).addErrback(unknown)
+
+    def send_quiet(self, data: bytes) -> bool:
+        """
+        Send one encoded command (L{encode}) without a reply; C{False}
+        (nothing sent) while the link is down.
+        """
+        command = self._command
+        if not self.up or command is None:
+            return False
+        command.send_quiet(data)
+        self._quiet = True
+        return True
 
     def call_plain(self, *args: object) -> Deferred:
         if not self.up or self._command is None:
@@ -300,6 +329,7 @@ class RedisLink:
                 protocol.on_lost = None
                 protocol.abort()
         self._command = self._subscriber = None
+        self._quiet = False
 
     def _lost(self) -> None:
         self._drop()
@@ -317,7 +347,13 @@ class RedisLink:
             # read what may be waiting; that says nothing about Redis.
             return
         oldest = command.oldest_pending()
-        if oldest is not None and oldest < previous and now - oldest > self._timeout:
+        if oldest is None:
+            if self._quiet:
+                # only unanswered commands since the last tick: ask something
+                self._quiet = False
+                self.probe().addErrback(lambda _: None)
+            return
+        if oldest < previous and now - oldest > self._timeout:
             self._drop()
             self._schedule(f"no reply in {self._timeout:g} s")
 
