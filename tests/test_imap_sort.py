@@ -395,6 +395,24 @@ def test_header_index_directory_is_used_and_a_stale_torn_or_foreign_one_ignored(
     assert _state(again) == _state(reloaded) and "planted" not in again.by_base
 
 
+def test_header_index_directory_is_written_when_a_search_indexes_many_messages(tmp_path):
+    # The first search after a restart must not walk every record of an index
+    # a search (not a load) filled: the directory is written with the records.
+    box = tmp_path / "box"
+    fill(box, headerdir.WRITE_AFTER + 4)
+    rels = sorted("cur/" + n for n in os.listdir(box / "cur"))
+    index = headerindex.HeaderIndex(str(box))
+    index.load()
+    index.ensure(str(box), rels, read_message)
+    covered, ino = marshal.loads((box / headerdir.DIRNAME).read_bytes()[len(headerdir.MAGIC):])[:2]
+    st = (box / headerindex.FILENAME).stat()
+    assert (covered, ino) == (st.st_size, st.st_ino)
+    restored = headerindex.HeaderIndex(str(box))
+    assert headerdir.restore(restored, (box / headerindex.FILENAME).read_bytes(), st.st_ino) == covered
+    restored.load()
+    assert _state(restored) == _state(index)
+
+
 def test_header_index_a_name_indexed_twice_keeps_the_later_entry(tmp_path):
     box = tmp_path / "box"
     os.makedirs(box)

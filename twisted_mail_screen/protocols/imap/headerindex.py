@@ -233,6 +233,10 @@ class HeaderIndex:
         self._parse(data, self.blob_len)
         self._note_identity()
 
+    def _save_directory(self) -> None:
+        if self.identity is not None:
+            headerdir.save(self, self._joined(), self.identity[1])
+
     def _joined(self) -> bytes:
         if len(self.chunks) != 1:
             self.blob = b"".join(self.chunks)
@@ -300,10 +304,14 @@ class HeaderIndex:
                                        block if len(block) <= MAX_BLOCK else None))
             if records:
                 self._append(records)
+            if len(records) >= headerdir.WRITE_AFTER:
+                self._save_directory()  # else the first search after a restart walks them all
         if missing or len(self.bases) > 2 * max(len(rels), 64):
             if len(self.bases) > 2 * max(len(rels), 64):
                 # Compaction: only the entries of messages still present
                 self._rewrite(self._live_records(set(base_of(r) for r in rels)))
+                if len(self.bases) >= headerdir.WRITE_AFTER:
+                    self._save_directory()
             get = self.by_base.get
             out = [get(base_of(rel), -1) for rel in rels]
         self._last = (list(rels), out)
