@@ -8,11 +8,12 @@ from __future__ import annotations
 import email
 import os
 import smtplib
+import time
 
 import pytest
 from twisted.internet.task import Clock
 
-from conftest import queue_settled, queued
+from conftest import log_lines, queue_settled, queued
 from relay_sink import Sink, wait_for
 from twisted_mail_screen.admin import cli
 from twisted_mail_screen.config.settings import parse_config
@@ -371,3 +372,41 @@ def test_body_8bitmime_only_for_8bit_messages(start_server, accounts, tmp_path):
                              "RCPT TO:<eight@remote.example>": True}
     finally:
         s.stop()
+
+
+def test_an_unreadable_envelope_is_logged_once_per_version_and_skipped_until_it_changes(
+        start_server, accounts, busy_sink, tmp_path):
+    """
+    A truncated envelope (written by hand, or by another program) is not
+    read again at every poll: one log line per version of the file, then
+    nothing until it changes; once whole, it is taken and tried.
+    """
+    clock = Clock()
+    server = start_relaying(start_server, busy_sink, clock)
+    queue = tmp_path / "data" / "queue"
+    (queue / "msg").mkdir(parents=True, exist_ok=True)
+    (queue / "env").mkdir(parents=True, exist_ok=True)
+    (queue / "msg" / "00EF").write_bytes(b"Subject: by hand\n\nhello\n")
+    whole = QueuedMessage(id="00EF", sender="alice@example.test", created=time.time(), next_attempt=0,
+                          recipients=[Recipient("carol@remote.example")]).to_json()
+
+    def write(data: bytes) -> None:
+        (queue / "env" / ".00EF.tmp").write_bytes(data)
+        os.replace(queue / "env" / ".00EF.tmp", queue / "env" / "00EF.json")
+
+    def polls(n: int) -> None:
+        for _ in range(n):
+            server.advance(1)
+            queue_settled(server)
+
+    with log_lines("00EF") as lines:
+        write(whole[:40])
+        polls(5)
+        assert len(lines) == 1 and "unreadable" in lines[0], lines
+        write(whole[:70])  # another version, still cut short: told again, once
+        polls(5)
+        assert len(lines) == 2, lines
+        write(whole)
+        polls(1)
+        wait_for(lambda: queued(tmp_path) and queued(tmp_path)[0]["attempts"] == 1)
+        assert not any("unreadable" in line for line in lines[2:]), lines

@@ -314,7 +314,7 @@ class OutboundQueue(MultiService):
                     self._publish("queue.deleted", id=queue_id)
             others = on_disk - known - set(self._unstarted)  # queued by another process sharing it
             if others:
-                return self._blocking.run(self.directory.read_envelopes, others).addCallback(
+                return self._blocking.run(self.directory.read_envelopes, others, self.log).addCallback(
                     adopt, self._messages).addCallback(lambda _: self.flush() if flush else self._run_due())
             if flush:
                 self.log.info("queue: flush requested")

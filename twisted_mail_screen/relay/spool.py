@@ -120,6 +120,8 @@ class QueueDirectory:
         self.env_dir = os.path.join(path, "env")
         self.hold_dir = os.path.join(path, "hold")
         self.flush_path = os.path.join(path, "flush")
+        # Envelopes found unreadable: the version (inode, size, mtime) logged.
+        self._unreadable: dict[str, tuple[int, int, int]] = {}
 
     def create(self) -> None:
         for d in (self.msg_dir, self.env_dir, self.hold_dir):
@@ -178,29 +180,42 @@ class QueueDirectory:
             names = os.listdir(self.env_dir)
         except FileNotFoundError:
             return set()
-        return {n[:-5] for n in names if n.endswith(".json") and not n.startswith(".")}
+        found = {n[:-5] for n in names if n.endswith(".json") and not n.startswith(".")}
+        for queue_id in set(self._unreadable) - found:
+            del self._unreadable[queue_id]  # removed (or fixed and renamed in) since
+        return found
 
     def load_all(self, log: Logger | None = None) -> list[QueuedMessage]:
-        out = []
-        for queue_id in sorted(self.ids()):
-            try:
-                out.append(self.read_envelope(queue_id))
-            except FileNotFoundError:
-                continue
-            except (ValueError, TypeError, KeyError) as e:
-                if log is not None:
-                    log.error("queue: envelope {id} unreadable, left in place: {error}",
-                              id=queue_id, error=e)
-        return out
+        return self.read_envelopes(self.ids(), log)
 
-    def read_envelopes(self, ids: set[str]) -> list[QueuedMessage]:
-        """The envelopes of C{ids} that are there and readable."""
+    def read_envelopes(self, ids: set[str], log: Logger | None = None) -> list[QueuedMessage]:
+        """
+        The envelopes of C{ids} that are there and readable. An unreadable
+        one (truncated, edited by hand) is logged once and left in place,
+        and not read again until it changes (another inode, size or
+        modification time): the poll asks every second for the envelopes
+        it does not know.
+        """
         out = []
         for queue_id in sorted(ids):
             try:
-                out.append(self.read_envelope(queue_id))
-            except (FileNotFoundError, ValueError, TypeError, KeyError):
-                continue  # gone meanwhile; an unreadable one is logged at start
+                with open(self._env(queue_id), "rb") as f:
+                    st = os.fstat(f.fileno())
+                    version = (st.st_ino, st.st_size, st.st_mtime_ns)
+                    if self._unreadable.get(queue_id) == version:
+                        continue  # told already
+                    data = f.read()
+            except FileNotFoundError:
+                continue  # gone meanwhile
+            try:
+                out.append(QueuedMessage.from_json(data))
+            except (ValueError, TypeError, KeyError, AttributeError) as e:
+                self._unreadable[queue_id] = version
+                if log is not None:
+                    log.error("queue: envelope {id} unreadable, left in place and skipped until it "
+                              "changes: {error}", id=queue_id, error=e)
+                continue
+            self._unreadable.pop(queue_id, None)
         return out
 
     def remove_orphans(self, now: float) -> list[str]:
