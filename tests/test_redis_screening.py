@@ -35,6 +35,7 @@ pytestmark = pytest.mark.skipif(
 MAILSCREEN = shutil.which("mailscreen", path=os.path.dirname(sys.executable)) or "mailscreen"
 LIMIT = 6          # max_connections
 MOST = 3           # max_simultaneous
+AUTHS = 3          # max_auth_failures
 LEASE = 2          # lease_seconds
 PREFIX = "t16:"
 PERIOD = 0.1       # notify_period_minutes (6 s)
@@ -104,6 +105,7 @@ whitelist = []
 max_connections = {LIMIT}
 connection_window_minutes = 1
 max_simultaneous = {MOST}
+max_auth_failures = {AUTHS}
 notify_on_block = true
 notify_period_minutes = {PERIOD}
 """)
@@ -174,6 +176,18 @@ notify_period_minutes = {PERIOD}
         code, _ = client.connect("127.0.0.1", self.port)
         assert code == 220
         return client
+
+    def fail_login(self, source: str, password: str) -> None:
+        client = smtplib.SMTP(timeout=10, source_address=(source, 0))
+        assert client.connect("127.0.0.1", self.port)[0] == 220
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            client.login("nobody@example.test", password)
+        client.quit()
+
+    def stats(self) -> dict:
+        """The control channel's screening.stats: C{up} is what the backend metric shows."""
+        from twisted_mail_screen.runtime import control
+        return control.call(self.control, "screening.stats")
 
     def mailscreen(self, *args: str) -> str:
         out = subprocess.run([MAILSCREEN, "--config", str(self.config), *args],
@@ -353,3 +367,85 @@ def test_whitelist_and_freezes_made_on_one_node_reach_the_others(nodes, redis):
     a.mailscreen("frozen", "thaw", "someone@example.test")
     wait_until(lambda: "someone@example.test" not in c.mailscreen("frozen", "list"), 5.0)
     assert "someone@example.test" not in redis.cli("HKEYS", f"{PREFIX}list:freeze")
+
+
+def test_failed_logins_spread_over_three_nodes_are_counted_together(nodes):
+    """
+    max_auth_failures over the cluster: each node sees fewer than the limit;
+    Redis's count (published for the node holding the last one) blocks the
+    client everywhere.
+    """
+    source = "127.0.3.1"
+    for i in range(AUTHS):
+        nodes[i % 3].fail_login(source, f"wrong-{i}")
+    for node in nodes:
+        wait_until(lambda n=node: n.greet(source)[0] == 421, 2.0)
+    listed = nodes[0].mailscreen("block", "list")
+    assert source in listed and f"auth_failures: {AUTHS}/{AUTHS}" in listed
+
+
+def test_a_redis_that_stops_answering_is_found_though_counting_has_no_replies(nodes, redis):
+    """
+    Counting goes without replies, which say nothing of Redis's health: the
+    watchdog's probe finds a stopped Redis, the node says so once, shows it
+    in the metric's status and serves alone; when Redis answers again it
+    shares screening again.
+    """
+    a = nodes[0]
+    assert a.greet("127.0.4.1")[0] == 220 and a.stats()["up"] is True
+    assert redis.proc is not None
+    redis.proc.send_signal(signal.SIGSTOP)
+    try:
+        # a few connections: only counting (with no reply) goes to Redis
+        for i in range(3):
+            assert a.greet(f"127.0.4.{i + 2}")[0] == 220
+        wait_until(lambda: "unreachable" in a.text(), 3.0)
+        assert "no reply in 0.5 s" in a.text() and a.stats()["up"] is False
+        assert a.greet("127.0.4.9")[0] == 220
+    finally:
+        redis.proc.send_signal(signal.SIGCONT)
+    wait_until(lambda: a.text().count("shares screening") == 2, 10.0)
+    assert a.stats()["up"] is True
+    assert a.text().count("unreachable") == 1 and "Traceback" not in a.text()
+
+
+def test_counting_batches_are_sent_without_a_reply(redis):
+    """
+    A batch goes behind CLIENT REPLY SKIP: Redis counts it and answers
+    nothing, so the next command's answer is that command's own.
+    """
+    from twisted.internet.task import Clock
+
+    from twisted_mail_screen.screening.config import ScreeningConfig
+    from twisted_mail_screen.screening.redis_counts import BATCH, BatchedCounts
+    from twisted_mail_screen.screening.resp import RedisLink
+    from twisted_mail_screen.testing import in_reactor, reactor_thread
+
+    clock = Clock()
+    clock.advance(1_800_000_000)
+    up: list[bool] = []
+    link = RedisLink(reactor_thread(), clock, f"unix:{redis.socket}", None, "u:changes",
+                     lambda c, d: None, lambda: up.append(True), lambda why: None)
+    in_reactor(link.start)
+    wait_until(lambda: up, 5.0)
+    counts = BatchedCounts(link.send_quiet, link.call, clock, "u:", "u:changes",
+                           ScreeningConfig(max_simultaneous=3), 60)
+
+    def count() -> object:
+        def loaded(_: object) -> object:
+            counts.connected("192.0.2.1", "n:1:smtp")
+            counts.connected("192.0.2.1", "n:2:smtp")
+            counts.released("192.0.2.1", "n:1:smtp")
+            counts.auth_failed("192.0.2.1", "d1", "n:2:smtp")
+            counts.flush()
+            return link.call("ECHO", "after")
+        return link.call("SCRIPT", "LOAD", BATCH).addCallback(loaded)
+
+    try:
+        assert in_reactor(count) == b"after"
+    finally:
+        in_reactor(link.stop)
+    assert redis.cli("ZCARD", "u:conn:192.0.2.1") == "2"
+    assert redis.cli("ZRANGE", "u:lease:192.0.2.1", "0", "-1") == "n:2:smtp"
+    assert redis.cli("ZRANGE", "u:auth:192.0.2.1", "0", "-1") == "d1"
+    assert int(redis.cli("TTL", "u:lease:192.0.2.1")) > 0
