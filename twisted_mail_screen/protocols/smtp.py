@@ -261,7 +261,8 @@ class SMTPServer(Authentication, Chunking, ScreenedSession):
             if self.screen is not None and self.screen.rcpt_unknown():
                 self.close_for_block()
             return None
-        if f.quota is not None and route.mailboxes:  # a full mailbox refuses only its recipient
+        if f.quota is not None and route.mailboxes and f.quota.any_limited(route.mailboxes):
+            # A full mailbox refuses only its recipient; without limits no usage is asked.
             return rcpt_refusal(f.quota, route.mailboxes, env.options.size, path).addCallback(
                 lambda refusal: self.reply(*refusal) if refusal else self._add_rcpt(env, route, request))
         return self._add_rcpt(env, route, request)
