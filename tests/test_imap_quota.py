@@ -96,6 +96,51 @@ def test_append_larger_than_the_whole_quota_is_refused(start_server):
     m.logout()
 
 
+def exactly(octets: int, tag: str = "m") -> bytes:
+    """A message of exactly C{octets} as IMAP counts it (CRLF line ends: what the literal is)."""
+    head = f"Subject: {tag}\r\n\r\n".encode()
+    return head + b"z" * (octets - len(head) - 2) + b"\r\n"
+
+
+def test_a_message_landing_exactly_at_the_storage_limit_is_taken_one_octet_more_is_not(start_server,
+                                                                                        tmp_path):
+    """
+    The boundary, to the octet: 2 KiB of storage; 1000 + 1048 octets fill it
+    exactly and are accepted, then nothing more fits (APPEND: NO [OVERQUOTA],
+    SMTP RCPT: 452 4.2.2); with 1000 stored, 1049 octets are one too many.
+    """
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "quota.json").write_text('{"accounts": {"%s": {"storage_kib": 2}}}' % USER)
+    server = start_server(kinds=KINDS)
+    m = login(server)
+    assert m.append("INBOX", None, None, exactly(1000, "first"))[0] == "OK"
+    typ, data = m.append("INBOX", None, None, exactly(1049, "over"))
+    assert typ == "NO" and data[0].startswith(b"[OVERQUOTA]"), data
+    typ, data = m.append("INBOX", None, None, exactly(1048, "fits"))
+    assert typ == "OK", data
+    m.select("INBOX")
+    typ, data = m.fetch("1:*", "(RFC822.SIZE)")
+    assert [int(x.split()[-1].rstrip(b")")) for x in data] == [1000, 1048]
+    assert quota(m) == b'"" (STORAGE 2 2)'
+    typ, data = m.append("INBOX", None, None, b"x")  # one octet past the limit
+    assert typ == "NO" and data[0].startswith(b"[OVERQUOTA]"), data
+    with smtplib.SMTP("127.0.0.1", server.port("smtp")) as s:
+        s.ehlo()
+        s.mail("sender@example.org")
+        code, text = s.rcpt(USER)
+    assert code == 452 and text.startswith(b"4.2.2")
+    m.store("2", "+FLAGS", "\\Deleted")
+    m.expunge()
+    with smtplib.SMTP("127.0.0.1", server.port("smtp")) as s:  # SIZE= declared: exactly what is left
+        s.ehlo()
+        s.mail("sender@example.org", ["SIZE=1048"])
+        assert s.rcpt(USER)[0] == 250
+        s.rset()
+        s.mail("sender@example.org", ["SIZE=1049"])
+        assert s.rcpt(USER)[0] == 452
+    m.logout()
+
+
 def test_copy_over_quota_is_refused_and_move_is_not(start_server):
     server = start_server(kinds=KINDS, quota__messages=3)
     send(server)

@@ -22,10 +22,12 @@ from tests.conftest import converse, maildir_files
 from tests.webclient import basic, call
 from twisted_mail_screen.config.base import ConfigError
 from twisted_mail_screen.config.settings import parse_config
+from twisted_mail_screen.quota import maildirsize
 from twisted_mail_screen.quota.config import Limits
 from twisted_mail_screen.quota.service import QuotaService
 from twisted_mail_screen.quota.state import Usage
 from twisted_mail_screen.store.maildir import MailStore
+from twisted_mail_screen.testing import InlineWorkers
 
 KINDS = ("smtp", "pop3", "imap")
 BOB = "bob@localhost"
@@ -204,33 +206,87 @@ def test_quota_section_is_parsed_and_checked():
         parse_config({"quota": {"storage": 1}})
 
 
-# the usage cache
+# the usage in maildirsize
 
 
-def test_a_change_during_the_first_count_makes_it_count_again(tmp_path):
-    """A delivery that lands while the account is first counted may or may not be in the count: recount."""
-    counts: list[tuple[Deferred, tuple]] = []
+def _message(tmp_path, name: str) -> str:
+    new = tmp_path / "localhost" / "bob" / "new"
+    new.mkdir(parents=True, exist_ok=True)
+    (new / name).write_bytes(b"x")
+    return name
+
+
+def test_two_services_on_one_maildir_share_its_maildirsize(tmp_path):
+    """
+    Two processes' quota services (each with its own memory) on one
+    Maildir: what one records the other reads, by the file's stale check;
+    the file is recalculated when missing, over 5120 octets, unreadable or
+    made for other limits; a torn last line is not counted.
+    """
+    store = MailStore(str(tmp_path))
+    limits = str(tmp_path / "q.json")
+    one = QuotaService(store, InlineWorkers().run, Limits(0, 10), limits)
+    two = QuotaService(store, InlineWorkers().run, Limits(0, 10), limits)
+    box = tmp_path / "localhost" / "bob"
+    size_file = box / maildirsize.FILENAME
+    assert one.usage(BOB).result == Usage()  # no Maildir yet: nothing, and no file made
+    assert not box.exists()
+    first = _message(tmp_path, "1.M1P1.h,S=90,W=100")
+    assert one.usage(BOB).result == Usage(100, 1)  # missing: counted, written
+    assert size_file.read_text() == "10C\n100 1\n"
+    second = _message(tmp_path, "2.M2P1.h,S=190,W=200")
+    assert one.stored(BOB, [second]).called
+    assert size_file.read_text() == "10C\n100 1\n200 1\n"
+    assert two.usage(BOB).result == Usage(300, 2)
+    (box / "new" / first).unlink()
+    two.removed(BOB, [first])
+    assert one.usage(BOB).result == Usage(200, 1)  # the other's change, by the stale check
+    with open(size_file, "a") as f:
+        f.write("5000 ")  # an append under way elsewhere: not counted until its line ends
+    assert two.usage(BOB).result == Usage(200, 1)
+    with open(size_file, "a") as f:
+        f.write("7\n")
+    assert two.usage(BOB).result == Usage(5200, 8)
+    size_file.write_text("10C\n200 1\nbanana\n")  # unreadable: the truth is counted again
+    assert one.usage(BOB).result == Usage(200, 1)
+    assert size_file.read_text() == "10C\n200 1\n"
+    for _ in range(400):  # deltas past 5120 octets are summed into one line
+        one.changed(BOB, 5, 1)
+        one.changed(BOB, -5, -1)
+    assert size_file.stat().st_size <= maildirsize.RECALCULATE_OVER
+    assert two.usage(BOB).result == Usage(200, 1)
+    other = QuotaService(store, InlineWorkers().run, Limits(1, 0), limits)  # limits changed
+    assert other.usage(BOB).result == Usage(200, 1)
+    assert size_file.read_text() == "1024S\n200 1\n"
+    other.forget(BOB)  # a folder deleted: no delta says what went
+    assert not size_file.exists()
+    unlimited = QuotaService(store, InlineWorkers().run, Limits(0, 0), limits)
+    unlimited.stored(BOB, [second])
+    assert not size_file.exists()  # an account without limits keeps no file
+    assert unlimited.usage(BOB).result == Usage(200, 1)  # counted when asked
+
+
+def test_a_check_waits_for_this_process_s_earlier_change(tmp_path):
+    """One process's quota jobs for an account run in turn: a check made after a change sees it."""
+    jobs: list[tuple[Deferred, object, tuple]] = []
 
     def run(f, *args):  # the worker pool, stepped by the test
         d: Deferred = Deferred()
-        counts.append((d, args))
+        jobs.append((d, f, args))
         return d
 
+    _message(tmp_path, "1.M1P1.h,S=90,W=100")
     quota = QuotaService(MailStore(str(tmp_path)), run, Limits(0, 10), str(tmp_path / "q.json"))
-    results: list[Usage] = []
-    quota.usage(BOB).addCallback(results.append)
-    quota.usage(BOB).addCallback(results.append)  # joins the count in flight
-    assert len(counts) == 1
-    quota.changed(BOB, 100, 1)
-    counts[0][0].callback(Usage(100, 1))  # this count is spoiled: made again
-    assert len(counts) == 2 and results == []
-    counts[1][0].callback(Usage(100, 1))
-    assert results == [Usage(100, 1), Usage(100, 1)]
-    quota.changed(BOB, 50, 1)  # counted now: kept by deltas
-    assert quota.usage(BOB).result == Usage(150, 2)
-    quota.forget(BOB)
-    quota.usage(BOB)
-    assert len(counts) == 3
+    recorded = quota.changed(BOB, 100, 1)
+    checked: list[Usage] = []
+    quota.usage(BOB).addCallback(checked.append)
+    assert len(jobs) == 1 and jobs[0][1] is maildirsize.add  # the check waits its turn
+    d, f, args = jobs[0]
+    d.callback(f(*args))
+    assert recorded.called and len(jobs) == 2 and jobs[1][1] is maildirsize.current
+    d, f, args = jobs[1]
+    d.callback(f(*args))
+    assert checked == [Usage(100, 1)]
 
 
 def test_mail_deleted_through_the_web_api_frees_room(start_server):

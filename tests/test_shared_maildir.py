@@ -12,6 +12,7 @@ from __future__ import annotations
 import imaplib
 import poplib
 import re
+import smtplib
 import subprocess
 import threading
 import time
@@ -297,5 +298,63 @@ def test_concurrent_stores_through_two_nodes_get_unique_rising_modseqs(tmp_path)
             assert changed == [uid], data
             writer_c.logout()
             reader.logout()
+    finally:
+        stop(a, b)
+
+
+def _rcpt(port: int) -> int:
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+        s.ehlo()
+        s.mail("sender@example.org")
+        return s.rcpt(USER)[0]
+
+
+def _deliver(port: int, subject: str) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+        assert s.sendmail("sender@example.org", [USER], f"Subject: {subject}\r\n\r\nx\r\n") == {}
+
+
+def _append(port: int, subject: str) -> tuple[str, list]:
+    c = imap_login(port)
+    try:
+        return c.append("INBOX", None, None, f"Subject: {subject}\r\n\r\nx\r\n".encode())
+    finally:
+        c.logout()
+
+
+def test_quota_usage_changed_on_one_node_decides_on_the_other(tmp_path):
+    """
+    Three messages allowed. Delivery, APPEND, COPY, EXPUNGE and POP3
+    deletion through node A move the usage node B decides with (SMTP 452,
+    APPEND NO [OVERQUOTA]), and B's through to A: the account's
+    maildirsize, re-read when it changed.
+    """
+    quota = "[quota]\nmessages = 3\n"
+    a, ports_a = node(tmp_path, "a", quota)
+    b, ports_b = node(tmp_path, "b", quota)
+    try:
+        _deliver(ports_a["smtp"], "one")                 # A: delivery, 1 of 3
+        assert _rcpt(ports_b["smtp"]) == 250             # B has read the usage (and keeps its version)
+        assert _append(ports_a["imap"], "two")[0] == "OK"  # A: APPEND, 2 of 3
+        c = imap_login(ports_a["imap"])
+        assert c.create("Kept")[0] == "OK"
+        c.select("INBOX")
+        assert c.copy("1", "Kept")[0] == "OK"           # A: COPY, 3 of 3
+        assert _rcpt(ports_b["smtp"]) == 452
+        typ, data = _append(ports_b["imap"], "refused")
+        assert typ == "NO" and data[0].startswith(b"[OVERQUOTA]"), data
+        c.store("1", "+FLAGS", "(\\Deleted)")
+        assert c.expunge()[0] == "OK"                    # A: EXPUNGE, 2 of 3
+        assert _rcpt(ports_b["smtp"]) == 250
+        _deliver(ports_a["smtp"], "three")               # 3 of 3
+        c.logout()
+        assert _append(ports_b["imap"], "refused")[0] == "NO"
+        pop = poplib.POP3("127.0.0.1", ports_a["pop3"], timeout=30)
+        pop.user(USER)
+        pop.pass_("x")
+        pop.dele(1)
+        pop.quit()                                       # A: POP3 deletion, 2 of 3
+        assert _append(ports_b["imap"], "fits")[0] == "OK"  # B: 3 of 3
+        assert _rcpt(ports_a["smtp"]) == 452             # A sees B's APPEND
     finally:
         stop(a, b)

@@ -291,9 +291,13 @@ class POP3Server(ScreenedSession):
         def update() -> list[str]:
             return [m.name for m in doomed if drop.maildir.remove(m)]
 
-        def done(removed: list[str]) -> None:
-            if self.factory.quota is not None:
-                self.factory.quota.removed(drop.address, removed)
+        def done(removed: list[str]) -> Any:
+            if self.factory.quota is not None and removed:
+                # Answered once every process sharing the Maildir sees the room made.
+                return self.factory.quota.removed(drop.address, removed).addCallback(bye)
+            return bye(None)
+
+        def bye(_: object) -> None:
             self.ok(f"Bye, {len(doomed)} messages deleted")
             self.close()
 

@@ -5,32 +5,31 @@ The quota service: each account's limits and its usage, asked by SMTP
 of every change by the writers (delivery, APPEND, COPY, expunge, POP3
 deletion).
 
-Usage is kept in memory, counted once per account in the worker pool (a
-walk of its Maildir and folders, sizes read from the file names) the first
-time it is asked for, then moved by the writers' deltas: no delivery walks
-a Maildir. A delta that arrives while the count runs may or may not be in
-it, so such a count is thrown away and made again (up to L{RECOUNTS}
-times; after that a busy account's figure may be off by a message until
-the next restart). Changes no writer reports (a folder deleted, files
-removed by hand) drop the account's figure, so it is counted again when
-next asked. Maildir++'s C{maildirsize} is not kept: see docs/quota.md.
+The usage of an account with a limit is kept in its Maildir's
+C{maildirsize} (L{maildirsize}), so several processes serving one
+Maildir volume see each other's changes: a writer's change is appended
+there (in the worker pool) before the command that made it answers, and
+a check compares the file with the version last read (one C{stat}) before
+using its figure. One process's quota jobs for an account run one after
+another, so a check made after a change sees it. An account without a
+limit keeps no file; asked about (the web API, the CLI), it is counted.
+Changes no writer reports (a folder deleted, mail deleted through the web
+API) remove the file, so it is recalculated when next read.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredLock, succeed
 from twisted.logger import Logger
 
+from twisted_mail_screen.quota import maildirsize
 from twisted_mail_screen.quota.config import Limits
 from twisted_mail_screen.quota.state import (
     Override, Usage, count_usage, limits_of, read_overrides, update_override)
 from twisted_mail_screen.store.maildir import MailStore
 from twisted_mail_screen.store.maildir_names import size_field
-
-#: How many times a count spoiled by a concurrent change is made again.
-RECOUNTS = 3
 
 FULL = "full"        # temporary: room may be made (452 4.2.2, NO [OVERQUOTA])
 TOO_BIG = "too big"  # the message alone exceeds the limit (552 5.2.2)
@@ -70,9 +69,9 @@ class QuotaService:
         self.default = default
         self.path = path
         self._overrides: dict[str, Override] = {}
-        self._usage: dict[str, Usage] = {}
-        self._counting: dict[str, list[Deferred]] = {}
-        self._spoiled: set[str] = set()
+        # The last version of each account's maildirsize read here, and its figure.
+        self._known: dict[str, tuple[maildirsize.FileState | None, Usage]] = {}
+        self._serial: dict[str, DeferredLock] = {}
 
     # limits
 
@@ -104,63 +103,79 @@ class QuotaService:
 
     # usage
 
+    def _path(self, account: str) -> str:
+        return self._store.maildir(account).path
+
+    def _in_turn(self, account: str, f: Callable[..., Any], *args: Any) -> Deferred:
+        """Run C{f(*args)} in the pool after this process's earlier quota jobs for C{account}."""
+        lock = self._serial.get(account)
+        if lock is None:
+            lock = self._serial[account] = DeferredLock()
+
+        def done(result: Any) -> Any:
+            if not lock.locked and not lock.waiting and self._serial.get(account) is lock:
+                del self._serial[account]
+            return result
+
+        return lock.run(self._run, f, *args).addBoth(done)
+
     def usage(self, account: str) -> "Deferred[Usage]":
         account = account.lower()
-        known = self._usage.get(account)
-        if known is not None:
-            return succeed(known)
-        d: Deferred = Deferred()
-        waiting = self._counting.get(account)
-        if waiting is not None:
-            waiting.append(d)
-        else:
-            self._counting[account] = [d]
-            self._count(account, 0)
-        return d
+        limits = self.limits(account)
+        if not limits.limited:  # no file kept: counted for whoever asks (the API, GETQUOTA)
+            return self._run(count_usage, self._path(account))
+        known = self._known.get(account)
 
-    def _count(self, account: str, attempt: int) -> None:
-        self._spoiled.discard(account)
-        path = self._store.maildir(account).path
-        self._run(count_usage, path).addCallbacks(
-            self._counted, self._count_failed, callbackArgs=(account, attempt),
-            errbackArgs=(account,))
+        def read(out: tuple[maildirsize.FileState | None, Usage | None]) -> Usage:
+            state, usage = out
+            if usage is None:
+                assert known is not None
+                return known[1]
+            self._known[account] = (state, usage)
+            return usage
 
-    def _counted(self, usage: Usage, account: str, attempt: int) -> None:
-        if account in self._spoiled and attempt < RECOUNTS:
-            self._count(account, attempt + 1)
-            return
-        self._spoiled.discard(account)
-        self._usage[account] = usage
-        for d in self._counting.pop(account, []):
-            d.callback(usage)
+        return self._in_turn(account, maildirsize.current, self._path(account), limits,
+                             known[0] if known is not None else None).addCallback(read)
 
-    def _count_failed(self, reason: Any, account: str) -> None:
-        self._spoiled.discard(account)
-        for d in self._counting.pop(account, []):
-            d.errback(reason)
-
-    def changed(self, account: str, octets: int, messages: int) -> None:
-        """A writer stored (positive) or removed (negative) C{messages} of C{octets} in all."""
+    def changed(self, account: str, octets: int, messages: int) -> Deferred:
+        """
+        A writer stored (positive) or removed (negative) C{messages} of
+        C{octets} in all; fires when every process can see it.
+        """
         account = account.lower()
-        if account in self._counting:
-            self._spoiled.add(account)
-        known = self._usage.get(account)
-        if known is not None:
-            self._usage[account] = known.plus(octets, messages)
+        limits = self.limits(account)
+        if not limits.limited or not (octets or messages):
+            return succeed(None)
 
-    def stored(self, account: str, names: list[str]) -> None:
+        def recorded(out: tuple[maildirsize.FileState | None, Usage]) -> None:
+            self._known[account] = out
+
+        def failed(reason: Any) -> None:
+            # The change is made; only its record failed: the next reader recalculates.
+            self._known.pop(account, None)
+            self.log.failure("quota: cannot record a change of {account}", reason, account=account)
+            self._in_turn(account, maildirsize.drop, self._path(account)).addErrback(
+                lambda f: self.log.failure("quota: cannot remove maildirsize of {a}", f, a=account))
+
+        return self._in_turn(account, maildirsize.add, self._path(account), limits, octets,
+                             messages).addCallbacks(recorded, failed)
+
+    def stored(self, account: str, names: list[str]) -> Deferred:
         """Message files (by name) added to C{account}."""
-        self.changed(account, sum(stored_size(n) for n in names), len(names))
+        return self.changed(account, sum(stored_size(n) for n in names), len(names))
 
-    def removed(self, account: str, names: list[str]) -> None:
-        self.changed(account, -sum(stored_size(n) for n in names), -len(names))
+    def removed(self, account: str, names: list[str]) -> Deferred:
+        return self.changed(account, -sum(stored_size(n) for n in names), -len(names))
 
-    def forget(self, account: str) -> None:
-        """The account changed in a way no delta says (a folder deleted): count it again when asked."""
+    def forget(self, account: str) -> Deferred:
+        """The account changed in a way no delta says (a folder deleted): recalculated when next read."""
         account = account.lower()
-        if account in self._counting:
-            self._spoiled.add(account)
-        self._usage.pop(account, None)
+        self._known.pop(account, None)
+
+        def failed(reason: Any) -> None:
+            self.log.failure("quota: cannot remove maildirsize of {account}", reason, account=account)
+
+        return self._in_turn(account, maildirsize.drop, self._path(account)).addErrback(failed)
 
     def on_event(self, event: Any) -> None:
         """The event bus: mail deleted through the web API is counted again (its sizes are not told)."""

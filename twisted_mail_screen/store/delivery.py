@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Protocol
 
-from twisted.internet.defer import Deferred, ensureDeferred, fail
+from twisted.internet.defer import Deferred, ensureDeferred, fail, gatherResults
 from twisted.logger import Logger
 
 from twisted_mail_screen.store.maildir import DeliveryError, MailStore
@@ -54,7 +54,8 @@ class Delivery:
         self.relay = relay
         self._events = events
         #: Told of each stored message (mailbox, [file name]): the quota service's usage.
-        self.stored: Callable[[str, list[str]], None] | None = None
+        #: A Deferred it returns (the usage recorded for every process) is waited for.
+        self.stored: Callable[[str, list[str]], Any] | None = None
 
     def deliver_local(self, mailboxes: tuple[str, ...], message: bytes,
                       flags: str = "") -> "Deferred[str]":
@@ -65,14 +66,19 @@ class Delivery:
         d = self._blocking.run(self.store.deliver, list(mailboxes), message, flags)
         return d.addCallback(self._delivered, mailboxes)
 
-    def _delivered(self, name: str, mailboxes: tuple[str, ...]) -> str:
+    def _delivered(self, name: str, mailboxes: tuple[str, ...]) -> "str | Deferred[str]":
         """Tell the event bus (the web port's wait and live list) about each new message."""
+        waits = []
         for mailbox in dict.fromkeys(m.lower() for m in mailboxes):
             if self.stored is not None:
-                self.stored(mailbox, [name])
+                d = self.stored(mailbox, [name])
+                if isinstance(d, Deferred) and not d.called:
+                    waits.append(d)
             if self._events is not None:
                 self._events.publish("message.new", ID=message_id(mailbox, name),
                                      Mailbox=mailbox)
+        if waits:
+            return gatherResults(waits, consumeErrors=True).addCallback(lambda _: name)
         return name
 
     def deliver(self, sender: str, mailboxes: tuple[str, ...], remote: tuple[str, ...],
@@ -125,4 +131,5 @@ class Delivery:
                                  "delivery; it will be sent after a restart", id=queue_id)
             raise
         self.relay.start(queue_id)
-        return self._delivered(name, mailboxes)
+        out = self._delivered(name, mailboxes)
+        return (await out) if isinstance(out, Deferred) else out

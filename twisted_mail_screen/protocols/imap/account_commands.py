@@ -264,11 +264,11 @@ class AccountCommands(SelectedView):
 
             def appended(result: tuple[int, str, list[str]]) -> Deferred:
                 uid, rel, keywords = result
-                quota.changed(self, [rel], [])
+                recorded = quota.changed(self, [rel], [])
                 folder.keywords = keywords
                 folder.add([(uid, rel)], uid + 1)
                 folder.notify()
-                return registry.persist(folder, uid)
+                return recorded.addCallback(lambda _: registry.persist(folder, uid))
 
             return registry.ensure_loaded(folder).addCallback(lambda _: self.exists(path)).addCallback(
                 loaded).addCallback(appended)

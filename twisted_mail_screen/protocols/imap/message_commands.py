@@ -299,15 +299,16 @@ class MessageCommands(SelectedView):
 
             def transferred(result: Any) -> Deferred:
                 done, next_uid, keywords = result
-                if not move:  # a move within the account changes no usage
-                    quota.changed(self, [rel for _, _, rel in done], [])
+                # A move within the account changes no usage.
+                recorded = quota.changed(self, [] if move else [rel for _, _, rel in done], [])
                 target.keywords = keywords
                 target.add([(d, rel) for _, d, rel in done], next_uid)
                 target.notify()
                 if move:
                     source.remove([s for s, _, _ in done], self)
                     source.notify()
-                return registry.persist(target).addCallback(lambda _: registry.persist(source, done))
+                return recorded.addCallback(lambda _: registry.persist(target)).addCallback(
+                    lambda _: registry.persist(source, done))
 
             return registry.ensure_loaded(target).addCallback(lambda _: self.exists(path)).addCallback(
                 loaded).addCallback(transferred)

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 
 from twisted_mail_screen.protocols.imap.account import FolderError
 from twisted_mail_screen.protocols.imap.core import No, SessionCore
 from twisted_mail_screen.protocols.imap.parse import (Atom, BadCommand, astring, encode_mailbox,
                                                       mailbox_name)
 from twisted_mail_screen.quota.config import Limits
-from twisted_mail_screen.quota.service import TOO_BIG, QuotaService
+from twisted_mail_screen.quota.service import TOO_BIG, QuotaService, stored_size
 from twisted_mail_screen.quota.state import Usage, check_limit
 
 ROOT = ""
@@ -64,14 +64,15 @@ def room(session: SessionCore, octets: int, messages: int) -> Deferred:
     return _service(session).check(session.address, octets, messages).addCallback(checked)
 
 
-def changed(session: SessionCore, added: list[str], removed: list[str]) -> None:
-    """Message files (their names) the session stored in or removed from its account."""
-    if session.address is None:
-        return
-    if added:
-        _service(session).stored(session.address, added)
-    if removed:
-        _service(session).removed(session.address, removed)
+def changed(session: SessionCore, added: list[str], removed: list[str]) -> Deferred:
+    """
+    Message files (their names) the session stored in or removed from its
+    account; fires when every process sharing the Maildir can see the change.
+    """
+    if session.address is None or not (added or removed):
+        return succeed(None)
+    octets = sum(stored_size(n) for n in added) - sum(stored_size(n) for n in removed)
+    return _service(session).changed(session.address, octets, len(added) - len(removed))
 
 
 def forget(session: SessionCore) -> None:

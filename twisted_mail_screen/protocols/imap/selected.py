@@ -147,10 +147,10 @@ class SelectedView(SessionCore):
 
         def locked() -> Deferred:
             def unlinked(gone: list[int]) -> Deferred:
-                quota.changed(self, [], [n for u in gone if (n := folder.name(u)) is not None])
+                recorded = quota.changed(self, [], [n for u in gone if (n := folder.name(u)) is not None])
                 folder.remove(gone, self)
                 folder.notify()
-                return self.factory.registry.persist(folder)
+                return recorded.addCallback(lambda _: self.factory.registry.persist(folder))
 
             # Choosing the victims (and resolving a long UID set) is the worker's.
             return self.factory.blocking.run(expunge_files, folder.path, array("L", folder.uids),
