@@ -19,7 +19,9 @@ recorded instead of mailed).
 
 from __future__ import annotations
 
+import functools
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
@@ -65,19 +67,37 @@ def ephemeral_overrides(data_dir: str, kinds: tuple[str, ...] = ("smtp", "pop3",
     return out
 
 
-class RunningServer:
-    """A started L{MailService}; stop it with L{stop} or a C{with} block."""
+@functools.cache
+def _process_pools(reactor: Any) -> Any:
+    """The thread pools the process's servers share (built on the reactor thread)."""
+    from twisted_mail_screen.runtime.sharedpool import SharedPools
 
-    def __init__(self, config: Config, clock: IReactorTime | None = None) -> None:
+    return SharedPools(reactor)
+
+
+class RunningServer:
+    """
+    A started L{MailService}; stop it with L{stop} or a C{with} block.
+    With C{shared_pools}, the server borrows the process's thread pools
+    (L{runtime.sharedpool}: no threads started and joined per server);
+    the listener kinds in C{lazy} build their factory on their first
+    connection (L{runtime.lazyfactory}). The pytest plugin uses both.
+    """
+
+    def __init__(self, config: Config, clock: IReactorTime | None = None, *,
+                 shared_pools: bool = False, lazy: Collection[str] = ()) -> None:
         self.config = config
         self.clock = clock
+        self.shared_pools = shared_pools
+        self.lazy = frozenset(lazy)
         self.service: MailService | None = None
 
     def start(self) -> "RunningServer":
         reactor = reactor_thread()
 
         def start() -> MailService:
-            service = build_service(self.config, reactor, self.clock)
+            pools = _process_pools(reactor).borrow if self.shared_pools else None
+            service = build_service(self.config, reactor, self.clock, pools=pools, lazy=self.lazy)
             service.privilegedStartService()
             service.startService()
             return service

@@ -16,7 +16,7 @@ import tempfile
 import threading
 import time
 from email.message import EmailMessage
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet.task import Clock
 
@@ -24,10 +24,16 @@ from twisted_mail_screen.config.settings import MAX_SOCKET_PATH, load_config
 from twisted_mail_screen.runtime.control import SOCKET_NAME
 from twisted_mail_screen.pytest_plugin import mailbox
 from twisted_mail_screen.pytest_plugin.controls import FaultsProxy, ScreeningControl
+from twisted_mail_screen.runtime.lazyfactory import import_listener
 from twisted_mail_screen.testing import RunningServer, ephemeral_overrides, in_reactor
-from twisted_mail_screen.testing_sink import Sink
+
+if TYPE_CHECKING:
+    from twisted_mail_screen.testing_sink import Sink
 
 KINDS = ("smtp", "submission", "pop3", "imap", "web")
+#: Listeners bound at start whose factory is built on the first connection:
+#: most tests talk SMTP only (docs/performance.md, the plugin's start-up cost).
+LAZY = ("pop3", "imap", "web")
 SITE = {"mode": "site", "hostname": "mail.example.test", "domains": ["example.test"],
         "postmaster": "postmaster@example.test"}
 #: The longest wait_for sleeps between two looks when no event comes.
@@ -55,7 +61,11 @@ class MailServer:
             table["control_socket"] = os.path.join(self._socket_dir, "control.sock")
         if certificate is not None:
             table["tls.certificate"], table["tls.key"] = certificate
-        self.sink: Sink | None = Sink().start() if relay_sink else None
+        self.sink: Sink | None = None
+        if relay_sink:
+            from twisted_mail_screen.testing_sink import Sink
+
+            self.sink = Sink().start()
         table.update(_relay_settings(self.sink, site))
         table.update({k.replace("__", "."): v for k, v in (overrides or {}).items()})
         self.data_dir = data_dir
@@ -67,7 +77,8 @@ class MailServer:
         self.clock = Clock()
         self.clock.advance(time.time())
         try:
-            self.server = RunningServer(load_config(None, table), clock=self.clock)
+            self.server = RunningServer(load_config(None, table), clock=self.clock,
+                                        shared_pools=True, lazy=LAZY)
         except BaseException:  # a bad marker key: no stop() will come to clean up
             self._remove_socket_dir()
             if self.sink is not None:
@@ -80,10 +91,34 @@ class MailServer:
 
     def start(self) -> "MailServer":
         self.server.start()
-        self.smtp_port, self.submission_port, self.pop3_port, self.imap_port, self.web_port = (
-            self.server.port(kind) for kind in KINDS)
-        self.web_url = f"http://{self.host}:{self.web_port}"
+        self.smtp_port = self.server.port("smtp")
+        self.submission_port = self.server.port("submission")
         return self
+
+    def _lazy_port(self, kind: str) -> int:
+        """
+        The port of a listener built on first connection, its modules
+        imported now, in the test's thread, rather than on the reactor
+        thread when the client connects.
+        """
+        import_listener(kind)
+        return self.server.port(kind)
+
+    @property
+    def pop3_port(self) -> int:
+        return self._lazy_port("pop3")
+
+    @property
+    def imap_port(self) -> int:
+        return self._lazy_port("imap")
+
+    @property
+    def web_port(self) -> int:
+        return self._lazy_port("web")
+
+    @property
+    def web_url(self) -> str:
+        return f"http://{self.host}:{self.web_port}"
 
     def stop(self) -> None:
         try:

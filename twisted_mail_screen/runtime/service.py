@@ -7,8 +7,8 @@ and hands each protocol factory exactly what it needs.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Collection
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.interfaces import IListeningPort, IReactorTime
@@ -22,8 +22,6 @@ from twisted_mail_screen.store.delivery import Delivery
 from twisted_mail_screen.faults.auth import FaultyAuthenticator
 from twisted_mail_screen.faults.commands import register_fault_commands
 from twisted_mail_screen.faults.plan import FaultPlan
-from twisted_mail_screen.protocols.imap.server import IMAPFactory
-from twisted_mail_screen.protocols.imap.registry import Registry
 from twisted_mail_screen.runtime.events import EventBus
 from twisted_mail_screen.runtime.lagmonitor import LagMonitor
 from twisted_mail_screen.runtime.metrics import (
@@ -31,13 +29,11 @@ from twisted_mail_screen.runtime.metrics import (
 from twisted_mail_screen.runtime.control import ControlFactory, control_endpoint
 from twisted_mail_screen.screening.notify import PostmasterNotifier
 from twisted_mail_screen.runtime.endpoints import server_endpoint
-from twisted_mail_screen.screening.redis_backend import RedisScreening
+from twisted_mail_screen.runtime.lazyfactory import OnFirstConnection
 from twisted_mail_screen.screening.service import ScreeningService
 from twisted_mail_screen.screening.admin import register_screening_commands
 from twisted_mail_screen.store.maildir import MailStore, TmpCleaner
 from twisted_mail_screen.store.maildir_names import UniqueNames
-from twisted_mail_screen.relay.queue import OutboundQueue
-from twisted_mail_screen.protocols.pop3 import POP3Factory
 from twisted_mail_screen.quota.commands import QuotaCommands
 from twisted_mail_screen.quota.service import QuotaService
 from twisted_mail_screen.quota.state import QuotaFileError, read_overrides, state_path
@@ -47,8 +43,12 @@ from twisted_mail_screen.protocols.smtp import SMTPFactory
 from twisted_mail_screen.runtime.tlsreload import ReloadingTLS
 from twisted_mail_screen.mailauth.gate import build_mail_auth
 from twisted_mail_screen.runtime.workers import Blocking, Workers
-from twisted_mail_screen.web.context import WebContext
-from twisted_mail_screen.web.site import build_site
+from twisted_mail_screen.web.decisions import Decisions
+
+if TYPE_CHECKING:
+    # Imported where they are built: a server without relaying, Redis, IMAP,
+    # POP3 or a web port (the pytest plugin's, until a test connects) pays nothing for them.
+    from twisted_mail_screen.relay.queue import OutboundQueue
 
 PROTOCOL_TITLES = {"smtp": "SMTP", "submission": "Submission", "pop3": "POP3", "imap": "IMAP",
                    "web": "Web", "control": "Control"}
@@ -140,19 +140,31 @@ class MailService(MultiService):
 
 def build_service(config: Config, reactor: Any, clock: IReactorTime | None = None,
                   service_class: type[MailService] = MailService,
-                  store: MailStore | None = None, workers: Workers | None = None) -> MailService:
+                  store: MailStore | None = None, workers: Workers | None = None,
+                  pools: Callable[[str, int], Service] | None = None,
+                  lazy: Collection[str] = ()) -> MailService:
     """
     Build the server. C{clock} is the time source for timeouts and
     screening (the reactor unless a test drives a C{Clock}). C{store}
     replaces the Maildir store (tests inject disk faults through it);
     C{workers} replaces every thread pool (a unit test passes
     L{twisted_mail_screen.testing.InlineWorkers} to run every blocking
-    call at once, on the reactor thread).
+    call at once, on the reactor thread). C{pools(name, threads)} gives
+    the server each of its thread pools, a service the server starts and
+    stops (default: a L{Blocking} of its own; the pytest plugin borrows
+    the process's, L{runtime.sharedpool}). The listener kinds in C{lazy}
+    bind at start and build their factory on their first connection
+    (L{runtime.lazyfactory}).
 
     @raise ConfigError: for an endpoint string the reactor cannot use.
     """
     clock = clock or reactor
     service = service_class(config)
+
+    def pool(threads: int, name: str = "mailscreen-io") -> Any:
+        """A thread pool the caller makes a child of the service that must outlive its calls."""
+        return pools(name, threads) if pools is not None else Blocking(reactor, threads, name=name)
+
     # What changed, for the web port's live view and metrics (docs/web.md).
     events = EventBus()
     # The server's own metrics registry (docs/api.md, "Metrics"), fed from the bus.
@@ -163,7 +175,7 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
     # held the reactor thread (every session waits behind it).
     service.lag = LagMonitor(clock)
     service.lag.setServiceParent(service)
-    blocking = workers or Blocking(reactor, config.storage.threads)
+    blocking = workers or pool(config.storage.threads)
     if workers is None:
         blocking.setServiceParent(service)
     accounts = AccountStore(config.data_dir)
@@ -185,7 +197,9 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
         # flushed after an outage (up to max_attempts messages read and
         # rewritten at once) cannot take every storage thread from inbound
         # deliveries.
-        spool = workers or Blocking(reactor, 4, name="mailscreen-queue")
+        from twisted_mail_screen.relay.queue import OutboundQueue
+
+        spool = workers or pool(4, "mailscreen-queue")
         # The queue's DSNs go through Delivery, which queues through the queue.
         queue = delivery.relay = OutboundQueue(config, config.relay, router, reactor, clock,
                                                deliver=delivery.deliver, blocking=spool,
@@ -199,7 +213,7 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
     # Password checks get a pool of their own, one thread per core (scrypt is
     # CPU-bound): under a guessing attack they queue there, and deliveries'
     # fsyncs in the storage pool do not wait behind them.
-    hashing = workers or Blocking(reactor, os.cpu_count() or 1, name="mailscreen-auth")
+    hashing = workers or pool(os.cpu_count() or 1, "mailscreen-auth")
     if workers is None:
         hashing.setServiceParent(service)
     authenticator = Authenticator(config, accounts, hashing) if faults is None else \
@@ -209,6 +223,8 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
     screening.setServiceParent(service)
     backend_up: Callable[[], bool] = lambda: True
     if config.screening.redis is not None:
+        from twisted_mail_screen.screening.redis_backend import RedisScreening
+
         cluster = RedisScreening(screening, config.screening.redis, reactor, clock)
         cluster.setServiceParent(service)
         backend_up = lambda: cluster.up  # noqa: E731
@@ -227,7 +243,15 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
         tls = ReloadingTLS(config.tls.certificate, config.tls.key, clock, blocking.run)  # type: ignore[arg-type]
         tls.setServiceParent(service)
     pop3_locks: set[str] = set()
-    imap_registry = Registry(blocking, clock)  # every IMAP listener shares the folder indexes
+    registries: list[Any] = []
+
+    def imap_registry() -> Any:
+        """The folder indexes every IMAP listener and the web port share, made on first ask."""
+        if not registries:
+            from twisted_mail_screen.protocols.imap.registry import Registry
+
+            registries.append(Registry(blocking, clock))
+        return registries[0]
 
     service.accounts = accounts
     service.store = store
@@ -262,22 +286,51 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
                            require_auth=kind == "submission", faults=faults, mail_auth=mail_auth,
                            quota=quota)
 
+    def pop3_factory() -> Any:
+        from twisted_mail_screen.protocols.pop3 import POP3Factory
+
+        return POP3Factory(config=config, store=store, blocking=blocking,
+                           authenticator=authenticator, screening=screening,
+                           clock=clock, locks=pop3_locks, tls=tls, faults=faults, quota=quota)
+
+    def imap_factory() -> Any:
+        from twisted_mail_screen.protocols.imap.server import IMAPFactory
+
+        return IMAPFactory(config=config, store=store, blocking=blocking,
+                           authenticator=authenticator, screening=screening,
+                           clock=clock, registry=imap_registry(), tls=tls, faults=faults,
+                           quota=quota)
+
+    # Kept from the start, whenever the site is built (docs/api.md: "since the web port started").
+    decisions = Decisions() if config.listen.web else None
+    if decisions is not None:
+        events.subscribe(decisions)
+
+    def web_site() -> Any:
+        from twisted_mail_screen.web.context import WebContext
+        from twisted_mail_screen.web.site import build_site
+
+        return build_site(WebContext(
+            config=config, reactor=reactor, clock=clock, events=events, store=store,
+            delivery=delivery, accounts=accounts, authenticator=authenticator,
+            screening=screening, queue=queue, faults=faults, blocking=blocking, lag=service.lag,
+            metrics=metrics, ready=service.ready, imap=imap_registry(), quota=quota,
+            decisions=decisions))
+
     factories: dict[str, Callable[[], Any]] = {
         "smtp": lambda: smtp_factory("smtp"),
         "submission": lambda: smtp_factory("submission"),
-        "pop3": lambda: POP3Factory(config=config, store=store, blocking=blocking,
-                                    authenticator=authenticator, screening=screening,
-                                    clock=clock, locks=pop3_locks, tls=tls, faults=faults, quota=quota),
-        "imap": lambda: IMAPFactory(config=config, store=store, blocking=blocking,
-                                    authenticator=authenticator, screening=screening,
-                                    clock=clock, registry=imap_registry, tls=tls, faults=faults,
-                                    quota=quota),
+        "pop3": pop3_factory,
+        "imap": imap_factory,
+        "web": web_site,
     }
-    factories["web"] = lambda: build_site(WebContext(
-        config=config, reactor=reactor, clock=clock, events=events, store=store, delivery=delivery,
-        accounts=accounts, authenticator=authenticator, screening=screening, queue=queue,
-        faults=faults, blocking=blocking, lag=service.lag, metrics=metrics, ready=service.ready,
-        imap=imap_registry, quota=quota))
+
+    def observed(kind: str) -> Any:
+        factory = factories[kind]()
+        if isinstance(factory, SessionFactory):
+            factory.observer = metrics  # connections and login failures
+        return factory
+
     for kind, descriptions in config.listen.items():
         if kind not in factories:
             continue
@@ -286,9 +339,8 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
                 endpoint = server_endpoint(reactor, description, clock, config.proxy.trusted, tls)
             except Exception as e:
                 raise ConfigError(f"listen.{kind}", description, f"unusable endpoint: {e}") from e
-            factory = factories[kind]()
-            if isinstance(factory, SessionFactory):
-                factory.observer = metrics  # connections and login failures
+            factory = OnFirstConnection(kind, lambda kind=kind: observed(kind)) \
+                if kind in lazy else observed(kind)
             listener = Listener(kind, description, endpoint, factory)
             listener.setServiceParent(service)
             service.listeners.append(listener)

@@ -23,6 +23,7 @@ from twisted_mail_screen.store.accounts import AccountStore
 from twisted_mail_screen.store.auth import Authenticator
 from twisted_mail_screen.store.delivery import Delivery
 from twisted_mail_screen.store.maildir import MailStore
+from twisted_mail_screen.web.decisions import Decisions
 
 
 @dataclass(frozen=True)
@@ -53,3 +54,6 @@ class WebContext:
     imap: Registry | None = None
     #: accounts' limits and usage (C{/api/v1/quota})
     quota: QuotaService | None = None
+    #: the screening decisions kept since the server started (None: the
+    #: screening routes keep their own from when the site is built)
+    decisions: Decisions | None = None

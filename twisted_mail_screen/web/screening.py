@@ -7,22 +7,19 @@ Every change goes through L{ScreeningCommands}, the object the control
 channel (and so C{mailscreen block|whitelist|frozen}) calls: one
 implementation, the same service objects. The decisions are the last
 C{screening.decision} events of the server's event bus, kept in a
-bounded ring from the moment the port is built.
+bounded ring (L{web.decisions}) from the moment the server starts.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Any
 from urllib.parse import unquote
 
-from twisted_mail_screen.runtime.events import Event
 from twisted_mail_screen.screening.admin import ScreeningCommands
 from twisted_mail_screen.web.api import ApiError, ApiRequest, Router
 from twisted_mail_screen.web.context import WebContext
+from twisted_mail_screen.web.decisions import DECISIONS_KEPT, Decisions
 
-#: How many decisions are kept for C{GET /api/v1/screening/decisions}.
-DECISIONS_KEPT = 1000
 #: What C{limit} is when the query does not say.
 DEFAULT_LIMIT = 100
 #: Blocks listed per request unless C{limit} says otherwise, and at most: a
@@ -60,35 +57,13 @@ def created(request: ApiRequest, value: Any) -> Any:
     return value
 
 
-class Decisions:
-    """The last L{DECISIONS_KEPT} C{screening.decision} events, oldest first."""
-
-    def __init__(self, kept: int = DECISIONS_KEPT) -> None:
-        self._ring: deque[dict[str, Any]] = deque(maxlen=kept)
-
-    def __call__(self, event: Event) -> None:
-        if event.kind == "screening.decision":
-            self._ring.append(dict(event.data))
-
-    def latest(self, limit: int, client: str | None, action: str | None) -> list[dict[str, Any]]:
-        """Newest first, at most C{limit}, of one client and/or action when given."""
-        out = []
-        for decision in reversed(self._ring):
-            if len(out) >= limit:
-                break
-            if client is not None and decision.get("client") != client:
-                continue
-            if action is not None and decision.get("action") != action:
-                continue
-            out.append(decision)
-        return out
-
-
 def register(router: Router, context: WebContext) -> None:
     commands = ScreeningCommands(context.screening.admin, context.clock,
                                  context.config.freeze.minutes)
-    decisions = Decisions()
-    context.events.subscribe(decisions)
+    decisions = context.decisions
+    if decisions is None:  # a site built without the composition root (a unit test's)
+        decisions = Decisions()
+        context.events.subscribe(decisions)
 
     # blocks
 
