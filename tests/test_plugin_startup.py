@@ -11,6 +11,7 @@ import os
 import smtplib
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,9 +20,12 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor
 
+from twisted_mail_screen.config.settings import load_config
 from twisted_mail_screen.pytest_plugin.server import build
 from twisted_mail_screen.runtime.control import control_endpoint, endpoint_description
 from twisted_mail_screen.runtime.endpoints import server_endpoint
+from twisted_mail_screen.runtime.sharedpool import SharedPools
+from twisted_mail_screen.testing import in_reactor
 from twisted_mail_screen.web.ui import load_static
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,3 +126,122 @@ def test_page_files_read_once_but_each_site_gets_its_own_answers() -> None:
     assert "index.html" in first and first["index.html"].body == second["index.html"].body
     first["index.html"].headers["x-test"] = "changed"
     assert "x-test" not in second["index.html"].headers
+
+
+LAZY_SCRIPT = '''
+import imaplib, json, poplib, smtplib, sys, urllib.request
+from twisted_mail_screen.pytest_plugin.server import build
+from twisted_mail_screen.testing import in_reactor
+
+LATER = ("twisted_mail_screen.protocols.imap.server", "twisted_mail_screen.protocols.pop3",
+         "twisted_mail_screen.web.site", "twisted.web.server", "twisted_mail_screen.relay.queue",
+         "twisted_mail_screen.screening.redis_backend")
+server = build(sys.argv[1], {}, 5.0, lambda: ("", ""))
+try:
+    with smtplib.SMTP(server.host, server.smtp_port) as client:
+        client.sendmail("a@example.test", ["b@example.test"], b"Subject: hi\\r\\n\\r\\nx\\r\\n")
+    server.wait_for("addressed:b@example.test")
+    in_reactor(server.service.events.publish, "screening.decision", time=1.0, action="refuse",
+               client="192.0.2.7", rule="connections")
+    print("after SMTP:", sorted(m for m in LATER if m in sys.modules))
+    port = server.imap_port
+    print("imap port read:", "twisted_mail_screen.protocols.imap.server" in sys.modules)
+    imap = imaplib.IMAP4(server.host, port)
+    imap.login("b@example.test", "any")
+    print("imap:", imap.select("INBOX")[1])
+    imap.logout()
+    pop = poplib.POP3(server.host, server.pop3_port)
+    pop.user("b@example.test")
+    pop.pass_("any")
+    print("pop3:", pop.stat()[0])
+    pop.quit()
+    with urllib.request.urlopen(server.web_url + "/api/v1/screening/decisions") as reply:
+        print("web:", [d["client"] for d in json.load(reply)["decisions"]])
+finally:
+    server.stop()
+'''
+
+
+def test_imap_pop3_and_web_are_built_on_first_use_and_then_work(tmp_path: Path) -> None:
+    """
+    A test that only sends over SMTP imports none of IMAP, POP3, the web
+    site, the relay queue or the Redis client; reading a port imports its
+    modules (in the test's thread), and each then answers as before; the
+    web port lists a screening decision made before it was first asked.
+    """
+    done = subprocess.run([sys.executable, "-c", LAZY_SCRIPT, str(tmp_path / "data")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "after SMTP: []", "imap port read: True", "imap: [b'1']", "pop3: 1", "web: ['192.0.2.7']"]
+
+
+def test_a_lazy_listener_connected_to_without_its_port_read_still_answers(tmp_path: Path) -> None:
+    """A client that found the port otherwise: the factory's modules are imported at its connection."""
+    script = (
+        "import poplib, sys\n"
+        "from twisted_mail_screen.config.settings import load_config\n"
+        "from twisted_mail_screen.testing import RunningServer, ephemeral_overrides\n"
+        "config = load_config(None, ephemeral_overrides(sys.argv[1]))\n"
+        "with RunningServer(config, lazy=('pop3',)) as server:\n"
+        "    print('twisted_mail_screen.protocols.pop3' in sys.modules)\n"
+        "    pop = poplib.POP3('127.0.0.1', server.port('pop3'))\n"
+        "    print(pop.getwelcome()[:3], 'twisted_mail_screen.protocols.pop3' in sys.modules)\n"
+        "    pop.quit()\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "data")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["False", "b'+OK' True"]
+
+
+def test_plugin_servers_start_no_threads_of_their_own(tmp_path: Path) -> None:
+    """Five servers in turn, each delivering: the storage threads are the process's, reused."""
+    def storage_threads() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name.startswith("mailscreen-io")}
+
+    seen: set[threading.Thread] = set()
+    for n in range(5):
+        server = build(str(tmp_path / str(n)), {}, 5.0, lambda: ("", ""))
+        try:
+            with smtplib.SMTP(server.host, server.smtp_port) as client:
+                client.sendmail("a@example.test", ["b@example.test"], b"Subject: hi\r\n\r\nx\r\n")
+            server.wait_for("addressed:b@example.test")
+            seen |= storage_threads()
+        finally:
+            server.stop()
+    # An own pool's threads are joined when its server stops; these serve the next server.
+    assert 1 <= len(seen) <= load_config(None, {}).storage.threads
+    assert all(t.is_alive() for t in seen)
+
+
+def test_a_borrowed_pool_stops_when_its_own_calls_are_done() -> None:
+    """
+    A server's stop waits for the calls it made (nothing of a stopped
+    server still runs), not for the pool, which runs on.
+    """
+    from twisted.internet import reactor as global_reactor
+
+    pools = SharedPools(global_reactor)
+    first, second = in_reactor(pools.borrow, "mailscreen-test", 2), \
+        in_reactor(pools.borrow, "mailscreen-test", 2)
+    release, ran, done = threading.Event(), threading.Event(), threading.Event()
+    stopped: list[Any] = []
+
+    def begin() -> None:
+        first.startService()
+        second.startService()
+        first.run(release.wait, 10)
+        second.run(lambda: None)
+        first.stopService().addCallback(stopped.append).addCallback(lambda _: done.set())
+
+    in_reactor(begin)
+    in_reactor(lambda: second.stopService())  # nothing of its own in flight: at once
+    assert stopped == []
+    in_reactor(lambda: second.run(ran.set))  # the pool still serves the others
+    assert ran.wait(5)
+    assert stopped == []
+    release.set()
+    assert done.wait(5)
+    assert stopped == [None]
