@@ -42,10 +42,12 @@ def test_a_local_delivery_is_one_line(start_server, tmp_path):
     clock = Clock()
     clock.advance(1764645300)  # 2025-12-02T03:15:00Z
     server = start_server(clock=clock)
-    with log_lines("delivery:") as lines:
+    with log_lines("delivery:", "app@dev.test") as lines:
         send(server.port("smtp"), "app@dev.test", ["a@example.com", "b@example.com"], BODY)
+    # One line for the message, not a second one from SMTP: it carries the client.
     assert len(lines) == 1, lines
     f = fields(lines[0])
+    assert f["extra"] == " client=127.0.0.1", f
     stored = maildir_files(tmp_path / "data", "a@example.com")[0].name
     assert f["id"] == stored.split(",")[0] and f["kind"] == "local" and f["result"] == "stored"
     assert f["sender"] == "app@dev.test" and f["to"] == "a@example.com,b@example.com"

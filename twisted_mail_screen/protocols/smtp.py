@@ -364,9 +364,6 @@ class SMTPServer(Authentication, Chunking, ScreenedSession):
             if mailboxes and request.recipients:  # NOTIFY=SUCCESS: "delivered" notices, in the background
                 ensureDeferred(f.notices.delivered(queue_id.split(",")[0], env.sender, mailboxes,
                                                    request, body))
-            self.log.info("smtp: {peer} from=<{sender}> to={rcpts} size={size} id={id}",
-                          peer=self.peer_host, sender=env.sender,
-                          rcpts=",".join(mailboxes + remote), size=len(body), id=queue_id)
             self.reply(250, "2.0.0", f"Ok: queued as {queue_id.split(',')[0]}")
 
         def failed(reason: Any) -> None:
@@ -376,7 +373,9 @@ class SMTPServer(Authentication, Chunking, ScreenedSession):
                 self.log.error("smtp: delivery failed: {error}", error=reason.value)
             self.reply(451, "4.3.0", "Requested action aborted: local error in processing")
 
-        d = logged(d, sender=env.sender, mailboxes=mailboxes, remote=remote, size=len(body), clock=f.clock)
+        # The message's one log line (its client's address included): the log's cost per message.
+        d = logged(d, sender=env.sender, mailboxes=mailboxes, remote=remote, size=len(body),
+                   clock=f.clock, client=self.peer_host or None)
         return d.addCallbacks(ok, failed)
 
     def received_header(self, env: Envelope) -> bytes:

@@ -36,11 +36,13 @@ def _quoted(text: str) -> str:
 
 def log_delivery(*, id: str, kind: str, sender: str, recipients: Iterable[str], size: int,
                  result: str, now: float, host: str | None = None, reply: str | None = None,
-                 next_attempt: float | None = None) -> None:
+                 next_attempt: float | None = None, client: str | None = None) -> None:
     """Log one delivery line; C{now} comes from the injected clock."""
     assert kind in KINDS, kind
     rcpts = list(recipients)
     extra = ""
+    if client:  # the SMTP client that sent it (the line SMTP logs per message)
+        extra += f" client={client}"
     if host:
         extra += f" host={host}"
     if reply:
@@ -55,11 +57,11 @@ def log_delivery(*, id: str, kind: str, sender: str, recipients: Iterable[str], 
              delivery_id=id.split(",")[0], delivery_kind=kind, delivery_sender=sender,
              delivery_to=",".join(rcpts), delivery_recipients=rcpts, delivery_size=size,
              delivery_result=result, delivery_extra=extra, delivery_time=utc(now),
-             delivery_host=host, delivery_reply=reply)
+             delivery_host=host, delivery_reply=reply, delivery_client=client)
 
 
 def logged(d: "Deferred[str]", *, sender: str, mailboxes: tuple[str, ...], remote: tuple[str, ...],
-           size: int, clock: IReactorTime) -> "Deferred[str]":
+           size: int, clock: IReactorTime, client: str | None = None) -> "Deferred[str]":
     """
     C{d}, a delivery of accepted mail (its result: the local file name, or
     the queue id when every recipient is remote), with its line logged
@@ -72,7 +74,7 @@ def logged(d: "Deferred[str]", *, sender: str, mailboxes: tuple[str, ...], remot
         failed = isinstance(result, Failure)
         log_delivery(id="-" if failed else result, kind=kind, sender=sender, recipients=recipients,
                      size=size, result="failed" if failed else "stored" if mailboxes else "queued",
-                     now=clock.seconds())
+                     now=clock.seconds(), client=client)
         return result
 
     return d.addBoth(done)
