@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import imaplib
+import itertools
 import os
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, Callable, Sequence
 
 RCPT = "r@bench.test"
 
@@ -41,8 +42,8 @@ def source_address(i: int) -> str:
     return f"127.{1 + i // 62500}.{1 + i // 250 % 250}.{1 + i % 250}"
 
 
-async def _connect(port: int, stats: dict[str, Any],
-                   source: str | None = None) -> tuple[Any, Any] | None:
+async def _connect(port: int, source: str | None,
+                   stats: dict[str, Any]) -> tuple[Any, Any] | None:
     """A connection to the server, or C{None} (counted as an error) after a short pause."""
     try:
         if source is not None:
@@ -54,11 +55,11 @@ async def _connect(port: int, stats: dict[str, Any],
         return None
 
 
-async def _smtp_worker(port: int, payload: bytes, per_conn: int, deadline: float,
-                       stats: dict[str, Any]) -> None:
+async def _smtp_worker(target: Callable[[], tuple[int, str | None]], payload: bytes,
+                       per_conn: int, deadline: float, stats: dict[str, Any]) -> None:
     data = payload + b".\r\n"
     while time.monotonic() < deadline:
-        conn = await _connect(port, stats)
+        conn = await _connect(*target(), stats)
         if conn is None:
             continue
         reader, writer = conn
@@ -101,15 +102,26 @@ async def _smtp_worker(port: int, payload: bytes, per_conn: int, deadline: float
                 pass
 
 
-def smtp_ingest(port: int, concurrency: int, size: int, per_conn: int,
-                duration: float) -> dict[str, Any]:
-    """Messages a second that got 250 after DATA, over C{duration} seconds."""
+def smtp_ingest(port: int | Sequence[int], concurrency: int, size: int, per_conn: int,
+                duration: float, sources: int = 0) -> dict[str, Any]:
+    """
+    Messages a second that got 250 after DATA, over C{duration} seconds.
+    With several ports (the nodes of a cluster), each connection goes to
+    the next port in turn, as a round-robin load balancer sends them; with
+    C{sources}, each comes from the next of that many loopback addresses.
+    """
     payload = message(size)
     stats: dict[str, Any] = {"ok": 0, "errors": 0, "lat": [], "replies": set(), "last": 0.0}
+    ports = [port] if isinstance(port, int) else list(port)
+    counter = itertools.count()
+
+    def target() -> tuple[int, str | None]:
+        i = next(counter)
+        return ports[i % len(ports)], source_address(i % sources) if sources else None
 
     async def run() -> float:
         start = time.monotonic()
-        await asyncio.gather(*(_smtp_worker(port, payload, per_conn, start + duration, stats)
+        await asyncio.gather(*(_smtp_worker(target, payload, per_conn, start + duration, stats)
                                for _ in range(concurrency)))
         return start
 
@@ -134,7 +146,7 @@ def accept_rate(port: int, concurrency: int, duration: float, sources: int = 0) 
     async def worker(deadline: float) -> None:
         while time.monotonic() < deadline:
             source = source_address(next(counter) % sources) if sources else None
-            conn = await _connect(port, stats, source)
+            conn = await _connect(port, source, stats)
             if conn is None:
                 continue
             reader, writer = conn
