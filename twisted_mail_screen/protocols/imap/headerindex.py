@@ -372,6 +372,20 @@ def indexed_headers(path: str, bases: list[str]) -> dict[str, tuple[bytes | None
         return out
 
 
+def indexed_list(path: str, bases: list[str]) -> list[tuple[bytes | None, float] | None]:
+    """L{indexed_headers} as a list in the order of C{bases} (C{None}: not indexed)."""
+    index = open_index(path)
+    with index.lock:
+        prepare(index)
+        entry = index.by_base.get
+        found = [entry(b) for b in bases]
+        last = max((e for e in found if e is not None), default=-1)
+        if last >= 0:
+            index.decoded(last)  # decodes every entry up to it at once
+        decoded = index.decoded_list
+        return [None if e is None else (decoded[e][2], decoded[e][0]) for e in found]
+
+
 _loaded: "OrderedDict[str, HeaderIndex]" = OrderedDict()
 _registry_lock = threading.Lock()
 

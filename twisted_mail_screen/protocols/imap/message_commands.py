@@ -20,6 +20,7 @@ from twisted_mail_screen.protocols.imap.fetch import (PIECE_BYTES, cached_rows, 
                                                       item_groups, needs_disk, render_rows, row_cost)
 from twisted_mail_screen.protocols.imap.fetch import Att
 from twisted_mail_screen.protocols.imap.filejobs import transfer_files
+from twisted_mail_screen.protocols.imap.fetchmeta import column_chunks, index_only, render_columns, render_meta
 from twisted_mail_screen.protocols.imap.flags import merge_keywords
 from twisted_mail_screen.protocols.imap.modseq import changed_ranges
 from twisted_mail_screen.protocols.imap.parse import (Atom, BadCommand, SeqSet, Section, Token, astring,
@@ -88,6 +89,8 @@ class MessageCommands(SelectedView):
     def _stream_fetch(self, ranges: list[tuple[int, int]], atts: list) -> Deferred:
         folder = self.folder
         assert folder is not None
+        if index_only(atts):
+            return self.stream(self._column_pieces(ranges, atts))
         rows = self._rows(self._iter_positions(ranges))
         disk = needs_disk(atts)
         per_chunk = chunk_rows([], atts)
@@ -159,6 +162,37 @@ class MessageCommands(SelectedView):
                 yield ahead
 
         return self.stream(pieces())
+
+    def _column_pieces(self, ranges: list[tuple[int, int]], atts: list) -> Iterator[Any]:
+        """
+        Index-only items a column at a time (fetchmeta): a first chunk the
+        cache answers is rendered here, the rest in the worker, one chunk
+        rendered while the one before it is written.
+        """
+        folder = self.folder
+        assert folder is not None
+        cache = folder.cache
+        ahead: Any = None
+        first = True
+        for cols in column_chunks(ranges, self.view, folder, self.recent, REACTOR_ROWS):
+            keywords = list(folder.keywords)
+            piece: Any = render_meta(folder.path, cols, atts, keywords, cache, False) if first else None
+            first = False
+            if piece is None:
+                piece = self.factory.blocking.run(render_columns, folder.path, cols, atts, keywords,
+                                                  cache).addCallback(self._learnt, cache)
+            if ahead is not None:
+                yield ahead
+            ahead = piece
+        if ahead is not None:
+            yield ahead
+
+    @staticmethod
+    def _learnt(result: tuple[bytes, dict], cache: Any) -> bytes:
+        data, learned = result
+        if learned:
+            cache.learn(learned)
+        return data
 
     def stream(self, pieces: Iterator[Any]) -> Deferred:
         """Write bytes (or Deferreds of bytes) from C{pieces}, pausing while the transport is full."""
