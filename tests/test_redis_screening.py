@@ -449,3 +449,40 @@ def test_counting_batches_are_sent_without_a_reply(redis):
     assert redis.cli("ZRANGE", "u:lease:192.0.2.1", "0", "-1") == "n:2:smtp"
     assert redis.cli("ZRANGE", "u:auth:192.0.2.1", "0", "-1") == "d1"
     assert int(redis.cli("TTL", "u:lease:192.0.2.1")) > 0
+
+
+def test_a_closed_connection_waits_for_the_next_batch_but_no_longer_than_its_hold():
+    """
+    A release rides with the node's next connection (before it, in one
+    batch) or goes alone after hold_seconds; a full client's goes at once.
+    """
+    from twisted.internet.task import Clock
+
+    from twisted_mail_screen.screening.config import ScreeningConfig
+    from twisted_mail_screen.screening.redis_counts import BatchedCounts
+    from twisted_mail_screen.screening.resp import parse
+
+    clock = Clock()
+    sent: list[list[bytes]] = []
+    counts = BatchedCounts(lambda data: sent.append(parse(data, 0)[0]) or True, None, clock,
+                           "u:", "u:changes", ScreeningConfig(), 60)
+
+    def ops() -> list[tuple[bytes, bytes]]:
+        batch = sent.pop(0)
+        assert batch[0] == b"EVALSHA" and int(batch[2]) == 0
+        return [(batch[i], batch[i + 2]) for i in range(13, len(batch), 3)]
+
+    counts.released("192.0.2.1", "n:1:smtp")
+    clock.advance(0)
+    assert sent == []                      # not urgent: waits for company
+    counts.connected("192.0.2.2", "n:2:smtp")
+    clock.advance(0)                       # the connection's turn ends: both go, release first
+    assert ops() == [(b"r", b"n:1:smtp"), (b"c", b"n:2:smtp")] and sent == []
+    counts.released("192.0.2.2", "n:2:smtp")
+    clock.advance(counts.hold_seconds / 2)
+    assert sent == []
+    clock.advance(counts.hold_seconds / 2)  # nobody came: it goes alone
+    assert ops() == [(b"r", b"n:2:smtp")]
+    counts.released("192.0.2.3", "n:3:smtp", urgent=True)
+    clock.advance(0)
+    assert ops() == [(b"r", b"n:3:smtp")]

@@ -21,12 +21,16 @@ node does not read, parse or dispatch one. The script publishes:
 A connection or failed login is sent at the end of its reactor turn, so the
 news of a client at its limit races its next connection no longer than a
 round trip (holding them 5 ms made bigger batches but let the limit+1-th
-connection through). A closed connection is not urgent: it only lowers a
-count, so holding it makes the cluster refuse a little early, never accept
-a connection past a limit. It rides with the next connection's batch or
-goes after L{BatchedCounts.hold_seconds}, at once when the cluster said its
-client was full. At about one connection a reactor turn that halves the
-writes (docs/performance.md, "Screening with the Redis backend").
+connection through). A closed connection only lowers a count: holding it
+can make the cluster refuse early, never accept past a limit. So it waits
+for the node's next connection (the batch at the end of that turn) but no
+longer than L{BatchedCounts.hold_seconds}, 1 ms, and goes at once when the
+cluster said its client was full. A client is counted as connected for 1 ms
+after it closed (more only if the reactor runs late; a lease held by a killed node stays
+C{lease_seconds}); a busy node, with about one connection a reactor turn,
+sends one batch a connection instead of two (docs/performance.md,
+"Screening with the Redis backend"). A 50 ms hold made a client that
+reconnects at once through three nodes look like three simultaneous ones.
 
 Keys (all with a TTL, so a node that dies leaves nothing behind past it):
 C{PREFIX conn:CLIENT} the sliding connection window (a sorted set of
@@ -144,7 +148,7 @@ class BatchedCounts:
     @ivar hold_seconds: the longest a closed connection waits for company.
     """
 
-    hold_seconds = 0.0
+    hold_seconds = 0.001
 
     def __init__(self, send: Callable[[bytes], bool], call: Callable[..., Deferred],
                  clock: IReactorTime, prefix: str, channel: str, settings: ScreeningConfig,
