@@ -389,3 +389,29 @@ def test_values_another_process_gave_out_unseen_are_caught_up_before_ours_are_wr
     written = [int(line.split()[1]) for line in (box / modseqlist.FILENAME).read_text().splitlines()[1:]]
     tail = written[-5:]
     assert tail == sorted(set(tail)), written
+
+
+def test_an_idle_session_is_told_the_mod_sequence_as_written(server, tmp_path):
+    """
+    Another session's change is told to an IDLE session only once its
+    mod-sequence is final: after it was moved above what another process
+    had given out, not with the value first counted in memory.
+    """
+    send(server, "m0")
+    watcher, writer = raw_login(server), raw_login(server)
+    watcher("ENABLE CONDSTORE")
+    mark = highest(watcher("SELECT INBOX")[0])
+    writer("SELECT INBOX")
+    theirs = mark + 500
+    with open(folder(tmp_path) / modseqlist.FILENAME, "a") as f:  # another process's change
+        f.write(f"99 {theirs} =S\n")
+    watcher.sock.sendall(b"i IDLE\r\n")
+    assert watcher.file.readline().startswith(b"+")
+    lines, ok = writer("UID STORE 1 +FLAGS (\\Flagged)")
+    assert ok.startswith("OK")
+    told = watcher.file.readline().decode()
+    assert re.search(rf"MODSEQ \({theirs + 1}\)", told), told
+    watcher.sock.sendall(b"DONE\r\n")
+    assert watcher.file.readline().startswith(b"i OK")
+    watcher.close()
+    writer.close()

@@ -93,6 +93,10 @@ class Folder:
         self.log: list[tuple[int, int, FolderListener | None]] = []  # (kind, uid, origin)
         self.log_start = 0  # change-log position just before log[0] (not an RFC 7162 mod-sequence)
         self.ms = ModSeqs()  # the RFC 7162 mod-sequences, persistent
+        # The change-log position from which changes have mod-sequences not
+        # yet written: another process sharing the folder may still push them
+        # up (Registry.persist), so sessions are told of changes only up to it.
+        self.unwritten_from: int | None = None
         self.stamp: tuple[int, int, int] | None = None
         self.identity: int | None = None
         # The version of the UID list and keyword file this index matches
@@ -111,6 +115,11 @@ class Folder:
     @property
     def modseq(self) -> int:
         return self.log_start + len(self.log)
+
+    @property
+    def visible(self) -> int:
+        """The change-log position up to which sessions may be told (their mod-sequences final)."""
+        return self.modseq if self.unwritten_from is None or self.retired else self.unwritten_from
 
     def position(self, uid: int) -> int | None:
         i = bisect.bisect_left(self.uids, uid)
@@ -171,6 +180,8 @@ class Folder:
 
     def record(self, kind: int, uid: int, origin: FolderListener | None, rel: str | None = None) -> None:
         """Log a change for the sessions and give it a mod-sequence (C{rel}: the name now, if known)."""
+        if self.unwritten_from is None:
+            self.unwritten_from = self.modseq
         self.log.append((kind, uid, origin))
         if kind == EXPUNGE:
             self.ms.expunge(uid)
@@ -178,6 +189,12 @@ class Folder:
             rel = rel if rel is not None else self.name(uid)
             if rel is not None:
                 self.ms.touch(uid, rel)
+
+    def written(self) -> None:
+        """The mod-sequences given so far are on disk, final: the sessions may be told of them."""
+        if self.unwritten_from is not None:
+            self.unwritten_from = None
+            self.notify()
 
     def entries_since(self, modseq: int) -> list[tuple[int, int, FolderListener | None]]:
         return self.log[max(0, modseq - self.log_start):]

@@ -146,6 +146,7 @@ class Registry:
         """
         changes = folder.ms.take_pending()
         if not changes or folder.retired:
+            folder.written()
             return succeed(result)
         ms = folder.ms
 
@@ -155,9 +156,13 @@ class Registry:
                 ms.shifted(changes, shift)
             return result
 
+        def told(outcome: Any) -> Any:
+            folder.written()  # the sessions learn of the changes with their final values
+            return outcome
+
         # Under the folder's cross-process lock, as the UID list is (store/folderlock.py).
         return self.blocking.run(locked, folder.path, write_pending, folder.path, ms.uidvalidity,
-                                 changes, ms.file).addCallback(written)
+                                 changes, ms.file).addCallback(written).addBoth(told)
 
     #: Rescans before a write gives up (another process writing the folder without pause).
     MAX_STALE = 20

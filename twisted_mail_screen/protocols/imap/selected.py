@@ -39,8 +39,9 @@ class SelectedView(SessionCore):
     def flush_updates(self, expunge_ok: bool) -> None:
         f = self.folder
         assert f is not None
-        entries = f.entries_since(self.seen)
-        self.seen = f.modseq
+        upto = f.visible  # changes whose mod-sequences are not yet final wait
+        entries = f.entries_since(self.seen)[:max(0, upto - self.seen)]
+        self.seen = max(self.seen, upto)
         new: list[int] = []
         new_set: set[int] = set()
         changed: dict[int, None] = {}
