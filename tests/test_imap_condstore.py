@@ -16,6 +16,7 @@ import smtplib
 import socket
 
 import pytest
+from twisted.internet.task import Clock
 
 from twisted_mail_screen.store import modseqlist
 from webclient import call
@@ -415,3 +416,25 @@ def test_an_idle_session_is_told_the_mod_sequence_as_written(server, tmp_path):
     assert watcher.file.readline().startswith(b"i OK")
     watcher.close()
     writer.close()
+
+
+def test_unchangedsince_sees_a_change_another_process_made_since_the_last_poll(start_server, tmp_path):
+    """
+    Another server on the same Maildir flagged a message (renamed its file,
+    appended its mod-sequence) and this one's poll has not run (its clock
+    stands still): a conditional STORE looks at the folder first, so the
+    change counts and the STORE answers [MODIFIED].
+    """
+    server = start_server(kinds=KINDS, clock=Clock())
+    send(server, "m0")
+    r = raw_login(server)
+    r("ENABLE CONDSTORE")
+    mark = highest(r("SELECT INBOX")[0])
+    box = folder(tmp_path)
+    name = sorted(os.listdir(box / "cur"))[0]
+    os.rename(box / "cur" / name, box / "cur" / (name.split(":2,")[0] + ":2,F"))
+    with open(box / modseqlist.FILENAME, "a") as f:
+        f.write(f"1 {mark + 1} =F\n")
+    lines, ok = r(f"UID STORE 1 (UNCHANGEDSINCE {mark}) +FLAGS (\\Seen)")
+    assert ok.startswith("OK [MODIFIED 1]"), (lines, ok)
+    r.close()

@@ -194,7 +194,14 @@ class CondStoreCommands(MessageCommands):
 
         def store(ranges: list[tuple[int, int]]) -> Deferred:
             uids = [self.view[i] for i in self._iter_positions(ranges)]
-            d = self._store_flags(uids, mode, flags, unchanged, modified)
+            if unchanged is None:
+                d = self._store_flags(uids, mode, flags)
+            else:
+                # Another process sharing the folder may have changed these messages since
+                # this one's last look (its poll is a second apart): look first, so such a
+                # change has its mod-sequence here when UNCHANGEDSINCE is compared.
+                d = self.factory.registry.sync(folder).addCallback(
+                    lambda _: self._store_flags(uids, mode, flags, unchanged, modified))
             return d.addCallback(lambda _: answer(ranges))
 
         def answer(ranges: list[tuple[int, int]]) -> Any:
