@@ -2,163 +2,308 @@
 """
 The in-memory record of a client that did more than connect once: its
 connection times inside the window, its distinct failed (user, secret)
-digests, and its last few notable events, packed into one C{bytes} value.
+digests, and its last few notable events, packed into one C{bytes} value
+that is itself the value in the rules' dictionary (no object around it).
 
-Why packed: an attacker spread over a million addresses, each failing a
-login, is the case the memory goal is about. As Python objects (a list of
-floats, a list of (float, bytes) tuples, a list of (float, str, str)
-tuples) one such record cost about 700 bytes; packed it is one small
-object plus one C{bytes} of about 90 (docs/performance.md has the
-figures). The price is a repack on each change, about a microsecond for
-the few entries a record ever holds (each list is capped by a limit).
+Why packed, and why so tightly: an attacker spread over a million
+addresses, each failing a login, is the case the memory goal (10^6 such
+clients in 200 MB) is about. As Python lists and tuples one record cost
+about 700 bytes; as f64 fields in a bytes value held by a small object,
+about 170. Here a dictionary slot (about 41 bytes), an integer key (32)
+and this value (80 for the common record of two connections and a
+failed login) make about 150 (docs/performance.md has the figures).
 
-Layout (little-endian)::
+Times are whole milliseconds of the rules' clock (L{ClientTable} counts
+from an epoch of its own). A record's base is a whole second (32 bits,
+signed) at or before the earliest time it holds; every time is an
+unsigned LEB128 varint of milliseconds after the base, so it costs two
+bytes within 16 seconds of it and three within half an hour, whatever
+the uptime.
 
-    last: f64, n_times: u32, n_auth: u32, n_events: u8
-    n_times x time: f64
-    n_auth x (time: f64, digest: 8 bytes)
-    n_events x (time: f64, protocol: u8, kind: u8, length: u16, text: UTF-8)
+Layout::
 
-An event's C{kind} names a common prefix of its text (0: none), so the
-usual "auth failed user=..." stores only the user name.
+    head: u8 n_events (3 bits) | n_auth << 3 (31: a varint follows),
+          u8 size of the times in bytes (255: a varint follows), i32 base (s)
+    [n_auth: varint] [size of the times: varint]
+    last - base: varint
+    times: (time - base) each, oldest first
+    n_auth x (time - base, digest: 8 bytes)
+    n_events x (time - base, code: u8, length: varint, text: UTF-8)
+
+The times are counted by their size, not their number, for the
+decision's hot path (L{connect}): it decodes only the times that leave
+the window (each once), counts the rest in C (one final byte per varint)
+and appends the new one by slicing, so a connection costs about the same
+with one time in the window as with sixty. An event's code is its
+protocol (0-5, 7: not in the table, the text then starts with the
+protocol's name and a NUL) plus 8 times its kind, a common prefix of its
+text (0: none), so the usual "auth failed user=..." stores only the user
+name. A time earlier than the base (a wall clock stepped back) repacks
+the record on an earlier base.
 """
 
 from __future__ import annotations
 
 import struct
 from bisect import bisect_right
-from typing import Iterable
-
-from twisted_mail_screen.screening.notify import Event
+from collections.abc import Sequence
+from typing import NamedTuple
 
 #: The last few notable events kept per client, for the postmaster.
 EVENTS_KEPT = 6
 
-_HEAD = struct.Struct("<dIIB")  # counts as wide as a limit can be set
-_TIME = struct.Struct("<d")
-_AUTH = struct.Struct("<d8s")
-_EVENT = struct.Struct("<dBBH")
+#: A failed pair: its time (ms) and its 8-byte keyed digest.
+Failure = tuple[int, bytes]
+#: A notable event: its time (ms), protocol, text.
+MsEvent = tuple[int, str, str]
+
+_HEAD = struct.Struct("<BBi")
+_AUTH_ESCAPE = 31
+_TIMES_ESCAPE = 255
+_DIGEST = 8
 _PROTOCOLS = ("-", "smtp", "submission", "pop3", "imap", "web")
 _PROTOCOL_CODES = {p: i for i, p in enumerate(_PROTOCOLS)}
+_OTHER_PROTOCOL = 7
 _PREFIXES = ("", "auth failed user=", "refused: ")
 _MAX_TEXT = 0xFFFF
+# A varint's bytes but its last: deleting them leaves one byte per number.
+_CONTINUED = bytes(range(0x80, 0x100))
+# The one- and two-byte varints, made once: encoding is a list index.
+_SMALL = 1 << 14
+_VARINT = [bytes((x,)) if x < 0x80 else bytes(((x & 0x7F) | 0x80, x >> 7))
+           for x in range(_SMALL)]
 
 
-def _encode_event(when: float, protocol: str, what: str) -> bytes:
+class Record(NamedTuple):
+    """A record decoded (L{unpack}): times in ms, oldest first."""
+
+    last: int
+    times: list[int]
+    auth: list[Failure]
+    events: list[MsEvent]
+
+
+def _var(x: int) -> bytes:
+    if x < _SMALL:
+        return _VARINT[x]
+    out = bytearray()
+    while x > 0x7F:
+        out.append((x & 0x7F) | 0x80)
+        x >>= 7
+    out.append(x)
+    return bytes(out)
+
+
+def _get(b: bytes, i: int) -> tuple[int, int]:
+    x = b[i]
+    i += 1
+    if x < 0x80:
+        return x, i
+    x &= 0x7F
+    shift = 7
+    while True:
+        y = b[i]
+        i += 1
+        x |= (y & 0x7F) << shift
+        if y < 0x80:
+            return x, i
+        shift += 7
+
+
+def _head(size: int, n_auth: int, n_events: int, base: int, last: int) -> bytes:
+    """The head: C{size} of the times in bytes, C{base} in seconds, C{last} in ms after it."""
+    if n_auth < _AUTH_ESCAPE and size < _TIMES_ESCAPE:
+        return _HEAD.pack(n_events | n_auth << 3, size, base) + _var(last)
+    return b"".join((
+        _HEAD.pack(n_events | min(n_auth, _AUTH_ESCAPE) << 3, min(size, _TIMES_ESCAPE), base),
+        _var(n_auth) if n_auth >= _AUTH_ESCAPE else b"",
+        _var(size) if size >= _TIMES_ESCAPE else b"",
+        _var(last)))
+
+
+def _parse_head(b: bytes) -> tuple[int, int, int, int, int, int]:
+    """Size of the times, n_auth, n_events, base (ms), last, and where the times start."""
+    h, size, base = _HEAD.unpack_from(b)
+    i = _HEAD.size
+    n_auth = h >> 3
+    if n_auth == _AUTH_ESCAPE:
+        n_auth, i = _get(b, i)
+    if size == _TIMES_ESCAPE:
+        size, i = _get(b, i)
+    base *= 1000
+    last, i = _get(b, i)
+    return size, n_auth, h & 7, base, base + last, i
+
+
+def _event(offset: int, protocol: str, what: str) -> bytes:
     code = _PROTOCOL_CODES.get(protocol)
     if code is None:
-        code, what = 255, f"{protocol}\0{what}"  # a protocol this table does not know
-    kind = 0
-    for i, prefix in enumerate(_PREFIXES[1:], 1):
+        code, what = _OTHER_PROTOCOL, f"{protocol}\0{what}"
+    for kind in (1, 2):
+        prefix = _PREFIXES[kind]
         if what.startswith(prefix):
-            kind, what = i, what[len(prefix):]
+            code |= kind << 3
+            what = what[len(prefix):]
             break
-    text = what.encode("utf-8", "surrogatepass")[:_MAX_TEXT]
-    return _EVENT.pack(when, code, kind, len(text)) + text
+    # cut by characters, so the bytes kept always decode
+    text = what[:_MAX_TEXT].encode("utf-8", "surrogatepass")
+    return b"".join((_var(offset), bytes((code,)), _var(len(text)), text))
 
 
-class ClientRecord:
+def pack(last: int, times: Sequence[int], auth: Sequence[Failure] = (),
+         events: Sequence[MsEvent] = ()) -> bytes:
+    """A record of these values (events beyond L{EVENTS_KEPT}: the oldest go)."""
+    events = events[-EVENTS_KEPT:]
+    seconds = min((last, *times, *(t for t, _ in auth), *(t for t, _, _ in events))) // 1000
+    base = seconds * 1000
+    encoded = b"".join([_var(t - base) for t in times])
+    parts = [_head(len(encoded), len(auth), len(events), seconds, last - base), encoded]
+    for t, digest in auth:
+        parts += (_var(t - base), digest)
+    parts += [_event(t - base, protocol, what) for t, protocol, what in events]
+    return b"".join(parts)
+
+
+def _times(b: bytes, i: int, end: int, base: int) -> list[int]:
+    times = []
+    while i < end:
+        t, i = _get(b, i)
+        times.append(base + t)
+    return times
+
+
+def unpack(b: bytes) -> Record:
+    """The values of a record."""
+    size, n_auth, n_events, base, last, i = _parse_head(b)
+    times = _times(b, i, i + size, base)
+    i += size
+    auth = []
+    for _ in range(n_auth):
+        t, i = _get(b, i)
+        auth.append((base + t, b[i:i + _DIGEST]))
+        i += _DIGEST
+    events: list[MsEvent] = []
+    for _ in range(n_events):
+        t, i = _get(b, i)
+        code = b[i]
+        length, i = _get(b, i + 1)
+        what = b[i:i + length].decode("utf-8", "surrogatepass")
+        i += length
+        if code & 7 == _OTHER_PROTOCOL:
+            protocol, _, what = what.partition("\0")
+        else:
+            protocol = _PROTOCOLS[code & 7]
+        events.append((base + t, protocol, _PREFIXES[code >> 3] + what))
+    return Record(last, times, auth, events)
+
+
+def last_of(b: bytes) -> int:
+    """When the client was last seen (ms)."""
+    return _parse_head(b)[4]
+
+
+def touch(b: bytes, now: int) -> bytes:
+    """The record seen at C{now}, nothing else counted."""
+    size, n_auth, n_events, base, _, i = _parse_head(b)
+    if now < base:
+        r = unpack(b)
+        return pack(now, r.times, r.auth, r.events)
+    return _head(size, n_auth, n_events, base // 1000, now - base) + b[i:]
+
+
+def connect(b: bytes, now: int, cutoff: int, limit: int) -> bytes | int:
     """
-    One client's counts (see the module docstring). C{times} and C{auth}
-    read as fresh lists: a caller that changes one assigns it back.
+    A connection at C{now}: times at or before C{cutoff} leave the window;
+    when C{limit} remain it is refused and their count returned (the
+    record unchanged), else the record with it counted (and seen at
+    C{now}) is returned: the decision's hot path (see the module docstring).
     """
+    h, size, seconds = _HEAD.unpack_from(b)
+    base = seconds * 1000
+    if h >= _AUTH_ESCAPE << 3 or size == _TIMES_ESCAPE or now < base:
+        r = unpack(b)
+        kept = r.times[bisect_right(r.times, cutoff):] if r.times and r.times[0] <= cutoff \
+            else r.times
+        if len(kept) >= limit:
+            return len(kept)
+        return pack(now, [*kept, now], r.auth, r.events)
+    i = _get(b, _HEAD.size)[1]  # past last, rewritten below
+    end = i + size
+    cut = cutoff - base
+    if i < end and (b[i] if b[i] < 0x80 else _get(b, i)[0]) <= cut:
+        while i < end:  # the times leaving the window, oldest first
+            t, j = _get(b, i)
+            if t > cut:
+                break
+            i = j
+    kept = b[i:end]
+    count = len(kept.translate(None, _CONTINUED))
+    if count >= limit:
+        return count
+    at = _var(now - base)
+    size = end - i + len(at)
+    if size >= _TIMES_ESCAPE:
+        return _head(size, h >> 3, h & 7, seconds, now - base) + kept + at + b[end:]
+    return b"".join((_HEAD.pack(h, size, seconds), at, kept, at, b[end:]))
 
-    __slots__ = ("_b",)
 
-    def __init__(self, times: Iterable[float], last: float) -> None:
-        times = list(times)
-        self._b = _HEAD.pack(last, len(times), 0, 0) + b"".join(_TIME.pack(t) for t in times)
+def pair(first: int, now: int) -> bytes:
+    """The record of a client seen once at C{first} and connecting again at C{now}."""
+    if now < first:
+        return pack(now, (first, now))
+    seconds = first // 1000
+    base = seconds * 1000
+    t0, t1 = _var(first - base), _var(now - base)
+    return b"".join((_HEAD.pack(0, len(t0) + len(t1), seconds), t1, t0, t1))
 
-    def _parts(self) -> tuple[float, int, int, int, int, int]:
-        """last, counts, and where the auth and event sections start."""
-        last, n_times, n_auth, n_events = _HEAD.unpack_from(self._b)
-        auth_at = _HEAD.size + 8 * n_times
-        return last, n_times, n_auth, n_events, auth_at, auth_at + _AUTH.size * n_auth
 
-    @property
-    def last(self) -> float:
-        return _TIME.unpack_from(self._b)[0]
+def _events_at(b: bytes, i: int, n_auth: int) -> int:
+    """Where the events start, given where the auth pairs start."""
+    for _ in range(n_auth):
+        while b[i] > 0x7F:
+            i += 1
+        i += 1 + _DIGEST
+    return i
 
-    @last.setter
-    def last(self, value: float) -> None:
-        self._b = _TIME.pack(value) + self._b[8:]
 
-    @property
-    def times(self) -> list[float]:
-        """Connection times inside the window, oldest first (never longer than the limit)."""
-        _, n_times, *_ = _HEAD.unpack_from(self._b)
-        return list(struct.unpack_from(f"<{n_times}d", self._b, _HEAD.size))
+def note(b: bytes, now: int, protocol: str, what: str) -> bytes:
+    """The record with an event kept (the oldest goes past L{EVENTS_KEPT}) and seen at C{now}."""
+    size, n_auth, n_events, base, _, i = _parse_head(b)
+    if now < base:
+        r = unpack(b)
+        return pack(now, r.times, r.auth, [*r.events, (now, protocol, what)])
+    events_at = start = _events_at(b, i + size, n_auth)
+    if n_events >= EVENTS_KEPT:
+        _, j = _get(b, start)  # the oldest event goes
+        length, j = _get(b, j + 1)
+        start = j + length
+        n_events -= 1
+    return b"".join((_head(size, n_auth, n_events + 1, base // 1000, now - base),
+                     b[i:events_at], b[start:], _event(now - base, protocol, what)))
 
-    @times.setter
-    def times(self, value: list[float]) -> None:
-        last, _, n_auth, n_events, auth_at, _ = self._parts()
-        self._b = (_HEAD.pack(last, len(value), n_auth, n_events)
-                   + struct.pack(f"<{len(value)}d", *value) + self._b[auth_at:])
 
-    def connect(self, now: float, cutoff: float, limit: int) -> int | None:
-        """
-        A connection at C{now}: times at or before C{cutoff} leave the
-        window; when C{limit} remain it is refused and their count returned
-        (nothing recorded), else it is recorded (and C{last} set) in one
-        repack, the decision's hot path.
-        """
-        b = self._b
-        _, n_times, n_auth, n_events = _HEAD.unpack_from(b)
-        end = _HEAD.size + 8 * n_times
-        drop = 0
-        if n_times and _TIME.unpack_from(b, _HEAD.size)[0] <= cutoff:
-            drop = bisect_right(struct.unpack_from(f"<{n_times}d", b, _HEAD.size), cutoff)
-        kept = n_times - drop
-        if kept >= limit:
-            return kept
-        self._b = (_HEAD.pack(now, kept + 1, n_auth, n_events) + b[_HEAD.size + 8 * drop:end]
-                   + _TIME.pack(now) + b[end:])
-        return None
-
-    @property
-    def auth(self) -> list[tuple[float, bytes]] | None:
-        """C{(time, digest)} of distinct failed (user, secret) pairs inside the window."""
-        _, _, n_auth, _, auth_at, events_at = self._parts()
-        if not n_auth:
-            return None
-        return list(_AUTH.iter_unpack(self._b[auth_at:events_at]))
-
-    @auth.setter
-    def auth(self, value: list[tuple[float, bytes]] | None) -> None:
-        value = value or []
-        last, n_times, _, n_events, auth_at, events_at = self._parts()
-        self._b = (_HEAD.pack(last, n_times, len(value), n_events) + self._b[_HEAD.size:auth_at]
-                   + b"".join(_AUTH.pack(t, d) for t, d in value) + self._b[events_at:])
-
-    @property
-    def events(self) -> list[Event] | None:
-        """The last few notable events, oldest first."""
-        _, _, _, n_events, _, at = self._parts()
-        if not n_events:
-            return None
-        out: list[Event] = []
-        b = self._b
-        for _ in range(n_events):
-            when, code, kind, size = _EVENT.unpack_from(b, at)
-            at += _EVENT.size
-            text = b[at:at + size].decode("utf-8", "surrogatepass")
-            at += size
-            if code == 255:
-                protocol, _, text = text.partition("\0")
-            else:
-                protocol = _PROTOCOLS[code]
-            out.append((when, protocol, _PREFIXES[kind] + text))
-        return out
-
-    def note(self, now: float, protocol: str, what: str) -> None:
-        """Keep an event (the oldest goes past L{EVENTS_KEPT})."""
-        last, n_times, n_auth, n_events, _, events_at = self._parts()
-        b = self._b
-        start = events_at
-        if n_events >= EVENTS_KEPT:
-            # Skip the oldest event.
-            size = _EVENT.unpack_from(b, start)[3]
-            start += _EVENT.size + size
-            n_events -= 1
-        self._b = (_HEAD.pack(last, n_times, n_auth, n_events + 1) + b[_HEAD.size:events_at]
-                   + b[start:] + _encode_event(now, protocol, what))
+def failed(b: bytes, now: int, cutoff: int, digest: bytes) -> tuple[bytes, int, bool]:
+    """
+    A failed pair at C{now}: pairs at or before C{cutoff} leave the window;
+    a digest already inside it is a repeat and not added. Returns the
+    record, the pairs inside the window, and whether it was a repeat.
+    """
+    size, n_auth, n_events, base, last, i = _parse_head(b)
+    j = auth_at = i + size
+    failures: list[Failure] = []
+    for _ in range(n_auth):
+        t, j = _get(b, j)
+        if base + t > cutoff or failures:
+            failures.append((base + t, b[j:j + _DIGEST]))
+        j += _DIGEST
+    repeated = any(d == digest for _, d in failures)
+    if not repeated:
+        failures.append((now, digest))
+    if now < base:
+        r = unpack(b)
+        return pack(r.last, r.times, failures, r.events), len(failures), repeated
+    parts = [_head(size, len(failures), n_events, base // 1000, last - base), b[i:auth_at]]
+    for t, d in failures:
+        parts += (_var(t - base), d)
+    parts.append(b[j:])
+    return b"".join(parts), len(failures), repeated

@@ -24,13 +24,14 @@ Rules (C{docs/screening.md} has the full statement):
   - unknown recipients and RSETs per connection;
   - blocks grow for repeat offenders, up to a cap.
 
-Memory is bounded. A client seen once costs one float in a dict (about 130
-bytes with its key); a client that did more gets a record packed into
-one bytes value (record.py) whose lists are capped by the limits
-themselves. Idle records are pruned
-from the front of the dict, which is kept in least-recently-seen order by
-re-inserting a key on every event, and the number of records is capped
-by evicting the idlest.
+Memory is bounded. Clients are kept in one dict (clients.py) keyed by
+their address as an integer, not its text: a client seen once costs the
+time it was seen, an int of milliseconds (about 100 bytes with its key
+and slot); a client that did more gets a record packed into one bytes
+value (record.py) whose lists are capped by the limits themselves. Idle
+records are pruned from the front of the dict, which is kept in
+least-recently-seen order by re-inserting a key on every event, and the
+number of records is capped by evicting the idlest.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ import hmac
 import math
 import os
 from collections.abc import Callable
-from itertools import islice
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -49,15 +49,13 @@ from twisted_mail_screen.screening.interfaces import (
     AdminFreezeStore, ClientScreen, Notifier, OpenScreen)
 from twisted_mail_screen.screening.listfile import Entry, format_expiry
 from twisted_mail_screen.screening.netmatch import NetMatcher, key_for_parsed, parse_host
-from twisted_mail_screen.screening.notify import Event
-from twisted_mail_screen.screening.record import EVENTS_KEPT as _EVENTS_KEPT
-from twisted_mail_screen.screening.record import ClientRecord as _Client
+from twisted_mail_screen.screening import record as packed
+from twisted_mail_screen.screening.clients import ClientCounts, ClientTable, slot_for
 from twisted_mail_screen.screening.state import StateFiles
 
 RULES = ("connections", "simultaneous", "auth_failures", "failed_rcpts", "rsets",
          "session_auth", "manual")
 SMTP_PROTOCOLS = frozenset(("smtp", "submission"))
-
 
 
 def rule_of(reason: str) -> str:
@@ -94,13 +92,14 @@ class RefusedScreen(OpenScreen):
 class _Session:
     """The L{ClientScreen} of one served connection."""
 
-    __slots__ = ("_service", "key", "host", "protocol", "refusal", "authenticated",
+    __slots__ = ("_service", "key", "slot", "host", "protocol", "refusal", "authenticated",
                  "rcpts", "rsets", "auth_failures", "blocked", "_open")
 
-    def __init__(self, service: "ScreeningRules", key: str, host: str,
+    def __init__(self, service: "ScreeningRules", key: str, slot: int, host: str,
                  protocol: str) -> None:
         self._service = service
         self.key = key
+        self.slot = slot
         self.host = host
         self.protocol = protocol
         self.refusal: str | None = None
@@ -140,8 +139,6 @@ class ScreeningRules:
     (L{twisted_mail_screen.screening.interfaces.Screening}).
 
     @ivar config: the settings.
-    @ivar evicted: how many client records were dropped to respect
-        C{max_tracked_clients}.
     """
 
     on_decision: Callable[[str, str, str, dict[str, object]], None] | None = None
@@ -165,14 +162,11 @@ class ScreeningRules:
         self.whitelist = NetMatcher(config.whitelist, "screening.whitelist")
         self._open_screen = OpenScreen()
         self._secret = os.urandom(32)
-        self._clients: dict[str, float | _Client] = {}
+        self._table = ClientTable(config, clock, self._log)
+        self._clients = self._table.clients
         self._active: dict[str, int] = {}
         self._offences: dict[str, tuple[float, int, int]] = {}
-        self._conn_window = config.connection_window_minutes * 60.0
-        self._auth_window = config.auth_failure_window_minutes * 60.0
-        self._horizon = max(self._conn_window, self._auth_window)
         self._cap = config.max_tracked_clients
-        self.evicted = 0
 
     def prune(self) -> int:
         """
@@ -181,23 +175,13 @@ class ScreeningRules:
 
         @return: how many client records were dropped.
         """
-        cutoff = self._clock.seconds() - self._horizon
-        clients = self._clients
-        stale = []
-        for key, record in clients.items():
-            last = record if type(record) is float else record.last  # type: ignore[union-attr]
-            if last > cutoff:
-                break
-            stale.append(key)
-        for key in stale:
-            del clients[key]
+        stale = self._table.prune()
         memory = self.config.repeat_memory_hours * 3600.0
         now = self._clock.seconds()
         for key in [k for k, (expires, _, _) in self._offences.items()
                     if expires + memory <= now]:
             del self._offences[key]
-        return len(stale)
-
+        return stale
 
     # Screening
 
@@ -217,44 +201,50 @@ class ScreeningRules:
         entry = self._blocklist.lookup_parsed(version, value)
         if entry is not None:
             return self._refuse(host, protocol, entry)
-        if version == 4 and ":" not in host:
-            key = host
+        if version == 4:
+            slot = value
+            key = host if ":" not in host else key_for_parsed(4, value, config.ipv6_prefix)
         else:
-            key = key_for_parsed(version, value, config.ipv6_prefix)
-        now = self._clock.seconds()
+            slot = slot_for(6, value, config.ipv6_prefix)
+            key = key_for_parsed(6, value, config.ipv6_prefix)
+        table = self._table
+        now = table.now()
         limit = config.max_connections
         clients = self._clients
-        record = clients.pop(key, None)
-        if record is None or (type(record) is float
-                              and (not limit or record <= now - self._conn_window)):
-            clients[key] = now
+        record = clients.pop(slot, None)
+        if record is None or (type(record) is int
+                              and (not limit or record <= now - table.conn_ms)):
+            clients[slot] = now
             if record is None and len(clients) > self._cap:
-                self._evict()
+                table.evict()
+        elif not limit:
+            clients[slot] = packed.touch(record, now)  # type: ignore[arg-type]
+        elif type(record) is int and limit > 1:
+            clients[slot] = packed.pair(record, now)  # seen once, inside the window
         else:
-            if type(record) is float:
-                record = _Client([record], record)
-            clients[key] = record
-            if not limit:
-                record.last = now  # type: ignore[union-attr]
-            else:
-                count = record.connect(now, now - self._conn_window, limit)  # type: ignore[union-attr]
-                if count is not None:
-                    entry = self._block(key, "connections", count + 1, limit,
-                                        config.connection_window_minutes, protocol)
-                    return RefusedScreen(refusal_text(key, entry))
+            if type(record) is int:
+                record = packed.pack(record, (record,))
+            counted = packed.connect(record, now, now - table.conn_ms, limit)  # type: ignore[arg-type]
+            if type(counted) is int:
+                clients[slot] = record
+                entry = self._block(key, "connections", counted + 1, limit,
+                                    config.connection_window_minutes, protocol, slot)
+                return RefusedScreen(refusal_text(key, entry))
+            clients[slot] = counted
         active = self._active.get(key, 0)
         most = config.max_simultaneous
         if most and active >= most:
             if config.block_on_simultaneous:
-                entry = self._block(key, "simultaneous", active + 1, most, None, protocol)
+                entry = self._block(key, "simultaneous", active + 1, most, None, protocol,
+                                    slot)
                 return RefusedScreen(refusal_text(key, entry))
             self.decision("refuse", key, "simultaneous", count=f"{active + 1}/{most}",
                            protocol=protocol)
-            self._note(key, now, protocol, f"refused: simultaneous {active + 1}/{most}")
+            table.note(slot, now, protocol, f"refused: simultaneous {active + 1}/{most}")
             return RefusedScreen(
                 f"{key} has too many simultaneous connections ({most}) (simultaneous)")
         self._active[key] = active + 1
-        return _Session(self, key, host, protocol)
+        return _Session(self, key, slot, host, protocol)
 
     def _refuse(self, host: str, protocol: str, entry: Entry) -> ClientScreen:
         self.decision("refuse", host, rule_of(entry.reason), blocked=entry.name,
@@ -267,34 +257,6 @@ class ScreeningRules:
             self._active[key] = active
         else:
             self._active.pop(key, None)
-
-    def _evict(self) -> None:
-        clients = self._clients
-        count = max(1, len(clients) - self._cap + self._cap // 100)
-        for key in list(islice(clients, count)):
-            del clients[key]
-        self.evicted += count
-        self._log.info("screening: action=evict count={count} tracked={tracked} "
-                       "cap={cap}", count=count, tracked=len(clients), cap=self._cap)
-
-    def _record(self, key: str, now: float) -> _Client:
-        """The full record of C{key}, created or upgraded, marked as seen now."""
-        record = self._clients.pop(key, None)
-        if record is None:
-            record = _Client([], now)
-            self._clients[key] = record
-            if len(self._clients) > self._cap:
-                self._evict()
-        else:
-            if type(record) is float:
-                record = _Client([record] if record > now - self._conn_window else [],
-                                 record)
-            self._clients[key] = record
-        record.last = now  # type: ignore[union-attr]
-        return record  # type: ignore[return-value]
-
-    def _note(self, key: str, now: float, protocol: str, what: str) -> None:
-        self._record(key, now).note(now, protocol, what)
 
     def _counting(self, session: _Session) -> bool:
         """Whether events of C{session} may still lead to a block."""
@@ -316,25 +278,23 @@ class ScreeningRules:
         close = False
         limit = config.max_auth_failures
         if limit and self._counting(session):
-            now = self._clock.seconds()
-            record = self._record(session.key, now)
-            record.note(now, session.protocol, f"auth failed user={username}")
-            digest = self._digest(username, secret)
-            failures = record.auth if record.auth is not None else []
-            cutoff = now - self._auth_window
-            while failures and failures[0][0] <= cutoff:
-                del failures[0]
-            if any(d == digest for _, d in failures):
-                self.decision("ignore", session.key, "auth_failures", count=f"{len(failures)}/{limit}",
+            table = self._table
+            now = table.now()
+            slot = session.slot
+            record = packed.note(table.record(slot, now), now, session.protocol,
+                                 f"auth failed user={username}")
+            # stored before a block reads the events, and the block drops it
+            record, failures, repeated = packed.failed(
+                record, now, now - table.auth_ms, self._digest(username, secret))
+            self._clients[slot] = record
+            if repeated:
+                self.decision("ignore", session.key, "auth_failures", count=f"{failures}/{limit}",
                                protocol=session.protocol, repeat="same-credentials")
-            else:
-                failures.append((now, digest))
-                if len(failures) >= limit:
-                    self._block(session.key, "auth_failures", len(failures), limit,
-                                config.auth_failure_window_minutes, session.protocol)
-                    session.blocked = True
-                    close = self._closes_on_block(session)
-            record.auth = failures or None
+            elif failures >= limit:
+                self._block(session.key, "auth_failures", failures, limit,
+                            config.auth_failure_window_minutes, session.protocol, slot)
+                session.blocked = True
+                close = self._closes_on_block(session)
         per_session = config.session_auth
         if (per_session.max_failures and session.protocol in per_session.protocols
                 and session.auth_failures >= per_session.max_failures):
@@ -347,11 +307,11 @@ class ScreeningRules:
                        what: str) -> bool:
         if not limit or not self._counting(session):
             return False
-        now = self._clock.seconds()
-        self._note(session.key, now, session.protocol, f"{what} ({count} in this session)")
+        self._table.note(session.slot, self._table.now(), session.protocol,
+                         f"{what} ({count} in this session)")
         if count < limit:
             return False
-        self._block(session.key, rule, count, limit, None, session.protocol)
+        self._block(session.key, rule, count, limit, None, session.protocol, session.slot)
         session.blocked = True
         return self._closes_on_block(session)
 
@@ -383,7 +343,7 @@ class ScreeningRules:
         if per_session.notify_postmaster and self._notifier is not None:
             self._notifier.notify_freeze(username, session.host, session.protocol,
                                          failures, per_session.max_failures, frozen,
-                                         expires, self._events(session.key))
+                                         expires, self._table.events(session.slot))
 
     # Blocking
 
@@ -397,7 +357,9 @@ class ScreeningRules:
         return min(config.max_block_minutes, max(config.block_minutes, minutes)), previous[2] + 1
 
     def _block(self, key: str, rule: str, count: int, limit: int,
-               window_minutes: int | None, protocol: str) -> Entry:
+               window_minutes: int | None, protocol: str, slot: int | None = None) -> Entry:
+        if slot is None:
+            slot = self._table.slot_of(key)
         now = self._clock.seconds()
         minutes, offence = self._duration(key, now)
         expires = float(math.ceil(now + minutes * 60))
@@ -408,8 +370,9 @@ class ScreeningRules:
         self._offences[key] = (expires, minutes, offence)
         if len(self._offences) > self._cap:
             del self._offences[next(iter(self._offences))]
-        events = self._events(key)
-        self._clients.pop(key, None)
+        events = self._table.events(slot)
+        if slot is not None:
+            self._clients.pop(slot, None)
         self._state.block_added()
         self.decision("block", key, rule, count=f"{count}/{limit}",
                        window=f"{window_minutes}m" if window_minutes else "session",
@@ -425,18 +388,11 @@ class ScreeningRules:
 
     def forget_counts(self, key: str) -> None:
         """Drop what is counted against C{key} here (another node blocked it)."""
-        self._clients.pop(key, None)
+        self._table.forget(key)
 
-    def _events(self, key: str) -> list[Event]:
-        record = self._clients.get(key)
-        if record is None:
-            return []
-        if type(record) is float:
-            return [(record, "-", "connect")]
-        events: list[Event] = [(t, "-", "connect") for t in record.times[-_EVENTS_KEPT:]]  # type: ignore[union-attr]
-        events += record.events or []  # type: ignore[union-attr]
-        events.sort(key=lambda e: e[0])
-        return events[-2 * _EVENTS_KEPT:]
+    def counts(self, key: str) -> ClientCounts | None:
+        """What is counted against the client C{key} (for tests and inspection)."""
+        return self._table.counts(key)
 
     def decision(self, action: str, client: str, rule: str, **fields: object) -> None:
         """One structured log line per decision (who, rule, counts, action)."""
@@ -460,9 +416,9 @@ class ScreeningRules:
     def forget(self, key: str) -> None:
         """Drop what is counted against C{key} and its past offences (it was unblocked)."""
         self._offences.pop(key, None)
-        self._clients.pop(key, None)
+        self.forget_counts(key)
 
     def stats(self) -> dict[str, int]:
         """Sizes for the control channel: tracked, active, offences, evicted."""
         return {"tracked": len(self._clients), "active": sum(self._active.values()),
-                "offences": len(self._offences), "evicted": self.evicted}
+                "offences": len(self._offences), "evicted": self._table.evicted}
