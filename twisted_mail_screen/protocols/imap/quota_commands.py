@@ -91,6 +91,9 @@ class QuotaCommands(SessionCore):
         assert self.address is not None
         quota = self._quota()
         limits = quota.limits(self.address)
+        if not limits.limited:  # no resource listed: nothing to count
+            self.untagged(quota_line(limits, Usage()))
+            return succeed(None)
         return quota.usage(self.address).addCallback(
             lambda usage: self.untagged(quota_line(limits, usage)))
 
