@@ -88,7 +88,8 @@ class HeaderIndex:
     def _clear(self) -> None:
         # One slot per entry in each list (parallel lists: loading makes no object per entry).
         self.bases: list[str] = []
-        self.metas: list[bytes] = []
+        self._metas: list[bytes] | None = []
+        self.meta_spans: tuple[Any, Any] | None = None  # (ends, lengths): metas not sliced yet
         self.ends: list[int] = []  # end of the block in the blob; -1 when not stored, -2 superseded
         self.decoded_list: list[tuple[float, SortFields]] = []
         self.by_base: dict[str, int] = {}
@@ -101,6 +102,20 @@ class HeaderIndex:
         self.unplain: set[int] = set()
         self._last: tuple[list[str], list[int]] | None = None
         self.memo: dict[Any, Any] = {}  # results over the folder as last seen (SORT orders)
+
+    @property
+    def metas(self) -> list[bytes]:
+        """Each entry's metadata (sliced from the blob on first use after a restore: a search needs none)."""
+        if self._metas is None:
+            blob = self._joined()
+            ends, lengths = self.meta_spans or ((), ())
+            self._metas = [blob[e - n:e] for e, n in zip(ends, lengths)]
+            self.meta_spans = None
+        return self._metas
+
+    @metas.setter
+    def metas(self, value: list[bytes] | None) -> None:
+        self._metas = value
 
     @property
     def file(self) -> str:
@@ -284,14 +299,10 @@ class HeaderIndex:
         if self._last is not None and self._last[0] == rels:
             return self._last[1]  # the same folder as last time: nothing to look up
         self.memo.clear()
-        out: list[int] = []
-        missing: list[str] = []
         get = self.by_base.get
-        for rel in rels:
-            e = get(base_of(rel))
-            out.append(-1 if e is None else e)
-            if e is None:
-                missing.append(rel)
+        # base_of inlined: one comprehension over 100,000 names after a restart, not two calls each
+        out = [get(rel[4:].partition(":")[0], -1) for rel in rels]
+        missing = [rel for rel, e in zip(rels, out) if e < 0] if -1 in out else []
         if missing:
             records = []
             for rel in missing:
