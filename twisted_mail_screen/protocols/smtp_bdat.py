@@ -18,8 +18,9 @@ end, the same stored form made off the reactor when large, the same
 submission checks, Received header and fsync'd delivery before the 250.
 
 BINARYMIME is not offered: messages are stored with LF line endings and
-relayed as DATA, so binary content (a CR or LF that is not a line end)
-could neither be kept nor sent on intact.
+relayed as CRLF lines (BDAT to a next hop offering CHUNKING, else DATA),
+so binary content (a CR or LF that is not a line end) could neither be
+kept nor sent on intact.
 """
 
 from __future__ import annotations
