@@ -14,7 +14,11 @@ What a function-scoped test mail server costs a pytest suite.
    directory), as on a developer's machine.
 
     pip install -r bench/requirements.txt     # pytest-localserver
-    python bench/plugin_startup.py [--reps 3]
+    python bench/plugin_startup.py [--reps 3] [--before DIR]
+
+C{--before DIR}: a third suite, the C{mailserver} of another tree (a
+clean export, e.g. C{git archive REV twisted_mail_screen | tar -x -C DIR}),
+run in the same rotation, for a before/after from one run.
 
 See docs/performance.md ("The pytest plugin's start-up cost").
 """
@@ -98,27 +102,35 @@ def run_suite(source: str, pycache: str, root: str = ROOT) -> tuple[float, float
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--before", metavar="DIR",
+                        help="also run the mailserver suite of the package tree in DIR")
     args = parser.parse_args()
     median = start_stop()
     print(f"start+stop of a function-scoped mailserver: median {median * 1000:.1f} ms over 50")
     ours: list[tuple[float, float]] = []
     theirs: list[tuple[float, float]] = []
-    with tempfile.TemporaryDirectory() as pycache:
+    before: list[tuple[float, float]] = []
+    with tempfile.TemporaryDirectory() as pycache, tempfile.TemporaryDirectory() as old_cache:
         run_suite(OURS, pycache)  # warm-up: fills the bytecode cache
         run_suite(THEIRS, pycache)
+        if args.before:
+            run_suite(OURS, old_cache, args.before)
         for _ in range(args.reps):
+            if args.before:
+                before.append(run_suite(OURS, old_cache, args.before))
             ours.append(run_suite(OURS, pycache))
             theirs.append(run_suite(THEIRS, pycache))
     print(f"{TESTS} tests, each with its own server (median of {args.reps}, whole pytest run):")
     for what, i in (("wall", 0), ("CPU (user+sys)", 1)):
-        o = statistics.median(r[i] for r in ours)
         t = statistics.median(r[i] for r in theirs)
         print(f" {what}:")
-        print(f"  mailserver (SMTP+submission+POP3+IMAP+web): {o:.2f} s  "
-              f"({', '.join(f'{r[i]:.2f}' for r in ours)})")
-        print(f"  pytest-localserver smtpserver (SMTP):       {t:.2f} s  "
-              f"({', '.join(f'{r[i]:.2f}' for r in theirs)})")
-        print(f"  ratio: {o / t:.2f}x (goal <= 1.5x)")
+        rows = [("mailserver, --before tree", before)] if before else []
+        rows += [("mailserver (SMTP+submission+POP3+IMAP+web)", ours),
+                 ("pytest-localserver smtpserver (SMTP)", theirs)]
+        for name, runs in rows:
+            m = statistics.median(r[i] for r in runs)
+            ratio = "" if runs is theirs else f"  ratio {m / t:.2f}x (goal <= 1.5x)"
+            print(f"  {name + ':':44} {m:.2f} s  ({', '.join(f'{r[i]:.2f}' for r in runs)}){ratio}")
 
 
 if __name__ == "__main__":
