@@ -20,7 +20,8 @@ from twisted_mail_screen.protocols.imap.fetch import (PIECE_BYTES, cached_rows, 
                                                       item_groups, needs_disk, render_rows, row_cost)
 from twisted_mail_screen.protocols.imap.fetch import Att
 from twisted_mail_screen.protocols.imap.filejobs import transfer_files
-from twisted_mail_screen.protocols.imap.fetchmeta import column_chunks, index_only, render_columns, render_meta
+from twisted_mail_screen.protocols.imap.fetchmeta import (CHUNK_ROWS, column_chunks, index_only, render_columns,
+                                                          render_meta)
 from twisted_mail_screen.protocols.imap.flags import merge_keywords
 from twisted_mail_screen.protocols.imap.modseq import changed_ranges
 from twisted_mail_screen.protocols.imap.parse import (Atom, BadCommand, SeqSet, Section, Token, astring,
@@ -174,7 +175,7 @@ class MessageCommands(SelectedView):
         cache = folder.cache
         ahead: Any = None
         first = True
-        for cols in column_chunks(ranges, self.view, folder, self.recent, REACTOR_ROWS):
+        for cols in column_chunks(ranges, self.view, folder, self.recent, CHUNK_ROWS):
             keywords = list(folder.keywords)
             piece: Any = render_meta(folder.path, cols, atts, keywords, cache, False) if first else None
             first = False
