@@ -11,6 +11,7 @@ from __future__ import annotations
 import imaplib
 import marshal
 import os
+import poplib
 import time
 
 import pytest
@@ -203,6 +204,56 @@ def test_thread_references(site):
     assert typ == "OK" and data == [b"(1 (2 3)(4))(5)((6)(7))"]
     typ, data = m.uid("THREAD", "REFERENCES", "US-ASCII", "UID", "2:4")
     assert data == [b"((2 3)(4))"]  # 2 and 4 have the same absent parent <a@x>: a dummy root
+    m.logout()
+
+
+def test_thread_answers_kept_until_the_folder_changes(site, tmp_path, start_server):
+    box = mailbox(tmp_path, ALICE[0])
+    m = login(site)
+    d = "Mon, 7 Feb 2022 1{}:00:00 +0000".format
+    append(m, msg("root", d(0), mid="<a@x>"))                                     # 1
+    append(m, msg("Re: root", d(1), mid="<b@x>", refs="<a@x>"))                  # 2
+    append(m, msg("other", d(2), mid="<c@x>"))                                    # 3
+    m.select("INBOX")
+    assert m.thread("REFERENCES", "UTF-8", "ALL")[1] == [b"(1 2)(3)"]
+    table = marshal.loads((box / sortcache.FILENAME).read_bytes())
+    [key] = [k for k in table if k.startswith("THREAD REFERENCES")]
+    # what is kept is what is answered: plant another answer under the same key
+    table[key] = b"(3)(1 2)"
+    (box / sortcache.FILENAME).write_bytes(marshal.dumps(table, 2))
+    assert m.thread("REFERENCES", "UTF-8", "ALL")[1] == [b"(3)(1 2)"]
+    assert m.thread("REFERENCES", "UTF-8", "NOT", "UID", "3")[1] == [b"(1 2)"]  # not the whole folder
+    # a delivery, a flag change and an expunge by another session each make another key
+    append(m, msg("Re: other", d(3), mid="<e@x>", refs="<c@x>"))                 # 4
+    m.noop()
+    assert m.thread("REFERENCES", "UTF-8", "ALL")[1] == [b"(1 2)(3 4)"]
+    other = login(site)
+    other.select("INBOX")
+    other.store("1", "+FLAGS", "(\\Deleted)")
+    other.expunge()
+    other.logout()
+    m.noop()
+    assert m.thread("REFERENCES", "UTF-8", "ALL")[1] == [b"(1)(2 3)"]  # 2 lost its parent's message
+    assert m.uid("THREAD", "REFERENCES", "UTF-8", "ALL")[1] == [b"(2)(3 4)"]  # kept apart: other numbers
+    pop = poplib.POP3("127.0.0.1", site.port("pop3"))  # a POP3 client deletes "Re: root"
+    pop.user(ALICE[0])
+    pop.pass_(ALICE[1])
+    [first] = [n for n in range(1, 4) if b"Message-ID: <b@x>" in pop.retr(n)[1]]
+    pop.dele(first)
+    pop.quit()
+    m.noop()
+    assert m.thread("REFERENCES", "UTF-8", "ALL")[1] == [b"(1 2)"]
+    m.logout()
+    site.stop()
+    # while stopped: a message replaced by hand by another (the same count)
+    [old] = [p for p in (box / "cur").iterdir() if b"<e@x>" in p.read_bytes()]
+    data = msg("new root", d(5), mid="<n@x>")
+    old.unlink()
+    (box / "cur" / f"1700000000.M1P1Q1.host,S={len(data)}:2,").write_bytes(data)
+    again = start_server(site=True, kinds=("smtp", "pop3", "imap"))
+    m = login(again)
+    m.select("INBOX")
+    assert m.thread("REFERENCES", "UTF-8", "ALL")[1] == [b"(1)(2)"]  # other, new root
     m.logout()
 
 

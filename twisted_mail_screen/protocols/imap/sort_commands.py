@@ -54,24 +54,17 @@ def parse_criteria(tok: Token) -> list[tuple[str, bool]]:
     return out
 
 
-def _matching(snap: Snapshot, keys: list[Token], charset: str, uid: bool) -> list[Msg]:
-    """The messages matching C{keys}, with their keys from the header index."""
-    node = parse_search(keys, charset)
-    s = Search(snap)
-    try:
-        mask = s.eval(simplify(node), s.full)
-        index, entry_of = s.entries()
-        numbers = s.uids if uid else s.seqs
-        msgs: list[Msg] = []
-        for i in bits_of(mask):
-            e = entry_of[i]
-            if e < 0:
-                continue  # gone since the snapshot
-            mtime, fields, _ = index.decoded(e)
-            msgs.append((numbers[i], SortFields(*fields), mtime))
-        return msgs
-    finally:
-        s.close()
+def _messages(s: Search, mask: int, numbers: Any) -> list[Msg]:
+    """The messages of C{mask}, with their keys from the header index."""
+    index, entry_of = s.entries()
+    msgs: list[Msg] = []
+    for i in bits_of(mask):
+        e = entry_of[i]
+        if e < 0:
+            continue  # gone since the snapshot
+        mtime, fields, _ = index.decoded(e)
+        msgs.append((numbers[i], SortFields(*fields), mtime))
+    return msgs
 
 
 def sort_command(args: list[Token], snap: Snapshot, uid: bool) -> bytes:
@@ -123,16 +116,31 @@ def _folder_order(s: Search, criteria: list[tuple[str, bool]]) -> list[int]:
 
 
 def thread_command(args: list[Token], snap: Snapshot, uid: bool) -> bytes:
-    """The untagged THREAD line (blocking: run in a worker)."""
+    """
+    The untagged THREAD line (blocking: run in a worker). The answer over
+    the whole folder (search key ALL, what clients send) is kept on disk
+    with the SORT orders until the folder changes.
+    """
     if len(args) < 3:
         raise BadCommand("THREAD needs an algorithm, a charset and search keys")
     algorithm = args[0].upper() if isinstance(args[0], Atom) else ""
     if algorithm not in ALGORITHMS:
         raise BadCommand("unknown threading algorithm")
     charset = _charset(args[1])
-    msgs = _matching(snap, list(args[2:]), charset, uid)
-    roots = references(msgs) if algorithm == "REFERENCES" else ordered_subject(msgs)
-    threads = render(roots)
+    node = parse_search(list(args[2:]), charset)
+    s = Search(snap)
+    try:
+        mask = s.eval(simplify(node), s.full)
+        numbers = s.uids if uid else s.seqs
+        kept = sortcache.thread_key(algorithm, s.rels, numbers) if mask == s.full and s.n else None
+        threads = sortcache.lookup_bytes(snap.path, kept) if kept else None
+        if threads is None:
+            msgs = _messages(s, mask, numbers)
+            threads = render(references(msgs) if algorithm == "REFERENCES" else ordered_subject(msgs))
+            if kept:
+                sortcache.store_bytes(snap.path, kept, threads)
+    finally:
+        s.close()
     return b"* THREAD" + (b" " + threads if threads else b"") + b"\r\n"
 
 

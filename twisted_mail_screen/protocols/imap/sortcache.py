@@ -1,13 +1,16 @@
 # -*- test-case-name: tests.test_imap_sort -*-
 """
-SORT orders kept on disk (C{mailscreen-sort} beside the UID list), so the
-first SORT after a restart, like the ones after it, loads no header index.
+SORT orders and THREAD answers kept on disk (C{mailscreen-sort} beside the
+UID list), so the first SORT or THREAD after a restart, like the ones after
+it, loads no header index.
 
 The file holds a few orders, each under the criteria and a digest of the
 folder's message file names (flags included) at the time: any delivery,
 expunge or flag change makes another digest, and its order is worked out
 again and replaces the oldest. An order is the folder positions of its
-messages; the numbers answered come from the session's own view. Like the
+messages; the numbers answered come from the session's own view. A THREAD
+answer (over the whole folder: search key ALL) is its thread lists as
+sent, kept under the numbers it names as well. Like the
 header index it is a cache, replaced atomically, and a file that cannot
 be read counts as empty.
 """
@@ -44,6 +47,20 @@ def _load(path: str) -> dict[str, bytes]:
     return {k: v for k, v in table.items() if isinstance(k, str) and isinstance(v, bytes)}
 
 
+def thread_key(algorithm: str, rels: Sequence[str], numbers: Sequence[int]) -> str:
+    """
+    A THREAD answer's key: the folder's names (as for SORT) and the numbers
+    it answers with (UIDs, or sequence numbers with their gaps), which a
+    thread list names directly.
+    """
+    digits = array("L", numbers).tobytes()
+    return f"THREAD {algorithm}/{key_of((), rels)}/{zlib.crc32(digits):08x}"
+
+
+def lookup_bytes(path: str, key: str) -> bytes | None:
+    return _load(path).get(key)
+
+
 def lookup(path: str, key: str, count: int) -> list[int] | None:
     """The order kept under C{key} (positions below C{count}), or None."""
     raw = _load(path).get(key)
@@ -57,11 +74,15 @@ def lookup(path: str, key: str, count: int) -> list[int] | None:
 
 
 def store(path: str, key: str, order: Sequence[int]) -> None:
+    store_bytes(path, key, array("I", order).tobytes())
+
+
+def store_bytes(path: str, key: str, value: bytes) -> None:
     table = _load(path)
     table.pop(key, None)
     while len(table) >= KEEP:
         table.pop(next(iter(table)))
-    table[key] = array("I", order).tobytes()
+    table[key] = value
     try:
         write_atomically(os.path.join(path, FILENAME), marshal.dumps(table, 2))
     except OSError:
