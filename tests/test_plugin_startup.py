@@ -24,8 +24,10 @@ from twisted_mail_screen.config.settings import load_config
 from twisted_mail_screen.pytest_plugin.server import build
 from twisted_mail_screen.runtime.control import control_endpoint, endpoint_description
 from twisted_mail_screen.runtime.endpoints import server_endpoint
+from twisted_mail_screen.runtime.service import build_service
 from twisted_mail_screen.runtime.sharedpool import SharedPools
-from twisted_mail_screen.testing import in_reactor
+from twisted_mail_screen.store.maildir import MailStore, TmpCleaner
+from twisted_mail_screen.testing import InlineWorkers, ephemeral_overrides, in_reactor
 from twisted_mail_screen.web.ui import load_static
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -245,3 +247,32 @@ def test_a_borrowed_pool_stops_when_its_own_calls_are_done() -> None:
     release.set()
     assert done.wait(5)
     assert stopped == [None]
+
+
+def test_a_data_directory_the_start_makes_is_not_swept_an_existing_one_is(tmp_path: Path) -> None:
+    """
+    The start's tmp/ sweep needs no worker call on a data directory the
+    start creates (nothing there can be stale); on an existing one it runs
+    and removes a tmp/ file untouched for 36 hours.
+    """
+    def start(data: Path) -> tuple[Any, InlineWorkers, TmpCleaner]:
+        workers = InlineWorkers()
+        config = load_config(None, {**ephemeral_overrides(str(data), ()), "relay.enabled": False})
+        service = build_service(config, MemoryReactor(), Clock(), workers=workers)
+        service.privilegedStartService()
+        service.startService()
+        return service, workers, next(s for s in service if isinstance(s, TmpCleaner))
+
+    service, workers, cleaner = start(tmp_path / "data")
+    assert (cleaner.sweeps, workers.calls) == (1, 0)
+    service.stopService()
+    box = Path(MailStore(str(tmp_path / "data" / "mail")).maildir("b@example.test").path)
+    for sub in ("cur", "new", "tmp"):
+        (box / sub).mkdir(parents=True)
+    tmp = box / "tmp"
+    (tmp / "stale").write_bytes(b"x")
+    os.utime(tmp / "stale", (0, 0))
+    service, workers, cleaner = start(tmp_path / "data")
+    assert (cleaner.sweeps, workers.calls) == (1, 1)
+    assert not (tmp / "stale").exists()
+    service.stopService()

@@ -169,6 +169,9 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
     events = EventBus()
     # The server's own metrics registry (docs/api.md, "Metrics"), fed from the bus.
     metrics = ServerMetrics(events, clock)
+    # A data directory made by this start (each of the pytest plugin's
+    # servers) has no stale tmp/ file: no sweep, and no storage thread, at start.
+    fresh = store is None and not os.path.isdir(config.data_dir)
     os.makedirs(config.data_dir, mode=0o750, exist_ok=True)
 
     # How late the reactor runs timers: the warning says when some work
@@ -182,7 +185,7 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
     if store is None:
         store = MailStore(os.path.join(config.data_dir, "mail"), UniqueNames(config.hostname),
                           durable=config.storage.fsync)
-    TmpCleaner(store, blocking.run, clock).setServiceParent(service)
+    TmpCleaner(store, blocking.run, clock, sweep_at_start=not fresh).setServiceParent(service)
     router = Router(config, accounts)
     # Injected faults (docs/faults.md) exist only on a test host; in site mode nothing asks.
     faults = service.faults = FaultPlan() if config.test_host else None

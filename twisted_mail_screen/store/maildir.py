@@ -358,16 +358,20 @@ class TmpCleaner(Service):
     """
     Removes stale tmp/ files of every mailbox once at startup and then
     every C{interval} seconds, in the blocking pool (C{run}, e.g.
-    L{Blocking.run}) so the reactor never walks the disk.
+    L{Blocking.run}) so the reactor never walks the disk. Without
+    C{sweep_at_start} (a data directory the start has just made: nothing
+    in it can be stale), the start's sweep is counted as done without a
+    look at the disk or a worker thread, and the next is an interval later.
     """
 
     log = Logger()
 
     def __init__(self, store: MailStore, run: Callable[..., Any], clock: IReactorTime,
-                 interval: float = CLEAN_INTERVAL_SECONDS) -> None:
+                 interval: float = CLEAN_INTERVAL_SECONDS, sweep_at_start: bool = True) -> None:
         self._store = store
         self._run = run
         self._interval = interval
+        self._sweep_at_start = sweep_at_start
         # A sweep returns a Deferred: the loop waits for it, so sweeps never overlap.
         self._loop = LoopingCall(self._sweep)
         self._loop.clock = clock
@@ -375,7 +379,9 @@ class TmpCleaner(Service):
 
     def startService(self) -> None:
         super().startService()
-        self._loop.start(self._interval, now=True)
+        if not self._sweep_at_start:
+            self.sweeps += 1
+        self._loop.start(self._interval, now=self._sweep_at_start)
 
     def stopService(self) -> None:
         super().stopService()
