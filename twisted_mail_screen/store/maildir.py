@@ -41,7 +41,7 @@ from twisted.python.failure import Failure
 from twisted_mail_screen.runtime.atomic import fsync_directory, write_all, write_and_fsync
 from twisted_mail_screen.store.dirsync import DirectorySync
 from twisted_mail_screen.store.maildir_names import (
-    UniqueNames, base_of, delivery_order, flags_of, size_field, with_flags)
+    UniqueNames, base_of, delivery_order, flags_of, folder_listing, size_field, with_flags)
 
 SUBDIRS = ("cur", "new", "tmp")
 STALE_TMP_SECONDS = 36 * 3600
@@ -122,12 +122,22 @@ class Maildir:
         return size
 
     def remove(self, message: MessageFile) -> bool:
-        """Unlink a message; C{False} if another process already did."""
-        try:
-            os.unlink(self.file_path(message))
-        except FileNotFoundError:
-            return False
-        return True
+        """
+        Unlink a message; C{False} if another process already did. A file
+        another process renamed for a flag change since the scan is found
+        again by its base name, so the deletion is not undone by it.
+        """
+        path = self.file_path(message)
+        for _ in range(3):
+            try:
+                os.unlink(path)
+                return True
+            except FileNotFoundError:
+                now = folder_listing(self.path) or {}
+                if message.base not in now:
+                    return False
+                path = f"{self.path}/{now[message.base]}"
+        return False
 
     def clean_tmp(self, now: float | None = None) -> int:
         """Remove tmp/ files untouched for 36 hours, as Maildir prescribes."""

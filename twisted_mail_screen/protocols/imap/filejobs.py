@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from array import array
-from typing import Iterable
+from typing import Callable, Iterable
 
 from twisted_mail_screen.protocols.imap.flags import (base_of, find_file, flag_names, info_of,
                                                       merge_keywords, save_keywords, with_flags)
@@ -38,25 +38,82 @@ def add_to_uidlist(path: str, uidvalidity: int, next_uid: int, uids: Iterable[in
         write_uidlist(path, uidvalidity, next_uid, uids, names)
 
 
-def rename_files(path: str, renames: list[tuple[int, str, str]],
-                 keywords: list[str] | None) -> list[tuple[int, str]]:
-    """Flag changes: rename each file; returns the (uid, new name) that were done."""
+#: Tries at one message's rename when another process keeps renaming it meanwhile.
+MAX_RENAME_TRIES = 8
+
+
+class _Finder:
+    """A message's current name by its base, from one listing of the folder made at the first miss."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.listing: dict[str, str] | None = None
+
+    def find(self, failed: str) -> str | None:
+        base = base_of(failed)
+        if self.listing is not None:
+            now = self.listing.get(base)
+            if now is not None and now != failed:
+                return now
+        for _ in range(2):  # a file moving from new/ to cur/ while listed can be missed once
+            self.listing = maildir_names.folder_listing(self.path) or {}
+            now = self.listing.get(base)
+            if now is not None:
+                return now
+        return None
+
+
+def _delta(old: str, new: str) -> Callable[[str], str]:
+    """The flag letters C{old} -> C{new} adds and removes, applied to another name of the message."""
+    before, after = set(info_of(old)), set(info_of(new))
+    added, removed = after - before, before - after
+
+    def replan(now: str) -> str:
+        letters = "".join(sorted((set(info_of(now)) - removed) | added))
+        return "cur/" + maildir_names.with_flags(base_of(now), letters)
+
+    return replan
+
+
+def rename_files(path: str, renames: list[tuple[int, str, str]], keywords: list[str] | None,
+                 replan: Callable[[str], str] | None = None) -> list[tuple[int, str]]:
+    """
+    Flag changes: rename each file C{old} to C{new}; returns the (uid, name
+    now) of those whose name changed. A rename is a compare-and-swap on the
+    name: it succeeds only while the file still carries the flags the new
+    name was worked out from. When another process renamed the file
+    meanwhile, the message is found again by its base name and the change
+    worked out anew from the flags its name has now: C{replan(name now)},
+    by default the letters C{old} -> C{new} adds and removes. Never from
+    C{new}, which holds this process's stale view of the other flags.
+    A row with C{new == old} asks that the file still be at C{old}.
+    """
     if keywords is not None:
         save_keywords(path, keywords)
+    finder = _Finder(path)
     done = []
     for uid, old, new in renames:
-        try:
-            os.rename(os.path.join(path, old), os.path.join(path, new))
-        except FileNotFoundError:
-            now = find_file(path, old)
+        rel, target = old, new
+        for _ in range(MAX_RENAME_TRIES):
+            if target == rel:
+                if os.path.lexists(os.path.join(path, rel)):
+                    break
+            else:
+                try:
+                    os.rename(os.path.join(path, rel), os.path.join(path, target))
+                    rel = target
+                    break
+                except FileNotFoundError:
+                    pass
+            now = finder.find(rel)
             if now is None:
-                continue
-            new = "cur/" + maildir_names.with_flags(base_of(new), info_of(new))
-            try:
-                os.rename(os.path.join(path, now), os.path.join(path, new))
-            except FileNotFoundError:
-                continue
-        done.append((uid, new))
+                rel = ""  # expunged or deleted by another process: nothing to rename
+                break
+            rel, target = now, (replan or _delta(old, new))(now)
+        else:
+            rel = ""  # renamed by another process at every try: its name is left to the next scan
+        if rel and rel != old:
+            done.append((uid, rel))
     return done
 
 

@@ -29,7 +29,7 @@ from twisted_mail_screen.protocols.imap.parse import (Atom, BadCommand, SeqSet, 
 from twisted_mail_screen.protocols.imap import quota_commands as quota
 from twisted_mail_screen.protocols.imap.searchplan import Snapshot, search_command
 from twisted_mail_screen.protocols.imap.selected import SelectedView
-from twisted_mail_screen.protocols.imap.store import store_files
+from twisted_mail_screen.protocols.imap.store import store_files, store_files_locked
 from twisted_mail_screen.store.folderlock import Stale
 
 REACTOR_ROWS = 500  # FETCH rows of index-only items rendered without a thread hop
@@ -299,7 +299,8 @@ class MessageCommands(SelectedView):
                 # A new keyword takes its letter under the cross-process lock, from
                 # the table as every process sharing the folder has it.
                 return registry.guarded(folder, make).addCallback(renamed)
-            return self.factory.blocking.run(*job).addCallback(renamed)
+            # Under the folder's cross-process lock: the renames start from the names on disk.
+            return self.factory.blocking.run(store_files_locked, *job[1:]).addCallback(renamed)
 
         # The folder has the change even if the session left meanwhile (it then answers nothing).
         return folder.lock.run(locked).addCallback(self.still_here)

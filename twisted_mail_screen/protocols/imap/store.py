@@ -1,10 +1,11 @@
 # -*- test-case-name: tests.test_reactor_budget -*-
 """
 The whole-folder parts of STORE, EXPUNGE and sequence sets, as jobs for
-the worker pool. STORE's flag changes are one job: which files to
-rename, and the renames. A message's new name depends only on its
-current flag letters (and the keyword tables), so the new flags are
-worked out once per distinct flag combination, not once per message:
+the worker pool. STORE's flag changes are one job, run under the
+folder's cross-process lock: which files to rename, and the renames. A
+message's new name depends only on its current flag letters on disk
+(and the keyword table), so the new flags are worked out once per
+distinct flag combination, not once per message:
 C{STORE 1:* +FLAGS} on a large folder costs the reactor nothing but the
 list of names it hands over. Long sequence sets are parsed and resolved
 there too, and EXPUNGE picks its victims there.
@@ -14,45 +15,74 @@ from __future__ import annotations
 
 import bisect
 from array import array
+from typing import Any
 
 from twisted_mail_screen.protocols.imap.filejobs import rename_files, unlink_files
-from twisted_mail_screen.protocols.imap.flags import base_of, flag_names, info_of, with_flags
+from twisted_mail_screen.protocols.imap.flags import FLAG_LETTERS, LETTER_FLAGS, base_of, info_of
 from twisted_mail_screen.protocols.imap.parse import SeqSet, Token, parse_seqset
 from twisted_mail_screen.store import maildir_names
+from twisted_mail_screen.store.folderlock import locked
 
 
-def plan_renames(rows: list[tuple[int, str]], mode: str, flags: list[str],
-                 old_keywords: list[str], keywords: list[str]) -> list[tuple[int, str, str]]:
-    """(uid, name, new name) for each message of C{rows} whose flags change."""
-    lowered = {f.lower() for f in flags}
-    infos: dict[str, str] = {}
-    out = []
-    for u, rel in rows:
+class FlagChange:
+    """
+    A STORE's change as flag letters, applied to the letters a name has:
+    C{+} adds them, C{-} removes them, C{=} replaces the system flags and
+    keywords with them. Letters the change does not name stay, keywords
+    this process's table does not know yet included (another process may
+    have given them out). Worked out once per distinct set of letters.
+    """
+
+    def __init__(self, mode: str, flags: list[str], keywords: list[str]) -> None:
+        table = {k.lower(): chr(97 + i) for i, k in enumerate(keywords)}
+        self.mode = mode
+        self.letters: set[str] = set()
+        for f in flags:
+            letter = FLAG_LETTERS.get(f.lower()) or table.get(f.lower())
+            if letter is not None:
+                self.letters.add(letter)
+        self._infos: dict[str, str] = {}
+
+    def target(self, rel: str) -> str:
+        """The name C{rel} gets: C{rel} itself when the change leaves it as it is."""
         info = info_of(rel)
-        new_info = infos.get(info)
+        new_info = self._infos.get(info)
         if new_info is None:
-            current = flag_names(rel, old_keywords)
-            if mode == "+":
-                new = current + flags
-            elif mode == "-":
-                new = [f for f in current if f.lower() not in lowered]
+            have = set(info)
+            if self.mode == "+":
+                have |= self.letters
+            elif self.mode == "-":
+                have -= self.letters
             else:
-                new = list(flags)
-            new_info = infos[info] = info_of(with_flags(rel, new, keywords))
+                have = {c for c in have if not (c in LETTER_FLAGS or "a" <= c <= "z")} | self.letters
+            new_info = self._infos[info] = "".join(sorted(have))
         target = "cur/" + maildir_names.with_flags(base_of(rel), new_info)
-        if target != rel:
-            out.append((u, rel, target))
-    return out
+        return rel if target == rel else target
 
 
 def store_files(path: str, rows: list[tuple[int, str]], mode: str, flags: list[str],
                 old_keywords: list[str], keywords: list[str],
                 changed_keywords: list[str] | None) -> list[tuple[int, str]]:
-    """Rename the files for a flag change (blocking); the (uid, new name) that were done."""
-    renames = plan_renames(rows, mode, flags, old_keywords, keywords)
-    if not renames and changed_keywords is None:
+    """
+    Rename the files for a flag change (blocking; the caller holds the
+    folder's cross-process lock); the (uid, name now) of those whose name
+    changed. Every row is looked at on disk, those the index says need no
+    change too: another process may have renamed the file since this
+    index last looked, and the change then applies to the flags it has now.
+    C{old_keywords} is unused: letters are changed as letters, so a name's
+    keyword letters mean the same before and after.
+    """
+    change = FlagChange(mode, flags, keywords)
+    renames = [(u, rel, change.target(rel)) for u, rel in rows]
+    return rename_files(path, renames, changed_keywords, change.target)
+
+
+def store_files_locked(path: str, *args: Any) -> list[tuple[int, str]]:
+    """L{store_files} under the folder's cross-process lock; nothing done when the folder is gone."""
+    try:
+        return locked(path, store_files, path, *args)
+    except FileNotFoundError:
         return []
-    return rename_files(path, renames, changed_keywords)
 
 
 #: A sequence set longer than this (characters) is parsed and resolved in
