@@ -26,8 +26,8 @@ Rules (C{docs/screening.md} has the full statement):
 
 Memory is bounded. Clients are kept in one dict (clients.py) keyed by
 their address as an integer, not its text: a client seen once costs the
-time it was seen, an int of milliseconds (about 100 bytes with its key
-and slot); a client that did more gets a record packed into one bytes
+time it was seen, an int of milliseconds (100 to 150 bytes with its key
+and dict slot); a client that did more gets a record packed into one bytes
 value (record.py) whose lists are capped by the limits themselves. Idle
 records are pruned from the front of the dict, which is kept in
 least-recently-seen order by re-inserting a key on every event, and the
