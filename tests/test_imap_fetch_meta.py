@@ -135,8 +135,8 @@ def test_a_session_behind_the_folder_gets_its_own_numbers(site, tmp_path):
 def test_column_chunks_cover_the_ranges_in_bounded_chunks(ranges):
     uids = array("L", range(1, 1201))
     folder = SimpleNamespace(uids=uids, names=[f"cur/{u}:2,S" for u in uids], sizes={7: 70}, recent=set())
-    chunks = list(column_chunks(ranges, array("L", uids), folder, {3, 900}, 500))
-    assert all(0 < len(c) <= 500 for c in chunks)
+    chunks = list(column_chunks(ranges, array("L", uids), folder, {3, 900}, 500, 100))
+    assert all(0 < len(c) <= 500 for c in chunks) and len(chunks[0]) <= 100
     positions = [p for lo, hi in ranges for p in range(lo, hi)]
     assert [s for c in chunks for s in c.seqs] == [p + 1 for p in positions]
     assert [u for c in chunks for u in c.uids] == [p + 1 for p in positions]

@@ -63,21 +63,23 @@ def index_only(atts: Sequence[Att]) -> bool:
 
 
 def column_chunks(ranges: list[tuple[int, int]], view: "array[int]", folder: Any, recent: set[int],
-                  per_chunk: int) -> Iterator[Columns]:
+                  per_chunk: int, first: int | None = None) -> Iterator[Columns]:
     """
     The view positions of C{ranges} in chunks of at most C{per_chunk}
-    messages (reactor thread, one chunk per step, from the C{folder}'s
-    index as it is then): C-level slices where the view's UIDs are the
-    folder's at the same positions, else a look-up per message (a message
-    the folder no longer has is left out).
+    messages (the first of at most C{first}: it may be rendered on the
+    reactor), one chunk per step on the reactor thread, from the
+    C{folder}'s index as it is then: C-level slices where the view's UIDs
+    are the folder's at the same positions, else a look-up per message (a
+    message the folder no longer has is left out).
     """
+    size = min(per_chunk, first or per_chunk)
     seqs: list[int] = []
     got = array("L")
     rels: list[str] = []
     for lo, hi in ranges:
         at = lo
         while at < hi:
-            end = min(hi, at + per_chunk - len(got))
+            end = min(hi, at + size - len(got))
             part = view[at:end]
             uids, names = folder.uids, folder.names
             if end <= len(uids) and uids[at:end] == part:
@@ -92,9 +94,9 @@ def column_chunks(ranges: list[tuple[int, int]], view: "array[int]", folder: Any
                         got.append(uid)
                         rels.append(names[j])
             at = end
-            if len(got) >= per_chunk:
+            if len(got) >= size:
                 yield _columns(seqs, got, rels, folder.sizes, recent)
-                seqs, got, rels = [], array("L"), []
+                seqs, got, rels, size = [], array("L"), [], per_chunk
     if len(got):
         yield _columns(seqs, got, rels, folder.sizes, recent)
 

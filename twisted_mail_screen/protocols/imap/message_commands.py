@@ -175,7 +175,7 @@ class MessageCommands(SelectedView):
         cache = folder.cache
         ahead: Any = None
         first = True
-        for cols in column_chunks(ranges, self.view, folder, self.recent, CHUNK_ROWS):
+        for cols in column_chunks(ranges, self.view, folder, self.recent, CHUNK_ROWS, REACTOR_ROWS):
             keywords = list(folder.keywords)
             piece: Any = render_meta(folder.path, cols, atts, keywords, cache, False) if first else None
             first = False
