@@ -86,8 +86,10 @@ class Ours:
                  "screening.max_auth_failures": 10**6}
 
     def __init__(self, workdir: str, name: str = "ours", screening: bool | None = None,
-                 threads: int = 16, direct_send: bool = True, site: bool = False) -> None:
+                 threads: int = 16, direct_send: bool = True, site: bool = False,
+                 root: str = ROOT) -> None:
         self.name = name
+        self.root = root  # the source tree it runs (another one: a baseline to compare with)
         self.site = site
         self.direct_send = direct_send
         self.data = os.path.join(workdir, name)
@@ -133,11 +135,13 @@ class Ours:
         os.makedirs(self.data, exist_ok=True)
         if self.site:
             self.write_accounts()
-        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env = dict(os.environ, PYTHONPATH=self.root + os.pathsep + os.environ.get("PYTHONPATH", ""))
         flags = [] if self.direct_send else ["--no-direct-send"]
+        # Run from the data directory: "python -c" puts the working directory
+        # first on sys.path, which would shadow self.root with the cwd's tree.
         self.proc = subprocess.Popen([sys.executable, "-c", OURS, json.dumps(self.overrides())] + flags,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                                     text=True)
+                                     text=True, cwd=self.data)
         line = self.proc.stdout.readline()  # type: ignore[union-attr]
         if not line:
             self.error = (self.proc.stderr.read() or "exited")[-400:]  # type: ignore[union-attr]

@@ -69,6 +69,9 @@ def main() -> int:
                     help="comma list: smtp,accept,pop3,imap,core,ceiling,cluster")
     ap.add_argument("--no-direct-send", action="store_true",
                     help="also run ours with every reply through transport.write (SMTP, POP3)")
+    ap.add_argument("--baseline-tree", default="",
+                    help="also run ours from this source tree (e.g. `git archive` of an older "
+                         "commit), both modes, as ours-baseline and ours-site-baseline (SMTP)")
     ap.add_argument("--cells", default="",
                     help="SMTP cells to run, comma list of CONCURRENCY:SIZE:PER_CONN "
                          "(e.g. 16:2048:1); default: the full grid (--quick: a subset)")
@@ -111,6 +114,12 @@ def main() -> int:
     no_direct = peers.Ours(workdir, "ours-no-direct-send", direct_send=False)
     if args.no_direct_send and start(no_direct):
         smtp_servers.insert(1, no_direct)
+    if args.baseline_tree:  # the same cells, the same moment: before/after a change
+        root = os.path.abspath(args.baseline_tree)
+        for base in (peers.Ours(workdir, "ours-baseline", root=root),
+                     peers.Ours(workdir, "ours-site-baseline", site=True, root=root)):
+            if start(base):
+                smtp_servers.append(base)
     have_dovecot = start(dovecot) if {"pop3", "imap"} & only else False
 
     # the grid
