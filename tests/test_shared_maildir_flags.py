@@ -27,6 +27,7 @@ import pytest
 from twisted.internet.task import Clock
 
 from test_shared_maildir import imap_login, node, stop
+from twisted_mail_screen.protocols.imap.store import store_files_locked
 from test_twistd import pytestmark as twistd_only
 from webclient import call
 
@@ -216,3 +217,23 @@ def test_flags_stored_through_two_twistd_nodes_at_once_are_all_kept(tmp_path):
         cb.logout()
     finally:
         stop(a, b)
+
+
+@pytest.mark.parametrize("count", [3, 300])  # a stat per message, or one listing for them all
+def test_messages_the_index_thinks_unchanged_are_looked_at_on_disk(tmp_path, count):
+    """
+    The index says every message is already \\Seen, so +FLAGS (\\Seen)
+    would change nothing; on disk another process took \\Seen off every
+    third one meanwhile: those get it back, the rest are left alone.
+    """
+    box = tmp_path / "box"
+    for sub in ("cur", "new", "tmp"):
+        (box / sub).mkdir(parents=True)
+    rows = []
+    for i in range(count):
+        base = f"1700000000.M{i}P1.host,S=10,W=11"
+        (box / "cur" / f"{base}:2,{'F' if i % 3 == 0 else 'FS'}").touch()
+        rows.append((i + 1, f"cur/{base}:2,FS"))
+    # Nothing to tell the index: every name is now the one it has.
+    assert store_files_locked(str(box), rows, "+", ["\\Seen"], [], [], None) == []
+    assert sorted(os.listdir(box / "cur")) == sorted(rel[4:] for _, rel in rows)

@@ -40,6 +40,8 @@ def add_to_uidlist(path: str, uidvalidity: int, next_uid: int, uids: Iterable[in
 
 #: Tries at one message's rename when another process keeps renaming it meanwhile.
 MAX_RENAME_TRIES = 8
+#: Rows whose name the change leaves as it is, past which one listing confirms them instead of a stat each.
+LIST_UNCHANGED = 256
 
 
 class _Finder:
@@ -91,12 +93,17 @@ def rename_files(path: str, renames: list[tuple[int, str, str]], keywords: list[
     if keywords is not None:
         save_keywords(path, keywords)
     finder = _Finder(path)
+    if sum(1 for _, old, new in renames if old == new) > LIST_UNCHANGED:
+        # One listing confirms them all, as of when it was made, for less than a stat each.
+        finder.listing = maildir_names.folder_listing(path) or {}
     done = []
     for uid, old, new in renames:
         rel, target = old, new
         for _ in range(MAX_RENAME_TRIES):
             if target == rel:
-                if os.path.lexists(os.path.join(path, rel)):
+                listing = finder.listing
+                if (listing.get(base_of(rel)) == rel if listing is not None
+                        else os.path.lexists(os.path.join(path, rel))):
                     break
             else:
                 try:
