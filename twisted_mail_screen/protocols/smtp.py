@@ -138,8 +138,10 @@ class SMTPServer(Authentication, Chunking, ScreenedSession):
         if verb == "BDAT":  # its chunk is read first; the fault plan answers after it
             return self.do_BDAT(arg)
         self.chunk_failure = None
-        return guard(self.factory.faults, self, verb, smtp_subject(verb, arg),
-                     lambda: handler(arg), smtp_reply)
+        faults = self.factory.faults
+        if faults is None:  # site mode has no fault plan: no subject to work out per command
+            return handler(arg)
+        return guard(faults, self, verb, smtp_subject(verb, arg), lambda: handler(arg), smtp_reply)
 
     def do_HELO(self, arg: str) -> None:
         if not arg:
