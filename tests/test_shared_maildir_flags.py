@@ -237,3 +237,18 @@ def test_messages_the_index_thinks_unchanged_are_looked_at_on_disk(tmp_path, cou
     # Nothing to tell the index: every name is now the one it has.
     assert store_files_locked(str(box), rows, "+", ["\\Seen"], [], [], None) == []
     assert sorted(os.listdir(box / "cur")) == sorted(rel[4:] for _, rel in rows)
+
+
+@pytest.mark.parametrize("command", ["COPY", "MOVE"])
+def test_a_copy_or_move_carries_the_flags_another_server_set(pair, tmp_path, command):
+    a, b = pair
+    deliver(a.port("smtp"), 2)
+    ca, cb = login(a.port("imap")), login(b.port("imap"))
+    assert ca.create("Kept")[0] == "OK"
+    store(cb, "1:2", "+FLAGS", "(\\Flagged)")    # A's index: not flagged
+    typ, data = ca.uid(command, "1:2", "Kept")
+    assert typ == "OK", data
+    kept = [n.partition(":2,")[2] for n in os.listdir(inbox(tmp_path) / ".Kept/cur")]
+    assert kept == ["F", "F"]
+    ca.logout()
+    cb.logout()

@@ -177,6 +177,8 @@ def transfer_files(src: str, dst: str, rows: list[tuple[int, str]], src_keywords
                     target = ""
                     break
                 source = os.path.join(src, now)
+                # Another process renamed it: the copy carries the flags it has now, not the index's.
+                target = with_flags(f"cur/{base}", flag_names(now, src_keywords), keywords)
         if not target:
             continue
         done.append((uid, next_uid, target))
