@@ -7,8 +7,9 @@ Screening with the Redis backend against the in-memory one (issue 16):
      connections from N distinct addresses (default, non-zero limits) opened
      and closed, then N that also fail a login. "decide" is the time inside
      open() alone (what a connecting client waits for); "event" is open to
-     closed plus every Redis reply handled, per connection, wall clock (so
-     it includes Redis's own work); "cpu" is this process's CPU for it.
+     closed plus a PING answered after the counting (which has no replies),
+     per connection, wall clock (so it includes Redis's own work); "cpu" is
+     this process's CPU for it.
   2. accept: a real twistd node (memory, then redis, order rotated each
      round), C concurrent clients that connect, read the greeting, QUIT,
      from many loopback source addresses; connections accepted a second,
