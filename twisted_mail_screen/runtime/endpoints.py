@@ -27,7 +27,6 @@ from zope.interface import implementer
 
 from twisted_mail_screen.relay.config import split_endpoint
 from twisted_mail_screen.screening.netmatch import Network
-from twisted_mail_screen.runtime.proxyproto import ProxiedEndpoint
 from twisted_mail_screen.runtime.tls import load_server_context
 
 #: The C{ssl:} options passed on to the TCP listener; C{privateKey} and
@@ -105,6 +104,9 @@ def server_endpoint(reactor: Any, description: str, clock: IReactorTime,
             raise EndpointError("ssl: needs [tls] certificate and key, or certKey= and privateKey=")
     endpoint = _plain_tcp(reactor, description) or serverFromString(reactor, description)
     if proxied:
+        # Imported here: most servers (every test's) have no load balancer in front.
+        from twisted_mail_screen.runtime.proxyproto import ProxiedEndpoint
+
         endpoint = ProxiedEndpoint(endpoint, clock, trusted)
     if options is not None:
         endpoint = TLSEndpoint(endpoint, options)

@@ -40,7 +40,6 @@ from twisted_mail_screen.quota.state import QuotaFileError, read_overrides, stat
 from twisted_mail_screen.protocols.session import SessionFactory
 from twisted_mail_screen.store.routing import Router
 from twisted_mail_screen.protocols.smtp import SMTPFactory
-from twisted_mail_screen.runtime.tlsreload import ReloadingTLS
 from twisted_mail_screen.mailauth.gate import build_mail_auth
 from twisted_mail_screen.runtime.workers import Blocking, Workers
 from twisted_mail_screen.web.decisions import Decisions
@@ -243,6 +242,8 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
     # renewals reach new connections without a restart (docs/deployment.md).
     tls = None
     if config.tls.enabled:
+        from twisted_mail_screen.runtime.tlsreload import ReloadingTLS
+
         tls = ReloadingTLS(config.tls.certificate, config.tls.key, clock, blocking.run)  # type: ignore[arg-type]
         tls.setServiceParent(service)
     pop3_locks: set[str] = set()
