@@ -278,3 +278,33 @@ def test_a_data_directory_the_start_makes_is_not_swept_an_existing_one_is(tmp_pa
     assert (cleaner.sweeps, workers.calls) == (1, 1)
     assert not (tmp / "stale").exists()
     service.stopService()
+
+
+def test_a_running_server_imports_what_its_config_needs_before_the_reactor_thread_builds_it(
+        tmp_path: Path) -> None:
+    """The relay queue, an eager web site, the TLS reloader: imported in the starting thread."""
+    script = (
+        "import sys, threading\n"
+        "from twisted_mail_screen.config.settings import load_config\n"
+        "from twisted_mail_screen.testing import RunningServer, ephemeral_overrides, reactor_thread\n"
+        "from twisted_mail_screen.testcert import make_certificate\n"
+        "seen = []\n"
+        "class Spy:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        seen.append((threading.current_thread().name, name))\n"
+        "config = load_config(None, {**ephemeral_overrides(sys.argv[1], tuple(sys.argv[2:])),\n"
+        "    'relay.enabled': True, 'relay.starttls': 'none', 'domains': ['example.test'],\n"
+        "    'relay.smarthost': 'tcp:host=127.0.0.1:port=9', 'postmaster': 'postmaster@example.test',\n"
+        "    **dict(zip(('tls.certificate', 'tls.key'), make_certificate(sys.argv[1] + '-tls')))})\n"
+        "reactor_thread()\n"
+        "sys.meta_path.insert(0, Spy())\n"
+        "with RunningServer(config):\n"
+        "    pass\n"
+        "print(sorted({n for t, n in seen if t == 'reactor' and n.startswith('twisted_mail_screen')}))\n"
+        "print('twisted_mail_screen.web.site' in sys.modules)\n")
+    for listeners in (("smtp", "web"), ("smtp",)):  # the web site's modules import the queue's
+        done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "-".join(listeners)),
+                               *listeners], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines() == ["[]", str("web" in listeners)]

@@ -29,7 +29,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 
 from twisted_mail_screen.config.settings import Config
-from twisted_mail_screen.runtime.service import MailService, build_service
+from twisted_mail_screen.runtime.service import MailService, build_service, import_for
 
 T = TypeVar("T")
 
@@ -94,6 +94,7 @@ class RunningServer:
 
     def start(self) -> "RunningServer":
         reactor = reactor_thread()
+        import_for(self.config, self.lazy)  # here, not on the reactor thread
 
         def start() -> MailService:
             pools = _process_pools(reactor).borrow if self.shared_pools else None

@@ -6,6 +6,7 @@ and hands each protocol factory exactly what it needs.
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
@@ -29,7 +30,7 @@ from twisted_mail_screen.runtime.metrics import (
 from twisted_mail_screen.runtime.control import ControlFactory, control_endpoint
 from twisted_mail_screen.screening.notify import PostmasterNotifier
 from twisted_mail_screen.runtime.endpoints import server_endpoint
-from twisted_mail_screen.runtime.lazyfactory import OnFirstConnection
+from twisted_mail_screen.runtime.lazyfactory import OnFirstConnection, import_listener
 from twisted_mail_screen.screening.service import ScreeningService
 from twisted_mail_screen.screening.admin import register_screening_commands
 from twisted_mail_screen.store.maildir import MailStore, TmpCleaner
@@ -135,6 +136,26 @@ class MailService(MultiService):
         """Bound TCP port numbers of one kind of listener (after start)."""
         return [l.port.getHost().port for l in self.listeners  # type: ignore[union-attr]
                 if l.kind == kind and l.port is not None and hasattr(l.port.getHost(), "port")]
+
+
+def import_for(config: Config, lazy: Collection[str] = ()) -> None:
+    """
+    Import, in the caller's thread, what L{build_service} imports only when
+    C{config} asks for it, so that a build on a running reactor's thread
+    (L{testing.RunningServer}'s) does not hold that thread for an import.
+    """
+    wanted = [name for name, needed in (
+        ("twisted_mail_screen.relay.queue", config.relay.enabled),
+        ("twisted_mail_screen.screening.redis_backend", config.screening.redis is not None),
+        ("twisted_mail_screen.runtime.tlsreload", config.tls.enabled),
+        ("twisted_mail_screen.runtime.proxyproto",
+         any(d.startswith("haproxy:") for _, ds in config.listen.items() for d in ds)),
+    ) if needed]
+    for name in wanted:
+        importlib.import_module(name)
+    for kind, descriptions in config.listen.items():
+        if descriptions and kind not in lazy:
+            import_listener(kind)
 
 
 def build_service(config: Config, reactor: Any, clock: IReactorTime | None = None,
