@@ -252,3 +252,18 @@ def test_a_copy_or_move_carries_the_flags_another_server_set(pair, tmp_path, com
     assert kept == ["F", "F"]
     ca.logout()
     cb.logout()
+
+
+def test_expunge_spares_a_message_the_other_server_took_deleted_off(pair, tmp_path):
+    a, b = pair
+    deliver(a.port("smtp"), 3)
+    ca, cb = login(a.port("imap")), login(b.port("imap"))
+    store(ca, "1:3", "+FLAGS", "(\\Deleted)")
+    flags_seen(cb)
+    store(cb, 2, "-FLAGS", "(\\Deleted)")          # A's index: still \Deleted
+    store(cb, 3, "+FLAGS", "(\\Seen)")             # still \Deleted, under another name
+    assert ca.expunge()[0] == "OK"
+    assert list(letters_on_disk(tmp_path).values()) == [""]
+    assert flags_seen(ca) == flags_seen(cb) == {2: set()}
+    ca.logout()
+    cb.logout()

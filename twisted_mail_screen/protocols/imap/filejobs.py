@@ -124,19 +124,33 @@ def rename_files(path: str, renames: list[tuple[int, str, str]], keywords: list[
     return done
 
 
-def unlink_files(path: str, doomed: list[tuple[int, str]]) -> list[int]:
+def unlink_files(path: str, doomed: list[tuple[int, str]],
+                 spare: Callable[[str], bool] | None = None) -> list[int]:
+    """
+    Unlink each message; the uids no longer there. A file another process
+    renamed meanwhile is found again by its base name and unlinked too,
+    unless C{spare(name now)} says its new flags take it out of the job
+    (EXPUNGE: another process took its \\Deleted off).
+    """
+    finder = _Finder(path)
     gone = []
     for uid, rel in doomed:
-        try:
-            os.unlink(os.path.join(path, rel))
-        except FileNotFoundError:
-            now = find_file(path, rel)
-            if now is not None:
-                try:
-                    os.unlink(os.path.join(path, now))
-                except FileNotFoundError:
-                    pass
-        gone.append(uid)
+        for _ in range(MAX_RENAME_TRIES):
+            try:
+                os.unlink(os.path.join(path, rel))
+                break
+            except FileNotFoundError:
+                now = finder.find(rel)
+                if now is None:
+                    break  # removed by another process already
+                if spare is not None and spare(now):
+                    rel = ""
+                    break
+                rel = now
+        else:
+            rel = ""  # renamed by another process at every try: left to the next scan
+        if rel:
+            gone.append(uid)
     return gone
 
 

@@ -121,4 +121,5 @@ def expunge_files(path: str, uids: "array[int]", names: list[str], view: "array[
     shown = set(view)
     doomed = [(u, n) for u, n in zip(uids, names)
               if "T" in info_of(n) and u in shown and (seqset is None or seqset.contains(u, star))]
-    return unlink_files(path, doomed)
+    # Only while still \Deleted on disk: another process may have taken the flag off since.
+    return unlink_files(path, doomed, spare=lambda now: "T" not in info_of(now))
