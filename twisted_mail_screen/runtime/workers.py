@@ -14,10 +14,11 @@ reactor's core. Results go back in bursts: a worker that finishes while
 earlier results still wait for the reactor adds its own to them instead
 of waking the reactor again (one C{callFromThread}, one waker write and
 one loop turn per burst, not per call; deliveries finishing in the same
-group-committed directory fsync come back together). Semantics are those of C{deferToThreadPool}: C{run}
-returns a Deferred that fires on the reactor thread with the result or
-the failure; work queued before the service starts runs once it does;
-stopping lets queued work finish and joins the threads.
+group-committed directory fsync come back together). Semantics are those
+of C{deferToThreadPool}: C{run} returns a Deferred that fires on the
+reactor thread with the result or the failure; work queued before the
+service starts runs once it does; stopping lets queued work finish and
+joins the threads.
 """
 
 from __future__ import annotations
