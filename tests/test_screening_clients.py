@@ -137,3 +137,108 @@ def test_times_are_the_clock_to_the_millisecond(tmp: Path) -> None:
         assert counts is not None
         assert counts.last == pytest.approx(h.clock.seconds(), abs=1e-6)
         assert counts.times[-1] == counts.last
+
+
+# The order: a client moves to the end at most once a minute (clients.py)
+
+
+def slots(h: Harness, *hosts: str) -> list[int | None]:
+    table = h.service.rules.table
+    return [table.slot_of(host) for host in hosts]
+
+
+def test_a_client_seen_within_a_minute_of_its_move_keeps_its_place_and_its_counts(
+        tmp: Path) -> None:
+    """Seen again inside the minute it stays put; the prune past its move still keeps it."""
+    h = Harness(tmp, start=False, max_connections=10, max_auth_failures=2,
+                connection_window_minutes=5, auth_failure_window_minutes=15)
+    a, b = "10.0.0.1", "10.0.0.2"
+    h.connect(a)
+    h.clock.advance(1)
+    h.connect(b)
+    h.clock.advance(58)
+    assert h.open(a).auth_failed("x@y", b"1") is False  # 59 s after its move: no move
+    table = h.service.rules.table
+    assert list(table.clients) == slots(h, a, b)
+    # the horizon (15 min) past A's move, not past its failed login: kept
+    h.clock.advance(15 * 60 - 59 + 10)
+    table.prune()
+    assert list(table.clients) == slots(h, a)  # B went, A stays
+    counts = h.service.rules.counts(a)
+    assert counts is not None and len(counts.auth) == 1 and len(counts.times) == 2
+    assert h.open(a).auth_failed("x@y", b"2") is True  # 14:11 after the first: blocked
+    h.clock.advance(1)
+    h.connect(b)
+    h.clock.advance(60)
+    h.connect(b)  # a minute after its move: to the end
+    h.connect("10.0.0.3")
+    assert list(table.clients) == slots(h, b, "10.0.0.3")
+    h.clock.advance(59)
+    h.connect(b)
+    assert list(table.clients) == slots(h, b, "10.0.0.3")
+
+
+def test_prune_removes_exactly_the_idle_ones_when_order_and_last_seen_differ(
+        tmp: Path) -> None:
+    h = Harness(tmp, start=False, max_connections=10, connection_window_minutes=5,
+                auth_failure_window_minutes=5)
+    a, b, c, d, e = (f"10.0.0.{i}" for i in range(1, 6))
+    h.connect(a)  # seen once at 0
+    h.clock.advance(1)
+    h.connect(b)
+    h.connect(c)
+    h.clock.advance(1)
+    h.connect(c)  # C: a record seen at 2
+    h.clock.advance(38)
+    h.connect(b)  # B: seen at 40, still in its place of 1
+    h.clock.advance(60)
+    h.connect(d)  # D at 100
+    h.connect(e)
+    h.clock.advance(0.5)
+    h.connect(e)  # E: a record at 100.5
+    table = h.service.rules.table
+    assert list(table.clients) == slots(h, a, b, c, d, e)
+    h.clock.advance(300 - 100.5 + 20)  # the cutoff at 20
+    assert table.prune(1) == (1, False)  # a slice of one: A
+    assert table.prune() == (1, True)  # B kept, C gone, D the first moved since
+    assert list(table.clients) == slots(h, b, d, e)
+    h.clock.advance(20)  # the cutoff at 40: B was seen then, not after
+    assert table.prune() == (1, True)
+    assert list(table.clients) == slots(h, d, e)
+    h.clock.advance(60)  # 100: D, seen once then
+    assert table.prune() == (1, True)
+    h.clock.advance(0.5)
+    assert table.prune() == (1, True)
+    assert table.clients == {}
+
+
+def test_prune_looks_at_a_slice_and_the_service_comes_back_a_second_later(tmp: Path) -> None:
+    from twisted_mail_screen.screening.clients import PRUNE_SLICE
+    h = Harness(tmp, max_connections=10, max_tracked_clients=10**6,
+                connection_window_minutes=5, auth_failure_window_minutes=5)
+    many = PRUNE_SLICE + 500
+    for i in range(many):
+        h.connect(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}")
+    h.clock.pump([1] * 299)
+    assert h.service.admin.stats()["tracked"] == many  # the minute's prunes found none idle
+    h.clock.advance(1)  # the prune at 300 s, the horizon: one slice
+    assert h.service.admin.stats()["tracked"] == 500
+    h.clock.advance(1)  # the rest a tick later, not a minute
+    assert h.service.admin.stats()["tracked"] == 0
+
+
+def test_eviction_drops_the_least_recently_moved(tmp: Path) -> None:
+    """Least recently seen to within a minute: a client seen inside its minute keeps its place."""
+    h = Harness(tmp, max_connections=10, max_tracked_clients=100)
+    hosts = [f"10.0.0.{i}" for i in range(101)]
+    for host in hosts[:100]:
+        h.connect(host)
+        h.clock.advance(0.1)
+    h.clock.advance(20)
+    h.connect(hosts[0])  # 30 s after its move: stays first
+    h.clock.advance(40)
+    h.connect(hosts[1])  # a minute after its move: to the end
+    h.connect(hosts[100])  # over the cap: the two first go
+    counts = h.service.rules.counts
+    assert [counts(x) is None for x in hosts[:4]] == [True, False, True, False]
+    assert h.service.admin.stats()["evicted"] == 2

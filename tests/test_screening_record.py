@@ -125,3 +125,26 @@ def test_long_texts_are_cut_on_a_character():
     b = packed.note(packed.pack(T, []), T, "imap", "auth failed user=" + "é" * 70_000)
     [(_, _, what)] = packed.unpack(b).events
     assert what == "auth failed user=" + "é" * 0xFFFF  # the prefix is not stored
+
+
+def test_the_move_time_is_kept_by_every_change_but_a_move():
+    """To the second, never after the real one; a clock set back repacks and keeps it."""
+    moved = T + 1_700
+    b = packed.pack(T + 2_000, [T + 1_700, T + 2_000], [(T + 1_900, bytes(8))],
+                    [(T + 1_900, "imap", "x")], moved=moved)
+    assert packed.moved_of(b) == T + 1_000
+    for now in (T + 5_000, T + 59_999, T + 3 * DAY, T - 3_600_000):  # the last: set back
+        for changed in (packed.touch(b, now), packed.connect(b, now, T, 100),
+                        packed.note(b, now, "smtp", "rset"),
+                        packed.failed(b, now, T, b"abcdefgh")[0]):
+            assert isinstance(changed, bytes)
+            assert packed.moved_of(changed) <= moved
+            assert packed.moved_of(changed) > moved - 1_000
+        assert packed.unpack(packed.moved(b, now)) == packed.unpack(b)
+        if now < T + 1_000 + 65_535_000:
+            assert now - 1_000 < packed.moved_of(packed.moved(b, now)) <= now
+    assert packed.moved_of(packed.pair(T + 1_500, T + 9_000)) == T + 1_000
+    assert packed.moved_of(packed.pair(T + 1_500, T - 9_000)) == T + 1_000  # set back
+    # past 65,535 s after the base it stays there, before the real move
+    assert packed.moved_of(packed.moved(b, T + 3 * DAY)) == T + 1_000 + 65_535_000  # base + cap
+    assert packed.moved_of(packed.pack(T + 1_200, [])) == T + 1_000  # default: last

@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_screening_clients -*-
 """
 The clients screening counts (L{ClientTable}): one dict, kept in
-least-recently-seen order, from a client's slot to what it did.
+least-recently-moved order, from a client's slot to what it did.
 
 A slot is the client's address as an integer: an IPv4 address as is, an
 IPv6 network at the configured prefix plus 2^128, so the two ranges never
@@ -9,11 +9,22 @@ meet. Its text (the key the rules, the block list and the logs use) is
 made again only when needed. A client seen once is the time it was seen;
 one that did more is a record packed into one bytes value (record.py).
 
-The dict costs more than its 24-byte entries: every event moves its
-client to the end (pop and insert, so the order is least recently seen
-first, which prune and eviction read), and CPython sizes a dict that
-must grow under that churn at three times its entries, so a slot costs
-44 to 88 bytes (84 MB for 10^6 clients).
+Why a client is moved to the end at most once a minute (L{MOVE_MS}), not
+on every event: a move is a pop and an insert, and CPython grows a dict
+under that churn to three times its entries (2^22 slots for 10^6
+clients, 84 MB, where the same dict filled once is 42 MB: 88 bytes a
+client against 44). The bench's hostile client, three events within a
+second or two, now never moves. The order is by move time: a client
+seen once is its time, which is when it took its place; a record keeps
+its move time (record.py, to the second, never after the real one), and
+a client seen again a minute or more after its move goes to the end.
+So prune reads the front until the first client moved inside the
+horizon (every later one moved later, and was seen since), removes
+those whose last-seen is past it and keeps those seen since their move;
+eviction drops the least recently moved, which is least recently seen
+to within a minute. Turnover (new clients in, idle ones pruned) churns
+the dict too: a table that keeps 10^6 clients while others come and go
+is still 84 MB of dict after its next growth.
 
 Times are whole milliseconds since the table's epoch (the injected
 clock's reading when it was made), rounded; every window is compared in
@@ -35,6 +46,14 @@ from twisted_mail_screen.screening.netmatch import key_for_parsed, parse_host
 from twisted_mail_screen.screening.notify import Event
 
 _IPV6_SLOTS = 1 << 128  # IPv6 networks' slots start here, past every IPv4 address
+
+#: A client seen again this long after its move goes to the end again
+#: (the windows are whole minutes, so never longer than the shortest).
+MOVE_MS = 60_000
+
+#: Clients a prune looks at in one call: a few ms on the reactor; the
+#: service calls again a second later until it is through.
+PRUNE_SLICE = 20_000
 
 
 def slot_for(version: int, value: int, ipv6_prefix: int) -> int:
@@ -72,6 +91,7 @@ class ClientTable:
         self.conn_ms = config.connection_window_minutes * 60_000
         self.auth_ms = config.auth_failure_window_minutes * 60_000
         self._horizon_ms = max(self.conn_ms, self.auth_ms)
+        self.move_ms = min(MOVE_MS, self.conn_ms, self.auth_ms)
         self.cap = config.max_tracked_clients
         self.evicted = 0
 
@@ -92,19 +112,31 @@ class ClientTable:
             return None
         return slot_for(parsed[0], parsed[1], prefix)
 
-    def prune(self) -> int:
-        """Forget clients idle for longer than every window; how many went."""
+    def prune(self, most: int = PRUNE_SLICE) -> tuple[int, bool]:
+        """
+        Forget clients idle for longer than every window, looking at no
+        more than C{most}; how many went, and whether it got through.
+        """
         cutoff = self.now() - self._horizon_ms
         clients = self.clients
         stale = []
-        for slot, record in clients.items():
-            last = record if type(record) is int else packed.last_of(record)  # type: ignore[arg-type]
-            if last > cutoff:
-                break
-            stale.append(slot)
+        seen = 0
+        through = True
+        for slot, record in islice(clients.items(), most):
+            seen += 1
+            if type(record) is int:
+                if record > cutoff:
+                    break
+                stale.append(slot)
+            elif packed.moved_of(record) > cutoff:  # type: ignore[arg-type]
+                break  # every later client moved later, so was seen since the cutoff
+            elif packed.last_of(record) <= cutoff:  # type: ignore[arg-type]
+                stale.append(slot)
+        else:
+            through = seen < most  # the end of the dict, else more to look at
         for slot in stale:
             del clients[slot]
-        return len(stale)
+        return len(stale), through
 
     def evict(self) -> None:
         clients = self.clients
@@ -115,23 +147,38 @@ class ClientTable:
         self._log.info("screening: action=evict count={count} tracked={tracked} "
                        "cap={cap}", count=count, tracked=len(clients), cap=self.cap)
 
+    def store(self, slot: int, record: bytes, moved: int, now: int) -> None:
+        """
+        Keep C{slot}'s new C{record} (seen at C{now}; its place taken at
+        C{moved}): where it is, or at the end if that was a minute ago.
+        """
+        if moved <= now - self.move_ms:
+            clients = self.clients
+            del clients[slot]
+            clients[slot] = packed.moved(record, now)
+        else:
+            self.clients[slot] = record
+
     def record(self, slot: int, now: int) -> bytes:
         """
-        The full record of C{slot}, created or upgraded, moved to the most
-        recently seen end; the caller stores it back seen at C{now}.
+        The full record of C{slot}, created or upgraded, moved to the end
+        if due (L{store}); the caller stores it back seen at C{now}, in place.
         """
         clients = self.clients
-        record = clients.pop(slot, None)
+        record = clients.get(slot)
         if record is None:
             record = packed.pack(now, ())
             clients[slot] = record
             if len(clients) > self.cap:
                 self.evict()
+            return record
+        if type(record) is int:
+            moved = record
+            record = packed.pack(record, (record,) if record > now - self.conn_ms else ())
         else:
-            if type(record) is int:
-                record = packed.pack(record, (record,) if record > now - self.conn_ms else ())
-            clients[slot] = record
-        return record  # type: ignore[return-value]
+            moved = packed.moved_of(record)  # type: ignore[arg-type]
+        self.store(slot, record, moved, now)  # type: ignore[arg-type]
+        return self.clients[slot]  # type: ignore[return-value]
 
     def note(self, slot: int, now: int, protocol: str, what: str) -> None:
         """Keep a notable event of C{slot}, seen at C{now}."""

@@ -24,7 +24,8 @@ the uptime.
 Layout::
 
     head: u8 n_events (3 bits) | n_auth << 3 (31: a varint follows),
-          u8 size of the times in bytes (255: a varint follows), i32 base (s)
+          u8 size of the times in bytes (255: a varint follows), i32 base (s),
+          u16 moved: whole seconds from the base to the record's move (below)
     [n_auth: varint] [size of the times: varint]
     last - base: varint
     times: (time - base) each, oldest first
@@ -41,6 +42,13 @@ protocol's name and a NUL) plus 8 times its kind, a common prefix of its
 text (0: none), so the usual "auth failed user=..." stores only the user
 name. A time earlier than the base (a wall clock stepped back) repacks
 the record on an earlier base.
+
+The moved field is when the client last took its place at the end of the
+table's order (clients.py moves a client at most once a minute, not on
+every event), rounded down to the second and capped at 65,535 seconds
+after the base: always at or before the real move, which is what the
+table's prune needs to stop early without missing anyone (a capped one
+only moves more often). Every function here keeps it but L{moved}.
 """
 
 from __future__ import annotations
@@ -58,7 +66,8 @@ Failure = tuple[int, bytes]
 #: A notable event: its time (ms), protocol, text.
 MsEvent = tuple[int, str, str]
 
-_HEAD = struct.Struct("<BBi")
+_HEAD = struct.Struct("<BBiH")
+_MOVED_MAX = 0xFFFF
 _AUTH_ESCAPE = 31
 _TIMES_ESCAPE = 255
 _DIGEST = 8
@@ -111,20 +120,24 @@ def _get(b: bytes, i: int) -> tuple[int, int]:
         shift += 7
 
 
-def _head(size: int, n_auth: int, n_events: int, base: int, last: int) -> bytes:
-    """The head: C{size} of the times in bytes, C{base} in seconds, C{last} in ms after it."""
+def _head(size: int, n_auth: int, n_events: int, base: int, last: int, moved: int) -> bytes:
+    """
+    The head: C{size} of the times in bytes, C{base} in seconds, C{last}
+    in ms after it, C{moved} the field (seconds after the base).
+    """
     if n_auth < _AUTH_ESCAPE and size < _TIMES_ESCAPE:
-        return _HEAD.pack(n_events | n_auth << 3, size, base) + _var(last)
+        return _HEAD.pack(n_events | n_auth << 3, size, base, moved) + _var(last)
     return b"".join((
-        _HEAD.pack(n_events | min(n_auth, _AUTH_ESCAPE) << 3, min(size, _TIMES_ESCAPE), base),
+        _HEAD.pack(n_events | min(n_auth, _AUTH_ESCAPE) << 3, min(size, _TIMES_ESCAPE), base,
+                   moved),
         _var(n_auth) if n_auth >= _AUTH_ESCAPE else b"",
         _var(size) if size >= _TIMES_ESCAPE else b"",
         _var(last)))
 
 
-def _parse_head(b: bytes) -> tuple[int, int, int, int, int, int]:
-    """Size of the times, n_auth, n_events, base (ms), last, and where the times start."""
-    h, size, base = _HEAD.unpack_from(b)
+def _parse_head(b: bytes) -> tuple[int, int, int, int, int, int, int]:
+    """Size of the times, n_auth, n_events, base (ms), last, where the times start, moved field."""
+    h, size, base, moved = _HEAD.unpack_from(b)
     i = _HEAD.size
     n_auth = h >> 3
     if n_auth == _AUTH_ESCAPE:
@@ -133,7 +146,7 @@ def _parse_head(b: bytes) -> tuple[int, int, int, int, int, int]:
         size, i = _get(b, i)
     base *= 1000
     last, i = _get(b, i)
-    return size, n_auth, h & 7, base, base + last, i
+    return size, n_auth, h & 7, base, base + last, i, moved
 
 
 def _event(offset: int, protocol: str, what: str) -> bytes:
@@ -152,13 +165,20 @@ def _event(offset: int, protocol: str, what: str) -> bytes:
 
 
 def pack(last: int, times: Sequence[int], auth: Sequence[Failure] = (),
-         events: Sequence[MsEvent] = ()) -> bytes:
-    """A record of these values (events beyond L{EVENTS_KEPT}: the oldest go)."""
+         events: Sequence[MsEvent] = (), moved: int | None = None) -> bytes:
+    """
+    A record of these values (events beyond L{EVENTS_KEPT}: the oldest
+    go), moved at C{moved} (default: C{last}).
+    """
     events = events[-EVENTS_KEPT:]
-    seconds = min((last, *times, *(t for t, _ in auth), *(t for t, _, _ in events))) // 1000
+    if moved is None:
+        moved = last
+    seconds = min((last, moved, *times, *(t for t, _ in auth),
+                   *(t for t, _, _ in events))) // 1000
     base = seconds * 1000
     encoded = b"".join([_var(t - base) for t in times])
-    parts = [_head(len(encoded), len(auth), len(events), seconds, last - base), encoded]
+    parts = [_head(len(encoded), len(auth), len(events), seconds, last - base,
+                   min(_MOVED_MAX, (moved - base) // 1000)), encoded]
     for t, digest in auth:
         parts += (_var(t - base), digest)
     parts += [_event(t - base, protocol, what) for t, protocol, what in events]
@@ -175,7 +195,7 @@ def _times(b: bytes, i: int, end: int, base: int) -> list[int]:
 
 def unpack(b: bytes) -> Record:
     """The values of a record."""
-    size, n_auth, n_events, base, last, i = _parse_head(b)
+    size, n_auth, n_events, base, last, i, _ = _parse_head(b)
     times = _times(b, i, i + size, base)
     i += size
     auth = []
@@ -203,13 +223,29 @@ def last_of(b: bytes) -> int:
     return _parse_head(b)[4]
 
 
-def touch(b: bytes, now: int) -> bytes:
-    """The record seen at C{now}, nothing else counted."""
-    size, n_auth, n_events, base, _, i = _parse_head(b)
+def moved_of(b: bytes) -> int:
+    """When the client took its place in the table's order (ms, at or before it)."""
+    _, _, seconds, moved = _HEAD.unpack_from(b)
+    return (seconds + moved) * 1000
+
+
+def moved(b: bytes, now: int) -> bytes:
+    """The record moved at C{now} (nothing else changed)."""
+    h, size, seconds, _ = _HEAD.unpack_from(b)
+    base = seconds * 1000
     if now < base:
         r = unpack(b)
-        return pack(now, r.times, r.auth, r.events)
-    return _head(size, n_auth, n_events, base // 1000, now - base) + b[i:]
+        return pack(r.last, r.times, r.auth, r.events, now)
+    return _HEAD.pack(h, size, seconds, min(_MOVED_MAX, (now - base) // 1000)) + b[_HEAD.size:]
+
+
+def touch(b: bytes, now: int) -> bytes:
+    """The record seen at C{now}, nothing else counted."""
+    size, n_auth, n_events, base, _, i, m = _parse_head(b)
+    if now < base:
+        r = unpack(b)
+        return pack(now, r.times, r.auth, r.events, moved_of(b))
+    return _head(size, n_auth, n_events, base // 1000, now - base, m) + b[i:]
 
 
 def connect(b: bytes, now: int, cutoff: int, limit: int) -> bytes | int:
@@ -219,7 +255,7 @@ def connect(b: bytes, now: int, cutoff: int, limit: int) -> bytes | int:
     record unchanged), else the record with it counted (and seen at
     C{now}) is returned: the decision's hot path (see the module docstring).
     """
-    h, size, seconds = _HEAD.unpack_from(b)
+    h, size, seconds, m = _HEAD.unpack_from(b)
     base = seconds * 1000
     if h >= _AUTH_ESCAPE << 3 or size == _TIMES_ESCAPE or now < base:
         r = unpack(b)
@@ -227,7 +263,7 @@ def connect(b: bytes, now: int, cutoff: int, limit: int) -> bytes | int:
             else r.times
         if len(kept) >= limit:
             return len(kept)
-        return pack(now, [*kept, now], r.auth, r.events)
+        return pack(now, [*kept, now], r.auth, r.events, moved_of(b))
     i = _get(b, _HEAD.size)[1]  # past last, rewritten below
     end = i + size
     cut = cutoff - base
@@ -244,18 +280,21 @@ def connect(b: bytes, now: int, cutoff: int, limit: int) -> bytes | int:
     at = _var(now - base)
     size = end - i + len(at)
     if size >= _TIMES_ESCAPE:
-        return _head(size, h >> 3, h & 7, seconds, now - base) + kept + at + b[end:]
-    return b"".join((_HEAD.pack(h, size, seconds), at, kept, at, b[end:]))
+        return _head(size, h >> 3, h & 7, seconds, now - base, m) + kept + at + b[end:]
+    return b"".join((_HEAD.pack(h, size, seconds, m), at, kept, at, b[end:]))
 
 
 def pair(first: int, now: int) -> bytes:
-    """The record of a client seen once at C{first} and connecting again at C{now}."""
+    """
+    The record of a client seen once at C{first} and connecting again at
+    C{now}, moved at C{first} (a client seen once took its place then).
+    """
     if now < first:
-        return pack(now, (first, now))
+        return pack(now, (first, now), moved=first)
     seconds = first // 1000
     base = seconds * 1000
     t0, t1 = _var(first - base), _var(now - base)
-    return b"".join((_HEAD.pack(0, len(t0) + len(t1), seconds), t1, t0, t1))
+    return b"".join((_HEAD.pack(0, len(t0) + len(t1), seconds, 0), t1, t0, t1))
 
 
 def _events_at(b: bytes, i: int, n_auth: int) -> int:
@@ -269,17 +308,17 @@ def _events_at(b: bytes, i: int, n_auth: int) -> int:
 
 def note(b: bytes, now: int, protocol: str, what: str) -> bytes:
     """The record with an event kept (the oldest goes past L{EVENTS_KEPT}) and seen at C{now}."""
-    size, n_auth, n_events, base, _, i = _parse_head(b)
+    size, n_auth, n_events, base, _, i, m = _parse_head(b)
     if now < base:
         r = unpack(b)
-        return pack(now, r.times, r.auth, [*r.events, (now, protocol, what)])
+        return pack(now, r.times, r.auth, [*r.events, (now, protocol, what)], moved_of(b))
     events_at = start = _events_at(b, i + size, n_auth)
     if n_events >= EVENTS_KEPT:
         _, j = _get(b, start)  # the oldest event goes
         length, j = _get(b, j + 1)
         start = j + length
         n_events -= 1
-    return b"".join((_head(size, n_auth, n_events + 1, base // 1000, now - base),
+    return b"".join((_head(size, n_auth, n_events + 1, base // 1000, now - base, m),
                      b[i:events_at], b[start:], _event(now - base, protocol, what)))
 
 
@@ -289,7 +328,7 @@ def failed(b: bytes, now: int, cutoff: int, digest: bytes) -> tuple[bytes, int, 
     a digest already inside it is a repeat and not added. Returns the
     record, the pairs inside the window, and whether it was a repeat.
     """
-    size, n_auth, n_events, base, last, i = _parse_head(b)
+    size, n_auth, n_events, base, last, i, m = _parse_head(b)
     j = auth_at = i + size
     failures: list[Failure] = []
     for _ in range(n_auth):
@@ -302,8 +341,8 @@ def failed(b: bytes, now: int, cutoff: int, digest: bytes) -> tuple[bytes, int, 
         failures.append((now, digest))
     if now < base:
         r = unpack(b)
-        return pack(r.last, r.times, failures, r.events), len(failures), repeated
-    parts = [_head(size, len(failures), n_events, base // 1000, last - base), b[i:auth_at]]
+        return pack(r.last, r.times, failures, r.events, moved_of(b)), len(failures), repeated
+    parts = [_head(size, len(failures), n_events, base // 1000, last - base, m), b[i:auth_at]]
     for t, d in failures:
         parts += (_var(t - base), d)
     parts.append(b[j:])

@@ -30,8 +30,9 @@ time it was seen, an int of milliseconds (100 to 150 bytes with its key
 and dict slot); a client that did more gets a record packed into one bytes
 value (record.py) whose lists are capped by the limits themselves. Idle
 records are pruned from the front of the dict, which is kept in
-least-recently-seen order by re-inserting a key on every event, and the
-number of records is capped by evicting the idlest.
+least-recently-moved order by re-inserting a key seen a minute or more
+after its last move (clients.py says why not on every event), and the
+number of records is capped by evicting the least recently moved.
 """
 
 from __future__ import annotations
@@ -162,26 +163,30 @@ class ScreeningRules:
         self.whitelist = NetMatcher(config.whitelist, "screening.whitelist")
         self._open_screen = OpenScreen()
         self._secret = os.urandom(32)
-        self._table = ClientTable(config, clock, self._log)
-        self._clients = self._table.clients
+        #: The counted clients (clients.py); the hot path below reads its dict.
+        self.table = ClientTable(config, clock, self._log)
+        self._clients = self.table.clients
         self._active: dict[str, int] = {}
         self._offences: dict[str, tuple[float, int, int]] = {}
         self._cap = config.max_tracked_clients
 
-    def prune(self) -> int:
+    def prune(self) -> tuple[int, bool]:
         """
-        Forget clients idle for longer than every window, and offences
-        older than the repeat memory.
+        Forget clients idle for longer than every window (a slice of them:
+        L{ClientTable.prune}), and offences older than the repeat memory.
 
-        @return: how many client records were dropped.
+        @return: how many client records were dropped, and whether the
+            clients were looked at to the end (else call again).
         """
-        stale = self._table.prune()
+        stale, through = self.table.prune()
+        if not through:
+            return stale, through
         memory = self.config.repeat_memory_hours * 3600.0
         now = self._clock.seconds()
         for key in [k for k, (expires, _, _) in self._offences.items()
                     if expires + memory <= now]:
             del self._offences[key]
-        return stale
+        return stale, through
 
     # Screening
 
@@ -207,30 +212,36 @@ class ScreeningRules:
         else:
             slot = slot_for(6, value, config.ipv6_prefix)
             key = key_for_parsed(6, value, config.ipv6_prefix)
-        table = self._table
+        table = self.table
         now = table.now()
         limit = config.max_connections
         clients = self._clients
-        record = clients.pop(slot, None)
-        if record is None or (type(record) is int
-                              and (not limit or record <= now - table.conn_ms)):
+        record = clients.get(slot)
+        if record is None:
             clients[slot] = now
-            if record is None and len(clients) > self._cap:
+            if len(clients) > self._cap:
                 table.evict()
+        elif type(record) is int and (not limit or record <= now - table.conn_ms):
+            # seen once: its time is its place in the order, so a new time moves it
+            del clients[slot]
+            clients[slot] = now
         elif not limit:
-            clients[slot] = packed.touch(record, now)  # type: ignore[arg-type]
+            table.store(slot, packed.touch(record, now), packed.moved_of(record),  # type: ignore
+                        now)
         elif type(record) is int and limit > 1:
-            clients[slot] = packed.pair(record, now)  # seen once, inside the window
+            table.store(slot, packed.pair(record, now), record, now)  # seen once, in the window
         else:
             if type(record) is int:
+                moved = record
                 record = packed.pack(record, (record,))
+            else:
+                moved = packed.moved_of(record)  # type: ignore[arg-type]
             counted = packed.connect(record, now, now - table.conn_ms, limit)  # type: ignore[arg-type]
             if type(counted) is int:
-                clients[slot] = record
                 entry = self._block(key, "connections", counted + 1, limit,
                                     config.connection_window_minutes, protocol, slot)
                 return RefusedScreen(refusal_text(key, entry))
-            clients[slot] = counted
+            table.store(slot, counted, moved, now)  # type: ignore[arg-type]
         active = self._active.get(key, 0)
         most = config.max_simultaneous
         if most and active >= most:
@@ -278,7 +289,7 @@ class ScreeningRules:
         close = False
         limit = config.max_auth_failures
         if limit and self._counting(session):
-            table = self._table
+            table = self.table
             now = table.now()
             slot = session.slot
             record = packed.note(table.record(slot, now), now, session.protocol,
@@ -307,7 +318,7 @@ class ScreeningRules:
                        what: str) -> bool:
         if not limit or not self._counting(session):
             return False
-        self._table.note(session.slot, self._table.now(), session.protocol,
+        self.table.note(session.slot, self.table.now(), session.protocol,
                          f"{what} ({count} in this session)")
         if count < limit:
             return False
@@ -343,7 +354,7 @@ class ScreeningRules:
         if per_session.notify_postmaster and self._notifier is not None:
             self._notifier.notify_freeze(username, session.host, session.protocol,
                                          failures, per_session.max_failures, frozen,
-                                         expires, self._table.events(session.slot))
+                                         expires, self.table.events(session.slot))
 
     # Blocking
 
@@ -359,7 +370,7 @@ class ScreeningRules:
     def _block(self, key: str, rule: str, count: int, limit: int,
                window_minutes: int | None, protocol: str, slot: int | None = None) -> Entry:
         if slot is None:
-            slot = self._table.slot_of(key)
+            slot = self.table.slot_of(key)
         now = self._clock.seconds()
         minutes, offence = self._duration(key, now)
         expires = float(math.ceil(now + minutes * 60))
@@ -370,7 +381,7 @@ class ScreeningRules:
         self._offences[key] = (expires, minutes, offence)
         if len(self._offences) > self._cap:
             del self._offences[next(iter(self._offences))]
-        events = self._table.events(slot)
+        events = self.table.events(slot)
         if slot is not None:
             self._clients.pop(slot, None)
         self._state.block_added()
@@ -388,11 +399,11 @@ class ScreeningRules:
 
     def forget_counts(self, key: str) -> None:
         """Drop what is counted against C{key} here (another node blocked it)."""
-        self._table.forget(key)
+        self.table.forget(key)
 
     def counts(self, key: str) -> ClientCounts | None:
         """What is counted against the client C{key} (for tests and inspection)."""
-        return self._table.counts(key)
+        return self.table.counts(key)
 
     def decision(self, action: str, client: str, rule: str, **fields: object) -> None:
         """One structured log line per decision (who, rule, counts, action)."""
@@ -421,4 +432,4 @@ class ScreeningRules:
     def stats(self) -> dict[str, int]:
         """Sizes for the control channel: tracked, active, offences, evicted."""
         return {"tracked": len(self._clients), "active": sum(self._active.values()),
-                "offences": len(self._offences), "evicted": self._table.evicted}
+                "offences": len(self._offences), "evicted": self.table.evicted}

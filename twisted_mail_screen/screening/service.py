@@ -161,8 +161,9 @@ class ScreeningService(Service):
             self.state.check_files()
             now = self._clock.seconds()
             if now >= self._next_prune:
-                self._next_prune = now + self.prune_seconds
-                self.rules.prune()
+                _, through = self.rules.prune()
+                # a prune looks at a slice of the clients; the rest a tick later
+                self._next_prune = now + (self.prune_seconds if through else self.tick_seconds)
         except Exception:
             self._log.failure("screening: periodic check failed")
         self._call = self._clock.callLater(self.tick_seconds, self._maintain)
