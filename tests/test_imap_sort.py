@@ -13,6 +13,7 @@ import marshal
 import os
 import poplib
 import time
+from array import array
 
 import pytest
 
@@ -462,6 +463,46 @@ def test_header_index_directory_is_written_when_a_search_indexes_many_messages(t
     assert headerdir.restore(restored, (box / headerindex.FILENAME).read_bytes(), st.st_ino) == covered
     restored.load()
     assert _state(restored) == _state(index)
+
+
+def test_header_index_map_gives_the_entries_after_a_restart_until_a_name_changes(tmp_path):
+    box = tmp_path / "box"
+    fill(box, headerdir.WRITE_AFTER + 44)
+    rels = sorted("cur/" + n for n in os.listdir(box / "cur"))
+    first = headerindex.HeaderIndex(str(box))
+    first.load()
+    entries = first.ensure(str(box), rels, read_message)
+    assert (box / headerdir.MAPNAME).exists()
+    restarted = headerindex.HeaderIndex(str(box))
+    restarted.load()
+    assert restarted.ensure(str(box), rels, read_message) == entries
+    assert restarted._by_base is None  # mapped: no name looked up, no name table built
+    assert restarted.hits("example.org") == set(entries)
+    # the map is what is taken: a planted one for these names and this index file shows
+    identity, key, _ = marshal.loads((box / headerdir.MAPNAME).read_bytes())
+    planted = list(reversed(entries))
+    (box / headerdir.MAPNAME).write_bytes(marshal.dumps((identity, key, array("i", planted).tobytes()), 2))
+    again = headerindex.HeaderIndex(str(box))
+    again.load()
+    assert again.ensure(str(box), rels, read_message) == planted
+    # a flag changed by hand (another name): looked up, and the map written again
+    flagged = rels[:3] + [rels[3] + "F"] + rels[4:]
+    os.rename(box / rels[3], box / flagged[3])
+    renamed = headerindex.HeaderIndex(str(box))
+    renamed.load()
+    assert renamed.ensure(str(box), flagged, read_message) == entries
+    again = headerindex.HeaderIndex(str(box))
+    again.load()
+    assert again.ensure(str(box), flagged, read_message) == entries and again._by_base is None
+    # the index file replaced since (another inode): the map, planted for these names, is not taken
+    identity, key, _ = marshal.loads((box / headerdir.MAPNAME).read_bytes())
+    (box / headerdir.MAPNAME).write_bytes(marshal.dumps((identity, key, array("i", planted).tobytes()), 2))
+    copy = box / "copy"
+    copy.write_bytes((box / headerindex.FILENAME).read_bytes())
+    os.replace(copy, box / headerindex.FILENAME)
+    replaced = headerindex.HeaderIndex(str(box))
+    replaced.load()
+    assert replaced.ensure(str(box), flagged, read_message) == entries
 
 
 def test_header_index_a_name_indexed_twice_keeps_the_later_entry(tmp_path):

@@ -92,7 +92,7 @@ class HeaderIndex:
         self.meta_spans: tuple[Any, Any] | None = None  # (ends, lengths): metas not sliced yet
         self.ends: list[int] = []  # end of the block in the blob; -1 when not stored, -2 superseded
         self.decoded_list: list[tuple[float, SortFields]] = []
-        self.by_base: dict[str, int] = {}
+        self._by_base: dict[str, int] | None = {}
         self.chunks: list[bytes] = []
         self.blob = b""
         self.blob_len = 0
@@ -102,6 +102,18 @@ class HeaderIndex:
         self.unplain: set[int] = set()
         self._last: tuple[list[str], list[int]] | None = None
         self.memo: dict[Any, Any] = {}  # results over the folder as last seen (SORT orders)
+
+    @property
+    def by_base(self) -> dict[str, int]:
+        """Each base name's entry (built on first use after a restore: a mapped folder needs none)."""
+        if self._by_base is None:
+            # the last of a name's entries wins, as in the walk
+            self._by_base = dict(zip(self.bases, range(len(self.bases))))
+        return self._by_base
+
+    @by_base.setter
+    def by_base(self, value: dict[str, int] | None) -> None:
+        self._by_base = value
 
     @property
     def metas(self) -> list[bytes]:
@@ -184,10 +196,10 @@ class HeaderIndex:
             names = b"/".join(raw).decode("utf-8", "surrogateescape").split("/")
             if len(names) != len(raw):  # a damaged record with a "/" in its name
                 names = [r.decode("utf-8", "surrogateescape") for r in raw]
+            by_base = self.by_base  # (built before the names are added, if it was not)
             first = len(self.bases)
             self.bases += names
             batch = dict(zip(names, range(first, first + len(names))))
-            by_base = self.by_base
             if len(batch) != len(names) or not by_base.keys().isdisjoint(batch):
                 for n, base in enumerate(names, first):  # a message indexed again: the older entry is superseded
                     old = by_base.get(base)
@@ -299,9 +311,12 @@ class HeaderIndex:
         if self._last is not None and self._last[0] == rels:
             return self._last[1]  # the same folder as last time: nothing to look up
         self.memo.clear()
-        get = self.by_base.get
-        # base_of inlined: one comprehension over 100,000 names after a restart, not two calls each
-        out = [get(rel[4:].partition(":")[0], -1) for rel in rels]
+        out = headerdir.mapped(self, rels) if self._last is None else None
+        fresh = out is None
+        if out is None:
+            get = self.by_base.get
+            # base_of inlined: one comprehension over 100,000 names after a restart, not two calls each
+            out = [get(rel[4:].partition(":")[0], -1) for rel in rels]
         missing = [rel for rel, e in zip(rels, out) if e < 0] if -1 in out else []
         if missing:
             records = []
@@ -326,6 +341,8 @@ class HeaderIndex:
             get = self.by_base.get
             out = [get(base_of(rel), -1) for rel in rels]
         self._last = (list(rels), out)
+        if (fresh or missing) and len(rels) >= headerdir.WRITE_AFTER:
+            headerdir.save_map(self, rels, out)
         return out
 
     def remember(self, key: Any, value: Any) -> None:
