@@ -116,12 +116,36 @@ def steps(counts: list[int], reps: int, servers: int) -> int:
     return len(counts) * reps * servers * (1 + len(RESTART))
 
 
+def fixture(fixtures: str, count: int) -> str:
+    """
+    The folder of C{count} messages kept in C{fixtures} (made once: 100,000
+    files take minutes to write on a busy machine); copies are hard links.
+    Message files are never written in place (flag changes rename the
+    link in the copy), so the fixture stays as made.
+    """
+    src = os.path.join(fixtures, f"imap-{count}")
+    if not os.path.exists(os.path.join(src, "complete")):
+        shutil.rmtree(src, ignore_errors=True)
+        populate(os.path.join(src, "box"), count)
+        open(os.path.join(src, "complete"), "w").close()
+    return os.path.join(src, "box")
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system
+        shutil.copy2(src, dst)
+
+
 def run(ours: list[Any], dovecot: Any | None, counts: list[int], reps: int,
-        record: Callable[..., None], notes: dict[str, Any], step: Callable[[str], None]) -> None:
+        record: Callable[..., None], notes: dict[str, Any], step: Callable[[str], None],
+        fixtures: str | None = None) -> None:
     """
     Every IMAP workload for each folder size, on each of our servers and
     Dovecot (one copy of the folder each); records are (workload,
-    {messages}, server).
+    {messages}, server). With C{fixtures}, the folders are made there once
+    and linked, not written anew each run.
     """
     servers = list(ours) + ([dovecot] if dovecot is not None else [])
     if not ours:
@@ -129,13 +153,19 @@ def run(ours: list[Any], dovecot: Any | None, counts: list[int], reps: int,
     for count in counts:
         box = ours[0].maildir(USER)
         shutil.rmtree(box, ignore_errors=True)
-        populate(box, count)
+        copy: Callable[..., Any] = shutil.copy2
+        if fixtures:
+            copy = _link_or_copy
+            os.makedirs(os.path.dirname(box), exist_ok=True)
+            shutil.copytree(fixture(fixtures, count), box, copy_function=copy)
+        else:
+            populate(box, count)
         for other in ours[1:]:
             shutil.rmtree(other.maildir(USER), ignore_errors=True)
-            shutil.copytree(box, other.maildir(USER))
+            shutil.copytree(box, other.maildir(USER), copy_function=copy)
         if dovecot is not None:
             shutil.rmtree(dovecot.mail, ignore_errors=True)
-            shutil.copytree(box, dovecot.mail)
+            shutil.copytree(box, dovecot.mail, copy_function=copy)
             dovecot.chown()
             dovecot.stop()
             dovecot.start()
@@ -202,6 +232,9 @@ def main() -> int:
     ap.add_argument("--messages", default="5000,100000", help="folder sizes, comma list")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=os.path.join(here, "results-imap"))
+    ap.add_argument("--fixtures", default=os.environ.get("IMAP_BENCH_FIXTURES"),
+                    help="a directory where each folder size is made once and hard-linked from "
+                         "(default $IMAP_BENCH_FIXTURES; unset: written anew each run)")
     args = ap.parse_args()
     counts = [int(x) for x in args.messages.split(",")]
     workdir = tempfile.mkdtemp(prefix="imapbench-", dir=os.environ.get("BENCH_TMP"))
@@ -228,7 +261,8 @@ def main() -> int:
     if not have_dovecot:
         notes["dovecot"] = f"not run: {dovecot.error}"
     try:
-        run([ours], dovecot if have_dovecot else None, counts, args.reps, record, notes, progress.step)
+        run([ours], dovecot if have_dovecot else None, counts, args.reps, record, notes, progress.step,
+            args.fixtures)
     finally:
         progress.finish()
         ours.stop()
