@@ -10,9 +10,10 @@ addresses, each failing a login, is the case the memory goal (10^6 such
 clients in 200 MB) is about. As Python lists and tuples one record cost
 about 700 bytes; as f64 fields in a bytes value held by a small object,
 about 170. This value is 80 (the common record of two connections and a
-failed login: 39 bytes, 16 of them the user name); with its integer key
-(32) and its dict slot (44 to 88, see clients.py) a client costs 160 to
-200 bytes (docs/performance.md has the figures).
+failed login: 41 bytes, 16 of them the user name, 2 the move time); with
+its integer key (32) and its dict slot (44, 88 once the dict has grown
+under turnover, see clients.py) a client costs about 156 to 200 bytes
+(docs/performance.md has the figures).
 
 Times are whole milliseconds of the rules' clock (L{ClientTable} counts
 from an epoch of its own). A record's base is a whole second (32 bits,
