@@ -251,15 +251,10 @@ class RedisScreening(Service):
         # the protocol rides in the member, for a refusal that comes after the session
         session = _ClusterSession(screen, self, f"{self.node}:{self._serial}:{protocol}")
         self._sessions[session.member] = session
-        if self.up:
-            self._connect(session, protocol, now)
-        return session
-
-    def _connect(self, session: _ClusterSession, protocol: str, now: float) -> None:
-        settings = self._settings
-        if settings.max_connections or settings.max_simultaneous:
+        if self.up and (settings.max_connections or settings.max_simultaneous):
             session.leased = True
             self.counts.connected(session.key, session.member)
+        return session
 
     def _blockable(self, session: _ClusterSession) -> bool:
         return self._screening.state.blocklist.get(session.key) is None
