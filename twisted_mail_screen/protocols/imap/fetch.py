@@ -257,7 +257,7 @@ def read_message(path: str, rel: str, whole: bool, want_stat: bool) -> tuple[str
     for attempt in range(2):
         try:
             if whole:
-                data, got = _read_whole(os.path.join(path, rel))
+                data, got = _read_whole(path + os.sep + rel)
                 return rel, data, got if want_stat else None
             with open(os.path.join(path, rel), "rb") as f:
                 mtime = os.fstat(f.fileno()).st_mtime if want_stat else None
@@ -297,6 +297,15 @@ def render_rows(path: str, rows: Sequence[Row], atts: Sequence[Att], keywords: l
     want_env = "ENVELOPE" in atts
     want_date = "INTERNALDATE" in atts
     entries = cache.entries if cache is not None else {}
+    # Each item's kind worked out once per chunk, not per row: a Section compared
+    # with each item name is a Python-level __eq__ per test.
+    names = [a if isinstance(a, str) else None for a in atts]
+    whole_sections = [isinstance(a, Section) and not a.path and not a.text and a.partial is None
+                      for a in atts]
+    # Only whole messages asked for: no MIME structure to build.
+    need_part = want_env or header or any(n is None and not w or n is not None and n not in
+                                          META and n not in CACHED and n != "RFC822"
+                                          for n, w in zip(names, whole_sections))
     # ENVELOPE and INTERNALDATE alone: the header index's, where it has them, not the files
     # (only when some are not cached: a chunk rendered on the reactor never opens the index)
     # a row's base name once (it keys the cache, the index and what is learnt; a rename keeps it)
@@ -327,7 +336,7 @@ def render_rows(path: str, rows: Sequence[Row], atts: Sequence[Att], keywords: l
                     continue
                 data = b""  # vanished between two pieces of its line: the line still closes
             data = to_crlf(data)
-            root = Part(data, 0, len(data))
+            root = Part(data, 0, len(data)) if need_part else None
             if got is not None:
                 mtime = got
             if want_env and env is None:
@@ -335,33 +344,35 @@ def render_rows(path: str, rows: Sequence[Row], atts: Sequence[Att], keywords: l
             if got is not None or (want_env and (entry is None or entry[0] is None)):
                 learned[base] = [env if want_env else None, got]
         items: list[bytes | tuple[bytes, bytes]] = []  # a tuple: a literal's prefix and its octets
-        for att in atts:
-            if att == "UID":
+        for att, name, whole_section in zip(atts, names, whole_sections):
+            if name == "UID":
                 items.append(b"UID %d" % uid)
-            elif att == "FLAGS":
+            elif name == "FLAGS":
                 items.append(flags_item(rel, keywords, recent))
-            elif att == "MODSEQ":
+            elif name == "MODSEQ":
                 items.append(b"MODSEQ (%d)" % att.table.get(uid, 0))  # type: ignore[union-attr]
-            elif att == "RFC822.SIZE":
+            elif name == "RFC822.SIZE":
                 items.append(b"RFC822.SIZE %d" % (len(data) if whole and data is not None else size))
-            elif att == "INTERNALDATE":
+            elif name == "INTERNALDATE":
                 items.append(b'INTERNALDATE "' + format_datetime(mtime or 0).encode() + b'"')
-            elif att == "ENVELOPE":
+            elif name == "ENVELOPE":
                 items.append(b"ENVELOPE " + (env or b"NIL"))
+            elif data is None:
+                continue
+            elif whole_section:
+                items.append((b"%s {%d}\r\n" % (att.label.encode(), len(data)), data))  # type: ignore[union-attr]
+            elif name == "RFC822":
+                items.append((b"RFC822 {%d}\r\n" % len(data), data))
             elif root is None:
                 continue
-            elif att == "BODYSTRUCTURE":
+            elif name == "BODYSTRUCTURE":
                 items.append(b"BODYSTRUCTURE " + root.structure(True))
-            elif att == "BODY":
+            elif name == "BODY":
                 items.append(b"BODY " + root.structure(False))
-            elif att == "RFC822":
-                items.append((b"RFC822 {%d}\r\n" % len(root.data), root.data))
-            elif att == "RFC822.HEADER":
+            elif name == "RFC822.HEADER":
                 items.append(b"RFC822.HEADER " + literal(root.header_bytes()))
-            elif att == "RFC822.TEXT":
+            elif name == "RFC822.TEXT":
                 items.append(b"RFC822.TEXT " + literal(root.body_bytes()))
-            elif isinstance(att, Section) and not att.path and not att.text and att.partial is None:
-                items.append((b"%s {%d}\r\n" % (att.label.encode(), len(root.data)), root.data))
             elif isinstance(att, Section):
                 items.append(section_response(root, att))
         out.append(b"* %d FETCH (" % seq if head else b" ")
