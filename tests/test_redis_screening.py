@@ -486,3 +486,67 @@ def test_a_closed_connection_waits_for_the_next_batch_but_no_longer_than_its_hol
     counts.released("192.0.2.3", "n:3:smtp", urgent=True)
     clock.advance(0)
     assert ops() == [(b"r", b"n:3:smtp")]
+
+
+def test_a_connection_past_a_limit_is_published_for_the_node_that_holds_it(redis):
+    """
+    The script answers nothing; a connection counted past max_connections
+    (one that raced the news of its client's limit) is published as
+    'over' with its session's member, after the 'sat' news.
+    """
+    import json
+
+    from twisted.internet.task import Clock
+
+    from twisted_mail_screen.screening.config import ScreeningConfig
+    from twisted_mail_screen.screening.redis_counts import BATCH, BatchedCounts
+    from twisted_mail_screen.screening.resp import RedisLink
+    from twisted_mail_screen.testing import in_reactor, reactor_thread
+
+    clock = Clock()
+    clock.advance(1_800_000_000)
+    up: list[bool] = []
+    heard: list[dict] = []
+    link = RedisLink(reactor_thread(), clock, f"unix:{redis.socket}", None, "v:changes",
+                     lambda c, d: heard.append(json.loads(d)), lambda: up.append(True),
+                     lambda why: None)
+    in_reactor(link.start)
+    wait_until(lambda: up, 5.0)
+    counts = BatchedCounts(link.send_quiet, link.call, clock, "v:", "v:changes",
+                           ScreeningConfig(max_connections=2, max_simultaneous=0), 60)
+
+    def count() -> object:
+        def loaded(_: object) -> object:
+            for serial in (1, 2, 3):
+                counts.connected("192.0.2.7", f"n:{serial}:imap")
+            counts.flush()
+            return link.call("PING")
+        return link.call("SCRIPT", "LOAD", BATCH).addCallback(loaded)
+
+    try:
+        in_reactor(count)
+        wait_until(lambda: len(heard) == 3, 5.0)
+    finally:
+        in_reactor(link.stop)
+    assert [m["t"] for m in heard] == ["sat", "sat", "over"]
+    assert heard[2] == {"t": "over", "k": "192.0.2.7", "m": "n:3:imap", "r": "connections",
+                        "c": 3}
+
+
+def test_a_node_refuses_and_blocks_its_session_that_redis_counted_past_the_limit(nodes, redis):
+    """
+    The node named in an 'over' message refuses that session (421, already
+    greeted) and blocks its client for the whole cluster, as a reply did.
+    """
+    import json
+
+    a, _, c = nodes
+    node = a.stats()["node"]
+    held = a.hold()  # the node's first session: member NODE:1:smtp
+    redis.cli("PUBLISH", f"{PREFIX}changes", json.dumps(
+        {"t": "over", "k": "127.0.0.1", "m": f"{node}:1:smtp", "r": "connections",
+         "c": LIMIT + 1}))
+    code, text = held.getreply()  # unasked: the refusal comes to the waiting client
+    assert code == 421 and b"blocked" in text
+    wait_until(lambda: c.greet()[0] == 421, 2.0)
+    assert f"connections: {LIMIT + 1}/{LIMIT}" in c.mailscreen("block", "list")
