@@ -2,7 +2,10 @@
 What keeps a function-scoped C{mailserver} cheap (bench/plugin_startup.py,
 docs/performance.md): no fsyncs on a test host, DKIM's libraries imported
 only when a key is configured (zoneinfo when a query names a zone), the web page's files read once per process,
-plain C{tcp:} listen strings and the control socket built without the strports parser.
+plain C{tcp:} listen strings and the control socket built without the strports parser;
+POP3, IMAP and the web port built on first use, what is not configured not imported (nor
+imported on the reactor thread), the process's thread pools borrowed, no start sweep of a
+new data directory.
 """
 
 from __future__ import annotations
