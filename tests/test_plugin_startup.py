@@ -5,7 +5,8 @@ only when a key is configured (zoneinfo when a query names a zone), the web page
 plain C{tcp:} listen strings and the control socket built without the strports parser;
 POP3, IMAP and the web port built on first use, what is not configured not imported (nor
 imported on the reactor thread), the process's thread pools borrowed, no start sweep of a
-new data directory.
+new data directory; no C{twisted.mail.smtp} (dates by C{email.utils}), the DSN modules
+imported, in a worker thread, on the first NOTIFY=SUCCESS.
 """
 
 from __future__ import annotations
@@ -311,3 +312,41 @@ def test_a_running_server_imports_what_its_config_needs_before_the_reactor_threa
                               env={**os.environ, "PYTHONPATH": str(ROOT)})
         assert done.returncode == 0, done.stderr
         assert done.stdout.splitlines() == ["[]", str("web" in listeners)]
+
+
+def test_smtp_imports_no_twisted_mail_and_the_dsn_modules_only_for_a_notice(tmp_path: Path) -> None:
+    """
+    A test host that takes a plain message has not imported C{twisted.mail.smtp}
+    (nor C{twisted.cred}) nor the DSN, spool and notice modules; the first
+    NOTIFY=SUCCESS imports those, in a worker thread, and its notice arrives.
+    """
+    script = (
+        "import smtplib, sys, threading\n"
+        "from twisted_mail_screen.pytest_plugin.server import build\n"
+        "LAZY = ('twisted.mail.smtp', 'twisted.cred', 'twisted_mail_screen.relay.notices',\n"
+        "        'twisted_mail_screen.relay.dsn', 'twisted_mail_screen.relay.spool')\n"
+        "seen = []\n"
+        "class Spy:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        seen.append((threading.current_thread().name, name))\n"
+        "sys.meta_path.insert(0, Spy())\n"
+        "server = build(sys.argv[1], {}, 5.0, lambda: ('', ''))\n"
+        "try:\n"
+        "    with smtplib.SMTP(server.host, server.smtp_port) as client:\n"
+        "        client.sendmail('a@example.test', ['b@example.test'], b'Subject: one\\r\\n\\r\\nx\\r\\n')\n"
+        "        server.wait_for('addressed:b@example.test')\n"
+        "        print(sorted(m for m in LAZY if m in sys.modules))\n"
+        "        client.sendmail('a@example.test', ['c@example.test'], b'Subject: two\\r\\n\\r\\nx\\r\\n',\n"
+        "                        rcpt_options=['NOTIFY=SUCCESS'])\n"
+        "    [notice] = server.wait_for('addressed:a@example.test')\n"
+        "    print(notice['Subject'])\n"
+        "finally:\n"
+        "    server.stop()\n"
+        "print(sorted(m for m in LAZY if m not in sys.modules))\n"
+        "print(sorted({n for t, n in seen if t == 'reactor' and n.startswith('twisted_mail_screen.relay')}))\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "data")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["[]", "Successful Mail Delivery Report",
+                                        "['twisted.cred', 'twisted.mail.smtp']", "[]"]

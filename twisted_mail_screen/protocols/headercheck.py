@@ -21,14 +21,12 @@ from __future__ import annotations
 import email.header
 import re
 import secrets
-import time
 from dataclasses import dataclass
 from email.errors import NonASCIILocalPartDefect, ObsoleteHeaderDefect
 from email.policy import default as default_policy
-from email.utils import getaddresses
+from email.utils import formatdate, getaddresses
 from typing import Callable
 
-from twisted.mail.smtp import rfc822date
 
 #: The fields the checks need, found on the lower-cased section by C-level
 #: searches: after a line break, the name, blanks, the colon (RFC 5322 4.5
@@ -79,7 +77,7 @@ def submission(message: bytes, user: str, owns: Callable[[str], bool], hostname:
     check_senders(facts, owns, user)
     added = b""
     if not facts.has_date:
-        added += b"Date: " + rfc822date(time.localtime(now)) + b"\n"
+        added += b"Date: " + formatdate(now, localtime=True).encode() + b"\n"
     if not facts.has_message_id:
         added += f"Message-ID: <{int(now)}.{secrets.token_hex(8)}@{hostname}>\n".encode()
     return added + message

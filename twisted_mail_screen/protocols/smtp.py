@@ -12,8 +12,9 @@ service, the freeze store and the authenticator.
 
 from __future__ import annotations
 
+import importlib
 import re
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
@@ -35,9 +36,11 @@ from twisted_mail_screen.protocols.smtp_params import Envelope, Refused, mail_pa
 from twisted_mail_screen.protocols.smtp_received import HeaderDate, received
 from twisted_mail_screen.protocols.smtp_quota import data_refusal, rcpt_refusal
 from twisted_mail_screen.quota.service import QuotaService
-from twisted_mail_screen.relay.notices import Notices
 from twisted_mail_screen.protocols.smtp_data import (BARE, INLINE_STORED_FORM, LINE, SIZE, DataReader,
                                                      stored_form)
+
+if TYPE_CHECKING:
+    from twisted_mail_screen.relay.notices import Notices
 
 #: RFC 4954 section 4: AUTH lines may be up to 12288 octets.
 COMMAND_LINE_LIMIT = 12288
@@ -364,7 +367,7 @@ class SMTPServer(Authentication, Chunking, ScreenedSession):
         def ok(queue_id: str) -> None:
             self._commands = 0
             if mailboxes and request.recipients:  # NOTIFY=SUCCESS: "delivered" notices, in the background
-                ensureDeferred(f.notices.delivered(queue_id.split(",")[0], env.sender, mailboxes,
+                ensureDeferred(f.delivered_notices(queue_id.split(",")[0], env.sender, mailboxes,
                                                    request, body))
             self.reply(250, "2.0.0", f"Ok: queued as {queue_id.split(',')[0]}")
 
@@ -411,5 +414,19 @@ class SMTPFactory(SessionFactory):
         self.protocol_name = protocol_name
         self.require_auth = require_auth
         self.header_date = HeaderDate()
-        self.notices = Notices(self.config.hostname, None, router, delivery.deliver, self.clock,
-                               Logger(namespace="smtp"))
+        self.notices: Notices | None = None
+
+    async def delivered_notices(self, queue_id: str, sender: str, mailboxes: tuple[str, ...],
+                                request: Any, message: bytes) -> None:
+        """L{Notices.delivered}, the DSN modules imported on the first notice asked for."""
+        if self.notices is None:
+            # Most servers (every test host of the pytest plugin) never see
+            # NOTIFY=SUCCESS: the DSN, spool and notice modules wait for the
+            # first, and are imported in a worker thread, not the reactor's.
+            module = await self.blocking.run(importlib.import_module,
+                                             "twisted_mail_screen.relay.notices")
+            if self.notices is None:
+                self.notices = module.Notices(self.config.hostname, None, self.router,
+                                              self.delivery.deliver, self.clock,
+                                              Logger(namespace="smtp"))
+        await self.notices.delivered(queue_id, sender, mailboxes, request, message)

@@ -3,16 +3,17 @@
 
 from __future__ import annotations
 
-import time
-
-from twisted.mail.smtp import rfc822date
+from email.utils import formatdate
 
 
 class HeaderDate:
     """
-    C{rfc822date(time.localtime(now))} as text, computed once per second:
+    The local date and time of C{now} in RFC 5322's form with a numeric
+    zone (C{Wed, 02 Dec 2026 07:01:02 +0100}), computed once per second:
     the Received header of every message needs it, and formatting a date
     costs more than the rest of the header. One per factory (reactor thread).
+    C{email.utils}, not C{twisted.mail.smtp}'s C{rfc822date} (the same
+    form): that module brings C{twisted.cred} into every server.
     """
 
     def __init__(self) -> None:
@@ -22,7 +23,7 @@ class HeaderDate:
     def __call__(self, now: float) -> str:
         second = int(now)
         if second != self._second:
-            self._text = rfc822date(time.localtime(second)).decode()
+            self._text = formatdate(second, localtime=True)
             self._second = second
         return self._text
 

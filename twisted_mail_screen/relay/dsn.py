@@ -22,10 +22,8 @@ like every stored message.
 from __future__ import annotations
 
 import secrets
-import time
 from dataclasses import dataclass
-
-from twisted.mail.smtp import rfc822date
+from email.utils import formatdate
 
 
 @dataclass(frozen=True)
@@ -48,7 +46,9 @@ _SUBJECTS = {FAILED: "Undelivered Mail Returned to Sender",
 
 
 def _date(seconds: float) -> str:
-    return rfc822date(time.localtime(seconds)).decode()
+    # RFC 5322's form with a numeric zone, as twisted.mail.smtp's rfc822date
+    # gave, without importing that module (and twisted.cred) into every server.
+    return formatdate(seconds, localtime=True)
 
 
 def original_headers(message: bytes) -> bytes:
