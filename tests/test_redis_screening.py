@@ -451,15 +451,15 @@ def test_counting_batches_are_sent_without_a_reply(redis):
     assert int(redis.cli("TTL", "u:lease:192.0.2.1")) > 0
 
 
-def test_a_closed_connection_waits_for_the_next_batch_but_no_longer_than_its_hold():
+def test_the_events_of_a_reactor_turn_go_as_one_batch_in_their_order():
     """
-    A release rides with the node's next connection (before it, in one
-    batch) or goes alone after hold_seconds; a full client's goes at once.
+    Connections, closes and failed logins of one turn go together at its
+    end, in the order they happened; a close is not held past its turn.
     """
     from twisted.internet.task import Clock
 
     from twisted_mail_screen.screening.config import ScreeningConfig
-    from twisted_mail_screen.screening.redis_counts import BatchedCounts
+    from twisted_mail_screen.screening.redis_counts import BATCH_SHA, BatchedCounts
     from twisted_mail_screen.screening.resp import parse
 
     clock = Clock()
@@ -469,23 +469,18 @@ def test_a_closed_connection_waits_for_the_next_batch_but_no_longer_than_its_hol
 
     def ops() -> list[tuple[bytes, bytes]]:
         batch = sent.pop(0)
-        assert batch[0] == b"EVALSHA" and int(batch[2]) == 0
+        assert batch[:3] == [b"EVALSHA", BATCH_SHA.encode(), b"0"]
         return [(batch[i], batch[i + 2]) for i in range(13, len(batch), 3)]
 
     counts.released("192.0.2.1", "n:1:smtp")
-    clock.advance(0)
-    assert sent == []                      # not urgent: waits for company
     counts.connected("192.0.2.2", "n:2:smtp")
-    clock.advance(0)                       # the connection's turn ends: both go, release first
-    assert ops() == [(b"r", b"n:1:smtp"), (b"c", b"n:2:smtp")] and sent == []
-    counts.released("192.0.2.2", "n:2:smtp")
-    clock.advance(counts.hold_seconds / 2)
+    counts.auth_failed("192.0.2.2", "d1", "n:2:smtp")
     assert sent == []
-    clock.advance(counts.hold_seconds / 2)  # nobody came: it goes alone
-    assert ops() == [(b"r", b"n:2:smtp")]
-    counts.released("192.0.2.3", "n:3:smtp", urgent=True)
     clock.advance(0)
-    assert ops() == [(b"r", b"n:3:smtp")]
+    assert ops() == [(b"r", b"n:1:smtp"), (b"c", b"n:2:smtp"), (b"an:2:smtp", b"d1")]
+    counts.released("192.0.2.2", "n:2:smtp")
+    clock.advance(0)
+    assert ops() == [(b"r", b"n:2:smtp")] and sent == []
 
 
 def test_a_connection_past_a_limit_is_published_for_the_node_that_holds_it(redis):

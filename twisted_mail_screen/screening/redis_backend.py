@@ -263,8 +263,7 @@ class RedisScreening(Service):
         self._sessions.pop(session.member, None)
         if not (self.up and session.leased and self._settings.max_simultaneous):
             return
-        # a full client's release clears the cluster's flag: that one goes at once
-        self.counts.released(session.key, session.member, urgent=session.key in self._full)
+        self.counts.released(session.key, session.member)
 
     def auth_failed(self, session: _ClusterSession, username: str, secret: bytes) -> None:
         settings = self._settings

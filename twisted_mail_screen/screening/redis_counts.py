@@ -18,19 +18,15 @@ node does not read, parse or dispatch one. The script publishes:
    news above arrived); that node blocks the client and refuses the
    session, one round trip late, as it would have with a reply.
 
-A connection or failed login is sent at the end of its reactor turn, so the
-news of a client at its limit races its next connection no longer than a
-round trip (holding them 5 ms made bigger batches but let the limit+1-th
-connection through). A closed connection only lowers a count: holding it
-can make the cluster refuse early, never accept past a limit. So it waits
-for the node's next connection (the batch at the end of that turn) but no
-longer than L{BatchedCounts.hold_seconds}, 1 ms, and goes at once when the
-cluster said its client was full. A client is counted as connected for 1 ms
-after it closed (more only if the reactor runs late; a lease held by a killed node stays
-C{lease_seconds}); a busy node, with about one connection a reactor turn,
-sends one batch a connection instead of two (docs/performance.md,
-"Screening with the Redis backend"). A 50 ms hold made a client that
-reconnects at once through three nodes look like three simultaneous ones.
+Every event is sent at the end of its reactor turn, with the others of that
+turn, so the news of a client at its limit races its next connection no
+longer than a round trip, and a closed connection stops counting as soon.
+Holding events longer made bigger batches but was not exact: 5 ms let the
+limit+1-th connection through; closes held 50 ms made a client reconnecting
+at once through three nodes look like three simultaneous connections, and
+held 1 ms, one of a client's first six sequential connections was refused
+twice in about 15 runs of the Redis tests on a loaded machine
+(docs/performance.md, "Screening with the Redis backend").
 
 Keys (all with a TTL, so a node that dies leaves nothing behind past it):
 C{PREFIX conn:CLIENT} the sliding connection window (a sorted set of
@@ -145,10 +141,7 @@ class BatchedCounts:
     counts alone); C{call} sends one with a reply (the probe).
 
     @ivar batches: how many batches were sent (for the bench).
-    @ivar hold_seconds: the longest a closed connection waits for company.
     """
-
-    hold_seconds = 0.001
 
     def __init__(self, send: Callable[[bytes], bool], call: Callable[..., Deferred],
                  clock: IReactorTime, prefix: str, channel: str, settings: ScreeningConfig,
@@ -166,29 +159,21 @@ class BatchedCounts:
                       + b"".join(bulk(str(v).encode()) for v in self._settings))
         self._ops: list[bytes] = []
         self._flush_call: IDelayedCall | None = None
-        self._urgent = False
         self.batches = 0
 
     def connected(self, client: str, member: str) -> None:
-        self._add(b"$1\r\nc\r\n" + bulk(client.encode()) + bulk(member.encode()), True)
+        self._add(b"$1\r\nc\r\n" + bulk(client.encode()) + bulk(member.encode()))
 
-    def released(self, client: str, member: str, urgent: bool = False) -> None:
-        self._add(b"$1\r\nr\r\n" + bulk(client.encode()) + bulk(member.encode()), urgent)
+    def released(self, client: str, member: str) -> None:
+        self._add(b"$1\r\nr\r\n" + bulk(client.encode()) + bulk(member.encode()))
 
     def auth_failed(self, client: str, digest: str, member: str) -> None:
-        self._add(bulk(b"a" + member.encode()) + bulk(client.encode()) + bulk(digest.encode()),
-                  True)
+        self._add(bulk(b"a" + member.encode()) + bulk(client.encode()) + bulk(digest.encode()))
 
-    def _add(self, op: bytes, urgent: bool) -> None:
+    def _add(self, op: bytes) -> None:
+        if self._flush_call is None:
+            self._flush_call = self._clock.callLater(0, self.flush)
         self._ops.append(op)
-        call = self._flush_call
-        if call is None:
-            self._flush_call = self._clock.callLater(0 if urgent else self.hold_seconds,
-                                                     self.flush)
-            self._urgent = urgent
-        elif urgent and not self._urgent:
-            call.reset(0)
-            self._urgent = True
 
     def encoded(self, now: float) -> bytes:
         """The queued operations as one C{EVALSHA} command (and the queue emptied)."""
