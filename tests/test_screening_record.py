@@ -148,3 +148,41 @@ def test_the_move_time_is_kept_by_every_change_but_a_move():
     # past 65,535 s after the base it stays there, before the real move
     assert packed.moved_of(packed.moved(b, T + 3 * DAY)) == T + 1_000 + 65_535_000  # base + cap
     assert packed.moved_of(packed.pack(T + 1_200, [])) == T + 1_000  # default: last
+
+
+def _connect_by_unpacking(b: bytes, now: int, cutoff: int, limit: int) -> bytes | int:
+    """What L{packed.connect} must answer, the slow and obvious way."""
+    r = packed.unpack(b)
+    kept = [t for t in r.times if t > cutoff]
+    if len(kept) >= limit:
+        return len(kept)
+    return packed.pack(now, [*kept, now], r.auth, r.events, packed.moved_of(b))
+
+
+def test_connect_on_a_long_window_or_many_failures_is_the_unpacked_answer():
+    # a site with a high limit keeps hundreds of times (past the head's
+    # one-byte size) and a storm of failed pairs past the head's 5-bit count
+    for n_times, n_auth in ((40, 0), (200, 0), (2000, 3), (10, 40), (300, 35)):
+        times = [T + 7 * k for k in range(n_times)]
+        auth = [(T + k, bytes([k % 256]) * 8) for k in range(n_auth)]
+        b = packed.pack(times[-1], times, auth, [(T + 5, "smtp", "refused: x")], moved=T)
+        for cutoff, limit in ((T - 1, 10_000), (T + 7 * (n_times // 2), 10_000),
+                              (T - 1, n_times), (T + 7 * (n_times - 1), 1)):
+            now = T + 7 * n_times + 3
+            got = packed.connect(b, now, cutoff, limit)
+            assert got == _connect_by_unpacking(b, now, cutoff, limit)
+            if isinstance(got, bytes):
+                assert packed.unpack(got).auth == auth
+
+
+def test_a_connection_costs_about_the_same_with_a_long_window():
+    import timeit
+
+    def cost(n: int) -> float:
+        times = [T + k for k in range(n)]
+        b = packed.pack(times[-1], times)
+        now = T + n + 1
+        return min(timeit.repeat(lambda: packed.connect(b, now, T - 1, 100_000), number=20, repeat=25))
+
+    # unpacking 2,000 times in Python costs ~100x a 20-time window; slicing ~2x
+    assert cost(2000) < 10 * cost(20)

@@ -37,7 +37,7 @@ The times are counted by their size, not their number, for the
 decision's hot path (L{connect}): it decodes only the times that leave
 the window (each once), counts the rest in C (one final byte per varint)
 and appends the new one by slicing, so a connection costs about the same
-with one time in the window as with sixty. An event's code is its
+with one time in the window as with thousands (a site's high limit). An event's code is its
 protocol (0-5, 7: not in the table, the text then starts with the
 protocol's name and a NUL) plus 8 times its kind, a common prefix of its
 text (0: none), so the usual "auth failed user=..." stores only the user
@@ -258,14 +258,20 @@ def connect(b: bytes, now: int, cutoff: int, limit: int) -> bytes | int:
     """
     h, size, seconds, m = _HEAD.unpack_from(b)
     base = seconds * 1000
-    if h >= _AUTH_ESCAPE << 3 or size == _TIMES_ESCAPE or now < base:
+    if now < base:
         r = unpack(b)
         kept = r.times[bisect_right(r.times, cutoff):] if r.times and r.times[0] <= cutoff \
             else r.times
         if len(kept) >= limit:
             return len(kept)
         return pack(now, [*kept, now], r.auth, r.events, moved_of(b))
-    i = _get(b, _HEAD.size)[1]  # past last, rewritten below
+    escaped = h >= _AUTH_ESCAPE << 3 or size == _TIMES_ESCAPE
+    if escaped:
+        # a long window (a site's high limit) or many failed pairs: the same
+        # slicing, so a connection costs no more with 1,000 times than with 60
+        size, n_auth, n_events, _, _, i, _ = _parse_head(b)
+    else:
+        i = _get(b, _HEAD.size)[1]  # past last, rewritten below
     end = i + size
     cut = cutoff - base
     if i < end and (b[i] if b[i] < 0x80 else _get(b, i)[0]) <= cut:
@@ -280,8 +286,10 @@ def connect(b: bytes, now: int, cutoff: int, limit: int) -> bytes | int:
         return count
     at = _var(now - base)
     size = end - i + len(at)
-    if size >= _TIMES_ESCAPE:
-        return _head(size, h >> 3, h & 7, seconds, now - base, m) + kept + at + b[end:]
+    if escaped or size >= _TIMES_ESCAPE:
+        if not escaped:
+            n_auth, n_events = h >> 3, h & 7
+        return _head(size, n_auth, n_events, seconds, now - base, m) + kept + at + b[end:]
     return b"".join((_HEAD.pack(h, size, seconds, m), at, kept, at, b[end:]))
 
 
