@@ -47,23 +47,11 @@ sys.path.insert(0, HERE)
 import clients  # noqa: E402
 import peers  # noqa: E402
 from maildirs import clear_maildir, count_files  # noqa: E402
+from screening_redis import start_redis  # noqa: E402
 
 ENTRANTS = ("one-node-memory", "one-node", "three-nodes")
 #: Connections come from this many loopback addresses (a site hears from many MTAs).
 SOURCES = 1000
-
-
-def start_redis(directory: str) -> tuple[subprocess.Popen, str]:
-    """A redis-server on a UNIX socket in C{directory}, no persistence."""
-    sock = os.path.join(directory, "redis.sock")
-    proc = subprocess.Popen(["redis-server", "--port", "0", "--unixsocket", sock, "--save", "",
-                             "--appendonly", "no", "--dir", directory],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    for _ in range(500):
-        if os.path.exists(sock):
-            break
-        time.sleep(0.01)
-    return proc, sock
 
 
 class Node:

@@ -49,6 +49,7 @@ def address(i: int) -> str:
 
 
 def start_redis(directory: str) -> tuple[subprocess.Popen, str]:
+    """A redis-server on a UNIX socket in C{directory}, no persistence (bench/cluster.py too)."""
     sock = os.path.join(directory, "redis.sock")
     proc = subprocess.Popen(["redis-server", "--port", "0", "--unixsocket", sock, "--save", "",
                              "--appendonly", "no", "--dir", directory],
