@@ -13,7 +13,7 @@ import os
 import sys
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
@@ -214,7 +214,10 @@ MAX_SOCKET_PATH = 107 if sys.platform.startswith("linux") else 103
 
 
 def _control_socket(top: Section, data_dir: str) -> str:
-    given = top.get("control_socket", str, None)  # type: ignore[arg-type]
+    return _control_socket_path(top.get("control_socket", str, None), data_dir)  # type: ignore[arg-type]
+
+
+def _control_socket_path(given: str | None, data_dir: str) -> str:
     if given is not None and not given.strip():
         raise ConfigError("control_socket", given, "must be a path")
     path = os.path.abspath(given) if given is not None else os.path.join(data_dir, "control.sock")
@@ -324,3 +327,15 @@ def load_config(path: str | None, overrides: dict[str, Any] | None = None) -> Co
     """Load C{path} (or the embedded default when C{None}) with overrides."""
     table = load_file(path) if path else {}
     return parse_config(table, overrides)
+
+
+def with_data_dir(config: Config, data_dir: str, control_socket: str | None = None) -> Config:
+    """
+    C{config} moved to another data directory (and control socket, by
+    default DATA_DIR/control.sock), both checked as L{parse_config} checks
+    them: the plugin parses a test host's settings once per process and
+    gives each test its own directory this way (docs/performance.md).
+    """
+    data_dir = _check_data_dir("data_dir", data_dir)
+    return replace(config, data_dir=data_dir,
+                   control_socket=_control_socket_path(control_socket, data_dir))

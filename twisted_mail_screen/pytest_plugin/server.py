@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet.task import Clock
 
-from twisted_mail_screen.config.settings import MAX_SOCKET_PATH, load_config
+from twisted_mail_screen.config.settings import MAX_SOCKET_PATH
+from twisted_mail_screen.pytest_plugin.configcache import host_config
 from twisted_mail_screen.runtime.control import SOCKET_NAME
 from twisted_mail_screen.pytest_plugin import mailbox
 from twisted_mail_screen.pytest_plugin.controls import FaultsProxy, ScreeningControl
@@ -77,7 +78,7 @@ class MailServer:
         self.clock = Clock()
         self.clock.advance(time.time())
         try:
-            self.server = RunningServer(load_config(None, table), clock=self.clock,
+            self.server = RunningServer(host_config(table), clock=self.clock,
                                         shared_pools=True, lazy=LAZY)
         except BaseException:  # a bad marker key: no stop() will come to clean up
             self._remove_socket_dir()
