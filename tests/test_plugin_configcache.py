@@ -16,6 +16,7 @@ import pytest
 from twisted_mail_screen.config.base import ConfigError
 from twisted_mail_screen.pytest_plugin.configcache import host_config
 from twisted_mail_screen.pytest_plugin.server import build
+from twisted_mail_screen.screening.netmatch import shared_matcher
 
 
 def _table(data_dir: Path, **extra: object) -> dict[str, object]:
@@ -51,10 +52,21 @@ def test_a_reused_parse_still_checks_the_data_dir(tmp_path: Path) -> None:
         host_config(_table(tmp_path / "file" / "below"))
 
 
+def test_a_white_list_is_parsed_once_and_a_bad_one_refused_each_time() -> None:
+    first = shared_matcher(("127.0.0.1", "10.0.0.0/8"), "screening.whitelist")
+    assert shared_matcher(("127.0.0.1", "10.0.0.0/8"), "screening.whitelist") is first
+    assert first.matches("10.1.2.3") and not first.matches("192.0.2.1")
+    for _ in range(2):
+        with pytest.raises(ConfigError, match="screening.whitelist"):
+            shared_matcher(("no such network",), "screening.whitelist")
+
+
 def test_servers_from_one_parse_keep_their_mail_apart(tmp_path: Path) -> None:
     servers = [build(str(tmp_path / name), {}, 5.0, lambda: ("", "")) for name in ("one", "two")]
     try:
         assert servers[1].server.config.screening is servers[0].server.config.screening
+        rules = [server.server.service.screening.rules for server in servers]
+        assert rules[1].whitelist is rules[0].whitelist  # the configured list parsed once
         for i, server in enumerate(servers):
             with smtplib.SMTP(server.host, server.smtp_port) as client:
                 client.sendmail("a@example.org", ["b@example.org"], f"Subject: n{i}\r\n\r\nbody\r\n")

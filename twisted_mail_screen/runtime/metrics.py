@@ -23,13 +23,17 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+import time
+from typing import TYPE_CHECKING
+
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from twisted_mail_screen.runtime.events import Event, EventBus
 from twisted_mail_screen.runtime.lagmonitor import LagMonitor
+
+if TYPE_CHECKING:
+    from prometheus_client.core import Metric
 
 #: Delivery latency buckets (seconds): an fsync'd local delivery takes
 #: milliseconds; a slow disk or a full worker pool shows in the tail.
@@ -85,52 +89,120 @@ class MinuteCounts:
                            for name, counts in self._counts.items()}}
 
 
+#: The counters, in the order /metrics lists them: name, help, label names.
+COUNTERS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("mailscreen_connections", "Connections by protocol and outcome", ("protocol", "outcome")),
+    ("mailscreen_auth_failures", "Failed logins by protocol", ("protocol",)),
+    ("mailscreen_refusals", "Connections refused by screening, by rule", ("rule",)),
+    ("mailscreen_blocks", "Blocks added, by rule", ("rule",)),
+    ("mailscreen_freezes", "Accounts frozen", ()),
+    ("mailscreen_messages_delivered", "Messages accepted with a 250 after DATA (stored or queued)", ()),
+    ("mailscreen_messages_delivered_bytes", "Bytes of the messages delivered", ()),
+    ("mailscreen_outbound_attempts", "Outbound delivery attempts per recipient, by result",
+     ("result",)),
+)
+#: The histogram, listed after the delivery counters as before.
+LATENCY = ("mailscreen_delivery_latency_seconds",
+           "From the end of DATA to the fsync'd delivery behind the 250")
+
+
+class Counts:
+    """
+    One counter's values by label values, each with its creation time
+    (C{time.time()}, as C{prometheus_client} stamps its C{_created} series).
+    """
+
+    __slots__ = ("values",)
+
+    def __init__(self, labelled: bool) -> None:
+        #: label values -> [count, created]; an unlabelled counter exists from the start
+        self.values: dict[tuple[str, ...], list[float]] = {} if labelled else {(): [0.0, time.time()]}
+
+    def inc(self, labels: tuple[str, ...] = (), amount: float = 1.0) -> None:
+        value = self.values.get(labels)
+        if value is None:
+            self.values[labels] = value = [0.0, time.time()]
+        value[0] += amount
+
+
+class Latency:
+    """The delivery-latency histogram: counts per bucket (the last one +Inf), their sum."""
+
+    __slots__ = ("buckets", "sum", "created")
+
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.sum = 0.0
+        self.created = time.time()
+
+    def observe(self, seconds: float) -> None:
+        self.sum += seconds
+        for i, bound in enumerate(LATENCY_BUCKETS):
+            if seconds <= bound:
+                self.buckets[i] += 1
+                return
+        self.buckets[-1] += 1
+
+
 class ServerMetrics:
     """
-    The registry and the counters the server feeds. Build one per server,
-    subscribe it to the bus (the constructor does) and hand it to the
-    session factories (C{observer}) and the web port.
+    The counters the server feeds and the registry that /metrics reads.
+    Build one per server, subscribe it to the bus (the constructor does)
+    and hand it to the session factories (C{observer}) and the web port.
+
+    The counts are plain numbers kept from the server's start; the
+    C{prometheus_client} registry (and its import) comes on the first
+    read of L{registry}, whose collector renders them at each scrape:
+    a test host that is never scraped pays for neither
+    (docs/performance.md, the plugin's start-up cost, sixth round).
     """
 
     def __init__(self, events: EventBus, clock: IReactorTime) -> None:
-        self.registry = CollectorRegistry()
         self.minutes = MinuteCounts(clock)
-        r = self.registry
-        self.connections = Counter("mailscreen_connections", "Connections by protocol and outcome",
-                                   ["protocol", "outcome"], registry=r)
-        self.auth_failures = Counter("mailscreen_auth_failures", "Failed logins by protocol",
-                                     ["protocol"], registry=r)
-        self.refusals = Counter("mailscreen_refusals", "Connections refused by screening, by rule",
-                                ["rule"], registry=r)
-        self.blocks = Counter("mailscreen_blocks", "Blocks added, by rule", ["rule"], registry=r)
-        self.freezes = Counter("mailscreen_freezes", "Accounts frozen", registry=r)
-        self.delivered = Counter("mailscreen_messages_delivered",
-                                 "Messages accepted with a 250 after DATA (stored or queued)",
-                                 registry=r)
-        self.delivered_bytes = Counter("mailscreen_messages_delivered_bytes",
-                                       "Bytes of the messages delivered", registry=r)
-        self.latency = Histogram("mailscreen_delivery_latency_seconds",
-                                 "From the end of DATA to the fsync'd delivery behind the 250",
-                                 buckets=LATENCY_BUCKETS, registry=r)
-        self.outbound = Counter("mailscreen_outbound_attempts",
-                                "Outbound delivery attempts per recipient, by result",
-                                ["result"], registry=r)
+        self.counters = {name: Counts(bool(labels)) for name, _, labels in COUNTERS}
+        self.latency = Latency()
+        self._collectors: list[Any] = []
+        self._registry: Any = None
+        c = self.counters
+        self._connections = c["mailscreen_connections"]
+        self._auth_failures = c["mailscreen_auth_failures"]
+        self._refusals = c["mailscreen_refusals"]
+        self._blocks = c["mailscreen_blocks"]
+        self._freezes = c["mailscreen_freezes"]
+        self._delivered = c["mailscreen_messages_delivered"]
+        self._delivered_bytes = c["mailscreen_messages_delivered_bytes"]
+        self._outbound = c["mailscreen_outbound_attempts"]
         self.unsubscribe = events.subscribe(self.event)
+
+    def register(self, collector: Any) -> None:
+        """Add a collector read at each scrape (registered with the registry when it is made)."""
+        self._collectors.append(collector)
+        if self._registry is not None:
+            self._registry.register(collector)
+
+    @property
+    def registry(self) -> Any:
+        """The server's own C{prometheus_client} registry (never the library's global one)."""
+        if self._registry is None:
+            from twisted_mail_screen.runtime.promrender import make_registry
+
+            self._registry = make_registry(self, self._collectors)
+        return self._registry
 
     # the sessions' observer (protocols/session.py)
 
     def connection(self, protocol: str, accepted: bool) -> None:
-        self.connections.labels(protocol, "accepted" if accepted else "refused").inc()
+        self._connections.inc((protocol, "accepted" if accepted else "refused"))
         self.minutes.add("connections")
 
     def auth_failed(self, protocol: str) -> None:
-        self.auth_failures.labels(protocol).inc()
+        self._auth_failures.inc((protocol,))
 
     # deliveries (MeasuredDelivery)
 
     def delivery(self, size: int, seconds: float) -> None:
-        self.delivered.inc()
-        self.delivered_bytes.inc(size)
+        self._delivered.inc()
+        self._delivered_bytes.inc((), float(size))
         self.latency.observe(seconds)
 
     # the event bus
@@ -139,15 +211,15 @@ class ServerMetrics:
         kind, data = event.kind, event.data
         if kind == "screening.decision":
             if data.get("action") == "refuse":
-                self.refusals.labels(str(data.get("rule"))).inc()
+                self._refusals.inc((str(data.get("rule")),))
                 self.minutes.add("refusals")
         elif kind == "screening.block":
-            self.blocks.labels(str(data.get("rule"))).inc()
+            self._blocks.inc((str(data.get("rule")),))
             self.minutes.add("blocks")
         elif kind == "screening.freeze":
-            self.freezes.inc()
+            self._freezes.inc()
         elif kind in OUTBOUND and not data.get("expired"):
-            self.outbound.labels(OUTBOUND[kind]).inc()
+            self._outbound.inc((OUTBOUND[kind],))
 
 
 class StateCollector:
@@ -170,6 +242,8 @@ class StateCollector:
         self._queue = queue
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         yield GaugeMetricFamily("mailscreen_active_blocks", "Addresses and networks blocked now",
                                 value=self._blocks())
         yield GaugeMetricFamily("mailscreen_frozen_accounts", "Accounts frozen now",
@@ -207,6 +281,8 @@ class BackendCollector:
         self._up = up
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import GaugeMetricFamily
+
         family = GaugeMetricFamily("mailscreen_screening_backend_up",
                                    "Whether screening's shared state is reachable",
                                    labels=["backend"])

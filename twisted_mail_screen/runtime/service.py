@@ -288,12 +288,12 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
     service.metrics = metrics
     freeze_store = screening.freeze_store
     notifier = screening.notifier
-    metrics.registry.register(StateCollector(
+    metrics.register(StateCollector(
         clock, service.lag, blocks=lambda: len(screening.state.blocklist.entries()),
         frozen=lambda: len(freeze_store.entries()) if freeze_store is not None else 0,
         notices=lambda: getattr(notifier, "messages_sent", 0),
         queue=queue.size if queue is not None else None))
-    metrics.registry.register(BackendCollector(
+    metrics.register(BackendCollector(
         "redis" if config.screening.redis is not None else "memory", backend_up))
     # SMTP's deliveries are counted and timed (end of DATA to the fsync'd 250).
     measured = MeasuredDelivery(delivery, metrics, clock)

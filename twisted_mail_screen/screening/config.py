@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 
 from twisted_mail_screen.config.base import ConfigError, Section
-from twisted_mail_screen.screening.netmatch import NetMatcher
+from twisted_mail_screen.screening.netmatch import shared_matcher
 
 PROTOCOLS = ("smtp", "submission", "pop3", "imap")
 BACKENDS = ("memory", "redis")
@@ -131,7 +131,7 @@ def parse_screening(section: Section, mode: str) -> ScreeningConfig:
     """
     d = ScreeningConfig()
     whitelist = section.string_list("whitelist", default_whitelist(mode))
-    NetMatcher(whitelist, section.key("whitelist"))
+    shared_matcher(tuple(whitelist), section.key("whitelist"))
     block_minutes = section.integer("block_minutes", d.block_minutes, 1)
     max_block = section.integer("max_block_minutes", max(d.max_block_minutes, block_minutes), 1)
     if max_block < block_minutes:

@@ -19,6 +19,7 @@ thousands of networks still answers in a few hundred nanoseconds.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import socket
@@ -259,3 +260,14 @@ def _parse_range(text: str, key: str) -> list[Network]:
         return list(ipaddress.summarize_address_range(start, end))  # type: ignore[arg-type]
     except (ValueError, TypeError):
         raise ConfigError(key, text, "not an address range (10.0.0.5-10.0.0.20)") from None
+
+
+@functools.lru_cache(maxsize=64)
+def shared_matcher(entries: tuple[str, ...], key: str = "whitelist") -> NetMatcher:
+    """
+    The L{NetMatcher} for C{entries}, built once per process: a matcher
+    never changes after it is built, and every server of a process (the
+    pytest plugin starts one a test) has the same configured white list.
+    A list that is refused raises each time (errors are not cached).
+    """
+    return NetMatcher(entries, key)

@@ -49,7 +49,7 @@ from twisted_mail_screen.screening.config import FreezeConfig, ScreeningConfig
 from twisted_mail_screen.screening.interfaces import (
     AdminFreezeStore, ClientScreen, Notifier, OpenScreen)
 from twisted_mail_screen.screening.listfile import Entry, format_expiry
-from twisted_mail_screen.screening.netmatch import NetMatcher, key_for_parsed, parse_host
+from twisted_mail_screen.screening.netmatch import key_for_parsed, parse_host, shared_matcher
 from twisted_mail_screen.screening import record as packed
 from twisted_mail_screen.screening.clients import ClientCounts, ClientTable, slot_for
 from twisted_mail_screen.screening.state import StateFiles
@@ -160,7 +160,7 @@ class ScreeningRules:
         self._freeze_config = freeze_config
         self._log = log or Logger()
         self._known_account = known_account
-        self.whitelist = NetMatcher(config.whitelist, "screening.whitelist")
+        self.whitelist = shared_matcher(tuple(config.whitelist), "screening.whitelist")
         self._open_screen = OpenScreen()
         self._secret = os.urandom(32)
         #: The counted clients (clients.py); the hot path below reads its dict.

@@ -13,6 +13,9 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+# The registry is made on the first scrape, on the reactor thread: its
+# module comes in with the web port's, not then.
+from twisted_mail_screen.runtime import promrender  # noqa: F401
 from twisted_mail_screen.web.api import ApiRequest, Raw, Router
 from twisted_mail_screen.web.context import WebContext
 
