@@ -142,7 +142,8 @@ from twisted_mail_screen.testing import in_reactor
 LATER = ("twisted_mail_screen.protocols.imap.server", "twisted_mail_screen.protocols.pop3",
          "twisted_mail_screen.web.site", "twisted.web.server", "twisted_mail_screen.relay.queue",
          "twisted_mail_screen.screening.redis_backend", "twisted_mail_screen.runtime.proxyproto",
-         "twisted_mail_screen.runtime.tlsreload")
+         "twisted_mail_screen.runtime.tlsreload", "twisted_mail_screen.mailauth.gate",
+         "prometheus_client")
 server = build(sys.argv[1], {}, 5.0, lambda: ("", ""))
 try:
     with smtplib.SMTP(server.host, server.smtp_port) as client:
@@ -172,8 +173,9 @@ finally:
 def test_imap_pop3_and_web_are_built_on_first_use_and_then_work(tmp_path: Path) -> None:
     """
     A test that only sends over SMTP imports none of IMAP, POP3, the web
-    site, the relay queue, the Redis client, the PROXY protocol or the TLS
-    files' reloader (no [tls] configured); reading a port imports its
+    site, the relay queue, the Redis client, the PROXY protocol, the TLS
+    files' reloader (no [tls] configured), the mail-auth gate (no DKIM key,
+    no inbound checks) or prometheus_client (nothing scraped); reading a port imports its
     modules (in the test's thread), and each then answers as before; the
     web port lists a screening decision made before it was first asked.
     """

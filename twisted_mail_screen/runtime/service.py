@@ -41,7 +41,6 @@ from twisted_mail_screen.quota.state import QuotaFileError, read_overrides, stat
 from twisted_mail_screen.protocols.session import SessionFactory
 from twisted_mail_screen.store.routing import Router
 from twisted_mail_screen.protocols.smtp import SMTPFactory
-from twisted_mail_screen.mailauth.gate import build_mail_auth
 from twisted_mail_screen.runtime.workers import Blocking, Workers
 from twisted_mail_screen.web.decisions import Decisions
 
@@ -138,6 +137,11 @@ class MailService(MultiService):
                 if l.kind == kind and l.port is not None and hasattr(l.port.getHost(), "port")]
 
 
+def _wants_mail_auth(config: Config) -> bool:
+    """Whether C{build_mail_auth} would build anything: DKIM keys or inbound checks."""
+    return bool(config.dkim.keys) or config.mail_auth.enabled
+
+
 def import_for(config: Config, lazy: Collection[str] = ()) -> None:
     """
     Import, in the caller's thread, what L{build_service} imports only when
@@ -148,6 +152,7 @@ def import_for(config: Config, lazy: Collection[str] = ()) -> None:
         ("twisted_mail_screen.relay.queue", config.relay.enabled),
         ("twisted_mail_screen.screening.redis_backend", config.screening.redis is not None),
         ("twisted_mail_screen.runtime.tlsreload", config.tls.enabled),
+        ("twisted_mail_screen.mailauth.gate", _wants_mail_auth(config)),
         ("twisted_mail_screen.runtime.proxyproto",
          any(d.startswith("haproxy:") for _, ds in config.listen.items() for d in ds)),
     ) if needed]
@@ -299,7 +304,11 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
     measured = MeasuredDelivery(delivery, metrics, clock)
 
     # DKIM signing of submitted mail; SPF, DKIM, DMARC of the rest (docs/mailauth.md).
-    mail_auth = build_mail_auth(config, reactor, blocking, workers, screening, clock)
+    mail_auth = None
+    if _wants_mail_auth(config):  # the gate's modules only when there is something to do
+        from twisted_mail_screen.mailauth.gate import build_mail_auth
+
+        mail_auth = build_mail_auth(config, reactor, blocking, workers, screening, clock)
     if isinstance(mail_auth, Service):
         mail_auth.setServiceParent(service)
 
