@@ -10,26 +10,27 @@ collectors the composition root added.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
-from twisted_mail_screen.runtime.metrics import COUNTERS, LATENCY, LATENCY_BUCKETS
-
-if TYPE_CHECKING:
-    from twisted_mail_screen.runtime.metrics import ServerMetrics
+from twisted_mail_screen.runtime.metricnames import COUNTERS, LATENCY, LATENCY_BUCKETS
 
 #: The histogram's families come after these counters (the order of old).
 _BEFORE_LATENCY = "mailscreen_messages_delivered_bytes"
 
 
 class CountsCollector:
-    """Renders the counts of one L{ServerMetrics} at each scrape."""
+    """
+    Renders the counts of one server's L{ServerMetrics
+    <twisted_mail_screen.runtime.metrics.ServerMetrics>} at each scrape
+    (typed C{Any}: metrics.py imports this module on the first scrape).
+    """
 
-    def __init__(self, metrics: ServerMetrics) -> None:
+    def __init__(self, metrics: Any) -> None:
         self._metrics = metrics
 
     def collect(self) -> Iterator[Metric]:
@@ -53,7 +54,7 @@ class CountsCollector:
         return family
 
 
-def make_registry(metrics: ServerMetrics, collectors: Iterable[Any]) -> CollectorRegistry:
+def make_registry(metrics: Any, collectors: Iterable[Any]) -> CollectorRegistry:
     """The registry /metrics reads: the counts, then each of C{collectors}."""
     registry = CollectorRegistry()
     registry.register(CountsCollector(metrics))
