@@ -37,6 +37,14 @@ from twisted_mail_screen.web.ui import load_static
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def run_script(script: str, *args: str) -> list[str]:
+    """The lines a fresh interpreter running C{script} printed (imports are what these tests watch)."""
+    done = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
 @pytest.fixture
 def fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Every os.fsync of this process (the real call still happens), by fd."""
@@ -88,10 +96,7 @@ def test_dkim_and_dnspython_are_imported_only_for_a_key(tmp_path: Path) -> None:
         f"build({str(tmp_path / 'data')!r}, {{}}, 5.0, lambda: ('', '')).stop()\n"
         "print(sorted(m for m in ('dkim', 'dns.resolver', 'twisted_mail_screen.mailauth.sign',"
         " 'zoneinfo') if m in sys.modules))\n")
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"
+    assert run_script(script) == ["[]"]
 
 
 @pytest.mark.parametrize("description", [
@@ -199,11 +204,7 @@ def test_a_lazy_listener_connected_to_without_its_port_read_still_answers(tmp_pa
         "    pop = poplib.POP3('127.0.0.1', server.port('pop3'))\n"
         "    print(pop.getwelcome()[:3], 'twisted_mail_screen.protocols.pop3' in sys.modules)\n"
         "    pop.quit()\n")
-    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "data")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == ["False", "b'+OK' True"]
+    assert run_script(script, str(tmp_path / "data")) == ["False", "b'+OK' True"]
 
 
 def test_plugin_servers_start_no_threads_of_their_own(tmp_path: Path) -> None:
@@ -309,11 +310,8 @@ def test_a_running_server_imports_what_its_config_needs_before_the_reactor_threa
         "print(sorted({n for t, n in seen if t == 'reactor' and n.startswith('twisted_mail_screen')}))\n"
         "print('twisted_mail_screen.web.site' in sys.modules)\n")
     for listeners in (("smtp", "web"), ("smtp",)):  # the web site's modules import the queue's
-        done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "-".join(listeners)),
-                               *listeners], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})
-        assert done.returncode == 0, done.stderr
-        assert done.stdout.splitlines() == ["[]", str("web" in listeners)]
+        lines = run_script(script, str(tmp_path / "-".join(listeners)), *listeners)
+        assert lines == ["[]", str("web" in listeners)]
 
 
 def test_smtp_imports_no_twisted_mail_and_the_dsn_modules_only_for_a_notice(tmp_path: Path) -> None:
@@ -346,9 +344,5 @@ def test_smtp_imports_no_twisted_mail_and_the_dsn_modules_only_for_a_notice(tmp_
         "    server.stop()\n"
         "print(sorted(m for m in LAZY if m not in sys.modules))\n"
         "print(sorted({n for t, n in seen if t == 'reactor' and n.startswith('twisted_mail_screen.relay')}))\n")
-    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "data")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == ["[]", "Successful Mail Delivery Report",
+    assert run_script(script, str(tmp_path / "data")) == ["[]", "Successful Mail Delivery Report",
                                         "['twisted.cred', 'twisted.mail.smtp']", "[]"]
