@@ -346,3 +346,21 @@ def test_smtp_imports_no_twisted_mail_and_the_dsn_modules_only_for_a_notice(tmp_
         "print(sorted({n for t, n in seen if t == 'reactor' and n.startswith('twisted_mail_screen.relay')}))\n")
     assert run_script(script, str(tmp_path / "data")) == ["[]", "Successful Mail Delivery Report",
                                         "['twisted.cred', 'twisted.mail.smtp']", "[]"]
+
+
+def test_the_local_part_pattern_takes_every_non_ascii_character_without_a_range_to_expand() -> None:
+    """Every process compiles it at import: a class with the range U+0080-U+10FFFF took 5 ms of
+    each start (the range is expanded), the "not ASCII" branch 0.2 ms, for the same characters."""
+    import re
+
+    from twisted_mail_screen.store import addresses
+
+    assert "\\U0010ffff" not in addresses._LOCAL.pattern
+    atext = r"[a-z0-9#$&'*+=?^_`{|}~\u0080-\U0010ffff-]"
+    reference = re.compile(rf"{atext}+(?:\.{atext}+)*\Z")
+    for point in [*range(0x800), *range(0x800, 0x110000, 97), 0x10FFFF]:
+        c = chr(point)
+        for local in (c, f"a.{c}", f"{c}{c}"):
+            assert bool(addresses._LOCAL.match(local)) == bool(reference.match(local)), hex(point)
+    for local in ("", ".", "a..b", "a.", ".a", "A", "a b", "é.ü"):
+        assert bool(addresses._LOCAL.match(local)) == bool(reference.match(local)), local
