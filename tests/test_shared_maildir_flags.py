@@ -235,7 +235,7 @@ def test_messages_the_index_thinks_unchanged_are_looked_at_on_disk(tmp_path, cou
         (box / "cur" / f"{base}:2,{'F' if i % 3 == 0 else 'FS'}").touch()
         rows.append((i + 1, f"cur/{base}:2,FS"))
     # Nothing to tell the index: every name is now the one it has.
-    assert store_files_locked(str(box), rows, "+", ["\\Seen"], [], [], None) == []
+    assert store_files_locked(str(box), rows, "+", ["\\Seen"], [], None) == []
     assert sorted(os.listdir(box / "cur")) == sorted(rel[4:] for _, rel in rows)
 
 

@@ -278,8 +278,7 @@ class MessageCommands(SelectedView):
             chosen[:] = keywords
             changed_keywords = keywords if keywords != folder.keywords else None
             # Which files change, and their renames, are the worker's job.
-            return (store_files, folder.path, rows, mode, flags, list(folder.keywords), list(keywords),
-                    changed_keywords)
+            return (store_files, folder.path, rows, mode, flags, list(keywords), changed_keywords)
 
         def renamed(done: list[tuple[int, str]]) -> Deferred:
             folder.keywords = list(chosen)

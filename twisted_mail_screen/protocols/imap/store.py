@@ -61,16 +61,15 @@ class FlagChange:
 
 
 def store_files(path: str, rows: list[tuple[int, str]], mode: str, flags: list[str],
-                old_keywords: list[str], keywords: list[str],
-                changed_keywords: list[str] | None) -> list[tuple[int, str]]:
+                keywords: list[str], changed_keywords: list[str] | None) -> list[tuple[int, str]]:
     """
     Rename the files for a flag change (blocking; the caller holds the
     folder's cross-process lock); the (uid, name now) of those whose name
     changed. Every row is looked at on disk, those the index says need no
     change too: another process may have renamed the file since this
     index last looked, and the change then applies to the flags it has now.
-    C{old_keywords} is unused: letters are changed as letters, so a name's
-    keyword letters mean the same before and after.
+    Letters are changed as letters, so a name's keyword letters mean the
+    same before and after: the folder's old keyword table is not needed.
     """
     change = FlagChange(mode, flags, keywords)
     renames = [(u, rel, change.target(rel)) for u, rel in rows]
