@@ -23,6 +23,8 @@ import shutil
 import time
 from typing import Any, Callable
 
+import maildirs
+
 USER = "pop@bench.test"  # an account of ours in site mode too (after the POP3 runs, its box is reused)
 SEARCH_FROM = "s7@client.test"  # one sender in 100
 
@@ -36,22 +38,18 @@ RESTART = [("imap_restart_search_header", "UID SEARCH HEADER Subject after a res
            ("imap_cold_envelope", "first FETCH 1:* ENVELOPE after a restart", 2.0)]
 
 
+def imap_header(i: int) -> str:
+    """Message C{i} of the IMAP folders: 100 senders, distinct dates, a third of them replies."""
+    day, minute = divmod(i * 7 % 40000, 1440)
+    return (f"Return-Path: <s@client.test>\nFrom: Sender {i % 100} <s{i % 100}@client.test>\n"
+            f"To: <r@bench.test>\nSubject: {'Re: ' if i % 3 == 0 else ''}bench {i}\n"
+            f"Date: {1 + day % 28} Jan 2024 {minute // 60:02d}:{minute % 60:02d}:00 +0000\n"
+            f"Message-ID: <{i}@client.test>\n\n")
+
+
 def populate(maildir: str, count: int, size: int = 2048) -> None:
-    """C{count} messages, LF endings, S= and W= in their names; 100 senders, distinct dates."""
-    for sub in ("new", "cur", "tmp"):
-        os.makedirs(os.path.join(maildir, sub), exist_ok=True)
-    start = int(time.time()) - count
-    for i in range(1, count + 1):
-        day, minute = divmod(i * 7 % 40000, 1440)
-        data = (f"Return-Path: <s@client.test>\nFrom: Sender {i % 100} <s{i % 100}@client.test>\n"
-                f"To: <r@bench.test>\nSubject: {'Re: ' if i % 3 == 0 else ''}bench {i}\n"
-                f"Date: {1 + day % 28} Jan 2024 {minute // 60:02d}:{minute % 60:02d}:00 +0000\n"
-                f"Message-ID: <{i}@client.test>\n\n").encode()
-        data += (b"y" * 74 + b"\n") * max(1, (size - len(data)) // 75)
-        wsize = len(data) + data.count(b"\n")
-        name = f"{start + i}.M{i}P1Q{i}.bench,S={len(data)},W={wsize}:2,S"
-        with open(os.path.join(maildir, "cur", name), "wb") as f:
-            f.write(data)
+    """The folder the IMAP workloads search and sort (SORT and SEARCH FROM need its senders and subjects)."""
+    maildirs.populate(maildir, count, size, imap_header)
 
 
 def _session(port: int) -> imaplib.IMAP4:

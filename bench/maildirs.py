@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import clients
 
@@ -46,15 +46,25 @@ def wait_delivered(server: Any, expected: int, timeout: float = 120.0) -> int:
     return count_files(path)
 
 
-def populate(maildir: str, count: int, size: int) -> None:
-    """C{count} messages with LF endings, named with S= and W= as ours and Dovecot do."""
+def pop3_header(i: int) -> str:
+    """The POP3 runs' message C{i}: one sender, one date."""
+    return (f"Return-Path: <s@client.test>\nFrom: Sender <s@client.test>\nTo: <{clients.RCPT}>\n"
+            f"Subject: bench {i}\nDate: Mon, 1 Jan 2024 00:00:00 +0000\n"
+            f"Message-ID: <{i}@client.test>\n\n")
+
+
+def populate(maildir: str, count: int, size: int,
+             header: Callable[[int], str] = pop3_header) -> None:
+    """
+    C{count} messages of about C{size} octets, C{header(i)} then a body of
+    74-octet lines, with LF endings, named with S= and W= as ours and
+    Dovecot do.
+    """
     for sub in ("new", "cur", "tmp"):
         os.makedirs(os.path.join(maildir, sub), exist_ok=True)
     start = int(time.time()) - count
     for i in range(1, count + 1):
-        data = (f"Return-Path: <s@client.test>\nFrom: Sender <s@client.test>\nTo: <{clients.RCPT}>\n"
-                f"Subject: bench {i}\nDate: Mon, 1 Jan 2024 00:00:00 +0000\n"
-                f"Message-ID: <{i}@client.test>\n\n").encode()
+        data = header(i).encode()
         data += (b"y" * 74 + b"\n") * max(1, (size - len(data)) // 75)
         wsize = len(data) + data.count(b"\n")
         name = f"{start + i}.M{i}P1Q{i}.bench,S={len(data)},W={wsize}:2,S"
