@@ -58,6 +58,18 @@ local prefix, channel = ARGV[1], ARGV[2]
 local window, limit, most = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local lease_ms, auth_window = tonumber(ARGV[6]), tonumber(ARGV[7])
 local auth_limit, now, expiry = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+-- a sorted set's count once the members scored at or before `gone` are out
+-- and `member` is in at `score` (each key expires: a dead node leaks nothing)
+local function count_with(k, gone, score, member, ttl_ms)
+  redis.call('ZREMRANGEBYSCORE', k, '-inf', gone)
+  redis.call('ZADD', k, score, member)
+  redis.call('PEXPIRE', k, ttl_ms)
+  return redis.call('ZCARD', k)
+end
+-- past a limit: the node holding the session refuses it and blocks the client
+local function over(client, member, rule, count)
+  redis.call('PUBLISH', channel, cjson.encode({t='over', k=client, m=member, r=rule, c=count}))
+end
 local i = 11
 while i <= #ARGV do
   local op, client, member = ARGV[i], ARGV[i + 1], ARGV[i + 2]
@@ -65,31 +77,22 @@ while i <= #ARGV do
   if op == 'c' then
     if limit > 0 then
       local k = prefix .. 'conn:' .. client
-      redis.call('ZREMRANGEBYSCORE', k, '-inf', now - window)
-      redis.call('ZADD', k, now, member)
-      redis.call('PEXPIRE', k, math.ceil(window * 1000))
-      local count = redis.call('ZCARD', k)
+      local count = count_with(k, now - window, now, member, math.ceil(window * 1000))
       if count >= limit then
         local oldest = redis.call('ZRANGE', k, 0, 0, 'WITHSCORES')
         redis.call('PUBLISH', channel, cjson.encode({t='sat', k=client,
                    u=tonumber(oldest[2]) + window}))
         if count > limit then
-          redis.call('PUBLISH', channel, cjson.encode({t='over', k=client, m=member,
-                     r='connections', c=count}))
+          over(client, member, 'connections', count)
         end
       end
     end
     if most > 0 then
-      local k = prefix .. 'lease:' .. client
-      redis.call('ZREMRANGEBYSCORE', k, '-inf', now)
-      redis.call('ZADD', k, expiry, member)
-      redis.call('PEXPIRE', k, lease_ms)
-      local active = redis.call('ZCARD', k)
+      local active = count_with(prefix .. 'lease:' .. client, now, expiry, member, lease_ms)
       if active >= most then
         redis.call('PUBLISH', channel, cjson.encode({t='full', k=client, u=expiry}))
         if active > most then
-          redis.call('PUBLISH', channel, cjson.encode({t='over', k=client, m=member,
-                     r='simultaneous', c=active}))
+          over(client, member, 'simultaneous', active)
         end
       end
     end
@@ -110,8 +113,7 @@ while i <= #ARGV do
     if added == 1 and auth_limit > 0 then
       local count = redis.call('ZCARD', k)
       if count >= auth_limit then
-        redis.call('PUBLISH', channel, cjson.encode({t='over', k=client, m=op:sub(2),
-                   r='auth_failures', c=count}))
+        over(client, op:sub(2), 'auth_failures', count)
       end
     end
   end
