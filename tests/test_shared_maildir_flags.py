@@ -20,6 +20,7 @@ import os
 import poplib
 import re
 import smtplib
+import ssl
 import threading
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from twisted.internet.task import Clock
 
 from test_shared_maildir import imap_login, node, stop
 from twisted_mail_screen.protocols.imap.store import store_files_locked
+from twisted_mail_screen.testing import RunningServer
 from test_twistd import pytestmark as twistd_only
 from webclient import call
 
@@ -57,8 +59,20 @@ def deliver(port: int, count: int) -> None:
             assert s.sendmail("a@example.org", [USER], f"Subject: m{i}\r\n\r\nbody\r\n".encode()) == {}
 
 
-def login(port: int) -> imaplib.IMAP4:
-    c = imap_login(port)
+def login(where: RunningServer | int) -> imaplib.IMAP4:
+    """
+    A session with INBOX selected: on a twistd node's port, or on a server
+    (inside STARTTLS when it has TLS).
+    """
+    if isinstance(where, int):
+        c = imap_login(where)
+    else:
+        c = imaplib.IMAP4("127.0.0.1", where.port("imap"), timeout=30)
+        if where.config.tls.enabled:
+            context = ssl.create_default_context(cafile=where.config.tls.certificate)
+            context.check_hostname = False
+            c.starttls(ssl_context=context)
+        c.login(USER, "whatever")
     assert c.select("INBOX")[0] == "OK"
     return c
 
@@ -82,10 +96,15 @@ def flags_seen(c: imaplib.IMAP4) -> dict[int, set[str]]:
     return out
 
 
-@pytest.fixture
-def pair(start_server, tmp_path):
-    """Two servers on one data directory; neither polls the folder by itself (clocks stand still)."""
-    return tuple(start_server(kinds=KINDS, clock=Clock(), control_socket=str(tmp_path / f"{n}.sock"))
+@pytest.fixture(params=["plain", "starttls"])
+def pair(request, start_server, tmp_path, certificate):
+    """
+    Two servers on one data directory; neither polls the folder by itself
+    (clocks stand still); their IMAP sessions in the clear or inside STARTTLS.
+    """
+    cert, key = certificate
+    tls = {"tls__certificate": cert, "tls__key": key} if request.param == "starttls" else {}
+    return tuple(start_server(kinds=KINDS, clock=Clock(), control_socket=str(tmp_path / f"{n}.sock"), **tls)
                  for n in "ab")
 
 
@@ -93,7 +112,7 @@ def test_flags_stored_through_two_servers_in_turn_are_all_kept(pair, tmp_path):
     """Each STORE comes from an index that has not seen the other server's change."""
     a, b = pair
     deliver(a.port("smtp"), 10)
-    ca, cb = login(a.port("imap")), login(b.port("imap"))
+    ca, cb = login(a), login(b)
     for uid in range(1, 11):
         store(cb, uid, "+FLAGS", "(\\Flagged)")
         store(ca, uid, "+FLAGS", "(\\Seen)")      # A's index: no \Flagged
@@ -109,7 +128,7 @@ def test_flags_stored_through_two_servers_in_turn_are_all_kept(pair, tmp_path):
 def test_plus_and_minus_of_different_flags_through_two_servers(pair, tmp_path):
     a, b = pair
     deliver(a.port("smtp"), 6)
-    ca, cb = login(a.port("imap")), login(b.port("imap"))
+    ca, cb = login(a), login(b)
     store(ca, "1:*", "+FLAGS", "(\\Flagged \\Seen)")
     flags_seen(cb)  # B knows both flags on every message
     for uid in range(1, 7):
@@ -135,7 +154,7 @@ def test_plus_and_minus_of_different_flags_through_two_servers(pair, tmp_path):
 def test_a_keyword_set_on_one_server_is_kept_when_the_other_stores_seen(pair, tmp_path):
     a, b = pair
     deliver(a.port("smtp"), 5)
-    ca, cb = login(a.port("imap")), login(b.port("imap"))
+    ca, cb = login(a), login(b)
     store(cb, "1:*", "+FLAGS", "($Important)")  # B writes dovecot-keywords; A's table is empty
     for uid in range(1, 6):
         store(ca, uid, "+FLAGS", "(\\Seen)")
@@ -152,7 +171,7 @@ def test_a_keyword_set_on_one_server_is_kept_when_the_other_stores_seen(pair, tm
 def test_web_read_and_pop3_deletion_on_one_server_are_not_undone_by_the_others_store(pair, tmp_path):
     a, b = pair
     deliver(a.port("smtp"), 4)
-    ca = login(a.port("imap"))
+    ca = login(a)
     assert call(b.port("web"), "PUT", "/api/v1/messages", {"Read": True}).status == 200
     store(ca, "1:*", "+FLAGS", "(\\Flagged)")       # A's index: none read
     assert sorted(letters_on_disk(tmp_path).values()) == ["FS"] * 4
@@ -243,7 +262,7 @@ def test_messages_the_index_thinks_unchanged_are_looked_at_on_disk(tmp_path, cou
 def test_a_copy_or_move_carries_the_flags_another_server_set(pair, tmp_path, command):
     a, b = pair
     deliver(a.port("smtp"), 2)
-    ca, cb = login(a.port("imap")), login(b.port("imap"))
+    ca, cb = login(a), login(b)
     assert ca.create("Kept")[0] == "OK"
     store(cb, "1:2", "+FLAGS", "(\\Flagged)")    # A's index: not flagged
     typ, data = ca.uid(command, "1:2", "Kept")
@@ -257,7 +276,7 @@ def test_a_copy_or_move_carries_the_flags_another_server_set(pair, tmp_path, com
 def test_expunge_spares_a_message_the_other_server_took_deleted_off(pair, tmp_path):
     a, b = pair
     deliver(a.port("smtp"), 3)
-    ca, cb = login(a.port("imap")), login(b.port("imap"))
+    ca, cb = login(a), login(b)
     store(ca, "1:3", "+FLAGS", "(\\Deleted)")
     flags_seen(cb)
     store(cb, 2, "-FLAGS", "(\\Deleted)")          # A's index: still \Deleted
