@@ -43,7 +43,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from twisted_mail_screen.runtime.tls import hold_output
+from twisted_mail_screen.runtime.sockopts import hold_output
 
 #: Bytes of unprocessed input kept while a command is pending, before the
 #: socket is paused.

@@ -18,7 +18,6 @@ import socket
 from typing import Any, Callable
 
 from twisted.internet.defer import maybeDeferred
-from twisted.internet.endpoints import UNIXServerEndpoint, quoteStringArgument
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
@@ -89,20 +88,6 @@ class ControlFactory(Factory):
 def socket_path(data_dir: str) -> str:
     """The default control socket of a data directory."""
     return os.path.join(data_dir, SOCKET_NAME)
-
-
-def endpoint_description(path: str) -> str:
-    """The server endpoint of the control socket at C{path} (C{config.control_socket})."""
-    return f"unix:{quoteStringArgument(path)}:mode=600:lockfile=1"
-
-
-def control_endpoint(reactor: Any, path: str) -> UNIXServerEndpoint:
-    """
-    The endpoint L{endpoint_description} names, built directly: the strports
-    parser walks the string a character at a time (0.25 ms, once per server,
-    which a test suite starting a server per test pays every time).
-    """
-    return UNIXServerEndpoint(reactor, path, backlog=50, mode=0o600, wantPID=True)
 
 
 class NotRunning(Exception):

@@ -18,16 +18,14 @@ Plain strings go to Twisted's C{serverFromString}. Two prefixes are ours:
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Callable
 
-from twisted.internet.endpoints import TCP4ServerEndpoint, quoteStringArgument, serverFromString
-from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.internet.defer import Deferred, execute
+from twisted.internet.interfaces import IListeningPort, IReactorTime, IStreamServerEndpoint
 from zope.interface import implementer
 
 from twisted_mail_screen.relay.config import split_endpoint
 from twisted_mail_screen.screening.netmatch import Network
-from twisted_mail_screen.runtime.tls import load_server_context
 
 #: The C{ssl:} options passed on to the TCP listener; C{privateKey} and
 #: C{certKey} are read here; any other option is refused.
@@ -47,7 +45,34 @@ class TLSEndpoint:
         self._options = options
 
     def listen(self, factory: Any) -> Any:
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
         return self._inner.listen(TLSMemoryBIOFactory(self._options, False, factory))
+
+
+@implementer(IStreamServerEndpoint)
+class ReactorListen:
+    """
+    Listens by one of the reactor's own methods (C{listenTCP},
+    C{listenUNIX}), as Twisted's C{TCP4ServerEndpoint} and
+    C{UNIXServerEndpoint} do. Ours because importing
+    C{twisted.internet.endpoints} imports C{twisted.internet.ssl}, OpenSSL
+    and cryptography: 40-75 ms of the first server a test process starts,
+    where a test host without TLS needs none of them.
+    """
+
+    def __init__(self, method: Callable[..., IListeningPort], address: Any, **options: Any) -> None:
+        self._method = method
+        self._address = address
+        self._options = options
+
+    def listen(self, factory: Any) -> "Deferred[IListeningPort]":
+        return execute(self._method, self._address, factory, **self._options)
+
+
+def control_endpoint(reactor: Any, path: str) -> ReactorListen:
+    """The control socket's endpoint: C{unix:PATH:mode=600:lockfile=1} (runtime/control.py)."""
+    return ReactorListen(reactor.listenUNIX, path, backlog=50, mode=0o600, wantPID=True)
 
 
 def _split_ssl(description: str) -> tuple[str, str | None, str | None]:
@@ -57,6 +82,8 @@ def _split_ssl(description: str) -> tuple[str, str | None, str | None]:
         raise EndpointError("ssl: needs a port first (ssl:993:interface=...)")
     if len(positional) > 2:
         raise EndpointError(f"ssl: option {positional[2]!r} is not name=value")
+    from twisted.internet.endpoints import quoteStringArgument
+
     tcp = ["tcp", quoteStringArgument(positional[1])]
     for name, value in options.items():
         if name in _TCP_OPTIONS:
@@ -70,7 +97,7 @@ def _split_ssl(description: str) -> tuple[str, str | None, str | None]:
 #: The commonest listen string, "tcp:PORT" or "tcp:PORT:interface=IPv4": built
 #: directly, as serverFromString would build it (backlog 50). Its parser walks
 #: the string a character at a time, which a test suite starting a server per
-#: test (six endpoints each) pays for every time.
+#: test (six endpoints each) pays for every time, and its module imports TLS.
 _PLAIN_TCP = re.compile(r"tcp:(?:port=)?(\d{1,5})(?::interface=(\d{1,3}(?:\.\d{1,3}){3}))?")
 
 
@@ -78,7 +105,7 @@ def _plain_tcp(reactor: Any, description: str) -> IStreamServerEndpoint | None:
     match = _PLAIN_TCP.fullmatch(description)
     if match is None:
         return None
-    return TCP4ServerEndpoint(reactor, int(match[1]), backlog=50, interface=match[2] or "")
+    return ReactorListen(reactor.listenTCP, int(match[1]), backlog=50, interface=match[2] or "")
 
 
 def server_endpoint(reactor: Any, description: str, clock: IReactorTime,
@@ -97,12 +124,18 @@ def server_endpoint(reactor: Any, description: str, clock: IReactorTime,
     if description.startswith("ssl:"):
         description, certificate, key = _split_ssl(description)
         if certificate or key:
+            from twisted_mail_screen.runtime.tls import load_server_context
+
             options = load_server_context(certificate or key or "", key or certificate or "")
         elif tls is not None:
             options = tls
         else:
             raise EndpointError("ssl: needs [tls] certificate and key, or certKey= and privateKey=")
-    endpoint = _plain_tcp(reactor, description) or serverFromString(reactor, description)
+    endpoint = _plain_tcp(reactor, description)
+    if endpoint is None:
+        from twisted.internet.endpoints import serverFromString
+
+        endpoint = serverFromString(reactor, description)
     if proxied:
         # Imported here: most servers (every test's) have no load balancer in front.
         from twisted_mail_screen.runtime.proxyproto import ProxiedEndpoint

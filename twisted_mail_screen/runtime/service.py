@@ -27,9 +27,9 @@ from twisted_mail_screen.runtime.events import EventBus
 from twisted_mail_screen.runtime.lagmonitor import LagMonitor
 from twisted_mail_screen.runtime.metrics import (
     BackendCollector, MeasuredDelivery, ServerMetrics, StateCollector)
-from twisted_mail_screen.runtime.control import ControlFactory, control_endpoint
+from twisted_mail_screen.runtime.control import ControlFactory
 from twisted_mail_screen.screening.notify import PostmasterNotifier
-from twisted_mail_screen.runtime.endpoints import server_endpoint
+from twisted_mail_screen.runtime.endpoints import control_endpoint, server_endpoint
 from twisted_mail_screen.runtime.lazyfactory import OnFirstConnection, import_listener
 from twisted_mail_screen.screening.service import ScreeningService
 from twisted_mail_screen.screening.admin import register_screening_commands

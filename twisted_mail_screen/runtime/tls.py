@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import stat
 from typing import Any
 
@@ -85,19 +84,3 @@ def key_file_warning(key: str) -> str | None:
                 f"chmod 600 it")
     return None
 
-
-def hold_output(transport: Any, hold: bool) -> bool:
-    """
-    Hold back (C{TCP_CORK}) or release what the kernel sends on
-    C{transport}'s socket; C{False} where that cannot be done. The kernel
-    sends held data after 200 ms anyway, so a hold cannot stall a session.
-    """
-    cork = getattr(socket, "TCP_CORK", None)
-    if cork is None:
-        return False
-    try:
-        with socket.socket(fileno=os.dup(transport.fileno())) as sock:
-            sock.setsockopt(socket.IPPROTO_TCP, cork, int(hold))
-    except (OSError, AttributeError, ValueError):
-        return False
-    return True
