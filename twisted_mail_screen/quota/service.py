@@ -15,6 +15,10 @@ another, so a check made after a change sees it. An account without a
 limit keeps no file; asked about (the web API, the CLI), it is counted.
 Changes no writer reports (a folder deleted, mail deleted through the web
 API) remove the file, so it is recalculated when next read.
+
+The limits themselves (C{quota.json}) are looked at again before a
+decision at most once a second (L{LimitsFile}), so a limit set through
+another process is enforced here within a second of the clock.
 """
 
 from __future__ import annotations
@@ -22,12 +26,13 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, DeferredLock, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from twisted_mail_screen.quota import maildirsize
 from twisted_mail_screen.quota.config import Limits
-from twisted_mail_screen.quota.state import (
-    Override, Usage, count_usage, limits_of, read_overrides, update_override)
+from twisted_mail_screen.quota.limitsfile import LimitsFile
+from twisted_mail_screen.quota.state import Override, Usage, count_usage, limits_of
 from twisted_mail_screen.store.maildir import MailStore
 from twisted_mail_screen.store.maildir_names import size_field
 
@@ -58,17 +63,20 @@ class QuotaService:
     """
     Limits and usage of every account (keyed by lower-case mailbox
     address). Reactor thread only; disk work goes to C{run} (the pool).
+    With a C{clock}, the limits file is looked at again before decisions
+    (at most once a second); without one, only when told (L{load}).
     """
 
     log = Logger()
 
     def __init__(self, store: MailStore, run: Callable[..., Deferred], default: Limits,
-                 path: str) -> None:
+                 path: str, clock: IReactorTime | None = None) -> None:
         self._store = store
         self._run = run
         self.default = default
         self.path = path
-        self._overrides: dict[str, Override] = {}
+        self._file = LimitsFile(path, run, clock)
+        self._file.replaced = self._limits_replaced
         # The last version of each account's maildirsize read here, and its figure.
         self._known: dict[str, tuple[maildirsize.FileState | None, Usage]] = {}
         self._serial: dict[str, DeferredLock] = {}
@@ -76,30 +84,45 @@ class QuotaService:
     # limits
 
     def load(self) -> Deferred:
-        """Read the accounts' own limits (at start-up and on C{quota.reload})."""
-        return self._run(read_overrides, self.path).addCallback(self.replace_overrides)
+        """Read the accounts' own limits (on C{quota.reload}); fires with how many accounts have some."""
+        return self._file.load()
 
     def replace_overrides(self, overrides: dict[str, Override]) -> int:
-        self._overrides = overrides
-        return len(overrides)
+        return self._file.replace(overrides)
+
+    def _limits_replaced(self, old: dict[str, Override], new: dict[str, Override]) -> None:
+        """
+        Accounts whose limits changed have their maildirsize recalculated
+        when next read: it carries the old limits line, or none was kept
+        while unlimited, or another node that had not yet seen the new
+        limits stored mail without appending it.
+        """
+        for account in set(old) | set(new):
+            if limits_of(old.get(account), self.default) != limits_of(new.get(account), self.default):
+                self.forget(account)
+
+    def fresh(self) -> Deferred:
+        """Fires once the limits are the file's as of at most a second ago (see L{LimitsFile})."""
+        return self._file.fresh()
 
     def limits(self, account: str) -> Limits:
-        return limits_of(self._overrides.get(account.lower()), self.default)
+        """C{account}'s limits as last read: a decision calls L{fresh} first."""
+        return limits_of(self._file.table.get(account.lower()), self.default)
 
     def any_limited(self, accounts: tuple[str, ...]) -> bool:
-        """Whether any of C{accounts} has a limit (else no check needs their usage)."""
-        return any(self.limits(a).limited for a in accounts)
+        """
+        Whether any of C{accounts} has a limit (else no check needs their
+        usage); also true when the limits file is due a look, so that the
+        caller's check (which looks first) decides with the limits now.
+        """
+        return self._file.due() or any(self.limits(a).limited for a in accounts)
 
     def overrides(self) -> dict[str, Override]:
-        return dict(self._overrides)
+        return dict(self._file.table)
 
     def set_limits(self, account: str, changes: dict[str, int | None]) -> Deferred:
         """Change C{account}'s own limits in the file (pool) and here; fires with its new L{Limits}."""
-        def written(table: dict[str, Override]) -> Limits:
-            self.replace_overrides(table)
-            return self.limits(account)
-
-        return self._run(update_override, self.path, account, changes).addCallback(written)
+        return self._file.write(account, changes).addCallback(lambda _: self.limits(account))
 
     # usage
 
@@ -120,7 +143,9 @@ class QuotaService:
         return lock.run(self._run, f, *args).addBoth(done)
 
     def usage(self, account: str) -> "Deferred[Usage]":
-        account = account.lower()
+        return self.fresh().addCallback(lambda _: self._usage(account.lower()))
+
+    def _usage(self, account: str) -> "Deferred[Usage]":
         limits = self.limits(account)
         if not limits.limited:  # no file kept: counted for whoever asks (the API, GETQUOTA)
             return self._run(count_usage, self._path(account))
@@ -142,7 +167,11 @@ class QuotaService:
         A writer stored (positive) or removed (negative) C{messages} of
         C{octets} in all; fires when every process can see it.
         """
-        account = account.lower()
+        # After a look at the limits: an account limited through another node
+        # since keeps its maildirsize in step from this change on.
+        return self.fresh().addCallback(lambda _: self._changed(account.lower(), octets, messages))
+
+    def _changed(self, account: str, octets: int, messages: int) -> Deferred:
         limits = self.limits(account)
         if not limits.limited or not (octets or messages):
             return succeed(None)
@@ -186,17 +215,23 @@ class QuotaService:
 
     def check(self, account: str, octets: int, messages: int = 1) -> "Deferred[str | None]":
         """Whether C{messages} more of C{octets} fit: C{None}, L{FULL} or L{TOO_BIG}."""
+        return self.fresh().addCallback(lambda _: self._check(account, octets, messages))
+
+    def _check(self, account: str, octets: int, messages: int) -> "Deferred[str | None]":
         limits = self.limits(account)
         if not limits.limited:
             return succeed(None)
         if verdict(limits, Usage(), octets, messages) == TOO_BIG:
             return succeed(TOO_BIG)
-        return self.usage(account).addCallback(lambda usage: verdict(limits, usage, octets, messages))
+        return self._usage(account.lower()).addCallback(lambda usage: verdict(limits, usage, octets, messages))
 
     def report(self, account: str) -> "Deferred[dict[str, Any]]":
         """C{account}'s limits and usage, JSON-ready (the CLI, the control channel, the web API)."""
+        return self.fresh().addCallback(lambda _: self._report(account))
+
+    def _report(self, account: str) -> "Deferred[dict[str, Any]]":
         limits = self.limits(account)
-        own = self._overrides.get(account.lower(), {})
+        own = self._file.table.get(account.lower(), {})
 
         def described(usage: Usage) -> dict[str, Any]:
             return {"account": account.lower(),
@@ -206,4 +241,4 @@ class QuotaService:
                     "messages": {"used": usage.messages, "limit": limits.messages or None,
                                  "own_limit": "messages" in own}}
 
-        return self.usage(account).addCallback(described)
+        return self._usage(account.lower()).addCallback(described)

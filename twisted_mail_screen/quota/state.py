@@ -26,6 +26,8 @@ MAXIMA = {"storage_kib": MAX_STORAGE_MB * 1024, "messages": MAX_MESSAGES}
 
 #: An account's own limits: a resource it does not name has the default.
 Override = dict[str, int]
+#: A version of the limits file: (inode, size, mtime_ns); an atomic replacement gets a new inode.
+Version = tuple[int, int, int]
 
 
 class QuotaFileError(Exception):
@@ -85,11 +87,32 @@ def _locked(path: str) -> Iterator[None]:
         os.close(fd)
 
 
+def file_version(path: str) -> Version | None:
+    """Which version of the limits file is on disk: (inode, size, mtime_ns); C{None}: no file."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def read_versioned(path: str) -> tuple[Version | None, dict[str, Override]]:
+    """The limits and the version they were read from (taken first: a change meanwhile reads again)."""
+    version = file_version(path)
+    return version, read_overrides(path)
+
+
 def update_override(path: str, account: str, changes: dict[str, int | None]) -> dict[str, Override]:
     """
     Set (an integer) or drop (C{None}: back to the default) some of
     C{account}'s limits; the whole new table, written atomically.
     """
+    return write_override(path, account, changes)[0]
+
+
+def write_override(path: str, account: str, changes: dict[str, int | None]
+                   ) -> tuple[dict[str, Override], Version | None]:
+    """L{update_override}, and the version of the file it wrote (taken under the writers' lock)."""
     account = account.lower()
     os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o750, exist_ok=True)
     with _locked(path):
@@ -106,7 +129,7 @@ def update_override(path: str, account: str, changes: dict[str, int | None]) -> 
             table.pop(account, None)
         data = {"accounts": {a: table[a] for a in sorted(table)}}
         write_atomically(path, json.dumps(data, indent=1).encode() + b"\n", 0o640)
-    return table
+        return table, file_version(path)
 
 
 @dataclass(frozen=True)

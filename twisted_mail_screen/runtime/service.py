@@ -216,7 +216,7 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
     faults = service.faults = FaultPlan() if config.test_host else None
     # The outbound queue (docs/relay.md): only when relaying is enabled.
     delivery = Delivery(store, blocking, events=events)
-    quota = _build_quota(config, store, blocking)
+    quota = _build_quota(config, store, blocking, clock)
     delivery.stored = quota.stored
     events.subscribe(quota.on_event)
     queue = None
@@ -384,10 +384,11 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
     return service
 
 
-def _build_quota(config: Config, store: MailStore, blocking: Blocking | Workers) -> QuotaService:
+def _build_quota(config: Config, store: MailStore, blocking: Blocking | Workers,
+                 clock: IReactorTime) -> QuotaService:
     """The quota service with the accounts' own limits read (a bad file stops the start)."""
     path = state_path(config.data_dir)
-    quota = QuotaService(store, blocking.run, config.quota.default, path)
+    quota = QuotaService(store, blocking.run, config.quota.default, path, clock)
     try:
         quota.replace_overrides(read_overrides(path))
     except QuotaFileError as e:

@@ -44,8 +44,8 @@ def _service(session: SessionCore) -> QuotaService:
 
 
 def limited(session: SessionCore) -> bool:
-    """Whether the session's account has a limit (else COPY need not add up sizes)."""
-    return session.address is not None and _service(session).limits(session.address).limited
+    """Whether the session's account has a limit (else COPY need not add up sizes), or may have now."""
+    return session.address is not None and _service(session).any_limited((session.address,))
 
 
 def room(session: SessionCore, octets: int, messages: int) -> Deferred:
@@ -90,12 +90,16 @@ class QuotaCommands(SessionCore):
     def _send_quota(self, _: Any = None) -> "Deferred[None]":
         assert self.address is not None
         quota = self._quota()
-        limits = quota.limits(self.address)
-        if not limits.limited:  # no resource listed: nothing to count
-            self.untagged(quota_line(limits, Usage()))
-            return succeed(None)
-        return quota.usage(self.address).addCallback(
-            lambda usage: self.untagged(quota_line(limits, usage)))
+        address = self.address
+
+        def send(_: object) -> "Deferred[None]":
+            limits = quota.limits(address)
+            if not limits.limited:  # no resource listed: nothing to count
+                self.untagged(quota_line(limits, Usage()))
+                return succeed(None)
+            return quota.usage(address).addCallback(lambda usage: self.untagged(quota_line(limits, usage)))
+
+        return quota.fresh().addCallback(send)
 
     @staticmethod
     def _root_arg(args: list) -> str:
