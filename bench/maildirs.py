@@ -34,16 +34,25 @@ def clear_maildir(maildir: str) -> None:
                     pass
 
 
-def wait_delivered(server: Any, expected: int, timeout: float = 120.0) -> int:
-    """Postfix answers 250 once queued; wait for its Maildir to catch up."""
+def wait_delivered(server: Any, expected: int, timeout: float = 120.0,
+                   poll: float = 0.02) -> tuple[int, float]:
+    """
+    Postfix answers 250 once queued; wait for its Maildir to catch up.
+    Returns the files counted once its queue is empty, and the monotonic
+    time the count first reached C{expected} (within C{poll}; the time
+    of the timeout if it never did).
+    """
     path = server.maildir(clients.RCPT)
     deadline = time.monotonic() + timeout
+    reached: float | None = None
     while time.monotonic() < deadline:
         n = count_files(path)
-        if n >= expected and (not hasattr(server, "queue_empty") or server.queue_empty()):
-            return n
-        time.sleep(0.2)
-    return count_files(path)
+        if n >= expected and reached is None:
+            reached = time.monotonic()
+        if reached is not None and (not hasattr(server, "queue_empty") or server.queue_empty()):
+            return n, reached
+        time.sleep(poll)
+    return count_files(path), reached or time.monotonic()
 
 
 def pop3_header(i: int) -> str:

@@ -71,6 +71,13 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
                            "unit": recs[0]["unit"], "better": recs[0]["better"],
                            "files_match": all(r.get("files_match", True) for r in recs),
                            "errors": sum(r.get("errors", 0) for r in recs)}
+            row[server].update(_cpu_medians(recs))
+        if CEILING in by_server:  # every entrant against the disk work it was measured next to
+            for server in row:
+                if server != CEILING:
+                    ratio = pair_ratio(by_server[server], by_server[CEILING])
+                    if ratio is not None:
+                        row[server]["vs_ceiling"] = ratio
         for me in OURS:
             if me not in row:
                 continue
@@ -83,6 +90,22 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
             row["ours-screening-on"]["ratios"] = {"ours-screening-off": pair_ratio(
                 by_server["ours-screening-on"], by_server["ours-screening-off"])}
         out[k] = row
+    return out
+
+
+def _cpu_medians(recs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over repetitions of the CPU per message (server, client, and by process)."""
+    out: dict[str, Any] = {}
+    for k in ("cpu_us", "cpu_user_us", "cpu_sys_us", "client_cpu_us", "kernel_cpu_us", "busy",
+              "iowait"):
+        vals = [r[k] for r in recs if r.get(k) is not None]
+        if vals:
+            out[k] = statistics.median(vals)
+    labels = {label for r in recs for label in r.get("cpu_by", {})}
+    if labels:
+        by = {label: statistics.median(r.get("cpu_by", {}).get(label, 0.0) for r in recs)
+              for label in labels}
+        out["cpu_by"] = dict(sorted(by.items(), key=lambda kv: -kv[1]))
     return out
 
 
@@ -148,9 +171,18 @@ def markdown(meta: dict[str, Any], summary: dict[str, Any], targets: list[dict[s
              "Server order rotated each repetition. Ratios are ours (test-host mode) and "
              "ours-site (site mode) relative to the peer, each the median of the per-repetition "
              "ratios; > 1 = ours better (rates: ours/peer; times: peer/ours). "
-             "`!` = Maildir file count differed from the 250s counted.", "",
-             "| workload | server | median | min-max | unit | ours vs this | ours-site vs this |",
-             "| --- | --- | ---: | ---: | --- | ---: | ---: |"]
+             "`!` = Maildir file count differed from the 250s counted. "
+             "/ ceiling: this entrant's rate relative to the fsync ceiling's in the same "
+             "repetition (median). CPU: microseconds per message of the server's process tree, "
+             "and of the load client; for the ceiling, its threads' per delivery. "
+             "`postfix-delivered`: Postfix's rate into the Maildir (start to the last file in "
+             "new/), its CPU including delivery. Machine busy: the share of all cores busy "
+             "during the run, anyone's work (other processes included); kernel threads: the CPU "
+             "per message of the kernel's own threads (journal commits, writeback, softirqs) "
+             "during the run, which a process's fsync leaves to them.", "",
+             "| workload | server | median | min-max | unit | ours vs this | ours-site vs this "
+             "| / ceiling | CPU us/msg | client CPU us/msg |",
+             "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for k, row in summary.items():
         cols = []
         for me in OURS:
@@ -160,9 +192,27 @@ def markdown(meta: dict[str, Any], summary: dict[str, Any], targets: list[dict[s
         for server, s in row.items():
             flag = "" if s["files_match"] else " !"
             rs = [f"{c[server]:.2f}x" if c.get(server) else "" for c in cols]
+            extra = [f"{s['vs_ceiling']:.2f}" if s.get("vs_ceiling") else "",
+                     f"{s['cpu_us']:,.0f}" if s.get("cpu_us") is not None else "",
+                     f"{s['client_cpu_us']:,.0f}" if s.get("client_cpu_us") is not None else ""]
             lines.append(f"| {k} | {server}{flag} | {fmt(s['median'], s['unit'])} | "
                          f"{fmt(s['min'], s['unit'])}-{fmt(s['max'], s['unit'])} | {s['unit']} | "
-                         f"{rs[0]} | {rs[1]} |")
+                         f"{rs[0]} | {rs[1]} | {' | '.join(extra)} |")
+    cpu_rows = [(k, server, s) for k, row in summary.items() for server, s in row.items()
+                if s.get("cpu_by") or s.get("cpu_sys_us") is not None]
+    if cpu_rows:
+        lines += ["", "## CPU per message, where it goes (medians, us)", "",
+                  "| workload | server | user | system | by process (and thread) "
+                  "| kernel threads | machine busy | iowait |",
+                  "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: |"]
+        for k, server, s in cpu_rows:
+            by = ", ".join(f"{label} {v:,.0f}" for label, v in s.get("cpu_by", {}).items()
+                           if abs(v) >= 0.5)
+            share = [f"{s[x]:.0%}" if s.get(x) is not None else "" for x in ("busy", "iowait")]
+            kern = f"{s['kernel_cpu_us']:,.0f}" if s.get("kernel_cpu_us") is not None else ""
+            lines.append(f"| {k} | {server} | {s.get('cpu_user_us', 0):,.0f} | "
+                         f"{s.get('cpu_sys_us', 0):,.0f} | {by} | {kern} | {share[0]} | "
+                         f"{share[1]} |")
     lines += ["", "## Targets (2 cores, 2 KB, concurrency 16)", "",
               "| target | goal | measured | met |", "| --- | ---: | ---: | --- |"]
     for t in targets:

@@ -48,6 +48,7 @@ import clients  # noqa: E402
 import imap_bench  # noqa: E402
 import cluster  # noqa: E402
 import peers  # noqa: E402
+import proccpu  # noqa: E402
 from maildirs import clear_maildir, count_files, populate, wait_delivered  # noqa: E402
 # Progress, summarise and markdown are imap_bench's too (it runs alone with them).
 from report import (CEILING, HIGHER, LOWER, Progress, chart, evaluate, markdown,  # noqa: E402,F401
@@ -72,6 +73,9 @@ def main() -> int:
     ap.add_argument("--baseline-tree", default="",
                     help="also run ours from this source tree (e.g. `git archive` of an older "
                          "commit), both modes, as ours-baseline and ours-site-baseline (SMTP)")
+    ap.add_argument("--servers", default="",
+                    help="SMTP entrants to run, comma list of names (ours, ours-site, aiosmtpd, "
+                         "aiosmtpd-fsync, postfix, ...); default: every one that starts")
     ap.add_argument("--cells", default="",
                     help="SMTP cells to run, comma list of CONCURRENCY:SIZE:PER_CONN "
                          "(e.g. 16:2048:1); default: the full grid (--quick: a subset)")
@@ -110,7 +114,14 @@ def main() -> int:
     if not start(ours):
         print(f"our server did not start: {ours.error}", file=sys.stderr)
         return 1
-    smtp_servers = [ours] + [p for p in [ours_site] + smtp_peers if start(p)]
+    wanted = set(filter(None, args.servers.split(",")))
+    if wanted:  # ours still starts: its data directory holds the ceiling's, POP3 and IMAP use it
+        smtp_peers = [p for p in smtp_peers if p.name in wanted]
+        if "ours-site" not in wanted:
+            ours_site = None
+    smtp_servers = [ours] + [p for p in [ours_site] + smtp_peers if p is not None and start(p)]
+    if wanted and "ours" not in wanted:
+        smtp_servers.remove(ours)
     no_direct = peers.Ours(workdir, "ours-no-direct-send", direct_send=False)
     if args.no_direct_send and start(no_direct):
         smtp_servers.insert(1, no_direct)
@@ -135,7 +146,7 @@ def main() -> int:
     if "ceiling" in only:
         steps += args.reps
     if "smtp" in only:
-        steps += len(cells) * args.reps * (len(smtp_servers) + 1)
+        steps += len(smtp_servers) + len(cells) * args.reps * (len(smtp_servers) + 1)
     if "accept" in only:
         steps += args.reps * (len(smtp_servers) + 2)
     if "pop3" in only:
@@ -170,6 +181,10 @@ def main() -> int:
 
         if "smtp" in only:
             ceiling_dir = os.path.join(ours.data, "fsync-ceiling")
+            for server in smtp_servers:  # warm-up: imports, Postfix's processes spawned
+                progress.step(f"smtp warm-up {server.name}")
+                smtp_run(server, 16, 2048, 1, min(args.duration, 0.5))
+                clear_maildir(server.maildir(clients.RCPT))
             for conc, size, per_conn in cells:
                 params = {"concurrency": conc, "size": size, "per_conn": per_conn}
                 for rep in range(args.reps):
@@ -178,20 +193,22 @@ def main() -> int:
                                       f"{getattr(server, 'name', CEILING)}")
                         if server is CEILING:
                             # The disk work of as many deliveries at once as there are clients.
+                            cpu, busy, kern = os.times(), proccpu.machine(), proccpu.kernel()
                             r = clients.fsync_ceiling(ceiling_dir, conc, args.duration, size)
+                            r.update(own_cpu(cpu, r["ok"]))
+                            r.update(proccpu.machine_share(busy))
+                            r.update(proccpu.kernel_us(kern, r["ok"]))
                             record("smtp_ingest", params, CEILING, rep, r, "msg/s", HIGHER)
                             continue
                         box = server.maildir(clients.RCPT)
                         clear_maildir(box)
-                        r = clients.smtp_ingest(server.ports["smtp"], conc, size, per_conn,
-                                                args.duration)
+                        r, delivered = smtp_run(server, conc, size, per_conn, args.duration)
                         if server is ours and conc == 64:
                             r["rss_kb"] = ours.rss_kb()
-                        files = wait_delivered(server, r["ok"]) if server.kind == "postfix" \
-                            else count_files(box)
-                        r["files"] = files
-                        r["files_match"] = files == r["ok"]
                         record("smtp_ingest", params, server.name, rep, r, "msg/s", HIGHER)
+                        if delivered:
+                            record("smtp_ingest", params, server.name + "-delivered", rep,
+                                   delivered, "msg/s", HIGHER)
                         clear_maildir(box)
             notes["peak_rss"] = f"{(ours.peak_rss_kb() or 0) / 1024:.1f} MB (VmHWM of our " \
                                 f"server after the SMTP runs, concurrency 64 included)"
@@ -289,6 +306,46 @@ def main() -> int:
     if not args.workdir:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
+
+
+def own_cpu(before: Any, n: int) -> dict[str, float]:
+    """This process's CPU since C{before} (os.times()), per message: the client's, or the ceiling's."""
+    now = os.times()
+    u, s = now.user - before.user, now.system - before.system
+    n = max(n, 1)
+    return {"cpu_us": (u + s) / n * 1e6, "cpu_user_us": u / n * 1e6, "cpu_sys_us": s / n * 1e6}
+
+
+def smtp_run(server: Any, conc: int, size: int, per_conn: int,
+             duration: float) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """
+    One SMTP run: the 250 rate, the files counted against the 250s, the
+    server's CPU per message (its whole process tree, by process and
+    thread) and the client's (this process). For a queueing server
+    (Postfix), whose 250 comes before delivery, also the rate into the
+    Maildir: the messages over the time from the start until the last of
+    them was in new/, and the CPU up to then, delivery included.
+    """
+    pid = server.proc.pid
+    cpu0, client0, busy, kern = (proccpu.snapshot(pid), os.times(), proccpu.machine(),
+                                 proccpu.kernel())
+    t0 = time.monotonic()
+    r = clients.smtp_ingest(server.ports["smtp"], conc, size, per_conn, duration)
+    r.update(proccpu.machine_share(busy))
+    r.update(proccpu.kernel_us(kern, r["ok"]))
+    r.update({"client_" + k: v for k, v in own_cpu(client0, r["ok"]).items()})
+    r.update(proccpu.per_message(proccpu.delta(cpu0, proccpu.snapshot(pid)), r["ok"]))
+    if server.kind != "postfix":
+        r["files"] = count_files(server.maildir(clients.RCPT))
+        r["files_match"] = r["files"] == r["ok"]
+        return r, None
+    files, t_end = wait_delivered(server, r["ok"])
+    r["files"] = files
+    r["files_match"] = files == r["ok"]
+    d = {"value": files / max(t_end - t0, 1e-9), "ok": files, "files": files,
+         "files_match": files == r["ok"], "drain_s": t_end - t0 - duration}
+    d.update(proccpu.per_message(proccpu.delta(cpu0, proccpu.snapshot(pid)), files))
+    return r, d
 
 
 def rotated(entrants: list[Any], rep: int) -> list[Any]:
