@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import fcntl
 import os
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any, Callable, Iterator, TypeVar
 
 LOCK_FILE = "dovecot-uidlist.lock"
@@ -51,6 +51,19 @@ def folder_lock(path: str) -> Iterator[None]:
         os.close(fd)  # closing the only descriptor releases the lock
 
 
+@contextmanager
+def folder_locks(*paths: str) -> Iterator[None]:
+    """
+    Several folders' locks (a MOVE's target and source), taken in the
+    order of their paths, so two processes moving mail in opposite
+    directions never each hold one and wait for the other's.
+    """
+    with ExitStack() as stack:
+        for path in sorted(set(paths)):
+            stack.enter_context(folder_lock(path))
+        yield
+
+
 def signature(path: str) -> Signature:
     """Which version of the UID list and keyword file are on disk (inode, size, mtime)."""
     out: list[tuple[int, int, int] | None] = []
@@ -65,13 +78,14 @@ def signature(path: str) -> Signature:
 
 
 def run_locked(path: str, expected: Signature | None, job: Callable[..., T],
-               *args: Any) -> tuple[T, Signature]:
+               *args: Any, also: str | None = None) -> tuple[T, Signature]:
     """
-    Run C{job(*args)} under the folder's lock if the folder's files are
-    still at version C{expected}; returns its result and the version it
-    left. Raises L{Stale} (having done nothing) when they are not.
+    Run C{job(*args)} under the folder's lock (and folder C{also}'s) if
+    the folder's files are still at version C{expected}; returns its
+    result and the version it left. Raises L{Stale} (having done nothing)
+    when they are not.
     """
-    with folder_lock(path):
+    with folder_locks(path, *((also,) if also is not None else ())):
         if signature(path) != expected:
             raise Stale(path)
         result = job(*args)

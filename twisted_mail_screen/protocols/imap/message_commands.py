@@ -327,10 +327,11 @@ class MessageCommands(SelectedView):
                     raise No("No such mailbox", "TRYCREATE")
                 rows = [(u, source.name(u)) for u in wanted]
                 rows = [(u, n) for u, n in rows if n is not None]
+                # A MOVE takes the messages out of the source under its lock too.
                 return registry.guarded(target, lambda: (
                     transfer_files, source.path, path, rows, list(source.keywords),
                     list(target.keywords), move, names, target.uidvalidity, target.next_uid,
-                    array("L", target.uids), list(target.names)))
+                    array("L", target.uids), list(target.names)), also=source.path if move else None)
 
             def transferred(result: Any) -> Deferred:
                 done, next_uid, keywords = result

@@ -167,18 +167,20 @@ class Registry:
     #: Rescans before a write gives up (another process writing the folder without pause).
     MAX_STALE = 20
 
-    def guarded(self, folder: Folder, make: Callable[[], tuple[Any, ...]]) -> Deferred:
+    def guarded(self, folder: Folder, make: Callable[[], tuple[Any, ...]],
+                also: str | None = None) -> Deferred:
         """
         Run the job C{make()} names (function, *args; built anew for each
         try, from the index as it is then) in the pool under the folder's
         cross-process lock. When another process changed the folder's UID
         list or keywords since this index read them, nothing is done: the
         folder is rescanned (taking the other process's UIDs) and the job
-        tried again. The caller holds the account lock.
+        tried again. The caller holds the account lock. With C{also}, the
+        job holds that folder's lock too (MOVE: the source it takes from).
         """
         def attempt(tries: int) -> Deferred:
             f, *args = make()
-            d = self.blocking.run(run_locked, folder.path, folder.signature, f, *args)
+            d = self.blocking.run(run_locked, folder.path, folder.signature, f, *args, also=also)
 
             def done(out: tuple[Any, Any]) -> Any:
                 result, folder.signature = out

@@ -22,7 +22,7 @@ from twisted_mail_screen.protocols.imap import mailbox as mb, quota_commands as 
 from twisted_mail_screen.protocols.imap.core import SessionCore
 from twisted_mail_screen.protocols.imap.fetch import flags_item
 from twisted_mail_screen.protocols.imap.parse import Atom, SeqSet, Token, format_set, parse_seqset
-from twisted_mail_screen.protocols.imap.store import LONG_SET, expunge_files, set_positions
+from twisted_mail_screen.protocols.imap.store import LONG_SET, expunge_files_locked, set_positions
 
 
 class SelectedView(SessionCore):
@@ -153,8 +153,9 @@ class SelectedView(SessionCore):
                 folder.notify()
                 return recorded.addCallback(lambda _: self.factory.registry.persist(folder))
 
-            # Choosing the victims (and resolving a long UID set) is the worker's.
-            return self.factory.blocking.run(expunge_files, folder.path, array("L", folder.uids),
+            # Choosing the victims (and resolving a long UID set) is the worker's, under the
+            # folder's cross-process lock (EXPUNGE, UID EXPUNGE, CLOSE).
+            return self.factory.blocking.run(expunge_files_locked, folder.path, array("L", folder.uids),
                                              list(folder.names), view, uids).addCallback(unlinked)
 
         return folder.lock.run(locked)

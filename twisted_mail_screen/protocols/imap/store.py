@@ -8,7 +8,9 @@ message's new name depends only on its current flag letters on disk
 distinct flag combination, not once per message:
 C{STORE 1:* +FLAGS} on a large folder costs the reactor nothing but the
 list of names it hands over. Long sequence sets are parsed and resolved
-there too, and EXPUNGE picks its victims there.
+there too, and EXPUNGE picks its victims there, under the folder's
+cross-process lock as well: a flag change another process makes under
+it happens wholly before or wholly after the expunge.
 """
 
 from __future__ import annotations
@@ -122,3 +124,11 @@ def expunge_files(path: str, uids: "array[int]", names: list[str], view: "array[
               if "T" in info_of(n) and u in shown and (seqset is None or seqset.contains(u, star))]
     # Only while still \Deleted on disk: another process may have taken the flag off since.
     return unlink_files(path, doomed, spare=lambda now: "T" not in info_of(now))
+
+
+def expunge_files_locked(path: str, *args: Any) -> list[int]:
+    """L{expunge_files} under the folder's cross-process lock; nothing done when the folder is gone."""
+    try:
+        return locked(path, expunge_files, path, *args)
+    except FileNotFoundError:
+        return []
