@@ -13,7 +13,8 @@ from array import array
 from typing import Callable, Iterable
 
 from twisted_mail_screen.protocols.imap.flags import (base_of, find_file, flag_names, info_of,
-                                                      merge_keywords, save_keywords, with_flags)
+                                                      load_keywords, merge_keywords, save_keywords,
+                                                      with_flags)
 from twisted_mail_screen.runtime.atomic import fsync_directory
 from twisted_mail_screen.store import maildir_names, uidlist
 from twisted_mail_screen.store.maildir import Maildir, MailStore, link_or_copy
@@ -164,19 +165,30 @@ def transfer_files(src: str, dst: str, rows: list[tuple[int, str]], src_keywords
     written before returning. Returns ((src uid, dst uid, dst name), ...),
     the new next UID and C{dst}'s keyword list.
     """
+    src_table = _SourceKeywords(src, src_keywords)
     wanted = []
     for _, rel in rows:
-        wanted += [f for f in flag_names(rel, src_keywords) if not f.startswith("\\")]
+        wanted += [f for f in src_table.names(rel) if not f.startswith("\\")]
     keywords = merge_keywords(dst_keywords, wanted)
     if keywords is None:
         keywords = list(dst_keywords)  # keywords past the 26th are dropped
-    if keywords != dst_keywords:
-        save_keywords(dst, keywords)
+    saved = dst_keywords
+
+    def target_name(base: str, rel: str) -> str:
+        nonlocal keywords, saved
+        flags = src_table.names(rel)
+        more = merge_keywords(keywords, flags)
+        if more is not None:
+            keywords = more
+        if keywords != saved:  # saved before the file that uses the letter is linked
+            save_keywords(dst, keywords)
+            saved = keywords
+        return with_flags(f"cur/{base}", flags, keywords)
+
     done = []
     for uid, rel in rows:
-        flags = flag_names(rel, src_keywords)
         base = base_of(rel) if move else names.copy_of(base_of(rel))
-        target = with_flags(f"cur/{base}", flags, keywords)
+        target = target_name(base, rel)
         source = os.path.join(src, rel)
         for attempt in range(2):
             try:
@@ -191,8 +203,9 @@ def transfer_files(src: str, dst: str, rows: list[tuple[int, str]], src_keywords
                     target = ""
                     break
                 source = os.path.join(src, now)
-                # Another process renamed it: the copy carries the flags it has now, not the index's.
-                target = with_flags(f"cur/{base}", flag_names(now, src_keywords), keywords)
+                # Another process renamed it: the copy carries the flags it has now, not the index's,
+                # keywords that process gave a letter this index does not know yet included.
+                target = target_name(base, now)
         if not target:
             continue
         done.append((uid, next_uid, target))
@@ -204,6 +217,31 @@ def transfer_files(src: str, dst: str, rows: list[tuple[int, str]], src_keywords
         add_to_uidlist(dst, uidvalidity, next_uid, list(dst_uids) + [d for _, d, _ in done],
                        list(dst_names) + [t for _, _, t in done], [(d, t) for _, d, t in done])
     return done, next_uid, keywords
+
+
+class _SourceKeywords:
+    """
+    The flag names of a source folder's file names: by the index's keyword
+    table, read again from the folder's C{dovecot-keywords} when a name has
+    a letter the table does not know (another process gave it), until a
+    read brings nothing new (a letter no table names is then dropped).
+    """
+
+    def __init__(self, path: str, keywords: list[str]) -> None:
+        self.path = path
+        self.keywords = keywords
+        self._exhausted = False
+
+    def names(self, rel: str) -> list[str]:
+        if not self._exhausted and any("a" <= c <= "z" and ord(c) - 97 >= len(self.keywords)
+                                       for c in info_of(rel)):
+            on_disk = load_keywords(self.path)
+            # The table only grows, so the index's letters keep their meaning in it.
+            if len(on_disk) > len(self.keywords):
+                self.keywords = on_disk
+            else:
+                self._exhausted = True
+        return flag_names(rel, self.keywords)
 
 
 def append_file(store: MailStore, path: str, data: bytes, flags: list[str], date: float | None,
