@@ -206,7 +206,7 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
     blocking = workers or pool(config.storage.threads)
     if workers is None:
         blocking.setServiceParent(service)
-    accounts = AccountStore(config.data_dir)
+    accounts = AccountStore(config.data_dir, clock)
     if store is None:
         store = MailStore(os.path.join(config.data_dir, "mail"), UniqueNames(config.hostname),
                           durable=config.storage.fsync)

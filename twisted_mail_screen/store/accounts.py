@@ -8,8 +8,13 @@ while the server runs:
   - C{aliases}: one C{address: target, target} per line, aliases(5) style;
     C{@domain: target} is that domain's catch-all.
 
-The server re-reads a file when its modification time or size changes, so
-an edit takes effect at the next lookup without a restart.
+The server re-reads a file when its version (inode, size, modification
+time) changes, so an edit takes effect without a restart. A lookup looks at
+a file's version at most once a second by the server's clock (a C{stat} on
+the reactor thread per RCPT was the cost before): an edit by another process
+(C{mailscreen user add}, an editor) is seen within a second; one made
+through any L{AccountStore} of this process (the pytest plugin's
+C{add_user}) at the next lookup.
 """
 
 from __future__ import annotations
@@ -18,12 +23,27 @@ import os
 import threading
 from typing import Callable, Iterator
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from twisted_mail_screen.store.addresses import AddressError, normalise_address
 from twisted_mail_screen.runtime.atomic import write_atomically
 from twisted_mail_screen.runtime.filewatch import FileWatch
 from twisted_mail_screen.store.passwords import hash_password, verify_password
+
+
+#: Seconds a lookup trusts the version of a file it last looked at.
+LOOK_INTERVAL = 1.0
+
+#: How many times each file (by absolute path) was written by this process:
+#: a lookup through any store sees a write made through another at once.
+_writes: dict[str, int] = {}
+_writes_lock = threading.Lock()
+
+
+def _written(key: str) -> None:
+    with _writes_lock:
+        _writes[key] = _writes.get(key, 0) + 1
 
 
 class AccountError(ValueError):
@@ -34,25 +54,46 @@ class AccountStore:
     """
     Users (address → password hash) and aliases (address → targets).
 
-    Lookups are cheap (one C{stat} per file) and safe from any thread.
+    Lookups are cheap and safe from any thread. With a C{clock} (the
+    server's), each file's version is looked at (one C{stat}) at most once
+    a L{LOOK_INTERVAL}; without one (the CLI), at every lookup.
     """
 
     log = Logger()
 
-    def __init__(self, data_dir: str) -> None:
-        self._users = FileWatch(os.path.join(data_dir, "users"))
-        self._aliases = FileWatch(os.path.join(data_dir, "aliases"))
+    def __init__(self, data_dir: str, clock: IReactorTime | None = None) -> None:
+        paths = (os.path.join(data_dir, "users"), os.path.join(data_dir, "aliases"))
+        self._users, self._aliases = FileWatch(paths[0]), FileWatch(paths[1])
         # Each file's contents as last parsed, until its FileWatch says it changed.
         self._parsed: dict[str, dict] = {}
         self._lock = threading.Lock()
+        self._clock = clock
+        # Each file's key in _writes (made absolute once: abspath of a relative path asks the kernel).
+        self._keys = {p: os.path.abspath(p) for p in paths}
+        # Per file: when its version was last looked at, and _writes' count then.
+        self._looked: dict[str, tuple[float, int]] = {}
 
     # reading
 
+    def _trusted(self, path: str) -> bool:
+        """Whether the version last looked at may be used without a C{stat} (under C{_lock})."""
+        if self._clock is None or path not in self._parsed:
+            return False
+        looked = self._looked.get(path)
+        return (looked is not None and self._clock.seconds() < looked[0] + LOOK_INTERVAL
+                and looked[1] == _writes.get(self._keys[path], 0))
+
     def _load(self, watch: FileWatch, parse: Callable[[str], dict]) -> dict:
-        signature = watch.current()
         path = watch.path
         assert path is not None
         with self._lock:
+            if self._trusted(path):
+                return self._parsed[path]
+        writes = _writes.get(self._keys[path], 0)  # before the stat: a write after it is seen next time
+        signature = watch.current()
+        with self._lock:
+            if self._clock is not None:
+                self._looked[path] = (self._clock.seconds(), writes)
             value = self._parsed.get(path)
             if value is None or signature != watch.signature:
                 value = self._parsed[path] = parse(path) if signature else {}
@@ -144,11 +185,13 @@ class AccountStore:
         body = "".join(f"{a}:{h}\n" for a, h in sorted(users.items()))
         os.makedirs(os.path.dirname(self._users.path), mode=0o750, exist_ok=True)
         write_atomically(self._users.path, body.encode(), 0o600)
+        _written(self._keys[self._users.path])
 
     def _write_aliases(self, aliases: dict[str, tuple[str, ...]]) -> None:
         body = "".join(f"{a}: {', '.join(t)}\n" for a, t in sorted(aliases.items()))
         os.makedirs(os.path.dirname(self._aliases.path), mode=0o750, exist_ok=True)
         write_atomically(self._aliases.path, body.encode(), 0o644)
+        _written(self._keys[self._aliases.path])
 
 
 #: A fixed hash (of "not a password anyone has", same cost as every new
