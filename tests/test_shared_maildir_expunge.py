@@ -24,9 +24,9 @@ from typing import Callable, Iterator
 
 import pytest
 
-from test_shared_maildir import imap_login, node, stop
+from test_shared_maildir import node, stop
 from test_shared_maildir_flags import (  # noqa: F401 (pair is a fixture)
-    USER, deliver, flags_seen, inbox, letters_on_disk, login, pair, store)
+    deliver, flags_seen, inbox, letters_on_disk, login, pair, store)
 from test_twistd import pytestmark as twistd_only
 from twisted_mail_screen.store.folderlock import LOCK_FILE, folder_lock
 
