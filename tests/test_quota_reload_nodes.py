@@ -13,6 +13,7 @@ import imaplib
 import smtplib
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,21 @@ def test_mail_a_node_took_before_it_saw_a_new_limit_is_counted_once_it_sees_it(n
     assert refused(b)[0] == 452                   # counted: 4 of 3, not the file's 2
     assert refused(a)[0] == 452
     assert inbox_count(tmp_path) == 4
+
+
+def test_a_node_that_took_such_mail_and_then_nothing_more_still_has_it_counted(nodes, tmp_path):
+    """B's next look comes a second after its unrecorded delivery, even with no decision to make."""
+    a, b = nodes
+    send(b)
+    quota_set(tmp_path, "a", "--messages", "3")
+    send(a)
+    send(b)                                       # 3 on disk; A's maildirsize says 2
+    size_file = tmp_path / "data" / "mail" / "localhost" / "bob" / "maildirsize"
+    assert size_file.exists()
+    b.advance(1)                                  # B's own look: limits changed, the file dropped
+    deadline = time.monotonic() + 10
+    while size_file.exists():
+        assert time.monotonic() < deadline, "B never looked at the limits again"
+        time.sleep(0.01)
+    assert refused(a)[0] == 452                   # 3 of 3, counted again
+    assert inbox_count(tmp_path) == 3

@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from twisted_mail_screen.quota.state import (
@@ -63,6 +63,7 @@ class LimitsFile:
         # a write made here brings an older table and is dropped.
         self._generation = 0
         self._waiting: list[Deferred] | None = None
+        self._soon: IDelayedCall | None = None
 
     def replace(self, table: dict[str, Override], version: Version | None = None) -> int:
         """The table as read at start-up (no L{replaced}), or by the methods below."""
@@ -105,6 +106,22 @@ class LimitsFile:
         self._run(probe, self.path, self._version).addCallback(self._looked, generation).addErrback(
             lambda f: self.log.failure("quota: cannot look at {path}", f, path=self.path)).addBoth(release)
         return first
+
+    def look_soon(self) -> None:
+        """
+        Look at the file when it is next due even if no decision asks by
+        then: a change was just made here with limits that may be a second
+        old (mail stored for an account thought unlimited is not recorded,
+        and a look that finds the account limited has it counted again).
+        """
+        if self._clock is None or self._soon is not None:
+            return
+
+        def look() -> None:
+            self._soon = None
+            self.fresh()
+
+        self._soon = self._clock.callLater(max(0.0, self._next_look - self._clock.seconds()), look)
 
     def _looked(self, result: tuple[Version | None, Any], generation: int) -> None:
         version, table = result

@@ -173,7 +173,10 @@ class QuotaService:
 
     def _changed(self, account: str, octets: int, messages: int) -> Deferred:
         limits = self.limits(account)
-        if not limits.limited or not (octets or messages):
+        if not (octets or messages):
+            return succeed(None)
+        if not limits.limited:
+            self._file.look_soon()  # limited through another node meanwhile? then counted again
             return succeed(None)
 
         def recorded(out: tuple[maildirsize.FileState | None, Usage]) -> None:
