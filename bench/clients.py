@@ -11,6 +11,7 @@ import imaplib
 import itertools
 import os
 import socket
+import subprocess
 import threading
 import time
 from typing import Any, Callable, Sequence
@@ -132,6 +133,32 @@ def smtp_ingest(port: int | Sequence[int], concurrency: int, size: int, per_conn
             "p50_ms": lat[len(lat) // 2] * 1000 if lat else None,
             "p99_ms": lat[int(len(lat) * 0.99)] * 1000 if lat else None,
             "bad_replies": sorted(r.decode("latin-1") for r in stats["replies"])[:3]}
+
+
+SMTP_SOURCE = "/usr/sbin/smtp-source"  # Postfix's load generator, in C (the postfix package)
+
+
+def smtp_source(port: int, concurrency: int, size: int, per_conn: int,
+                messages: int) -> dict[str, Any]:
+    """
+    The same load from Postfix's C{smtp-source}, whose CPU per message is
+    a fraction of this module's Python client's: C{messages} messages from
+    C{concurrency} sessions in parallel, lock step (it does not pipeline),
+    one message a connection (C{per_conn} > 1: every session's messages
+    over one connection, C{-d}). The rate is the messages over the
+    program's wall time; its CPU is read by the caller as a child's.
+    """
+    body = max(1, size - 160)  # it adds From, To, Date, Message-Id (about 160 octets)
+    args = [SMTP_SOURCE, "-4", "-s", str(concurrency), "-m", str(messages), "-l", str(body),
+            "-f", "s@client.test", "-t", RCPT, "-M", "client.bench", "-C", "5"]
+    if per_conn > 1:
+        args.append("-d")
+    t0 = time.monotonic()
+    p = subprocess.run(args + [f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=600)
+    elapsed = time.monotonic() - t0
+    ok = messages if p.returncode == 0 else 0
+    return {"value": ok / elapsed, "ok": ok, "errors": 0 if p.returncode == 0 else 1,
+            "elapsed_s": elapsed, "bad_replies": [p.stderr.strip()[-200:]] if p.returncode else []}
 
 
 def accept_rate(port: int, concurrency: int, duration: float, sources: int = 0) -> dict[str, Any]:

@@ -76,6 +76,11 @@ def main() -> int:
     ap.add_argument("--servers", default="",
                     help="SMTP entrants to run, comma list of names (ours, ours-site, aiosmtpd, "
                          "aiosmtpd-fsync, postfix, ...); default: every one that starts")
+    ap.add_argument("--client", choices=("asyncio", "smtp-source"), default="asyncio",
+                    help="SMTP load generator: this bench's Python client (runs for --duration), "
+                         "or Postfix's smtp-source in C (sends --source-messages per run)")
+    ap.add_argument("--source-messages", type=int, default=1000,
+                    help="messages per SMTP run with --client smtp-source")
     ap.add_argument("--cells", default="",
                     help="SMTP cells to run, comma list of CONCURRENCY:SIZE:PER_CONN "
                          "(e.g. 16:2048:1); default: the full grid (--quick: a subset)")
@@ -173,8 +178,17 @@ def main() -> int:
                     r = clients.accept_rate(banner.ports["smtp"], 16, min(args.duration, 2.0))
                     record("accept_ceiling", {"concurrency": 16}, "machine", rep, r,
                            "conn/s", HIGHER)
-                    r = clients.smtp_ingest(banner.ports["smtp"], 16, 2048, 1,
-                                            min(args.duration, 2.0))
+                    if args.client == "smtp-source":
+                        cpu = os.times()
+                        r = clients.smtp_source(banner.ports["smtp"], 16, 2048, 1,
+                                                args.source_messages)
+                        r.update({"client_" + k: v for k, v in
+                                  own_cpu(cpu, r["ok"], child=True).items()})
+                    else:
+                        cpu = os.times()
+                        r = clients.smtp_ingest(banner.ports["smtp"], 16, 2048, 1,
+                                                min(args.duration, 2.0))
+                        r.update({"client_" + k: v for k, v in own_cpu(cpu, r["ok"]).items()})
                     record("smtp_client_ceiling", {"concurrency": 16, "size": 2048}, "machine",
                            rep, r, "msg/s", HIGHER)
             banner.stop()
@@ -183,7 +197,7 @@ def main() -> int:
             ceiling_dir = os.path.join(ours.data, "fsync-ceiling")
             for server in smtp_servers:  # warm-up: imports, Postfix's processes spawned
                 progress.step(f"smtp warm-up {server.name}")
-                smtp_run(server, 16, 2048, 1, min(args.duration, 0.5))
+                smtp_run(server, 16, 2048, 1, min(args.duration, 0.5), args.client, 200)
                 clear_maildir(server.maildir(clients.RCPT))
             for conc, size, per_conn in cells:
                 params = {"concurrency": conc, "size": size, "per_conn": per_conn}
@@ -202,7 +216,8 @@ def main() -> int:
                             continue
                         box = server.maildir(clients.RCPT)
                         clear_maildir(box)
-                        r, delivered = smtp_run(server, conc, size, per_conn, args.duration)
+                        r, delivered = smtp_run(server, conc, size, per_conn, args.duration,
+                                                args.client, args.source_messages)
                         if server is ours and conc == 64:
                             r["rss_kb"] = ours.rss_kb()
                         record("smtp_ingest", params, server.name, rep, r, "msg/s", HIGHER)
@@ -308,16 +323,25 @@ def main() -> int:
     return 0
 
 
-def own_cpu(before: Any, n: int) -> dict[str, float]:
-    """This process's CPU since C{before} (os.times()), per message: the client's, or the ceiling's."""
+def own_cpu(before: Any, n: int, child: bool = False) -> dict[str, float]:
+    """
+    This process's CPU since C{before} (os.times()), per message: the
+    client's, or the ceiling's; with C{child}, its waited-for children's
+    (smtp-source).
+    """
     now = os.times()
-    u, s = now.user - before.user, now.system - before.system
+    if child:
+        u, s = (now.children_user - before.children_user,
+                now.children_system - before.children_system)
+    else:
+        u, s = now.user - before.user, now.system - before.system
     n = max(n, 1)
     return {"cpu_us": (u + s) / n * 1e6, "cpu_user_us": u / n * 1e6, "cpu_sys_us": s / n * 1e6}
 
 
-def smtp_run(server: Any, conc: int, size: int, per_conn: int,
-             duration: float) -> tuple[dict[str, Any], dict[str, Any] | None]:
+def smtp_run(server: Any, conc: int, size: int, per_conn: int, duration: float,
+             client: str = "asyncio",
+             messages: int = 1000) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """
     One SMTP run: the 250 rate, the files counted against the 250s, the
     server's CPU per message (its whole process tree, by process and
@@ -330,10 +354,15 @@ def smtp_run(server: Any, conc: int, size: int, per_conn: int,
     cpu0, client0, busy, kern = (proccpu.snapshot(pid), os.times(), proccpu.machine(),
                                  proccpu.kernel())
     t0 = time.monotonic()
-    r = clients.smtp_ingest(server.ports["smtp"], conc, size, per_conn, duration)
+    if client == "smtp-source":
+        r = clients.smtp_source(server.ports["smtp"], conc, size, per_conn, messages)
+        duration = r["elapsed_s"]
+    else:
+        r = clients.smtp_ingest(server.ports["smtp"], conc, size, per_conn, duration)
     r.update(proccpu.machine_share(busy))
     r.update(proccpu.kernel_us(kern, r["ok"]))
-    r.update({"client_" + k: v for k, v in own_cpu(client0, r["ok"]).items()})
+    r.update({"client_" + k: v for k, v in
+              own_cpu(client0, r["ok"], client == "smtp-source").items()})
     r.update(proccpu.per_message(proccpu.delta(cpu0, proccpu.snapshot(pid)), r["ok"]))
     if server.kind != "postfix":
         r["files"] = count_files(server.maildir(clients.RCPT))
