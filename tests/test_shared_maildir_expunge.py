@@ -28,7 +28,7 @@ from test_shared_maildir import node, stop
 from test_shared_maildir_flags import (  # noqa: F401 (pair is a fixture)
     deliver, flags_seen, inbox, letters_on_disk, login, pair, store)
 from test_twistd import pytestmark as twistd_only
-from twisted_mail_screen.store.folderlock import LOCK_FILE, folder_lock
+from twisted_mail_screen.store.folderlock import LOCK_FILE, folder_lock, try_lock, unlock
 
 
 def lock_waiters(lock_file: Path) -> int:
@@ -117,6 +117,30 @@ def test_a_move_takes_from_the_source_under_its_lock(pair, tmp_path):
     assert letters_on_disk(tmp_path) == {}
     moved = dict(n.split(":2,") for n in os.listdir(inbox(tmp_path) / ".Kept" / "cur"))
     assert moved == {flagged: "F", plain: ""}  # with the flag it had when it moved
+    ca.logout()
+
+
+def test_a_move_takes_the_two_folders_locks_in_one_order(pair, tmp_path):
+    """
+    Both ways (INBOX to Kept, Kept to INBOX), the server waits for the
+    first lock of the order every node uses while holding neither, so two
+    nodes moving mail in opposite directions cannot each hold one.
+    """
+    a, b = pair
+    deliver(a.port("smtp"), 1)
+    ca = login(a)
+    assert ca.create("Kept")[0] == "OK"
+    assert ca.select("Kept")[0] == "OK"  # both folders indexed: the MOVE's job is the first to lock
+    first, second = sorted([inbox(tmp_path), inbox(tmp_path) / ".Kept"], key=lambda p: os.stat(p).st_ino)
+    for source, target in (("INBOX", "Kept"), ("Kept", "INBOX")):
+        assert ca.select(source)[0] == "OK"
+        with held_while(first, lambda: ca.uid("MOVE", "1:*", target)) as outcome:
+            fd = try_lock(str(second), LOCK_FILE)
+            assert fd is not None, f"MOVE {source} to {target} held one lock while waiting for the other"
+            unlock(fd)
+        typ, data = outcome[0]
+        assert typ == "OK", data
+    assert len(letters_on_disk(tmp_path)) == 1
     ca.logout()
 
 

@@ -55,11 +55,13 @@ def folder_lock(path: str) -> Iterator[None]:
 def folder_locks(*paths: str) -> Iterator[None]:
     """
     Several folders' locks (a MOVE's target and source), taken in the
-    order of their paths, so two processes moving mail in opposite
-    directions never each hold one and wait for the other's.
+    order of their directories' inode numbers, which every process sharing
+    the volume sees alike (paths may differ between nodes' mount points),
+    so two processes moving mail in opposite directions never each hold
+    one and wait for the other's.
     """
     with ExitStack() as stack:
-        for path in sorted(set(paths)):
+        for path in sorted(set(paths), key=lambda p: (os.stat(p).st_ino, p)):
             stack.enter_context(folder_lock(path))
         yield
 
