@@ -23,6 +23,7 @@ from twisted_mail_screen.faults.seam import guard, pop3_reply
 from twisted_mail_screen.protocols.session import SASLError, ScreenedSession, SessionFactory, sasl_plain
 from twisted_mail_screen.protocols.pop3_drop import Drop, MailboxInUse, Retriever, open_drop, uidl_of
 from twisted_mail_screen.quota.service import QuotaService
+from twisted_mail_screen.store.folderlock import locked_unless_gone
 from twisted_mail_screen.store.maildir import MailStore
 from twisted_mail_screen.runtime.workers import Blocking
 
@@ -288,8 +289,18 @@ class POP3Server(ScreenedSession):
         assert drop is not None
         doomed = [drop.messages[i] for i in sorted(drop.deleted)]
 
-        def update() -> list[str]:
+        def remove() -> list[str]:
             return [m.name for m in doomed if drop.maildir.remove(m)]
+
+        def update() -> list[str]:
+            # Under the folder's cross-process lock, as IMAP's STORE and
+            # EXPUNGE are: a flag rename another node makes meanwhile
+            # happens wholly before (the file is found by its new name)
+            # or after (there is nothing left to rename). The mailbox's
+            # pop3.lock is held until the session ends, so [IN-USE] holds.
+            if not doomed:
+                return []
+            return locked_unless_gone(drop.maildir.path, [], remove)
 
         def done(removed: list[str]) -> Any:
             if self.factory.quota is not None and removed:

@@ -11,6 +11,10 @@ Linux carries C{flock} over NFSv4 (as a byte-range lock), the shared
 volume this is for. The lock file itself is never removed: removing it
 would let a waiter lock an unlinked inode while a newcomer locks a new one.
 
+The same lock keeps the message files' renames and unlinks apart: IMAP's
+STORE, EXPUNGE, COPY and MOVE, the web port's read marks and deletions and
+POP3's deletions at QUIT all take it (L{locked_unless_gone} for the last two).
+
 Waiting for the lock blocks, so everything here runs in the worker pool.
 
 A process keeps its folder index in memory. L{signature} says which
@@ -123,3 +127,25 @@ def locked(path: str, job: Callable[..., T], *args: Any) -> T:
     """C{job(*args)} under the folder's lock (blocking: worker thread), for other per-folder state files."""
     with folder_lock(path):
         return job(*args)
+
+
+def locked_unless_gone(path: str, gone: T, job: Callable[..., T], *args: Any) -> T:
+    """
+    C{job(*args)} under the folder's lock (blocking: worker thread), or
+    C{gone} without running it when the folder is not there (no lock file
+    can be made in it). For writers outside the IMAP index (the web port's
+    read marks and deletions, POP3's UPDATE) that rename or unlink message
+    files: under the lock their change happens wholly before or wholly
+    after another node's STORE, EXPUNGE or MOVE. Unlike catching
+    C{FileNotFoundError} around L{locked}, one raised by the job itself
+    still propagates.
+    """
+    try:
+        fd = os.open(os.path.join(path, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except (FileNotFoundError, NotADirectoryError):
+        return gone
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return job(*args)
+    finally:
+        os.close(fd)  # closing the only descriptor releases the lock

@@ -9,7 +9,8 @@ parsing, renames): the web handlers call them through the worker pool.
 
 Read is the Maildir C{S} flag, so IMAP clients see it as C{\\Seen} and
 POP3 and IMAP see a deleted message gone. Renames and unlinks use the IMAP
-store's own file jobs (which follow a file another session renamed).
+store's own file jobs (which follow a file another session renamed), under
+the folder's cross-process lock (store/folderlock.py) as IMAP's are.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 from twisted_mail_screen.protocols.imap.filejobs import rename_files, unlink_files
 from twisted_mail_screen.store import maildir_names
 from twisted_mail_screen.store.addresses import AddressError, normalise_address
+from twisted_mail_screen.store.folderlock import locked_unless_gone
 from twisted_mail_screen.store.maildir import MailStore, crlf_size
 from twisted_mail_screen.store.message_ids import MessageRef, valid_base
 from twisted_mail_screen.web import summary as summaries
@@ -212,11 +214,16 @@ class MailFiles:
         except FileNotFoundError:
             return None
 
-    # changes (each call: one folder, under its account lock)
+    # changes (each call: one folder, under its account lock in this process
+    # and its cross-process folder lock, so another node's STORE, EXPUNGE
+    # or MOVE of the same files happens wholly before or after it)
 
     def set_read(self, mailbox: str, bases: list[str] | None, read: bool) -> list[str]:
         """Add or remove the C{S} flag (C{None}: of every message); the IDs of those changed."""
         folder_path = self.folder_path(mailbox)
+        return locked_unless_gone(folder_path, [], self._set_read, mailbox, folder_path, bases, read)
+
+    def _set_read(self, mailbox: str, folder_path: str, bases: list[str] | None, read: bool) -> list[str]:
         current = maildir_names.folder_listing(folder_path) or {}
         renames = []
         for base in current if bases is None else bases:
@@ -234,12 +241,14 @@ class MailFiles:
     def delete(self, mailbox: str, bases: list[str] | None) -> list[str]:
         """Unlink messages (C{None}: every one in the folder); the IDs of those removed."""
         folder_path = self.folder_path(mailbox)
+        return locked_unless_gone(folder_path, [], self._delete, mailbox, folder_path, bases)
+
+    def _delete(self, mailbox: str, folder_path: str, bases: list[str] | None) -> list[str]:
         current = maildir_names.folder_listing(folder_path) or {}
         wanted = list(current) if bases is None else [b for b in bases if b in current]
         unlink_files(folder_path, [(i, current[b]) for i, b in enumerate(wanted)])
         self.forget(folder_path, wanted)
         return [MessageRef(mailbox, "", b).id for b in wanted]
-
 
 
 def _created(folder_path: str, rel: str, base: str) -> float:
