@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from twisted.internet.task import Clock
 
+from conftest import log_lines
 from test_shared_maildir_expunge import held_while
 from test_shared_maildir_flags import USER, deliver, inbox, letters_on_disk
 from twisted_mail_screen.store.folderlock import try_lock
@@ -36,6 +37,14 @@ def server(start_server, tmp_path):
     running = start_server(kinds=KINDS, clock=Clock(), control_socket=str(tmp_path / "a.sock"))
     deliver(running.port("smtp"), 2)
     return running
+
+
+@pytest.fixture(autouse=True)
+def nothing_failed_in_the_log():
+    """Waiting for the lock is no error: no traceback, no failed job logged."""
+    with log_lines("Traceback", "Unhandled", "failed") as lines:
+        yield
+    assert lines == []
 
 
 def bases(tmp_path: Path) -> list[str]:
@@ -84,13 +93,17 @@ def test_a_web_unread_mark_keeps_a_flag_another_node_set_meanwhile(server, tmp_p
     assert letters_on_disk(tmp_path) == {marked: "F", other: ""}
 
 
-@pytest.mark.parametrize("scope", ["IDs", "all"])
-def test_a_web_delete_waits_for_the_folder_lock_and_removes_the_renamed_file(server, tmp_path, scope):
+@pytest.mark.parametrize("scope,meanwhile", [("IDs", "renamed"), ("all", "renamed"), ("IDs", "expunged")])
+def test_a_web_delete_waits_for_the_folder_lock_and_removes_the_renamed_file(
+        server, tmp_path, scope, meanwhile):
     port = server.port("web")
     doomed, other = bases(tmp_path)
     body = {"IDs": [message_id(doomed)]} if scope == "IDs" else None
     with held_while(inbox(tmp_path), lambda: call(port, "DELETE", "/api/v1/messages", body, timeout=30)) as outcome:
-        rename_to(inbox(tmp_path), doomed, "FS")  # another node's STORE: the name the web listed is gone
+        if meanwhile == "renamed":
+            rename_to(inbox(tmp_path), doomed, "FS")  # another node's STORE: the name the web listed is gone
+        else:
+            (inbox(tmp_path) / "new" / doomed).unlink()  # another node's EXPUNGE (or POP3 deletion)
     assert outcome[0].status == 200, outcome[0].body
     assert letters_on_disk(tmp_path) == ({} if scope == "all" else {other: ""})
     assert listed_ids(port) == (set() if scope == "all" else {message_id(other)})
