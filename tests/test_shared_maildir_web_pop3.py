@@ -68,14 +68,19 @@ def listed_ids(port: int) -> set[str]:
     return {m["ID"] for m in reply.json["messages"]}
 
 
-@pytest.mark.parametrize("scope", ["IDs", "all"])
+@pytest.mark.parametrize("scope", ["IDs", "all", "open"])
 def test_a_web_read_mark_waits_for_the_folder_lock_and_lands_on_the_other_nodes_flags(
         server, tmp_path, scope):
+    """By IDs, all messages, or by opening the message (which marks it read, as Mailpit does)."""
     port = server.port("web")
     marked, other = bases(tmp_path)
     assert listed_ids(port) == {message_id(marked), message_id(other)}
-    body = {"IDs": [message_id(marked)], "Read": True} if scope == "IDs" else {"Read": True}
-    with held_while(inbox(tmp_path), lambda: call(port, "PUT", "/api/v1/messages", body, timeout=30)) as outcome:
+    if scope == "open":
+        request = ("GET", f"/api/v1/message/{message_id(marked)}", None)
+    else:
+        body = {"IDs": [message_id(marked)], "Read": True} if scope == "IDs" else {"Read": True}
+        request = ("PUT", "/api/v1/messages", body)
+    with held_while(inbox(tmp_path), lambda: call(port, *request, timeout=30)) as outcome:
         rename_to(inbox(tmp_path), marked, "F")  # another node's STORE +FLAGS (\Flagged)
     assert outcome[0].status == 200, outcome[0].body
     want = {marked: "FS", other: "S" if scope == "all" else ""}
