@@ -49,6 +49,7 @@ import imap_bench  # noqa: E402
 import cluster  # noqa: E402
 import peers  # noqa: E402
 import proccpu  # noqa: E402
+import sink_fsync  # noqa: E402
 from maildirs import clear_maildir, count_files, populate, wait_delivered  # noqa: E402
 # Progress, summarise and markdown are imap_bench's too (it runs alone with them).
 from report import (CEILING, HIGHER, LOWER, Progress, chart, evaluate, markdown,  # noqa: E402,F401
@@ -75,7 +76,8 @@ def main() -> int:
                          "commit), both modes, as ours-baseline and ours-site-baseline (SMTP)")
     ap.add_argument("--servers", default="",
                     help="SMTP entrants to run, comma list of names (ours, ours-site, aiosmtpd, "
-                         "aiosmtpd-fsync, postfix, ...); default: every one that starts")
+                         "aiosmtpd-fsync, postfix, sink-fsync: the trivial sink plus the "
+                         "ceiling's disk work, only when named); default: every peer that starts")
     ap.add_argument("--client", choices=("asyncio", "smtp-source"), default="asyncio",
                     help="SMTP load generator: this bench's Python client (runs for --duration), "
                          "or Postfix's smtp-source in C (sends --source-messages per run)")
@@ -121,6 +123,8 @@ def main() -> int:
         return 1
     wanted = set(filter(None, args.servers.split(",")))
     if wanted:  # ours still starts: its data directory holds the ceiling's, POP3 and IMAP use it
+        if "sink-fsync" in wanted:  # a yardstick, not a peer: only when asked for
+            smtp_peers.append(sink_fsync.SinkFsync(workdir))
         smtp_peers = [p for p in smtp_peers if p.name in wanted]
         if "ours-site" not in wanted:
             ours_site = None
