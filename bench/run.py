@@ -287,7 +287,8 @@ def main() -> int:
                            "s", LOWER)
 
         if "imap" in only:  # every IMAP workload, warm and after restarts (bench/imap_bench.py)
-            mine = [o for o in (ours, ours_site) if o.has("imap") and peers.wait_port(o.ports["imap"], 1)]
+            mine = [o for o in (ours, ours_site) if o is not None and o.has("imap")
+                    and peers.wait_port(o.ports["imap"], 1)]
             if ours not in mine:
                 notes["imap"] = "ours pending: no IMAP listener in this build"
             imap_bench.run(mine, dovecot if have_dovecot and dovecot.has("imap") else None,
