@@ -127,12 +127,21 @@ def test_control_socket_listens_as_its_strports_string_would(path: str) -> None:
 
 
 def test_a_started_server_control_socket_is_0600_with_its_pid_lock(tmp_path: Path) -> None:
+    """Bound when the test first asks for it, answering then, gone after the stop."""
     server = build(str(tmp_path / "data"), {}, 5.0, lambda: ("", ""))
+    path = str(tmp_path / "data" / "control.sock")
     try:
-        assert os.stat(server.control_socket).st_mode & 0o777 == 0o600
-        assert os.path.lexists(server.control_socket + ".lock")
+        assert not os.path.lexists(path) and not os.path.lexists(path + ".lock")
+        assert server.control_socket == path
+        assert os.stat(path).st_mode & 0o777 == 0o600
+        assert os.path.lexists(path + ".lock")
+        assert server.control_socket == path  # asked again: the same socket, no second bind
+        from twisted_mail_screen.runtime.control import call
+
+        assert call(path, "faults.list") == []
     finally:
         server.stop()
+    assert not os.path.lexists(path) and not os.path.lexists(path + ".lock")
 
 
 def test_page_files_read_once_but_each_site_gets_its_own_answers() -> None:

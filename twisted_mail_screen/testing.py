@@ -81,15 +81,18 @@ class RunningServer:
     With C{shared_pools}, the server borrows the process's thread pools
     (L{runtime.sharedpool}: no threads started and joined per server);
     the listener kinds in C{lazy} build their factory on their first
-    connection (L{runtime.lazyfactory}). The pytest plugin uses both.
+    connection (L{runtime.lazyfactory}); with C{control_on_demand} the
+    control socket is bound by L{listen_control}. The pytest plugin uses all three.
     """
 
     def __init__(self, config: Config, clock: IReactorTime | None = None, *,
-                 shared_pools: bool = False, lazy: Collection[str] = ()) -> None:
+                 shared_pools: bool = False, lazy: Collection[str] = (),
+                 control_on_demand: bool = False) -> None:
         self.config = config
         self.clock = clock
         self.shared_pools = shared_pools
         self.lazy = frozenset(lazy)
+        self.control_on_demand = control_on_demand
         self.service: MailService | None = None
 
     def start(self) -> "RunningServer":
@@ -98,7 +101,8 @@ class RunningServer:
 
         def start() -> MailService:
             pools = _process_pools(reactor).borrow if self.shared_pools else None
-            service = build_service(self.config, reactor, self.clock, pools=pools, lazy=self.lazy)
+            service = build_service(self.config, reactor, self.clock, pools=pools, lazy=self.lazy,
+                                    control_on_demand=self.control_on_demand)
             service.privilegedStartService()
             service.startService()
             return service
@@ -109,6 +113,11 @@ class RunningServer:
     def port(self, kind: str) -> int:
         assert self.service is not None
         return self.service.ports(kind)[0]
+
+    def listen_control(self) -> str:
+        """The control socket's path, bound now if it was not (C{control_on_demand})."""
+        assert self.service is not None
+        return in_reactor(self.service.listen_control)
 
     def advance(self, seconds: float, step: float | None = None) -> None:
         """

@@ -126,6 +126,18 @@ class MailService(MultiService):
         super().__init__()
         self.config = config
         self.listeners: list[Listener] = []
+        self.control_listener: Listener | None = None
+
+    def listen_control(self) -> str:
+        """
+        Bind the control socket now if it is not bound (a server built with
+        C{control_on_demand}); on the reactor thread. Returns its path.
+        """
+        listener = self.control_listener
+        if listener is not None and listener.parent is None:
+            os.makedirs(os.path.dirname(self.config.control_socket), mode=0o750, exist_ok=True)
+            listener.setServiceParent(self)  # a running MultiService starts it at once
+        return self.config.control_socket
 
     def ready(self) -> bool:
         """Every listener is bound and the services (stores among them) are started."""
@@ -167,7 +179,7 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
                   service_class: type[MailService] = MailService,
                   store: MailStore | None = None, workers: Workers | None = None,
                   pools: Callable[[str, int], Service] | None = None,
-                  lazy: Collection[str] = ()) -> MailService:
+                  lazy: Collection[str] = (), control_on_demand: bool = False) -> MailService:
     """
     Build the server. C{clock} is the time source for timeouts and
     screening (the reactor unless a test drives a C{Clock}). C{store}
@@ -179,7 +191,10 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
     stops (default: a L{Blocking} of its own; the pytest plugin borrows
     the process's, L{runtime.sharedpool}). The listener kinds in C{lazy}
     bind at start and build their factory on their first connection
-    (L{runtime.lazyfactory}).
+    (L{runtime.lazyfactory}). With C{control_on_demand} the control socket
+    is bound by L{MailService.listen_control}, not at start (the pytest
+    plugin's servers: a socket file and its lock are two of the few
+    file-system changes a test's server makes, and few tests use them).
 
     @raise ConfigError: for an endpoint string the reactor cannot use.
     """
@@ -378,9 +393,10 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
             listener = Listener(kind, description, endpoint, factory)
             listener.setServiceParent(service)
             service.listeners.append(listener)
-    os.makedirs(os.path.dirname(config.control_socket), mode=0o750, exist_ok=True)
-    Listener("control", config.control_socket, control_endpoint(reactor, config.control_socket),
-             control).setServiceParent(service)
+    service.control_listener = Listener("control", config.control_socket,
+                                        control_endpoint(reactor, config.control_socket), control)
+    if not control_on_demand:
+        service.listen_control()
     return service
 
 
