@@ -15,7 +15,6 @@ import socket
 import time
 from pathlib import Path
 
-from twisted.internet.defer import Deferred
 
 from twisted_mail_screen.screening.resp import SKIP, RESPProtocol, encode
 from twisted_mail_screen.testing import in_reactor, reactor_thread
