@@ -118,7 +118,7 @@ class RESPProtocol(Protocol):
         self.on_lost: Callable[[], None] | None = None
         self.connected_ok = False
         self._socket: Any = None
-        #: Writes handed to the transport since the socket last took all we gave it.
+        #: Writes handed to the transport since it last held nothing of ours.
         self._queued = 0
 
     def connectionMade(self) -> None:
@@ -132,8 +132,9 @@ class RESPProtocol(Protocol):
         in the transport (else behind it, to keep the order). Why not always
         C{transport.write}: it sends on the next reactor turn (arm the socket
         for writing, wake, send, disarm), and a node sends two counting
-        batches a connection: in the accept bench that was about 30 of the
-        redis node's 160-200 us of CPU a connection (docs/performance.md).
+        batches a connection: sending at once took the redis node's CPU a
+        connection in the accept bench from 1/0.85 to 1/0.91 of the
+        in-memory node's (docs/performance.md, "Session 12").
         Returns how many writes wait in the transport.
         """
         assert self.transport is not None
