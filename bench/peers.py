@@ -433,36 +433,6 @@ userdb {{
         self.proc = None
 
 
-BANNER = r"""
-import asyncio, sys
-async def handle(reader, writer):
-    writer.write(b"220 banner ESMTP\r\n")
-    try:
-        while True:
-            line = await reader.readline()
-            if not line:
-                break
-            verb = line[:4].upper()
-            if verb == b"QUIT":
-                writer.write(b"221 2.0.0 Bye\r\n")
-                break
-            if verb == b"DATA":
-                writer.write(b"354 go\r\n")
-                await reader.readuntil(b"\r\n.\r\n")
-            writer.write(b"250 2.0.0 Ok\r\n")
-        await writer.drain()
-    except (ConnectionError, asyncio.IncompleteReadError):
-        pass
-    writer.close()
-async def main():
-    server = await asyncio.start_server(handle, "127.0.0.1", int(sys.argv[1]), backlog=1024,
-                                        limit=1 << 20)
-    async with server:
-        await server.serve_forever()
-asyncio.run(main())
-"""
-
-
 class Banner:
     """A trivial SMTP sink: greeting, 250 to everything, 221 to QUIT; stores nothing."""
 
@@ -475,7 +445,9 @@ class Banner:
         self.error: str | None = None
 
     def start(self) -> bool:
-        self.proc = subprocess.Popen([sys.executable, "-c", BANNER, str(self.ports["smtp"])])
+        # bench/sink_fsync.py without a Maildir: the same dialogue as the sink-fsync entrant.
+        self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "sink_fsync.py"),
+                                      str(self.ports["smtp"])])
         return wait_port(self.ports["smtp"])
 
     def stop(self) -> None:

@@ -7,7 +7,10 @@ mail server: a yardstick between the ceiling (disk work, no dialogue) and
 real servers (disk work and their dialogue), entrant `sink-fsync` of the
 SMTP cells (`bench/run.py --servers ...,sink-fsync`).
 
-Usage: python bench/sink_fsync.py PORT MAILDIR
+Without MAILDIR it stores nothing: the trivial sink (`banner` in
+bench/peers.py) whose rates are the load client's own ceilings.
+
+Usage: python bench/sink_fsync.py PORT [MAILDIR]
 """
 
 from __future__ import annotations
@@ -39,9 +42,9 @@ def store(box: str, name: str, data: bytes) -> None:
         os.close(dfd)
 
 
-async def main(port: int, box: str) -> None:
-    for sub in ("tmp", "new", "cur"):
-        os.makedirs(os.path.join(box, sub), exist_ok=True)
+async def main(port: int, box: str | None) -> None:
+    for sub in ("tmp", "new", "cur") if box else ():
+        os.makedirs(os.path.join(box, sub), exist_ok=True)  # type: ignore[arg-type]
     loop = asyncio.get_running_loop()
     pool = concurrent.futures.ThreadPoolExecutor(16)
     names = itertools.count()
@@ -61,7 +64,8 @@ async def main(port: int, box: str) -> None:
                 if verb == b"DATA":
                     writer.write(b"354 go\r\n")
                     data = await reader.readuntil(b"\r\n.\r\n")
-                    await loop.run_in_executor(pool, store, box, prefix + str(next(names)), data)
+                    if box:
+                        await loop.run_in_executor(pool, store, box, prefix + str(next(names)), data)
                 writer.write(b"250 2.0.0 Ok\r\n")
             await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -104,4 +108,4 @@ class SinkFsync:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1]), sys.argv[2]))
+    asyncio.run(main(int(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else None))
