@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import poplib
+import ssl
 from pathlib import Path
 
 import pytest
@@ -32,9 +33,15 @@ KINDS = ("smtp", "pop3", "web")
 
 
 @pytest.fixture
-def server(start_server, tmp_path):
-    """One server (test-host mode) whose folder polls never run; two messages in INBOX's new/."""
-    running = start_server(kinds=KINDS, clock=Clock(), control_socket=str(tmp_path / "a.sock"))
+def server(request, start_server, tmp_path, certificate):
+    """
+    One server (test-host mode) whose folder polls never run; two messages
+    in INBOX's new/. Indirect parameter C{"stls"}: with a certificate, so
+    POP3 sessions go inside STLS.
+    """
+    cert, key = certificate
+    tls = {"tls__certificate": cert, "tls__key": key} if getattr(request, "param", "") == "stls" else {}
+    running = start_server(kinds=KINDS, clock=Clock(), control_socket=str(tmp_path / "a.sock"), **tls)
     deliver(running.port("smtp"), 2)
     return running
 
@@ -114,13 +121,24 @@ def test_a_web_delete_waits_for_the_folder_lock_and_removes_the_renamed_file(
     assert listed_ids(port) == (set() if scope == "all" else {message_id(other)})
 
 
-def pop3_login(server) -> poplib.POP3:
+def pop3_session(server) -> poplib.POP3:
+    """A POP3 connection, inside STLS when the server has TLS (verifying its certificate)."""
     c = poplib.POP3("127.0.0.1", server.port("pop3"), timeout=30)
+    if server.config.tls.enabled:
+        context = ssl.create_default_context(cafile=server.config.tls.certificate)
+        context.check_hostname = False
+        c.stls(context)
+    return c
+
+
+def pop3_login(server) -> poplib.POP3:
+    c = pop3_session(server)
     c.user(USER)
     c.pass_("whatever")
     return c
 
 
+@pytest.mark.parametrize("server", ["plain", "stls"], indirect=True)
 @pytest.mark.parametrize("meanwhile", ["renamed", "expunged"])
 def test_pop3_deletions_at_quit_wait_for_the_folder_lock_and_keep_the_mailbox_in_use(
         server, tmp_path, meanwhile):
@@ -141,7 +159,7 @@ def test_pop3_deletions_at_quit_wait_for_the_folder_lock_and_keep_the_mailbox_in
         else:
             (inbox(tmp_path) / "new" / doomed).unlink()
         assert try_lock(str(inbox(tmp_path))) is None  # pop3.lock, as another node would try it
-        second = poplib.POP3("127.0.0.1", server.port("pop3"), timeout=30)
+        second = pop3_session(server)
         second.user(USER)
         with pytest.raises(poplib.error_proto, match=r"\[IN-USE\]"):
             second.pass_("whatever")
