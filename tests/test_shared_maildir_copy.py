@@ -12,15 +12,13 @@ import os
 
 import pytest
 
-from test_shared_maildir_flags import (  # noqa: F401 (pair is a fixture)
-    deliver, flags_seen, inbox, letters_on_disk, login, pair, store)
+from test_shared_maildir_flags import (  # noqa: F401 (pair and sessions are fixtures)
+    flags_seen, inbox, letters_on_disk, pair, sessions, store)
 
 
 @pytest.mark.parametrize("command", ["COPY", "MOVE"])
-def test_a_copy_or_move_carries_a_keyword_the_other_server_gave_a_letter_meanwhile(pair, tmp_path, command):
-    a, b = pair
-    deliver(a.port("smtp"), 2)
-    ca, cb = login(a), login(b)
+def test_a_copy_or_move_carries_a_keyword_the_other_server_gave_a_letter_meanwhile(sessions, tmp_path, command):
+    ca, cb = sessions(2)
     assert ca.create("Kept")[0] == "OK"
     store(cb, 1, "+FLAGS", "($Label \\Flagged)")  # B gives $Label the letter a; A's table is empty
     typ, data = ca.uid(command, "1:2", "Kept")
@@ -32,4 +30,3 @@ def test_a_copy_or_move_carries_a_keyword_the_other_server_gave_a_letter_meanwhi
     for c in (ca, cb):
         assert c.select("Kept")[0] == "OK"
         assert flags_seen(c) == {1: {"\\Flagged", "$Label"}, 2: set()}
-        c.logout()

@@ -108,11 +108,32 @@ def pair(request, start_server, tmp_path, certificate):
                  for n in "ab")
 
 
-def test_flags_stored_through_two_servers_in_turn_are_all_kept(pair, tmp_path):
+@pytest.fixture
+def sessions(pair):
+    """
+    C{sessions(count)}: C{count} messages delivered through A, then an IMAP
+    session with INBOX selected on each server (A's, B's); both logged out
+    when the test ends.
+    """
+    opened: list[imaplib.IMAP4] = []
+
+    def open_both(count: int) -> tuple[imaplib.IMAP4, imaplib.IMAP4]:
+        a, b = pair
+        deliver(a.port("smtp"), count)
+        opened.extend((login(a), login(b)))
+        return opened[0], opened[1]
+
+    yield open_both
+    for c in opened:
+        try:
+            c.logout()
+        except (imaplib.IMAP4.error, OSError):  # a session the test closed, or a failed test's
+            pass
+
+
+def test_flags_stored_through_two_servers_in_turn_are_all_kept(sessions, tmp_path):
     """Each STORE comes from an index that has not seen the other server's change."""
-    a, b = pair
-    deliver(a.port("smtp"), 10)
-    ca, cb = login(a), login(b)
+    ca, cb = sessions(10)
     for uid in range(1, 11):
         store(cb, uid, "+FLAGS", "(\\Flagged)")
         store(ca, uid, "+FLAGS", "(\\Seen)")      # A's index: no \Flagged
@@ -121,14 +142,10 @@ def test_flags_stored_through_two_servers_in_turn_are_all_kept(pair, tmp_path):
         store(cb, uid, "+FLAGS", "(\\Draft)")     # B's index: no \Seen, no \Answered
     assert sorted(letters_on_disk(tmp_path).values()) == ["DFRS"] * 10
     assert flags_seen(ca) == flags_seen(cb) == {uid: ALL_FLAGS for uid in range(1, 11)}
-    ca.logout()
-    cb.logout()
 
 
-def test_plus_and_minus_of_different_flags_through_two_servers(pair, tmp_path):
-    a, b = pair
-    deliver(a.port("smtp"), 6)
-    ca, cb = login(a), login(b)
+def test_plus_and_minus_of_different_flags_through_two_servers(sessions, tmp_path):
+    ca, cb = sessions(6)
     store(ca, "1:*", "+FLAGS", "(\\Flagged \\Seen)")
     flags_seen(cb)  # B knows both flags on every message
     for uid in range(1, 7):
@@ -147,14 +164,10 @@ def test_plus_and_minus_of_different_flags_through_two_servers(pair, tmp_path):
     assert [v for _, v in sorted(letters_on_disk(tmp_path).items())] == ["DR"] * 5 + ["F"]
     want = {uid: {"\\Answered", "\\Draft"} for uid in range(1, 6)} | {6: {"\\Flagged"}}
     assert flags_seen(ca) == flags_seen(cb) == want
-    ca.logout()
-    cb.logout()
 
 
-def test_a_keyword_set_on_one_server_is_kept_when_the_other_stores_seen(pair, tmp_path):
-    a, b = pair
-    deliver(a.port("smtp"), 5)
-    ca, cb = login(a), login(b)
+def test_a_keyword_set_on_one_server_is_kept_when_the_other_stores_seen(sessions, tmp_path):
+    ca, cb = sessions(5)
     store(cb, "1:*", "+FLAGS", "($Important)")  # B writes dovecot-keywords; A's table is empty
     for uid in range(1, 6):
         store(ca, uid, "+FLAGS", "(\\Seen)")
@@ -164,8 +177,6 @@ def test_a_keyword_set_on_one_server_is_kept_when_the_other_stores_seen(pair, tm
     store(cb, 1, "+FLAGS", "(\\Flagged)")           # B's index: no \Seen to put back
     want = {uid: {"\\Seen", "$Important"} for uid in range(2, 6)} | {1: {"\\Flagged", "$Important"}}
     assert flags_seen(ca) == flags_seen(cb) == want
-    ca.logout()
-    cb.logout()
 
 
 def test_web_read_and_pop3_deletion_on_one_server_are_not_undone_by_the_others_store(pair, tmp_path):
@@ -259,24 +270,18 @@ def test_messages_the_index_thinks_unchanged_are_looked_at_on_disk(tmp_path, cou
 
 
 @pytest.mark.parametrize("command", ["COPY", "MOVE"])
-def test_a_copy_or_move_carries_the_flags_another_server_set(pair, tmp_path, command):
-    a, b = pair
-    deliver(a.port("smtp"), 2)
-    ca, cb = login(a), login(b)
+def test_a_copy_or_move_carries_the_flags_another_server_set(sessions, tmp_path, command):
+    ca, cb = sessions(2)
     assert ca.create("Kept")[0] == "OK"
     store(cb, "1:2", "+FLAGS", "(\\Flagged)")    # A's index: not flagged
     typ, data = ca.uid(command, "1:2", "Kept")
     assert typ == "OK", data
     kept = [n.partition(":2,")[2] for n in os.listdir(inbox(tmp_path) / ".Kept/cur")]
     assert kept == ["F", "F"]
-    ca.logout()
-    cb.logout()
 
 
-def test_expunge_spares_a_message_the_other_server_took_deleted_off(pair, tmp_path):
-    a, b = pair
-    deliver(a.port("smtp"), 3)
-    ca, cb = login(a), login(b)
+def test_expunge_spares_a_message_the_other_server_took_deleted_off(sessions, tmp_path):
+    ca, cb = sessions(3)
     store(ca, "1:3", "+FLAGS", "(\\Deleted)")
     flags_seen(cb)
     store(cb, 2, "-FLAGS", "(\\Deleted)")          # A's index: still \Deleted
@@ -284,5 +289,3 @@ def test_expunge_spares_a_message_the_other_server_took_deleted_off(pair, tmp_pa
     assert ca.expunge()[0] == "OK"
     assert list(letters_on_disk(tmp_path).values()) == [""]
     assert flags_seen(ca) == flags_seen(cb) == {2: set()}
-    ca.logout()
-    cb.logout()
