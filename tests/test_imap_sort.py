@@ -14,6 +14,7 @@ import os
 import poplib
 import time
 from array import array
+from pathlib import Path
 
 import pytest
 
@@ -311,6 +312,18 @@ def test_deep_reference_chains_are_no_recursion():
 # the header index -----------------------------------------------------------------------
 
 
+def loaded_index(box: Path) -> headerindex.HeaderIndex:
+    """The folder's header index as a server starting now finds it (its files read)."""
+    index = headerindex.HeaderIndex(str(box))
+    index.load()
+    return index
+
+
+def names_in(box: Path) -> list[str]:
+    """The folder's messages as the index is given them: "cur/NAME", sorted."""
+    return sorted("cur/" + n for n in os.listdir(box / "cur"))
+
+
 def test_header_index_is_kept_in_step_and_persisted(site, tmp_path, start_server):
     box = mailbox(tmp_path, ALICE[0])
     m = login(site)
@@ -360,22 +373,20 @@ def test_header_index_is_kept_in_step_and_persisted(site, tmp_path, start_server
 def test_header_index_torn_or_garbage_file_is_rebuilt(tmp_path):
     box = tmp_path / "box"
     fill(box, 3)
-    rels = sorted("cur/" + n for n in os.listdir(box / "cur"))
+    rels = names_in(box)
     index = headerindex.HeaderIndex(str(box))
     with index.lock:
         headerindex.prepare(index)
         assert index.ensure(str(box), rels, read_message) == [0, 1, 2]
     data = (box / headerindex.FILENAME).read_bytes()
     (box / headerindex.FILENAME).write_bytes(data[:-5])  # a crash during an append
-    torn = headerindex.HeaderIndex(str(box))
-    torn.load()
+    torn = loaded_index(box)
     assert len(torn.bases) == 2  # the torn record dropped, the file rewritten without it
     assert len((box / headerindex.FILENAME).read_bytes()) < len(data) - 5
     assert torn.ensure(str(box), rels, read_message) == [0, 1, 2]
     assert torn.hits("x") == {0, 1, 2} and torn.hits("nowhere") == set()
     (box / headerindex.FILENAME).write_bytes(b"not an index at all")
-    broken = headerindex.HeaderIndex(str(box))
-    broken.load()
+    broken = loaded_index(box)
     assert broken.bases == [] and broken.ensure(str(box), rels, read_message) == [0, 1, 2]
     assert (box / headerindex.FILENAME).read_bytes().startswith(headerindex.MAGIC)
 
@@ -389,18 +400,17 @@ def test_header_index_directory_is_used_and_a_stale_torn_or_foreign_one_ignored(
     box, other = tmp_path / "box", tmp_path / "other"
     fill(box, 300)
     fill(other, 300, body=b"other\n")
-    rels = sorted("cur/" + n for n in os.listdir(box / "cur"))
+    rels = names_in(box)
     for b in (box, other):
         first = headerindex.HeaderIndex(str(b))
         first.load()
-        first.ensure(str(b), sorted("cur/" + n for n in os.listdir(b / "cur")), read_message)
+        first.ensure(str(b), names_in(b), read_message)
     walked = headerindex.HeaderIndex(str(box))
     walked.load()  # 300 records walked: the directory is written
     directory = box / headerdir.DIRNAME
     assert directory.read_bytes().startswith(headerdir.MAGIC)
     assert directory.stat().st_mode & 0o077 == 0
-    loaded = headerindex.HeaderIndex(str(box))
-    loaded.load()
+    loaded = loaded_index(box)
     assert _state(loaded) == _state(walked)
     assert loaded.hits("example.org") == set(range(300)) and loaded.hits("nowhere") == set()
 
@@ -408,21 +418,18 @@ def test_header_index_directory_is_used_and_a_stale_torn_or_foreign_one_ignored(
     covered, ino, head, tail, bases, *rest = marshal.loads(directory.read_bytes()[len(headerdir.MAGIC):])
     directory.write_bytes(headerdir.MAGIC + marshal.dumps(
         (covered, ino, head, tail, ["planted"] + bases[1:], *rest), 2))
-    planted = headerindex.HeaderIndex(str(box))
-    planted.load()
+    planted = loaded_index(box)
     assert planted.bases[0] == "planted" and planted.by_base["planted"] == 0
 
     # records appended after it: walked on top of it
     data = b"Subject: late\nFrom: a@example.org\n\nlate\n"
     for i in range(3):
         (box / "cur" / f"1700000000.M{i}P2Q1.host,S={len(data)}:2,").write_bytes(data)
-    rels = sorted("cur/" + n for n in os.listdir(box / "cur"))
+    rels = names_in(box)
     directory.write_bytes(headerdir.MAGIC + marshal.dumps((covered, ino, head, tail, bases, *rest), 2))
-    grown = headerindex.HeaderIndex(str(box))
-    grown.load()
+    grown = loaded_index(box)
     assert grown.ensure(str(box), rels, read_message) == list(range(303))
-    reloaded = headerindex.HeaderIndex(str(box))
-    reloaded.load()
+    reloaded = loaded_index(box)
     assert _state(reloaded) == _state(grown) and len(reloaded.bases) == 303
 
     # torn, garbage, another folder's, or describing a file since rewritten: the records are walked
@@ -442,8 +449,7 @@ def test_header_index_directory_is_used_and_a_stale_torn_or_foreign_one_ignored(
     copy = box / "copy"
     copy.write_bytes((box / headerindex.FILENAME).read_bytes())
     os.replace(copy, box / headerindex.FILENAME)  # the same octets in another file (a rewrite)
-    again = headerindex.HeaderIndex(str(box))
-    again.load()
+    again = loaded_index(box)
     assert _state(again) == _state(reloaded) and "planted" not in again.by_base
 
 
@@ -452,9 +458,8 @@ def test_header_index_directory_is_written_when_a_search_indexes_many_messages(t
     # a search (not a load) filled: the directory is written with the records.
     box = tmp_path / "box"
     fill(box, headerdir.WRITE_AFTER + 4)
-    rels = sorted("cur/" + n for n in os.listdir(box / "cur"))
-    index = headerindex.HeaderIndex(str(box))
-    index.load()
+    rels = names_in(box)
+    index = loaded_index(box)
     index.ensure(str(box), rels, read_message)
     covered, ino = marshal.loads((box / headerdir.DIRNAME).read_bytes()[len(headerdir.MAGIC):])[:2]
     st = (box / headerindex.FILENAME).stat()
@@ -468,13 +473,11 @@ def test_header_index_directory_is_written_when_a_search_indexes_many_messages(t
 def test_header_index_map_gives_the_entries_after_a_restart_until_a_name_changes(tmp_path):
     box = tmp_path / "box"
     fill(box, headerdir.WRITE_AFTER + 44)
-    rels = sorted("cur/" + n for n in os.listdir(box / "cur"))
-    first = headerindex.HeaderIndex(str(box))
-    first.load()
+    rels = names_in(box)
+    first = loaded_index(box)
     entries = first.ensure(str(box), rels, read_message)
     assert (box / headerdir.MAPNAME).exists()
-    restarted = headerindex.HeaderIndex(str(box))
-    restarted.load()
+    restarted = loaded_index(box)
     assert restarted.ensure(str(box), rels, read_message) == entries
     assert restarted._by_base is None  # mapped: no name looked up, no name table built
     assert restarted.hits("example.org") == set(entries)
@@ -482,17 +485,14 @@ def test_header_index_map_gives_the_entries_after_a_restart_until_a_name_changes
     identity, key, _ = marshal.loads((box / headerdir.MAPNAME).read_bytes())
     planted = list(reversed(entries))
     (box / headerdir.MAPNAME).write_bytes(marshal.dumps((identity, key, array("i", planted).tobytes()), 2))
-    again = headerindex.HeaderIndex(str(box))
-    again.load()
+    again = loaded_index(box)
     assert again.ensure(str(box), rels, read_message) == planted
     # a flag changed by hand (another name): looked up, and the map written again
     flagged = rels[:3] + [rels[3] + "F"] + rels[4:]
     os.rename(box / rels[3], box / flagged[3])
-    renamed = headerindex.HeaderIndex(str(box))
-    renamed.load()
+    renamed = loaded_index(box)
     assert renamed.ensure(str(box), flagged, read_message) == entries
-    again = headerindex.HeaderIndex(str(box))
-    again.load()
+    again = loaded_index(box)
     assert again.ensure(str(box), flagged, read_message) == entries and again._by_base is None
     # the index file replaced since (another inode): the map, planted for these names, is not taken
     identity, key, _ = marshal.loads((box / headerdir.MAPNAME).read_bytes())
@@ -500,8 +500,7 @@ def test_header_index_map_gives_the_entries_after_a_restart_until_a_name_changes
     copy = box / "copy"
     copy.write_bytes((box / headerindex.FILENAME).read_bytes())
     os.replace(copy, box / headerindex.FILENAME)
-    replaced = headerindex.HeaderIndex(str(box))
-    replaced.load()
+    replaced = loaded_index(box)
     assert replaced.ensure(str(box), flagged, read_message) == entries
 
 
@@ -510,8 +509,7 @@ def test_header_index_a_name_indexed_twice_keeps_the_later_entry(tmp_path):
     os.makedirs(box)
     records = [headerindex._record("a", 1.0, (), None, b"Subject: %s\r\n\r\n" % s) for s in (b"old", b"new")]
     (box / headerindex.FILENAME).write_bytes(headerindex.MAGIC + b"".join(records))
-    index = headerindex.HeaderIndex(str(box))
-    index.load()
+    index = loaded_index(box)
     assert index.by_base == {"a": 1} and index.ends[0] == -2
     assert index.hits("old") == set() and index.hits("new") == {1}
 
@@ -537,9 +535,8 @@ def test_sort_orders_kept_on_disk(tmp_path):
 def test_header_index_compacts_expunged_entries(tmp_path):
     box = tmp_path / "box"
     fill(box, 300)
-    rels = sorted("cur/" + n for n in os.listdir(box / "cur"))
-    index = headerindex.HeaderIndex(str(box))
-    index.load()
+    rels = names_in(box)
+    index = loaded_index(box)
     index.ensure(str(box), rels, read_message)
     size = (box / headerindex.FILENAME).stat().st_size
     assert index.ensure(str(box), rels[:10], read_message) == list(range(10))  # 290 expunged
