@@ -11,7 +11,9 @@ imported, in a worker thread, on the first NOTIFY=SUCCESS.
 
 from __future__ import annotations
 
+import imaplib
 import os
+import poplib
 import smtplib
 import subprocess
 import sys
@@ -217,6 +219,58 @@ def test_a_lazy_listener_connected_to_without_its_port_read_still_answers(tmp_pa
         "    print(pop.getwelcome()[:3], 'twisted_mail_screen.protocols.pop3' in sys.modules)\n"
         "    pop.quit()\n")
     assert run_script(script, str(tmp_path / "data")) == ["False", "b'+OK' True"]
+
+
+def test_a_plugin_server_binds_a_listener_when_the_test_first_reads_its_port(tmp_path: Path) -> None:
+    """
+    Only SMTP listens after the start; the first read of the submission,
+    POP3, IMAP or web port binds that listener (later reads give the same
+    port, one listener each), and it answers as one bound at start would.
+    """
+    server = build(str(tmp_path / "data"), {}, 5.0, lambda: ("", ""))
+    try:
+        def bound() -> list[str]:
+            return in_reactor(lambda: sorted(l.kind for l in server.service.listeners))
+
+        assert bound() == ["smtp"]
+        port = server.pop3_port
+        assert (server.pop3_port, bound()) == (port, ["pop3", "smtp"])
+        pop = poplib.POP3(server.host, port, timeout=10)
+        assert pop.getwelcome().startswith(b"+OK")
+        pop.quit()
+        with smtplib.SMTP(server.host, server.submission_port, timeout=10) as client:
+            assert client.ehlo()[0] == 250
+        imap = imaplib.IMAP4(server.host, server.imap_port, timeout=10)
+        imap.logout()
+        assert server.web_url.endswith(f":{server.web_port}")
+        assert bound() == ["imap", "pop3", "smtp", "submission", "web"]
+    finally:
+        server.stop()
+
+
+GC_SUITE = """
+import gc
+
+def test_first(mailserver):
+    print("frozen:", gc.get_freeze_count() > 0)
+"""
+
+
+@pytest.mark.parametrize("args, ini, frozen", [
+    ((), "", True),
+    (("--mailscreen-no-gc-freeze",), "", False),
+    ((), "[pytest]\nmailscreen_gc_freeze = false\n", False),
+])
+def test_the_first_server_freezes_the_heap_unless_told_not_to(
+        tmp_path: Path, args: tuple[str, ...], ini: str, frozen: bool) -> None:
+    """gc.freeze() once the server's modules are in (docs/testing.md, "Options"), with an opt-out."""
+    (tmp_path / "test_gc.py").write_text(GC_SUITE)
+    (tmp_path / "pytest.ini").write_text(ini or "[pytest]\n")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-s", "-q", "-p", "no:cacheprovider",
+                           *args, "test_gc.py"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"frozen: {frozen}" in done.stdout
 
 
 def test_plugin_servers_start_no_threads_of_their_own(tmp_path: Path) -> None:

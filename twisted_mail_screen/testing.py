@@ -81,18 +81,19 @@ class RunningServer:
     With C{shared_pools}, the server borrows the process's thread pools
     (L{runtime.sharedpool}: no threads started and joined per server);
     the listener kinds in C{lazy} build their factory on their first
-    connection (L{runtime.lazyfactory}); with C{control_on_demand} the
-    control socket is bound by L{listen_control}. The pytest plugin uses all three.
+    connection (L{runtime.lazyfactory}); those in C{on_demand} are bound
+    when L{port} first asks for them, and C{"control"} there leaves the
+    control socket to L{listen_control}. The pytest plugin uses all three.
     """
 
     def __init__(self, config: Config, clock: IReactorTime | None = None, *,
                  shared_pools: bool = False, lazy: Collection[str] = (),
-                 control_on_demand: bool = False) -> None:
+                 on_demand: Collection[str] = ()) -> None:
         self.config = config
         self.clock = clock
         self.shared_pools = shared_pools
         self.lazy = frozenset(lazy)
-        self.control_on_demand = control_on_demand
+        self.on_demand = frozenset(on_demand)
         self.service: MailService | None = None
 
     def start(self) -> "RunningServer":
@@ -102,7 +103,7 @@ class RunningServer:
         def start() -> MailService:
             pools = _process_pools(reactor).borrow if self.shared_pools else None
             service = build_service(self.config, reactor, self.clock, pools=pools, lazy=self.lazy,
-                                    control_on_demand=self.control_on_demand)
+                                    on_demand=self.on_demand)
             service.privilegedStartService()
             service.startService()
             return service
@@ -111,11 +112,14 @@ class RunningServer:
         return self
 
     def port(self, kind: str) -> int:
+        """The first C{kind} listener's port, bound now if it is one of C{on_demand}."""
         assert self.service is not None
+        if kind in self.on_demand:
+            return in_reactor(self.service.listen, kind)[0]
         return self.service.ports(kind)[0]
 
     def listen_control(self) -> str:
-        """The control socket's path, bound now if it was not (C{control_on_demand})."""
+        """The control socket's path, bound now if it was not (C{"control"} in C{on_demand})."""
         assert self.service is not None
         return in_reactor(self.service.listen_control)
 

@@ -32,9 +32,11 @@ if TYPE_CHECKING:
     from twisted_mail_screen.testing_sink import Sink
 
 KINDS = ("smtp", "submission", "pop3", "imap", "web")
-#: Listeners bound at start whose factory is built on the first connection:
+#: Listeners whose factory is built on the first connection, and those
+#: (with the control socket) bound when the test first reads their port:
 #: most tests talk SMTP only (docs/performance.md, the plugin's start-up cost).
 LAZY = ("pop3", "imap", "web")
+ON_DEMAND = ("submission", "pop3", "imap", "web", "control")
 SITE = {"mode": "site", "hostname": "mail.example.test", "domains": ["example.test"],
         "postmaster": "postmaster@example.test"}
 #: The longest wait_for sleeps between two looks when no event comes.
@@ -79,29 +81,32 @@ class MailServer:
         self.clock.advance(time.time())
         try:
             self.server = RunningServer(host_config(table), clock=self.clock,
-                                        shared_pools=True, lazy=LAZY, control_on_demand=True)
+                                        shared_pools=True, lazy=LAZY, on_demand=ON_DEMAND)
         except BaseException:  # a bad marker key: no stop() will come to clean up
             self._remove_socket_dir()
             if self.sink is not None:
                 self.sink.stop()
             raise
+        self._ports: dict[str, int] = {}
         self.faults = FaultsProxy(self)
         self.screening = ScreeningControl(self)
 
     def start(self) -> "MailServer":
         self.server.start()
         self.smtp_port = self.server.port("smtp")
-        self.submission_port = self.server.port("submission")
         return self
 
-    def _lazy_port(self, kind: str) -> int:
+    def _port(self, kind: str) -> int:
         """
-        The port of a listener built on first connection, its modules
-        imported now, in the test's thread, rather than on the reactor
-        thread when the client connects.
+        The port of a listener bound on demand: bound by the first read,
+        its modules imported then, in the test's thread, rather than on the
+        reactor thread when the client connects.
         """
-        import_listener(kind)
-        return self.server.port(kind)
+        port = self._ports.get(kind)
+        if port is None:
+            import_listener(kind)
+            port = self._ports[kind] = self.server.port(kind)
+        return port
 
     @property
     def control_socket(self) -> str:
@@ -113,16 +118,20 @@ class MailServer:
         return self.server.listen_control()
 
     @property
+    def submission_port(self) -> int:
+        return self._port("submission")
+
+    @property
     def pop3_port(self) -> int:
-        return self._lazy_port("pop3")
+        return self._port("pop3")
 
     @property
     def imap_port(self) -> int:
-        return self._lazy_port("imap")
+        return self._port("imap")
 
     @property
     def web_port(self) -> int:
-        return self._lazy_port("web")
+        return self._port("web")
 
     @property
     def web_url(self) -> str:

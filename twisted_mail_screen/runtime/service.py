@@ -125,18 +125,36 @@ class MailService(MultiService):
     def __init__(self, config: Config) -> None:
         super().__init__()
         self.config = config
+        #: the bound listeners (and those bound at start that failed to)
         self.listeners: list[Listener] = []
+        #: the listeners built with C{on_demand}, until L{listen} binds them
+        self.pending: list[Listener] = []
         self.control_listener: Listener | None = None
+
+    def listen(self, kind: str) -> list[int]:
+        """
+        Bind now the C{kind} listeners a server built with C{on_demand}
+        has not bound yet; on the reactor thread. Their port numbers.
+
+        @raise ListenError: a port that cannot be bound, or a stopped server.
+        """
+        for listener in [l for l in self.pending if l.kind == kind]:
+            if not self.running:
+                raise ListenError(f"listen.{kind}: the server is stopped")
+            self.pending.remove(listener)
+            listener.setServiceParent(self)  # a running MultiService starts it at once
+            self.listeners.append(listener)
+        return self.ports(kind)
 
     def listen_control(self) -> str:
         """
         Bind the control socket now if it is not bound (a server built with
-        C{control_on_demand}); on the reactor thread. Returns its path.
+        C{"control"} in C{on_demand}); on the reactor thread. Returns its path.
         """
         listener = self.control_listener
         if listener is not None and listener.parent is None:
             os.makedirs(os.path.dirname(self.config.control_socket), mode=0o750, exist_ok=True)
-            listener.setServiceParent(self)  # a running MultiService starts it at once
+            listener.setServiceParent(self)
         return self.config.control_socket
 
     def ready(self) -> bool:
@@ -179,7 +197,7 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
                   service_class: type[MailService] = MailService,
                   store: MailStore | None = None, workers: Workers | None = None,
                   pools: Callable[[str, int], Service] | None = None,
-                  lazy: Collection[str] = (), control_on_demand: bool = False) -> MailService:
+                  lazy: Collection[str] = (), on_demand: Collection[str] = ()) -> MailService:
     """
     Build the server. C{clock} is the time source for timeouts and
     screening (the reactor unless a test drives a C{Clock}). C{store}
@@ -191,10 +209,14 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
     stops (default: a L{Blocking} of its own; the pytest plugin borrows
     the process's, L{runtime.sharedpool}). The listener kinds in C{lazy}
     bind at start and build their factory on their first connection
-    (L{runtime.lazyfactory}). With C{control_on_demand} the control socket
-    is bound by L{MailService.listen_control}, not at start (the pytest
-    plugin's servers: a socket file and its lock are two of the few
-    file-system changes a test's server makes, and few tests use them).
+    (L{runtime.lazyfactory}). The listener kinds in C{on_demand} are bound
+    by L{MailService.listen} when first asked for, not at start, and
+    C{"control"} there leaves the control socket to
+    L{MailService.listen_control} (the pytest plugin's servers: a test
+    that only sends over SMTP binds one port, where five listeners and the
+    control socket cost a third of a server's start and stop, and the
+    socket file and its lock are two of the few file-system changes a
+    test's server makes).
 
     @raise ConfigError: for an endpoint string the reactor cannot use.
     """
@@ -391,11 +413,14 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
             factory = OnFirstConnection(kind, lambda kind=kind: observed(kind)) \
                 if kind in lazy else observed(kind)
             listener = Listener(kind, description, endpoint, factory)
-            listener.setServiceParent(service)
-            service.listeners.append(listener)
+            if kind in on_demand:
+                service.pending.append(listener)
+            else:
+                listener.setServiceParent(service)
+                service.listeners.append(listener)
     service.control_listener = Listener("control", config.control_socket,
                                         control_endpoint(reactor, config.control_socket), control)
-    if not control_on_demand:
+    if "control" not in on_demand:
         service.listen_control()
     return service
 
