@@ -90,6 +90,16 @@ def folder(tmp_path):
     return tmp_path / "data" / "mail" / "example.test" / "alice"
 
 
+def file_of(cur, subject: str) -> str:
+    """
+    The name of the message C{send(server, subject)} stored: names do not
+    sort in delivery order (the microseconds after C{M} are not padded).
+    """
+    [name] = [n for n in os.listdir(cur)
+              if f"Subject: {subject}\n".encode() in (cur / n).read_bytes().replace(b"\r\n", b"\n")]
+    return name
+
+
 @pytest.fixture
 def server(start_server):
     return start_server(kinds=KINDS)
@@ -203,7 +213,7 @@ def test_modseqs_persist_and_follow_pop3_delivery_web_and_disk(server, start_ser
     assert why is None and (saved.uidvalidity, saved.highest) == (validity, mark)
     # A flag change made by hand while the server is down.
     cur = folder(tmp_path) / "cur"
-    name = sorted(os.listdir(cur))[2]
+    name = file_of(cur, "m2")
     os.rename(cur / name, cur / (name.split(":2,")[0] + ":2,F"))
     server = start_server(kinds=KINDS)
     r = raw_login(server)
@@ -347,7 +357,7 @@ def test_changes_by_another_process_on_the_folder_get_higher_modseqs(server, tmp
     theirs = mark + 1000
     box = folder(tmp_path)
     cur = box / "cur"
-    name = sorted(os.listdir(cur))[0]
+    name = file_of(cur, "m0")
     # What the other process does for a STORE 1 +FLAGS (\Flagged): rename, then append its line.
     os.rename(cur / name, cur / (name.split(":2,")[0] + ":2,F"))
     with open(box / modseqlist.FILENAME, "a") as f:
@@ -431,7 +441,7 @@ def test_unchangedsince_sees_a_change_another_process_made_since_the_last_poll(s
     r("ENABLE CONDSTORE")
     mark = highest(r("SELECT INBOX")[0])
     box = folder(tmp_path)
-    name = sorted(os.listdir(box / "cur"))[0]
+    name = file_of(box / "cur", "m0")
     os.rename(box / "cur" / name, box / "cur" / (name.split(":2,")[0] + ":2,F"))
     with open(box / modseqlist.FILENAME, "a") as f:
         f.write(f"1 {mark + 1} =F\n")
