@@ -2,14 +2,18 @@
 """
 What a function-scoped test mail server costs a pytest suite.
 
-1. In this process: start and stop a C{mailserver}-fixture server (four
-   listeners, fresh data directory) 50 times; the median.
+1. In this process: start and stop a C{mailserver}-fixture server (SMTP
+   bound, the other listeners on demand; fresh data directory) 50 times;
+   the median.
 2. Two generated suites of 100 tests, each test with its own server,
    sending one message with smtplib and checking it arrived: one uses our
    C{mailserver} (SMTP, submission, POP3, IMAP), the other
    pytest-localserver's C{smtpserver} (SMTP only, aiosmtpd). Each runs
    in its own pytest subprocess, alternately, C{--reps} times; the median
-   wall times and their ratio (goal: at most 1.5). Both after one
+   wall times and their ratio (goal: at most 1.5). A third suite is
+   ours with each test also reading the submission, POP3, IMAP and web
+   ports, which binds them (a test that reads only C{smtp_port} binds
+   one socket: docs/testing.md). All after one
    warm-up run each, with the bytecode cache on (in a temporary
    directory), as on a developer's machine.
 
@@ -58,6 +62,14 @@ def test_send(mailserver, n):
     assert len(mailserver.wait_for("addressed:b@example.test")) == 1
 '''
 
+#: The same, each test also reading the other four ports (binding them:
+#: a plugin server binds all but SMTP when the test first reads their port).
+OURS_ALL_PORTS = OURS.replace(
+    "    with smtplib.SMTP(mailserver.host, mailserver.smtp_port) as s:",
+    "    assert len({mailserver.submission_port, mailserver.pop3_port, mailserver.imap_port,\n"
+    "                mailserver.web_port}) == 4\n"
+    "    with smtplib.SMTP(mailserver.host, mailserver.smtp_port) as s:")
+
 THEIRS = '''
 import smtplib, pytest
 
@@ -86,7 +98,8 @@ def start_stop(runs: int = 50) -> float:
 
 
 #: The plugin each suite needs, for the runs with only that plugin loaded.
-PLUGINS = {OURS: "twisted_mail_screen.pytest_plugin", THEIRS: "pytest_localserver.plugin"}
+PLUGINS = {OURS: "twisted_mail_screen.pytest_plugin", OURS_ALL_PORTS: "twisted_mail_screen.pytest_plugin",
+           THEIRS: "pytest_localserver.plugin"}
 
 
 def run_suite(source: str, pycache: str, root: str = ROOT, alone: bool = False) -> tuple[float, float]:
@@ -136,7 +149,8 @@ def main() -> None:
     # (set, suite) -> [(wall, cpu)]; the sets and suites interleaved in one rotation
     runs: dict[tuple[bool, str], list[tuple[float, float]]] = {}
     with tempfile.TemporaryDirectory() as pycache, tempfile.TemporaryDirectory() as old_cache:
-        suites = [("ours", OURS, pycache, ROOT), ("theirs", THEIRS, pycache, ROOT)]
+        suites = [("ours", OURS, pycache, ROOT), ("all-ports", OURS_ALL_PORTS, pycache, ROOT),
+                  ("theirs", THEIRS, pycache, ROOT)]
         if args.before:
             suites.insert(0, ("before", OURS, old_cache, args.before))
         for _, source, cache, root in suites:  # warm-up: fills the bytecode caches
@@ -149,6 +163,7 @@ def main() -> None:
           f"and the removal of its temporary directories):")
     names = {"before": "mailserver, --before tree",
              "ours": "mailserver (SMTP+submission+POP3+IMAP+web)",
+             "all-ports": "mailserver, each test reading all five ports",
              "theirs": "pytest-localserver smtpserver (SMTP)"}
     for alone in (False, True):
         print("only the plugin under test loaded:" if alone else "every installed pytest plugin loaded:")
