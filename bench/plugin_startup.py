@@ -30,7 +30,12 @@ extra's, hypothesis among them: its summary imports hypothesis, ~0.3 s,
 in both suites), and with only the plugin under test
 (C{PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 -p ...}).
 
-C{--before DIR}: a third suite, the C{mailserver} of another tree (a
+C{--tmp DIR}: the runs' directories (with each run's basetemp) in DIR,
+e.g. C{/dev/shm}, for the figure on a tmpfs C{/tmp} (where pytest puts
+its basetemp by default), apart from a disk file system's inode
+allocator (docs/performance.md, "Session 13").
+
+C{--before DIR}: a further suite, the C{mailserver} of another tree (a
 clean export, e.g. C{git archive REV twisted_mail_screen | tar -x -C DIR}),
 run in the same rotation, for a before/after from one run.
 
@@ -66,8 +71,8 @@ def test_send(mailserver, n):
 #: a plugin server binds all but SMTP when the test first reads their port).
 OURS_ALL_PORTS = OURS.replace(
     "    with smtplib.SMTP(mailserver.host, mailserver.smtp_port) as s:",
-    "    assert len({mailserver.submission_port, mailserver.pop3_port, mailserver.imap_port,\n"
-    "                mailserver.web_port}) == 4\n"
+    "    assert len(set((mailserver.submission_port, mailserver.pop3_port, mailserver.imap_port,\n"
+    "                    mailserver.web_port))) == 4\n"
     "    with smtplib.SMTP(mailserver.host, mailserver.smtp_port) as s:")
 
 THEIRS = '''
@@ -102,12 +107,14 @@ PLUGINS = {OURS: "twisted_mail_screen.pytest_plugin", OURS_ALL_PORTS: "twisted_m
            THEIRS: "pytest_localserver.plugin"}
 
 
-def run_suite(source: str, pycache: str, root: str = ROOT, alone: bool = False) -> tuple[float, float]:
+def run_suite(source: str, pycache: str, root: str = ROOT, alone: bool = False,
+              tmp: str | None = None) -> tuple[float, float]:
     """
     Wall and CPU (user + sys) seconds of one pytest run of C{source} and
-    of removing its temporary directories; C{alone}: with only its plugin.
+    of removing its temporary directories; C{alone}: with only its plugin;
+    C{tmp}: where the run's directory and its basetemp go.
     """
-    with tempfile.TemporaryDirectory() as d:
+    with tempfile.TemporaryDirectory(dir=tmp) as d:
         with open(os.path.join(d, "test_suite.py"), "w") as f:
             f.write(source.format(n=TESTS))
         # As a user's machine runs it: compiled modules cached (a CI image
@@ -143,6 +150,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--before", metavar="DIR",
                         help="also run the mailserver suite of the package tree in DIR")
+    parser.add_argument("--tmp", metavar="DIR",
+                        help="where each run's directory and basetemp go (default: the "
+                             "system's temporary directory, as pytest's own default)")
     args = parser.parse_args()
     median = start_stop()
     print(f"start+stop of a function-scoped mailserver: median {median * 1000:.1f} ms over 50")
@@ -154,11 +164,11 @@ def main() -> None:
         if args.before:
             suites.insert(0, ("before", OURS, old_cache, args.before))
         for _, source, cache, root in suites:  # warm-up: fills the bytecode caches
-            run_suite(source, cache, root)
+            run_suite(source, cache, root, tmp=args.tmp)
         for _ in range(args.reps):
             for alone in (False, True):
                 for name, source, cache, root in suites:
-                    runs.setdefault((alone, name), []).append(run_suite(source, cache, root, alone))
+                    runs.setdefault((alone, name), []).append(run_suite(source, cache, root, alone, args.tmp))
     print(f"{TESTS} tests, each with its own server (median of {args.reps}, whole pytest run "
           f"and the removal of its temporary directories):")
     names = {"before": "mailserver, --before tree",
