@@ -47,7 +47,8 @@ class MailServer:
     """
     A test host (or, with C{site=True}, a site for C{example.test}) on
     127.0.0.1, SMTP, submission, POP3, IMAP and the web port on ports the
-    OS chose.
+    OS chose: SMTP's at the start, each other one when the test first
+    reads it (a test cannot connect to a port it has not read).
     """
 
     host = "127.0.0.1"
