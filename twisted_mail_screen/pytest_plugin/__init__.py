@@ -113,7 +113,8 @@ def _options(request: pytest.FixtureRequest, config: dict[str, Any]) -> dict[str
 def mailserver(request: pytest.FixtureRequest, tmp_path: Any,
                mailserver_config: dict[str, Any]) -> Iterator[Any]:
     """A mail server of the test's own, stopped when the test ends."""
-    server = _build(request.config)(str(tmp_path / "mailscreen"), _options(request, mailserver_config),
+    build = _build(request.config)
+    server = build(str(tmp_path / "mailscreen"), _options(request, mailserver_config),
                    _timeout(request.config),
                    lambda: request.getfixturevalue("mailserver_certificate"))
     yield server

@@ -125,7 +125,7 @@ class MailService(MultiService):
     def __init__(self, config: Config) -> None:
         super().__init__()
         self.config = config
-        #: the bound listeners (and those bound at start that failed to)
+        #: the listeners started, at start or by L{listen}
         self.listeners: list[Listener] = []
         #: the listeners built with C{on_demand}, until L{listen} binds them
         self.pending: list[Listener] = []
@@ -208,7 +208,7 @@ def build_service(config: Config, reactor: Any, clock: IReactorTime | None = Non
     the server each of its thread pools, a service the server starts and
     stops (default: a L{Blocking} of its own; the pytest plugin borrows
     the process's, L{runtime.sharedpool}). The listener kinds in C{lazy}
-    bind at start and build their factory on their first connection
+    build their factory on their first connection
     (L{runtime.lazyfactory}). The listener kinds in C{on_demand} are bound
     by L{MailService.listen} when first asked for, not at start, and
     C{"control"} there leaves the control socket to
