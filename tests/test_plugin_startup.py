@@ -15,6 +15,7 @@ import imaplib
 import os
 import poplib
 import smtplib
+import ssl
 import subprocess
 import sys
 import threading
@@ -32,7 +33,8 @@ from twisted_mail_screen.runtime.endpoints import control_endpoint, server_endpo
 from twisted_mail_screen.runtime.service import build_service
 from twisted_mail_screen.runtime.sharedpool import SharedPools
 from twisted_mail_screen.store.maildir import MailStore, TmpCleaner
-from twisted_mail_screen.testing import InlineWorkers, ephemeral_overrides, in_reactor
+from twisted_mail_screen.testcert import make_certificate
+from twisted_mail_screen.testing import InlineWorkers, RunningServer, ephemeral_overrides, in_reactor
 from twisted_mail_screen.web.ui import load_static
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -221,13 +223,18 @@ def test_a_lazy_listener_connected_to_without_its_port_read_still_answers(tmp_pa
     assert run_script(script, str(tmp_path / "data")) == ["False", "b'+OK' True"]
 
 
-def test_a_plugin_server_binds_a_listener_when_the_test_first_reads_its_port(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tls", [False, True])
+def test_a_plugin_server_binds_a_listener_when_the_test_first_reads_its_port(
+        tmp_path: Path, tls: bool) -> None:
     """
     Only SMTP listens after the start; the first read of the submission,
     POP3, IMAP or web port binds that listener (later reads give the same
-    port, one listener each), and it answers as one bound at start would.
+    port, one listener each), and it answers as one bound at start would,
+    STLS and STARTTLS included on a server with a certificate.
     """
-    server = build(str(tmp_path / "data"), {}, 5.0, lambda: ("", ""))
+    certificate = make_certificate(str(tmp_path / "tls"))
+    server = build(str(tmp_path / "data"), {"tls": tls}, 5.0, lambda: certificate)
+    context = ssl.create_default_context(cafile=certificate[0])
     try:
         def bound() -> list[str]:
             return in_reactor(lambda: sorted(l.kind for l in server.service.listeners))
@@ -237,15 +244,35 @@ def test_a_plugin_server_binds_a_listener_when_the_test_first_reads_its_port(tmp
         assert (server.pop3_port, bound()) == (port, ["pop3", "smtp"])
         pop = poplib.POP3(server.host, port, timeout=10)
         assert pop.getwelcome().startswith(b"+OK")
+        if tls:
+            pop.stls(context=context)
         pop.quit()
         with smtplib.SMTP(server.host, server.submission_port, timeout=10) as client:
+            if tls:
+                client.starttls(context=context)
             assert client.ehlo()[0] == 250
         imap = imaplib.IMAP4(server.host, server.imap_port, timeout=10)
+        if tls:
+            imap.starttls(ssl_context=context)
         imap.logout()
         assert server.web_url.endswith(f":{server.web_port}")
         assert bound() == ["imap", "pop3", "smtp", "submission", "web"]
     finally:
         server.stop()
+
+
+def test_a_restarted_running_server_binds_its_on_demand_ports_anew(tmp_path: Path) -> None:
+    """The port a stopped server bound on demand is not given out again after a new start."""
+    config = load_config(None, ephemeral_overrides(str(tmp_path / "data"), ("smtp", "pop3")))
+    server = RunningServer(config, on_demand=("pop3",))
+    for _ in range(2):
+        server.start()
+        try:
+            pop = poplib.POP3("127.0.0.1", server.port("pop3"), timeout=10)
+            assert pop.getwelcome().startswith(b"+OK")
+            pop.quit()
+        finally:
+            server.stop()
 
 
 GC_SUITE = """

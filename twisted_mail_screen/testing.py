@@ -95,10 +95,13 @@ class RunningServer:
         self.lazy = frozenset(lazy)
         self.on_demand = frozenset(on_demand)
         self.service: MailService | None = None
+        #: the ports of the C{on_demand} kinds bound so far (read without a reactor hand-over)
+        self._bound: dict[str, int] = {}
 
     def start(self) -> "RunningServer":
         reactor = reactor_thread()
         import_for(self.config, self.lazy)  # here, not on the reactor thread
+        self._bound = {}
 
         def start() -> MailService:
             pools = _process_pools(reactor).borrow if self.shared_pools else None
@@ -114,9 +117,11 @@ class RunningServer:
     def port(self, kind: str) -> int:
         """The first C{kind} listener's port, bound now if it is one of C{on_demand}."""
         assert self.service is not None
-        if kind in self.on_demand:
-            return in_reactor(self.service.listen, kind)[0]
-        return self.service.ports(kind)[0]
+        if kind not in self.on_demand:
+            return self.service.ports(kind)[0]
+        if kind not in self._bound:
+            self._bound[kind] = in_reactor(self.service.listen, kind)[0]
+        return self._bound[kind]
 
     def listen_control(self) -> str:
         """The control socket's path, bound now if it was not (C{"control"} in C{on_demand})."""

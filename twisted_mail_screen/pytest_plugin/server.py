@@ -88,7 +88,6 @@ class MailServer:
             if self.sink is not None:
                 self.sink.stop()
             raise
-        self._ports: dict[str, int] = {}
         self.faults = FaultsProxy(self)
         self.screening = ScreeningControl(self)
 
@@ -99,15 +98,12 @@ class MailServer:
 
     def _port(self, kind: str) -> int:
         """
-        The port of a listener bound on demand: bound by the first read,
-        its modules imported then, in the test's thread, rather than on the
-        reactor thread when the client connects.
+        The port of a listener bound on demand (by the first read), its
+        modules imported in the test's thread, rather than on the reactor
+        thread when the client connects.
         """
-        port = self._ports.get(kind)
-        if port is None:
-            import_listener(kind)
-            port = self._ports[kind] = self.server.port(kind)
-        return port
+        import_listener(kind)
+        return self.server.port(kind)
 
     @property
     def control_socket(self) -> str:

@@ -138,12 +138,14 @@ class MailService(MultiService):
 
         @raise ListenError: a port that cannot be bound, or a stopped server.
         """
+        if not self.running:
+            raise ListenError(f"listen.{kind}: the server is stopped")
         for listener in [l for l in self.pending if l.kind == kind]:
-            if not self.running:
-                raise ListenError(f"listen.{kind}: the server is stopped")
             self.pending.remove(listener)
-            listener.setServiceParent(self)  # a running MultiService starts it at once
+            # Listed first: one that fails to bind stays listed without a
+            # port, as at start, and so the server is not ready().
             self.listeners.append(listener)
+            listener.setServiceParent(self)  # a running MultiService starts it at once
         return self.ports(kind)
 
     def listen_control(self) -> str:
